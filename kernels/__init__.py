@@ -1,0 +1,1 @@
+"""kernels package of the SE-MoE testbed."""

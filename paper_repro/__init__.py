@@ -1,0 +1,1 @@
+"""paper_repro package of the SE-MoE testbed."""

@@ -1,0 +1,1 @@
+"""MoE building blocks: routing (gates), dispatch/combine, experts, the MoE layer."""

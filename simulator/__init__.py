@@ -1,0 +1,1 @@
+"""simulator package of the SE-MoE testbed."""
