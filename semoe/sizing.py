@@ -158,8 +158,10 @@ def state_bytes_per_tier(m: ModelSpec, plan: ParallelPlan) -> dict[str, float]:
     Dense states: by ZeRO stage, on the tiers of ``plan.offload.dense_*``. Expert states: each rank
     owns ``experts / expert_parallel`` experts of every MoE layer. When expert parameters are
     offloaded, the GPU holds the working fp16 params + grads of the local experts of two MoE layers
-    (current and next, double-buffered, SEMOE.md), and the CPU cache holds the full 16-byte state of
-    ``cpu_cache_experts`` experts per layer.
+    (current and next, double-buffered, SEMOE.md); the CPU cache holds the full 16-byte state of
+    ``cpu_cache_experts`` local experts per layer; the other experts' params and grads sit on
+    ``offload.expert_params``; with ``offload.expert_optimizer == "ssd"`` the SSD keeps the fp32 states
+    of all experts (12 bytes per parameter, SEMOE.md: 12S <= M_ssd), cached ones included.
     """
     tiers = {"gpu": 0.0, "cpu": 0.0, "ssd": 0.0}
     pc = count_params(m)
@@ -173,11 +175,15 @@ def state_bytes_per_tier(m: ModelSpec, plan: ParallelPlan) -> dict[str, float]:
         tiers["gpu"] += (PARAM_BYTES + GRAD_BYTES) * all_layers
     else:
         tiers["gpu"] += (PARAM_BYTES + GRAD_BYTES) * per_layer * min(2, m.moe_layers)
-        tiers[plan.offload.expert_params] += (PARAM_BYTES + GRAD_BYTES) * all_layers
-    tiers[plan.offload.expert_optimizer] += OPTIMIZER_BYTES * all_layers
-    if plan.cpu_cache_experts:
-        cached = min(plan.cpu_cache_experts, local_experts) * m.moe_layers
-        tiers["cpu"] += STATE_BYTES * expert_params(m) * cached
+    # the CPU cache holds the full state of its experts; the rest live on their own tiers
+    cached = min(plan.cpu_cache_experts, local_experts) * m.moe_layers * expert_params(m)
+    tiers["cpu"] += STATE_BYTES * cached
+    if plan.offload.expert_params != "gpu":
+        tiers[plan.offload.expert_params] += (PARAM_BYTES + GRAD_BYTES) * (all_layers - cached)
+    if plan.offload.expert_optimizer == "ssd":
+        tiers["ssd"] += OPTIMIZER_BYTES * all_layers  # the SSD keeps every expert's fp32 state
+    else:
+        tiers[plan.offload.expert_optimizer] += OPTIMIZER_BYTES * (all_layers - cached)
     return tiers
 
 

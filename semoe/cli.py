@@ -1,0 +1,156 @@
+"""The `semoe` command.
+
+Subcommands defined here: ``sizing``, ``gates``, ``train``. Other packages add theirs through a
+``register(app)`` function in a module listed in ``_PLUGIN_MODULES`` (e.g. ``simulator.cli`` adds
+``simulate``), so each package keeps its own command code. Heavy imports (torch) happen inside
+commands, never at import time.
+
+Every expected failure (a bad value, an unknown preset, a missing or corrupt file) prints one line
+``semoe: error: ...`` and exits with code 2; usage errors from typer exit with 2 as well. Set
+``SEMOE_DEBUG=1`` to get the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from semoe.spec_base import SpecError
+
+app = typer.Typer(
+    help="SE-MoE testbed: reference training, simulation and paper reproduction.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_PLUGIN_MODULES = ("simulator.cli",)
+USER_ERRORS = (SpecError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
+
+
+def _fmt(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3f}{unit}"
+    return f"{x:g}"
+
+
+@app.command()
+def sizing(
+    model: str = typer.Option(..., "--model", help="model preset name or ModelSpec YAML file"),
+    seq_len: Optional[int] = typer.Option(None, help="sequence length for FLOPs (default: max_seq)"),
+    plan: Optional[str] = typer.Option(None, help="plan preset or YAML, for bytes per tier"),
+    data_parallel: int = typer.Option(1, help="ranks (with a plan preset)"),
+    expert_parallel: int = typer.Option(1, help="expert-parallel size (with a plan preset)"),
+) -> None:
+    """Parameters, FLOPs per token and model-state bytes per tier of a model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from semoe import sizing as sz
+    from semoe.plan_spec import ParallelPlan
+    from semoe.presets import PLAN_PRESETS, load_model, plan_preset
+
+    m = load_model(model)
+    p = None
+    if plan is not None:
+        p = (
+            plan_preset(plan, data_parallel, expert_parallel)
+            if plan in PLAN_PRESETS
+            else ParallelPlan.from_yaml(plan)
+        )
+    rows = sz.summary(m, seq_len, p)
+    table = Table(title=f"sizing of {m.name}" + (f" with plan {p.name}" if p else ""))
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_column("exact", justify="right")
+    for k, v in rows.items():
+        table.add_row(k, _fmt(v), f"{v:,.0f}")
+    Console().print(table)
+
+
+@app.command()
+def gates() -> None:
+    """List the gates (routers) the reference implements."""
+    from reference.moe.router import GATES
+
+    for name, cls in GATES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:14s} {doc[0] if doc else ''}")
+
+
+@app.command()
+def train(
+    preset: str = typer.Option("tiny", "--preset", "--model", help="model preset name or YAML file"),
+    steps: int = typer.Option(50, min=1, help="optimizer steps"),
+    gate: Optional[str] = typer.Option(None, help="override the model's gate"),
+    batch_size: int = typer.Option(8, min=1, help="sequences per step"),
+    seq_len: int = typer.Option(64, min=2, help="tokens per sequence"),
+    lr: float = typer.Option(3e-3, min=0.0, help="peak AdamW learning rate"),
+    data: Optional[Path] = typer.Option(None, help="text file (byte-level); default: shipped corpus"),
+    synthetic: bool = typer.Option(False, help="random tokens instead of text"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    seed: int = typer.Option(0, help="random seed"),
+    out: Path = typer.Option(Path("runs/train"), help="output directory (metrics.csv, model.yaml)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Train a model on one process (CPU fp32, or GPU with bf16 autocast)."""
+    from reference.train import TrainConfig, train as run_train
+    from semoe.presets import load_model
+
+    spec = load_model(preset)
+    if gate is not None:
+        spec = spec.replace(gate=gate)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        data=data,
+        synthetic=synthetic,
+        device=device,
+        seed=seed,
+        out=out,
+        progress=not quiet,
+    )
+    result = run_train(spec, cfg)
+    typer.echo(
+        f"trained {spec.name} ({spec.gate}) for {steps} steps: loss {result.first_loss:.4f} -> "
+        f"{result.last_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s; metrics in {result.metrics_path}"
+    )
+
+
+def _register_plugins() -> None:
+    for mod in _PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:  # the plugin does not exist (yet): nothing to add
+                continue
+            raise
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    _register_plugins()
+    try:
+        app(args=argv, prog_name="semoe", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except USER_ERRORS as e:
+        if os.environ.get("SEMOE_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        typer.echo(f"semoe: error: {msg}", err=True)
+        return 2
+    return 0
+
+
+def entry() -> None:  # console script
+    sys.exit(main())
