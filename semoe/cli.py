@@ -1,8 +1,8 @@
 """The `semoe` command.
 
-Subcommands defined here: ``sizing``, ``gates``, ``train``. Other packages add theirs through a
-``register(app)`` function in a module listed in ``_PLUGIN_MODULES`` (e.g. ``simulator.cli`` adds
-``simulate``), so each package keeps its own command code. Heavy imports (torch) happen inside
+Subcommands defined here: ``sizing``, ``gates``. Other packages add theirs through a
+``register(app)`` function in a module listed in ``_PLUGIN_MODULES`` (``reference.cli`` adds
+``train``, ``simulator.cli`` adds ``simulate``), so each package keeps its own command code. Heavy imports (torch) happen inside
 commands, never at import time.
 
 Every expected failure (a bad value, an unknown preset, a missing or corrupt file) prints one line
@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -29,7 +28,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_PLUGIN_MODULES = ("simulator.cli",)
+_PLUGIN_MODULES = ("reference.cli", "simulator.cli")
 USER_ERRORS = (SpecError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
 
 
@@ -84,49 +83,13 @@ def gates() -> None:
         typer.echo(f"{name:14s} {doc[0] if doc else ''}")
 
 
-@app.command()
-def train(
-    preset: str = typer.Option("tiny", "--preset", "--model", help="model preset name or YAML file"),
-    steps: int = typer.Option(50, min=1, help="optimizer steps"),
-    gate: Optional[str] = typer.Option(None, help="override the model's gate"),
-    batch_size: int = typer.Option(8, min=1, help="sequences per step"),
-    seq_len: int = typer.Option(64, min=2, help="tokens per sequence"),
-    lr: float = typer.Option(3e-3, min=0.0, help="peak AdamW learning rate"),
-    data: Optional[Path] = typer.Option(None, help="text file (byte-level); default: shipped corpus"),
-    synthetic: bool = typer.Option(False, help="random tokens instead of text"),
-    device: str = typer.Option("auto", help="cpu, cuda or auto"),
-    seed: int = typer.Option(0, help="random seed"),
-    out: Path = typer.Option(Path("runs/train"), help="output directory (metrics.csv, model.yaml)"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
-) -> None:
-    """Train a model on one process (CPU fp32, or GPU with bf16 autocast)."""
-    from reference.train import TrainConfig, train as run_train
-    from semoe.presets import load_model
-
-    spec = load_model(preset)
-    if gate is not None:
-        spec = spec.replace(gate=gate)
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lr=lr,
-        data=data,
-        synthetic=synthetic,
-        device=device,
-        seed=seed,
-        out=out,
-        progress=not quiet,
-    )
-    result = run_train(spec, cfg)
-    typer.echo(
-        f"trained {spec.name} ({spec.gate}) for {steps} steps: loss {result.first_loss:.4f} -> "
-        f"{result.last_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s; metrics in {result.metrics_path}"
-    )
+_registered: set[str] = set()
 
 
 def _register_plugins() -> None:
     for mod in _PLUGIN_MODULES:
+        if mod in _registered:
+            continue
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -134,6 +97,7 @@ def _register_plugins() -> None:
                 continue
             raise
         module.register(app)
+        _registered.add(mod)
 
 
 def main(argv: list[str] | None = None) -> int:
