@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference.moe.layer import MoELayer
+from reference.moe.layer import STAT_KEYS, MoELayer
 from semoe.model_spec import ModelSpec
 
 
@@ -178,7 +178,9 @@ class MoEDecoder(nn.Module):
         logits = F.linear(x, self.tok_emb.weight) if self.head is None else self.head(x)
         out = ModelOutput(logits_BSV=logits, aux=auxes)
         if targets_BS is not None:
-            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.flatten())
+            # the loss in at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64)
+            logits32 = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+            out.lm_loss = F.cross_entropy(logits32.flatten(0, 1), targets_BS.flatten())
             out.aux_loss = self.aux_loss(auxes, like=out.lm_loss)
             out.loss = out.lm_loss + out.aux_loss
         return out
@@ -187,7 +189,7 @@ class MoEDecoder(nn.Module):
         total = torch.zeros((), dtype=like.dtype, device=like.device)
         for aux in auxes:
             for key, val in aux.items():
-                if not val.requires_grad:
+                if key in STAT_KEYS:
                     continue  # statistics, not losses
                 coef = self.spec.z_loss_coef if key == "z_loss" else self.spec.aux_loss_coef
                 if coef:

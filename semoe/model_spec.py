@@ -57,9 +57,14 @@ class ModelSpec(Spec):
     min_capacity: int = 1
     # which assignments survive when an expert is over capacity: "position" keeps every token's first
     # choice before any second choice, in token order (GShard / DeepSpeed); "probability" keeps the
-    # highest router weights (BPR)
-    drop_policy: Literal["position", "probability"] = "position"
-    renormalize: bool = True  # renormalise the kept top-k weights to sum to 1
+    # highest router weights (BPR); "deepspeed" keeps exactly what DeepSpeed-MoE keeps for this k
+    # (top-1: torch.topk over the one-hot mask, whose tie order is implementation-defined; top-2:
+    # "position"; top-k > 2: "probability")
+    drop_policy: Literal["position", "probability", "deepspeed"] = "position"
+    # renormalise the kept top-k weights to sum to 1 (after dropping) when top_k > 1; a top-1 gate
+    # always weights by the raw router probability (Switch), else the router would get no gradient
+    # from the task loss
+    renormalize: bool = True
     expert_groups: int = 1  # groups for the `sam` gate (e.g. one per node)
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0

@@ -57,7 +57,7 @@ INVALID_MODELS = [
     (dict(moe_every=-1), r"ModelSpec.moe_every: moe_every \(-1\) must be >= 0"),
     (dict(aux_loss_coef=float("nan")), r"ModelSpec.aux_loss_coef: expected a finite number"),
     (dict(position="rope", hidden=12, heads=4), r"ModelSpec.position: rope needs an even head dim, got 3"),
-    (dict(drop_policy="random"), r"ModelSpec.drop_policy: 'random' is not one of 'position', 'probability'"),
+    (dict(drop_policy="random"), r"ModelSpec.drop_policy: 'random' is not one of 'position', 'probability', 'deepspeed'"),
 ]
 
 
