@@ -1,6 +1,6 @@
 """The `semoe` command.
 
-Subcommands defined here: ``sizing``, ``gates``. Other packages add theirs through a
+Subcommands defined here: ``sizing``, ``gates``, ``plan-tasks``. Other packages add theirs through a
 ``register(app)`` function in a module listed in ``_PLUGIN_MODULES`` (``reference.cli`` adds
 ``train``, ``simulator.cli`` adds ``simulate``), so each package keeps its own command code. Heavy imports (torch) happen inside
 commands, never at import time.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -81,6 +82,52 @@ def gates() -> None:
     for name, cls in GATES.items():
         doc = (cls.__doc__ or "").strip().splitlines()
         typer.echo(f"{name:14s} {doc[0] if doc else ''}")
+
+
+@app.command("plan-tasks")
+def plan_tasks(
+    tasks: str = typer.Option(..., "--tasks", help="YAML file: tasks: [{name, batch_size, cost_per_sample_s}]"),
+    gpus: int = typer.Option(..., "--gpus", min=1, help="devices available"),
+    mode: str = typer.Option("up", help="up: balance over --gpus; down: fewest devices within --slowdown"),
+    slowdown: float = typer.Option(0.1, min=0.0, help="allowed step-time increase for --mode down"),
+    out: Optional[str] = typer.Option(None, help="write the table as CSV here"),
+) -> None:
+    """Elastic multi-task allocation: which device runs how many samples of which task."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from semoe.elastic import TaskSet, plan_downscale, plan_naive, plan_upscale
+
+    if mode not in ("up", "down"):
+        raise SpecError(f"--mode must be 'up' or 'down', got {mode!r}")
+    ts = TaskSet.from_yaml(tasks)
+    plan = plan_upscale(ts, gpus) if mode == "up" else plan_downscale(ts, gpus, slowdown)
+    naive = plan_naive(ts)
+    rows = plan.rows()
+    table = Table(title=f"{mode}scaled plan on {plan.devices} devices (step {plan.step_time:g})")
+    for col in ("device", "task", "samples", "task_load", "device_load"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for r in rows:
+        table.add_row(*(f"{r[c]:g}" if isinstance(r[c], float) else str(r[c]) for c in r))
+    console = Console()
+    console.print(table)
+    used = len({r["device"] for r in rows})
+    console.print(
+        f"devices used {used}/{plan.devices}; step time {plan.step_time:g} vs one device per task "
+        f"({naive.devices} devices) {naive.step_time:g}; throughput {plan.throughput():g} vs "
+        f"{naive.throughput():g} samples per time unit"
+    )
+    if out:
+        import csv
+        import io
+
+        from semoe.io import atomic_write_text
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(Path(out), buf.getvalue())
 
 
 _registered: set[str] = set()

@@ -135,7 +135,7 @@ class Spec:
             if isinstance(v, Spec):
                 v = v.to_dict()
             elif isinstance(v, tuple):
-                v = list(v)
+                v = [x.to_dict() if isinstance(x, Spec) else x for x in v]
             out[f.name] = v
         return out
 

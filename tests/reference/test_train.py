@@ -70,3 +70,24 @@ def test_cli_errors_are_one_line_and_exit_2(args, message, tmp_path):
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_after_step_moves_the_sigmoid_bias_towards_balance():
+    import torch
+
+    from reference.model import MoEDecoder
+    from reference.train import TrainConfig, after_step
+    from semoe import model_preset
+
+    spec = model_preset("tiny").replace(gate="sigmoid_bias")
+    model = MoEDecoder(spec)
+    idx = torch.randint(0, spec.vocab, (4, 16))
+    out = model(idx, idx)
+    gate = model.moe_layers()[0].gate
+    counts = out.aux[0]["tokens_per_expert"].double()
+    after_step(model, out, TrainConfig(bias_update_rate=0.1))
+    bias = gate.expert_bias
+    assert bias.abs().sum() > 0
+    # overloaded experts get a lower bias, underloaded ones a higher bias (DeepSeek-V3 sec. 2.1.2)
+    over, under = counts > counts.mean(), counts < counts.mean()
+    assert bool((bias[over] < 0).all()) and bool((bias[under] > 0).all())
