@@ -29,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_PLUGIN_MODULES = ("reference.cli", "simulator.cli")
+_PLUGIN_MODULES = ("reference.cli", "reference.infer_cli", "simulator.cli")
 USER_ERRORS = (SpecError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
 
 

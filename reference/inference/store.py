@@ -1,0 +1,330 @@
+"""Model store for offloaded inference: dense weights in one file, expert weights one file per MoE layer.
+
+No safetensors here (not installed in CI), so a documented flat format with checksums::
+
+    <dir>/manifest.json            written last (temp + rename); the store is complete iff it exists
+    <dir>/dense.bin                every non-expert tensor (embeddings, attention, norms, routers,
+                                   dense FFNs, shared experts), raw bytes back to back
+    <dir>/experts_L00000.bin ...   one file per MoE block (``L`` = block index): the stacked expert
+                                   tensors of that block, raw bytes back to back
+
+Each ``.bin`` file is the C-contiguous little-endian bytes of its tensors, each starting at an offset
+aligned to :data:`ALIGN` bytes (zero padding between). ``manifest.json``::
+
+    {"format": "semoe-infer-store", "version": 1, "dtype": "bf16", "align": 256,
+     "spec": {... ModelSpec.to_dict() ...}, "origin": {"init": "random", "seed": 0} | {...},
+     "dense":   {"file": "dense.bin", "bytes": N, "sha256": "...",
+                 "tensors": {name: {"dtype": "bf16", "shape": [...], "offset": o}}},
+     "experts": {"tensors": {"w1_EDF": {...}, "w2_EFD": {...}, "w3_EDF": {...}, "b1_EF": ...},
+                 "layer_bytes": N,
+                 "layers": {"<block index>": {"file": "experts_L00003.bin", "bytes": N, "sha256": "..."}}}}
+
+All expert files share one tensor table (same shapes and offsets), so one layer's experts are one
+contiguous buffer: the ring copies a layer with one memcpy per tensor, and expert ``e`` of a tensor
+``[E, ...]`` is the contiguous slice ``offset + e * nbytes/E`` (what expert-aware mode copies).
+Dense tensor names are :class:`reference.model.MoEDecoder` ``state_dict`` keys, expert tensor names
+the :class:`reference.moe.experts.ExpertWeights` parameter names.
+
+Every file is written to a temp name, fsynced and renamed; the manifest goes last. Loading checks
+every file's size and sha256 before use and raises :class:`StoreError` naming the file.
+:meth:`ModelStore.load` reads each expert file once into (pinned, when CUDA is available) host memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from semoe.io import atomic_write_text
+from semoe.model_spec import ModelSpec
+
+FORMAT = "semoe-infer-store"
+VERSION = 1
+ALIGN = 256
+MANIFEST = "manifest.json"
+DENSE_FILE = "dense.bin"
+TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+EXPERT_TENSORS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")
+_CHUNK = 64 << 20
+
+
+class StoreError(ValueError):
+    """A missing, truncated or corrupt store file (the message names the file)."""
+
+
+def layer_file(block: int) -> str:
+    return f"experts_L{block:05d}.bin"
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def expert_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes of one MoE block's stacked expert tensors (ExpertWeights names), in file order."""
+    E, D, F = spec.experts, spec.hidden, spec.ffn
+    swiglu = spec.activation == "swiglu"
+    shapes = {"w1_EDF": (E, D, F), "w3_EDF": (E, D, F) if swiglu else None, "w2_EFD": (E, F, D)}
+    if spec.bias:
+        shapes.update({"b1_EF": (E, F), "b3_EF": (E, F) if swiglu else None, "b2_ED": (E, D)})
+    return {k: shapes[k] for k in EXPERT_TENSORS if shapes.get(k) is not None}
+
+
+def tensor_table(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> tuple[dict[str, dict], int]:
+    """Offsets of tensors laid back to back, each aligned to ALIGN bytes: (table, total bytes)."""
+    table, off = {}, 0
+    esize = torch.empty((), dtype=dtype).element_size()
+    for name, shape in shapes.items():
+        off = _align(off)
+        n = esize
+        for s in shape:
+            n *= s
+        table[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "offset": off, "nbytes": n}
+        off += n
+    return table, _align(off)
+
+
+def views(buf_u8: Tensor, table: dict[str, dict]) -> dict[str, Tensor]:
+    """Typed views of the tensors of ``table`` inside the flat byte buffer ``buf_u8`` (no copy)."""
+    out = {}
+    for name, t in table.items():
+        raw = buf_u8[t["offset"] : t["offset"] + t["nbytes"]]
+        out[name] = raw.view(TORCH_DTYPES[t["dtype"]]).view(t["shape"])
+    return out
+
+
+def _write_file(path: Path, chunks: Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """Write chunks to ``path`` atomically (temp + fsync + rename): (bytes, sha256 hex)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, n = hashlib.sha256(), 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                h.update(c)
+                f.write(c)
+                n += len(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise StoreError(f"cannot write store file {path}: {e.strerror or e}") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n, h.hexdigest()
+
+
+def _tensor_chunks(tensors: dict[str, Tensor], table: dict[str, dict], total: int) -> Iterable[memoryview]:
+    off = 0
+    for name, t in table.items():
+        x = tensors[name]
+        want = (tuple(t["shape"]), TORCH_DTYPES[t["dtype"]])
+        if (tuple(x.shape), x.dtype) != want:
+            raise ValueError(f"store: tensor {name} is {tuple(x.shape)} {x.dtype}, expected {want[0]} {want[1]}")
+        if t["offset"] > off:
+            yield memoryview(bytes(t["offset"] - off))
+        raw = x.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1)
+        mv = memoryview(raw.numpy())
+        for s in range(0, len(mv), _CHUNK):
+            yield mv[s : s + _CHUNK]
+        off = t["offset"] + t["nbytes"]
+    if total > off:
+        yield memoryview(bytes(total - off))
+
+
+class StoreWriter:
+    """Writes a store layer by layer (so a model never needs to fit in memory at once).
+
+    ``write_dense(state_dict)`` and ``write_layer(block, tensors)`` for each MoE block in any order,
+    then ``finish()`` writes the manifest. Layer files are written atomically; the store is usable
+    only once the manifest exists.
+    """
+
+    def __init__(self, root: str | Path, spec: ModelSpec, dtype: torch.dtype, origin: dict | None = None) -> None:
+        self.root, self.spec, self.dtype = Path(root), spec, dtype
+        self.origin = origin or {}
+        self.expert_table, self.layer_bytes = tensor_table(expert_tensor_shapes(spec), dtype)
+        self.dense: dict | None = None
+        self.layers: dict[str, dict] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / MANIFEST).unlink(missing_ok=True)  # incomplete until finish()
+
+    def write_dense(self, state: dict[str, Tensor]) -> None:
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        table, total = tensor_table(shapes, self.dtype)
+        tensors = {k: v.to(self.dtype) for k, v in state.items()}
+        n, sha = _write_file(self.root / DENSE_FILE, _tensor_chunks(tensors, table, total))
+        self.dense = {"file": DENSE_FILE, "bytes": n, "sha256": sha, "tensors": table}
+
+    def write_layer(self, block: int, tensors: dict[str, Tensor]) -> None:
+        if not self.spec.is_moe_layer(block):
+            raise ValueError(f"store: block {block} of {self.spec.name} is not an MoE block")
+        missing = set(self.expert_table) - set(tensors)
+        if missing:
+            raise ValueError(f"store: layer {block} lacks expert tensors {sorted(missing)}")
+        tensors = {k: tensors[k].to(self.dtype) for k in self.expert_table}
+        name = layer_file(block)
+        n, sha = _write_file(self.root / name, _tensor_chunks(tensors, self.expert_table, self.layer_bytes))
+        self.layers[str(block)] = {"file": name, "bytes": n, "sha256": sha}
+
+    def finish(self) -> Path:
+        if self.dense is None:
+            raise ValueError("store: write_dense() was not called")
+        want = [str(i) for i in range(self.spec.layers) if self.spec.is_moe_layer(i)]
+        missing = [b for b in want if b not in self.layers]
+        if missing:
+            raise ValueError(f"store: MoE blocks {missing} were not written")
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": DTYPE_NAMES[self.dtype],
+            "align": ALIGN,
+            "spec": self.spec.to_dict(),
+            "origin": self.origin,
+            "dense": self.dense,
+            "experts": {"tensors": self.expert_table, "layer_bytes": self.layer_bytes, "layers": self.layers},
+        }
+        path = self.root / MANIFEST
+        atomic_write_text(path, json.dumps(manifest, indent=1))
+        return path
+
+
+def save_model(model, root: str | Path, dtype: torch.dtype | None = None, origin: dict | None = None) -> Path:
+    """Save a :class:`reference.model.MoEDecoder` as a store (experts per MoE block, rest dense)."""
+    spec: ModelSpec = model.spec
+    sd = model.state_dict()
+    dtype = dtype or next(iter(sd.values())).dtype
+    w = StoreWriter(root, spec, dtype, origin or {"init": "model"})
+    prefix = {i: f"blocks.{i}.ffn.experts." for i in range(spec.layers) if spec.is_moe_layer(i)}
+    w.write_dense({k: v for k, v in sd.items() if not any(k.startswith(p) for p in prefix.values())})
+    for i, p in prefix.items():
+        w.write_layer(i, {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)})
+    return w.finish()
+
+
+# ------------------------------------------------------------------------------------------ load
+def _read_file(path: Path, nbytes: int, sha256: str | None, pin: bool) -> Tensor:
+    """Read ``path`` into a (pinned) uint8 tensor, checking size and sha256; StoreError names the file."""
+    if not path.is_file():
+        raise StoreError(f"store file missing: {path}")
+    size = path.stat().st_size
+    if size != nbytes:
+        raise StoreError(f"store file {path} has {size} bytes, the manifest says {nbytes} (truncated or corrupt)")
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    mv = memoryview(buf.numpy())
+    h = hashlib.sha256() if sha256 else None
+    with path.open("rb", buffering=0) as f:
+        off = 0
+        while off < nbytes:
+            got = f.readinto(mv[off : off + _CHUNK])
+            if not got:
+                raise StoreError(f"store file {path} ended early at byte {off} of {nbytes}")
+            if h is not None:
+                h.update(mv[off : off + got])
+            off += got
+    if h is not None and h.hexdigest() != sha256:
+        raise StoreError(f"store file {path} is corrupt: sha256 {h.hexdigest()[:16]}... != manifest {sha256[:16]}...")
+    return buf
+
+
+@dataclass
+class ModelStore:
+    """A loaded store: manifest, the dense state dict (CPU) and every MoE block's experts in host memory.
+
+    ``layer_buffers[block]`` is one flat uint8 tensor (pinned when ``pinned``); ``layer_views(block)``
+    gives its typed tensors (``w1_EDF`` ...) as views.
+    """
+
+    root: Path
+    spec: ModelSpec
+    dtype: torch.dtype
+    manifest: dict
+    dense_state: dict[str, Tensor]
+    layer_buffers: dict[int, Tensor]
+    pinned: bool
+
+    @property
+    def expert_table(self) -> dict[str, dict]:
+        return self.manifest["experts"]["tensors"]
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.manifest["experts"]["layer_bytes"]
+
+    @property
+    def moe_blocks(self) -> list[int]:
+        return sorted(self.layer_buffers)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert of one block (all its tensors)."""
+        return sum(t["nbytes"] for t in self.expert_table.values()) // self.spec.experts
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense_state.values())
+
+    def layer_views(self, block: int) -> dict[str, Tensor]:
+        return views(self.layer_buffers[block], self.expert_table)
+
+    @staticmethod
+    def read_manifest(root: str | Path) -> dict:
+        root = Path(root)
+        path = root / MANIFEST
+        if not root.is_dir():
+            raise StoreError(f"model store not found: {root} is not a directory")
+        if not path.is_file():
+            raise StoreError(f"model store {root} has no {MANIFEST} (not a store, or its writing did not finish)")
+        try:
+            m = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise StoreError(f"store manifest {path} is not valid JSON: {e}") from e
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise StoreError(f"{path}: format {m.get('format')!r} v{m.get('version')} is not {FORMAT} v{VERSION}")
+        return m
+
+    @classmethod
+    def load(
+        cls,
+        root: str | Path,
+        *,
+        pin: bool | None = None,
+        verify: bool = True,
+        threads: int = 8,
+        progress: Callable[[str], None] | None = None,
+    ) -> ModelStore:
+        """Read the whole store once (experts into pinned memory when CUDA is available)."""
+        root = Path(root)
+        m = cls.read_manifest(root)
+        spec = ModelSpec.from_dict(m["spec"])
+        pin = torch.cuda.is_available() if pin is None else pin
+        d = m["dense"]
+        dense_buf = _read_file(root / d["file"], d["bytes"], d["sha256"] if verify else None, pin=False)
+        dense_state = views(dense_buf, d["tensors"])
+        layers = m["experts"]["layers"]
+        want = [i for i in range(spec.layers) if spec.is_moe_layer(i)]
+        if sorted(int(b) for b in layers) != want:
+            raise StoreError(f"{root / MANIFEST}: expert files for blocks {sorted(layers)} but MoE blocks are {want}")
+
+        def read(block: int) -> tuple[int, Tensor]:
+            rec = layers[str(block)]
+            buf = _read_file(root / rec["file"], rec["bytes"], rec["sha256"] if verify else None, pin=pin)
+            if progress:
+                progress(f"loaded {rec['file']} ({rec['bytes'] / 1e9:.2f} GB)")
+            return block, buf
+
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(want)))) as ex:
+            bufs = dict(ex.map(read, want))
+        return cls(root, spec, TORCH_DTYPES[m["dtype"]], m, dense_state, bufs, pin)
