@@ -1,0 +1,1 @@
+"""Workloads: processes that yield the phases the reference runs (training; inference later)."""
