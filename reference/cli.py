@@ -1,7 +1,16 @@
-"""`semoe train`: the reference's command (registered into the `semoe` app by semoe/cli.py)."""
+"""`semoe train`: the reference's command (registered into the `semoe` app by semoe/cli.py).
+
+One process by default; with ``--nproc N`` (or ``--nnodes``) it starts
+``python -m torch.distributed.run ... -m reference.train ...`` itself and waits for it
+(``--dry-run`` prints that line instead), so ``semoe train`` and ``torchrun -m reference.train``
+run the same code with the same arguments.
+"""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,9 +34,60 @@ def train(
     seed: int = typer.Option(0, help="random seed"),
     out: Path = typer.Option(Path("runs/train"), help="output directory (metrics.csv, model.yaml)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    nproc: int = typer.Option(1, min=1, help="processes per node; > 1 launches torchrun"),
+    nnodes: int = typer.Option(1, min=1, help="nodes (torchrun --nnodes; needs --rdzv-endpoint)"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="host:port of the rendezvous (multi-node)"),
+    backend: str = typer.Option("auto", help="gloo, nccl or auto (nccl iff CUDA)"),
+    dp: Optional[int] = typer.Option(None, min=1, help="data-parallel size (default: all ranks)"),
+    ep: int = typer.Option(1, min=1, help="expert-parallel size (divides --dp)"),
+    a2a: str = typer.Option("flat", help="all-to-all: flat, hetu (HetuMoE) or rail (SE-MoE)"),
+    gpus_per_node: Optional[int] = typer.Option(None, min=1, help="pretend nodes of this many ranks"),
+    bucket_bytes: int = typer.Option(0, min=0, help="gradient bucket bytes (0: one all-reduce per tensor)"),
+    zero_stage: int = typer.Option(0, help="0, or 3: dense parameters sharded inside the node (ZeRO-3)"),
+    checkpoint_every: int = typer.Option(0, min=0, help="save a checkpoint every N steps (0: never)"),
+    resume: bool = typer.Option(False, help="continue from the latest checkpoint in OUT/checkpoints"),
+    max_restarts: int = typer.Option(0, min=0, help="torchrun --max-restarts (with --resume)"),
+    trace: bool = typer.Option(False, help="per-rank phase traces (CSV + Chrome JSON) in OUT"),
+    dry_run: bool = typer.Option(False, help="print the torchrun command line and exit"),
 ) -> None:
-    """Train a model on one process (CPU fp32, or GPU with bf16 autocast)."""
+    """Train a model on one process (CPU fp32, or GPU with bf16 autocast), or on N ranks via torchrun."""
+    if a2a not in ("flat", "hetu", "rail"):
+        raise ValueError(f"--a2a: {a2a!r} is not one of flat, hetu, rail")
+    if zero_stage not in (0, 3):
+        raise ValueError(f"--zero-stage: {zero_stage} is not one of 0, 3")
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"--backend: {backend!r} is not one of auto, gloo, nccl")
+    world = nproc * nnodes
+    if (dp or world) != world:
+        raise ValueError(f"--dp ({dp}) must equal --nproc x --nnodes ({world})")
+    if world > 1 or dry_run:
+        args = ["--preset", preset, "--steps", str(steps), "--batch-size", str(batch_size), "--seq-len", str(seq_len),
+                "--lr", str(lr), "--device", device, "--seed", str(seed), "--out", str(out), "--backend", backend,
+                "--ep", str(ep), "--a2a", a2a, "--bucket-bytes", str(bucket_bytes), "--zero-stage", str(zero_stage),
+                "--checkpoint-every", str(checkpoint_every)]
+        args += ["--gate", gate] if gate else []
+        args += ["--data", str(data)] if data else []
+        args += ["--gpus-per-node", str(gpus_per_node)] if gpus_per_node else []
+        args += [flag for flag, on in (("--synthetic", synthetic), ("--quiet", quiet), ("--resume", resume),
+                                       ("--trace", trace)) if on]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                  "--max-restarts", str(max_restarts)]
+        if nnodes == 1:
+            launch += ["--standalone"]
+        else:
+            if not rdzv_endpoint:
+                raise ValueError("--rdzv-endpoint host:port is needed with --nnodes > 1")
+            launch += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
+        cmd = [*launch, "-m", "reference.train", *args]
+        if dry_run:
+            typer.echo(shlex.join(cmd))
+            return
+        rc = subprocess.run(cmd).returncode
+        if rc:
+            raise typer.Exit(rc)
+        return
     from reference.train import TrainConfig, train as run_train
+    from semoe.plan_spec import ParallelPlan
     from semoe.presets import load_model
 
     spec = load_model(preset)
@@ -44,6 +104,11 @@ def train(
         seed=seed,
         out=out,
         progress=not quiet,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        trace=trace,
+        plan=None if (ep, a2a, gpus_per_node, bucket_bytes) == (1, "flat", None, 0) else ParallelPlan(
+            expert_parallel=ep, alltoall=a2a, gpus_per_node=gpus_per_node, fusion_bucket_bytes=bucket_bytes),
     )
     result = run_train(spec, cfg)
     typer.echo(
