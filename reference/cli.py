@@ -25,6 +25,7 @@ def train(
     preset: str = typer.Option("tiny", "--preset", "--model", help="model preset name or YAML file"),
     steps: int = typer.Option(50, min=1, help="optimizer steps"),
     gate: Optional[str] = typer.Option(None, help="override the model's gate"),
+    top_k: Optional[int] = typer.Option(None, help="override the model's top-k (e.g. 1 with --gate switch)"),
     batch_size: int = typer.Option(8, min=1, help="sequences per step"),
     seq_len: int = typer.Option(64, min=2, help="tokens per sequence"),
     lr: float = typer.Option(3e-3, min=0.0, help="peak AdamW learning rate"),
@@ -66,6 +67,7 @@ def train(
                 "--ep", str(ep), "--a2a", a2a, "--bucket-bytes", str(bucket_bytes), "--zero-stage", str(zero_stage),
                 "--checkpoint-every", str(checkpoint_every)]
         args += ["--gate", gate] if gate else []
+        args += ["--top-k", str(top_k)] if top_k is not None else []
         args += ["--data", str(data)] if data else []
         args += ["--gpus-per-node", str(gpus_per_node)] if gpus_per_node else []
         args += [flag for flag, on in (("--synthetic", synthetic), ("--quiet", quiet), ("--resume", resume),
@@ -90,9 +92,9 @@ def train(
     from semoe.plan_spec import ParallelPlan
     from semoe.presets import load_model
 
-    spec = load_model(preset)
-    if gate is not None:
-        spec = spec.replace(gate=gate)
+    from reference.train import override_spec
+
+    spec = override_spec(load_model(preset), gate=gate, top_k=top_k)
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,

@@ -380,11 +380,19 @@ def _progress(cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------ torchrun entry
+def override_spec(spec: ModelSpec, **changes) -> ModelSpec:
+    """The spec with the given fields replaced at once (None: keep), so that e.g. gate=switch and
+    top_k=1 are validated together."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return spec.replace(**changes) if changes else spec
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m reference.train", description="Train the reference model "
                                 "(one process, or one rank of a torchrun job).")
     p.add_argument("--preset", "--model", default="tiny", help="model preset name or YAML file")
     p.add_argument("--gate", default=None)
+    p.add_argument("--top-k", type=int, default=None, help="override the model's top-k")
     p.add_argument("--dtype", default=None, help="override the model dtype (fp32, fp64, bf16, fp16)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8, help="global sequences per step")
@@ -416,11 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     from semoe.spec_base import SpecError
 
     try:
-        spec = load_model(args.preset)
-        if args.gate is not None:
-            spec = spec.replace(gate=args.gate)
-        if args.dtype is not None:
-            spec = spec.replace(dtype=args.dtype)
+        spec = override_spec(load_model(args.preset), gate=args.gate, top_k=args.top_k, dtype=args.dtype)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plan = ParallelPlan(data_parallel=args.dp or world, expert_parallel=args.ep, alltoall=args.a2a,
                             gpus_per_node=args.gpus_per_node, fusion_bucket_bytes=args.bucket_bytes,
