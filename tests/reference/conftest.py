@@ -1,4 +1,4 @@
-"""Distributed tests: gloo worker pools shared by the session (reference.parallel.spawn.shared_pool)."""
+"""Fixtures for the distributed tests: gloo worker pools shared by the session (reference.parallel.spawn.shared_pool)."""
 
 from __future__ import annotations
 
