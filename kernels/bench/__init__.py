@@ -1,0 +1,1 @@
+"""Benchmarks of the kernels (append tidy CSV rows; separate plot scripts)."""
