@@ -33,13 +33,27 @@ import torch
 from torch import Tensor, nn
 
 from reference.moe.dispatcher import Layout, LocalDispatcher
-from reference.moe.experts import EXPERT_IMPLS, ExpertWeights, GroupedImpl
+from reference.moe.experts import EXPERT_IMPLS, ExpertWeights, GroupedExperts, GroupedImpl
 from semoe.model_spec import ModelSpec
 
 STAT_KEYS: tuple[str, ...] = ("dropped_fraction", "tokens_per_expert")
 ExpertsImpl = Literal["grouped", "sequential"]
-Backend = Literal["torch", "triton"]
-BACKENDS: tuple[str, ...] = ("torch",)  # "triton" joins when kernels/permute.py and grouped_gemm.py land
+Backend = Literal["torch", "triton", "auto"]
+BACKENDS: tuple[str, ...] = ("torch", "triton", "auto")
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto``: the fastest available, ``triton`` on a CUDA GPU with Triton installed, else ``torch``
+    (results/bench/moe_layer.csv: the Triton path beats the torch grouped path on the H100)."""
+    if backend != "auto":
+        return backend
+    if not torch.cuda.is_available():
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
 
 
 class MoELayer(nn.Module):
@@ -51,8 +65,10 @@ class MoELayer(nn.Module):
             so ``state_dict`` loads across them.
         grouped_impl: ``GroupedExperts`` kernel choice (``"auto"``, ``"grouped_mm"``, ``"bmm"``, ``"loop"``).
         layout: dispatcher layout, ``"contiguous"`` ``[N, D]`` or ``"padded"`` ``[E, C, D]``.
-        backend: ``"torch"``; the Triton backend (permute/unpermute and grouped GEMM kernels) plugs in
-            at :meth:`_build_backend`.
+        backend: ``"torch"`` (pure PyTorch, any device), ``"triton"`` (kernels/moe_ffn.py: Triton
+            permute, grouped GEMMs with fused GELU, weighted unpermute, deterministic; used for the
+            local dispatcher with the contiguous layout and bias-free experts, the torch path
+            otherwise) or ``"auto"`` (the default: triton on a CUDA GPU, else torch).
         gate: a prebuilt gate (default ``build_gate(spec)``).
         seed: seeds the expert init (routed experts ``seed``, shared experts ``seed + 1``).
         dtype, device: of all parameters (default: torch defaults; ``spec.dtype`` is applied by the model).
@@ -65,7 +81,7 @@ class MoELayer(nn.Module):
         experts_impl: ExpertsImpl = "grouped",
         grouped_impl: GroupedImpl = "auto",
         layout: Layout = "contiguous",
-        backend: Backend = "torch",
+        backend: Backend = "auto",
         gate: nn.Module | None = None,
         seed: int = 0,
         dtype: torch.dtype | None = None,
@@ -78,7 +94,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: experts_impl must be one of {tuple(EXPERT_IMPLS)}, got {experts_impl!r}")
         self.spec = spec
         self.experts_impl = experts_impl
-        self.backend = backend
+        if backend not in BACKENDS:
+            raise ValueError(f"MoELayer: backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = resolve_backend(backend)
         if gate is None:
             from reference.moe.router import build_gate  # the gate registry lives beside the dispatcher
 
@@ -102,15 +120,21 @@ class MoELayer(nn.Module):
         self, backend: str, experts_impl: str, grouped_impl: str, layout: str, seed: int
     ) -> tuple[LocalDispatcher, ExpertWeights]:
         """The backend switch: which dispatcher (permute/unpermute) and expert GEMMs run."""
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"MoELayer: backend must be one of {BACKENDS}, got {backend!r} (the Triton backend is not built yet)"
-            )
         s = self.spec
         dispatcher = LocalDispatcher(s.experts, layout=layout)
         extra = {"impl": grouped_impl} if experts_impl == "grouped" else {}
         experts = EXPERT_IMPLS[experts_impl](s.experts, s.hidden, s.ffn, **self._ffn_kwargs(seed), **extra)
         return dispatcher, experts
+
+    def _fused_triton_path(self) -> bool:
+        """The Triton backend replaces dispatch + experts + combine when they are the local ones."""
+        return (
+            self.backend == "triton"
+            and type(self.dispatcher) is LocalDispatcher
+            and self.dispatcher.layout == "contiguous"
+            and isinstance(self.experts, GroupedExperts)
+            and not self.experts.has_bias
+        )
 
     def extra_repr(self) -> str:
         return f"experts_impl={self.experts_impl!r}, backend={self.backend!r}, dispatcher={self.dispatcher!r}"
@@ -129,14 +153,25 @@ class MoELayer(nn.Module):
         token_ids_T = None if token_ids is None else token_ids.reshape(-1)
 
         routing = self.gate(x_TD, token_ids_T)
-        x_routed, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
-        y_routed = self.experts(x_routed, tokens_per_expert_E)
-        y_TD = self.dispatcher.combine(y_routed, meta)
+        if self._fused_triton_path():
+            from kernels.moe_ffn import moe_ffn
+
+            e = self.experts
+            y_TD = moe_ffn(
+                x_TD, routing.expert_ids_TK, routing.weights_TK, e.w1_EDF, e.w2_EFD, e.w3_EDF,
+                activation=self.spec.activation, kept_TK=routing.kept_TK,
+            )
+            tokens_per_expert_E = routing.counts_E
+        else:
+            x_routed, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
+            y_routed = self.experts(x_routed, tokens_per_expert_E)
+            y_TD = self.dispatcher.combine(y_routed, meta)
+            tokens_per_expert_E = meta.tokens_per_expert_E
         if self.shared_experts is not None:
             S = self.shared_experts.num_experts
             y_TD = y_TD + self.shared_experts(x_TD.unsqueeze(0).expand(S, -1, -1)).sum(0)
 
         aux = dict(routing.aux_losses)
         aux["dropped_fraction"] = (~routing.kept_TK).to(torch.float32).mean().detach()
-        aux["tokens_per_expert"] = meta.tokens_per_expert_E.detach()
+        aux["tokens_per_expert"] = tokens_per_expert_E.detach()
         return y_TD.view(x.shape), aux

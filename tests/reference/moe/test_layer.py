@@ -234,7 +234,7 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="experts_impl must be one of"):
         MoELayer(spec, gate=TopKCapacityGate(spec), experts_impl="fast")
     with pytest.raises(ValueError, match="backend must be one of"):
-        MoELayer(spec, gate=TopKCapacityGate(spec), backend="triton")
+        MoELayer(spec, gate=TopKCapacityGate(spec), backend="cuda")
     with pytest.raises(ValueError, match="layout must be one of"):
         MoELayer(spec, gate=TopKCapacityGate(spec), layout="ragged")
     with pytest.raises(ValueError, match="spec must be a ModelSpec"):
