@@ -59,3 +59,23 @@ def test_backend_auto_and_errors():
         MoELayer(_spec(), backend="cuda")
     biased = MoELayer(_spec(bias=True), backend="triton")
     assert not biased._fused_triton_path()  # the kernels take no bias: the torch path runs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("activation,top_k", [("gelu", 2), ("swiglu", 2), ("gelu", 1)])
+def test_triton_backend_equals_torch_backend_bf16_on_gpu(activation, top_k):
+    spec = _spec(hidden=1024, ffn=2048, experts=8, top_k=top_k, activation=activation, heads=8, dtype="bf16")
+    layers = [MoELayer(spec, backend=b, seed=3, dtype=torch.bfloat16, device="cuda") for b in ("torch", "triton")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(4093, spec.hidden, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    results = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        y, _ = layer(xi)
+        y.backward(dy)
+        results.append([y.float(), xi.grad.float()] + [p.grad.float() for p in layer.parameters()])
+    for a, b in zip(results[1], results[0]):
+        rel = (a - b).norm() / b.norm().clamp_min(1e-12)
+        assert rel < 2e-2, float(rel)
