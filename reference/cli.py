@@ -49,6 +49,7 @@ def train(
     resume: bool = typer.Option(False, help="continue from the latest checkpoint in OUT/checkpoints"),
     max_restarts: int = typer.Option(0, min=0, help="torchrun --max-restarts (with --resume)"),
     trace: bool = typer.Option(False, help="per-rank phase traces (CSV + Chrome JSON) in OUT"),
+    embedding_partition: bool = typer.Option(False, help="split the token embedding's columns over the DP ranks"),
     dry_run: bool = typer.Option(False, help="print the torchrun command line and exit"),
 ) -> None:
     """Train a model on one process (CPU fp32, or GPU with bf16 autocast), or on N ranks via torchrun."""
@@ -71,7 +72,8 @@ def train(
         args += ["--data", str(data)] if data else []
         args += ["--gpus-per-node", str(gpus_per_node)] if gpus_per_node else []
         args += [flag for flag, on in (("--synthetic", synthetic), ("--quiet", quiet), ("--resume", resume),
-                                       ("--trace", trace)) if on]
+                                       ("--trace", trace),
+                                       ("--embedding-partition", embedding_partition)) if on]
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                   "--max-restarts", str(max_restarts)]
         if nnodes == 1:

@@ -258,6 +258,10 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
         model, sync = parallelize(model, plan, on_bucket=tracer.bucket_hook if tracer else None,
                                   on_gather=tracer.gather_hook if tracer else None)
         groups = sync.groups
+        if plan.embedding_partition:  # SE-MoE embedding partition: rank k keeps hidden columns k/N
+            from reference.parallel.embedding import partition_embedding
+
+            sync = partition_embedding(model, groups, sync)
     if tracer is not None:
         instrument_moe(model, tracer)
     opt = make_optimizer(model, cfg)
@@ -414,6 +418,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--embedding-partition", action="store_true", help="split the embedding's columns over DP")
     return p
 
 
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plan = ParallelPlan(data_parallel=args.dp or world, expert_parallel=args.ep, alltoall=args.a2a,
                             gpus_per_node=args.gpus_per_node, fusion_bucket_bytes=args.bucket_bytes,
-                            zero_stage=args.zero_stage)
+                            zero_stage=args.zero_stage, embedding_partition=args.embedding_partition)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                           data=args.data, synthetic=args.synthetic, device=args.device, seed=args.seed,
                           out=args.out, progress=not args.quiet, plan=plan, backend=args.backend,

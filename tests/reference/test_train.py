@@ -87,3 +87,12 @@ def test_after_step_moves_the_sigmoid_bias_towards_balance():
     # overloaded experts get a lower bias, underloaded ones a higher bias (DeepSeek-V3 sec. 2.1.2)
     over, under = counts > counts.mean(), counts < counts.mean()
     assert bool((bias[over] < 0).all()) and bool((bias[under] > 0).all())
+
+
+def test_dry_run_passes_distributed_flags_to_torchrun(capsys):
+    assert main(["train", "--nproc", "2", "--ep", "2", "--a2a", "rail", "--gpus-per-node", "2",
+                 "--embedding-partition", "--top-k", "1", "--gate", "switch", "--dry-run"]) == 0
+    line = capsys.readouterr().out
+    assert "torch.distributed.run --nproc-per-node 2" in line and "-m reference.train" in line
+    for flag in ("--embedding-partition", "--a2a rail", "--gpus-per-node 2", "--top-k 1", "--gate switch"):
+        assert flag in line
