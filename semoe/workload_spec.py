@@ -21,8 +21,9 @@ class Workload(Spec):
     micro_batches: int = 1  # gradient-accumulation steps per optimizer step
     steps: int = 10
     gen_len: int = 0  # tokens generated per sequence (inference)
-    # routing for simulated runs: uniform, zipf with exponent routing_skew, or a measured histogram
-    routing: Literal["uniform", "zipf", "histogram"] = "uniform"
+    # routing for simulated runs: uniform, zipf with exponent routing_skew, lognormal with sigma
+    # routing_skew (expert popularity ~ exp(N(0, sigma^2)), seeded), or a measured histogram
+    routing: Literal["uniform", "zipf", "lognormal", "histogram"] = "uniform"
     routing_skew: float = 0.0
     expert_histogram: tuple[float, ...] | None = None
     seed: int = 0

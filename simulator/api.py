@@ -8,9 +8,10 @@ from simulator.engine import Sim
 from simulator.workload.training import TrainingIteration
 
 
-def simulate(run: Run, backend: str = "analytic", profile: Profile | None = None, trace: bool = True):
+def simulate(run: Run, backend: str = "analytic", profile: Profile | str | None = "auto", trace: bool = True):
     if run.workload.kind != "train":
-        raise SpecError("Workload.kind: only 'train' is simulated so far (inference is not implemented yet)")
+        raise SpecError("Workload.kind: simulate() runs training; inference on one GPU is "
+                        "simulator.workload.inference.simulate_inference (semoe simulate --kind infer)")
     sim = Sim(run.cluster, backend=backend, seed=run.workload.seed, profile=profile, trace=trace)
     summary = TrainingIteration(run, sim).run()
     return sim, summary

@@ -64,13 +64,18 @@ def predict_moe_layer(cluster: ClusterSpec, cfg: MoELayerConfig, cost: CostModel
     return {"fwd": fwd, "fwd_bwd": fwd + bwd, "flops_fwd": 2 * 2 * TK * H * F}
 
 
-def compare(measured_csv: str, cluster: ClusterSpec, impl: str = "ours", device_contains: str = "H100"):
+def compare(
+    measured_csv: str, cluster: ClusterSpec, impl: str = "ours", device_contains: str = "H100", commit: str | None = None
+):
     """Rows ``config, mode, measured_ms, predicted_ms, ratio`` against ``results/bench/moe_layer.csv``
-    (columns ``date,commit,device,config,impl,mode,metric,value``; the last row per key wins)."""
+    (columns ``date,commit,device,config,impl,mode,metric,value``; the last row per key wins;
+    ``commit`` keeps only the rows of one benchmark run)."""
     import pandas as pd
 
     df = pd.read_csv(measured_csv)
     df = df[(df["metric"] == "ms") & (df["impl"] == impl) & df["device"].astype(str).str.contains(device_contains)]
+    if commit is not None:
+        df = df[df["commit"].astype(str) == commit]
     out = []
     for (config, mode), d in df.groupby(["config", "mode"]):
         if config not in CONFIGS or mode not in ("fwd", "fwd_bwd"):

@@ -11,6 +11,7 @@ import typer
 from semoe import SpecError
 
 _YAML = (".yaml", ".yml")
+ROUTINGS = ("uniform", "zipf", "lognormal")
 
 
 def _is_file(s: str) -> bool:
@@ -41,7 +42,7 @@ def load_plan(name_or_file: str, world: int, experts: int):
 
 def build_run(model: str, cluster: str, plan: str, nodes: Optional[int] = None, skew: Optional[float] = None,
               workload: Optional[str] = None, micro_batch: Optional[int] = None, seq_len: Optional[int] = None,
-              micro_batches: Optional[int] = None, seed: Optional[int] = None):
+              micro_batches: Optional[int] = None, seed: Optional[int] = None, routing: Optional[str] = None):
     from semoe import Run, Workload, load_model
 
     m = load_model(model)
@@ -49,10 +50,15 @@ def build_run(model: str, cluster: str, plan: str, nodes: Optional[int] = None, 
     p = load_plan(plan, c.world_size, m.experts)
     w = Workload.from_yaml(workload) if workload else Workload(seq_len=min(1024, m.max_seq))
     changes = {k: v for k, v in dict(micro_batch=micro_batch, seq_len=seq_len, micro_batches=micro_batches, seed=seed).items() if v is not None}
+    if routing is not None and routing not in ROUTINGS:
+        raise SpecError(f"routing: {routing!r} is not one of {', '.join(ROUTINGS)}")
     if skew is not None:
         if skew < 0:
             raise SpecError(f"skew: skew ({skew}) must be >= 0")
-        changes.update(routing="zipf" if skew > 0 else "uniform", routing_skew=skew, expert_histogram=None)
+        kind = routing or "zipf"
+        changes.update(routing=kind if skew > 0 else "uniform", routing_skew=skew, expert_histogram=None)
+    elif routing is not None:
+        changes.update(routing=routing, expert_histogram=None)
     if changes:
         w = w.replace(**changes)
     return Run(name=f"{m.name}-{c.name}x{c.nodes}-{p.name}", model=m, cluster=c, plan=p, workload=w)
@@ -61,10 +67,19 @@ def build_run(model: str, cluster: str, plan: str, nodes: Optional[int] = None, 
 def simulate_cmd(
     model: str = typer.Option(..., "--model", help="model preset name or ModelSpec YAML file"),
     cluster: str = typer.Option(..., "--cluster", help="cluster preset name or ClusterSpec YAML file"),
-    plan: str = typer.Option(..., "--plan", help="plan preset name or ParallelPlan YAML file"),
     out: Path = typer.Option(..., "--out", help="output folder"),
+    plan: Optional[str] = typer.Option(None, "--plan", help="plan preset name or ParallelPlan YAML file (training)"),
+    kind: str = typer.Option("train", "--kind", help="train (one iteration) or infer (prefill + decode on one GPU)"),
     nodes: Optional[int] = typer.Option(None, "--nodes", help="number of nodes (overrides the cluster's)"),
-    skew: Optional[float] = typer.Option(None, "--skew", help="Zipf exponent of expert popularity (0: uniform)"),
+    skew: Optional[float] = typer.Option(None, "--skew", help="skew of expert popularity: Zipf exponent or log-normal sigma (0: uniform)"),
+    routing: Optional[str] = typer.Option(None, "--routing", help="uniform, zipf (default with --skew) or lognormal"),
+    infer_mode: str = typer.Option("ring", "--infer-mode", help="inference: ring, expert or resident"),
+    batch: int = typer.Option(1, "--batch", help="inference: sequences per batch"),
+    prompt_len: int = typer.Option(256, "--prompt-len", help="inference: prompt tokens"),
+    gen_len: int = typer.Option(8, "--gen-len", help="inference: generated tokens (the first from the prefill)"),
+    gpu_budget_gb: Optional[float] = typer.Option(None, "--gpu-budget-gb", help="inference: GPU memory budget (default: the GPU's)"),
+    slots: Optional[int] = typer.Option(None, "--slots", help="inference: ring slots K (default: from the budget)"),
+    predict: bool = typer.Option(False, "--predict", help="inference, expert mode: prefetch one block ahead"),
     backend: str = typer.Option("analytic", "--backend", help="network backend: analytic or flow"),
     workload: Optional[str] = typer.Option(None, "--workload", help="Workload YAML file"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch"),
@@ -73,22 +88,91 @@ def simulate_cmd(
     seed: Optional[int] = typer.Option(None, "--seed"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="kernel profile CSV (results/profiles/<gpu>.csv)"),
 ) -> None:
-    """Simulate one training iteration; print a table and write DIR/summary.csv, breakdown.csv,
-    trace.json and PNGs."""
+    """Simulate one training iteration (``--kind train``) or offloaded inference on one GPU (``--kind
+    infer``); print a table and write DIR/summary.csv, breakdown.csv, trace.json and PNGs."""
     from simulator.api import simulate
     from simulator.cost import Profile
     from simulator.network import BACKENDS
     from simulator.report import write_outputs
 
+    if kind not in ("train", "infer"):
+        raise typer.BadParameter(f"kind: {kind!r} is not one of train, infer", param_hint="--kind")
     if backend not in BACKENDS:
         raise typer.BadParameter(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}", param_hint="--backend")
     if nodes is not None and nodes < 1:
         raise typer.BadParameter(f"nodes: nodes ({nodes}) must be >= 1", param_hint="--nodes")
-    run = build_run(model, cluster, plan, nodes, skew, workload, micro_batch, seq_len, micro_batches, seed)
-    prof = Profile.from_csv(profile) if profile else None
+    if kind == "infer":
+        _simulate_infer(model, cluster, out, infer_mode, batch, prompt_len, gen_len, gpu_budget_gb, slots, predict,
+                        skew, routing, seed, profile)
+        return
+    if plan is None:
+        raise typer.BadParameter("plan: --plan is required for --kind train", param_hint="--plan")
+    run = build_run(model, cluster, plan, nodes, skew, workload, micro_batch, seq_len, micro_batches, seed, routing)
+    prof = Profile.from_csv(profile) if profile else "auto"
     sim, summary = simulate(run, backend=backend, profile=prof)
     write_outputs(out, run, sim, summary, backend)
     _print(run, summary, out)
+
+
+def _simulate_infer(model, cluster, out, mode, batch, prompt_len, gen_len, gpu_budget_gb, slots, predict, skew,
+                    routing, seed, profile) -> None:
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    from semoe import Workload, load_model
+    from semoe.io import atomic_write_text
+    from semoe.trace import write_chrome_trace, write_csv
+    from simulator.cost import Profile
+    from simulator.report import breakdown_frame, plot_breakdown, plot_memory, trace_rows
+    from simulator.workload.inference import InferConfig, simulate_inference
+
+    m = load_model(model)
+    c = load_cluster(cluster, 1)
+    if c.world_size != 1:
+        raise SpecError(f"cluster: inference is simulated on one GPU; {c.name} has {c.world_size} (use a single-GPU preset)")
+    if routing is not None and routing not in ROUTINGS:
+        raise SpecError(f"routing: {routing!r} is not one of {', '.join(ROUTINGS)}")
+    if skew is not None and skew < 0:
+        raise SpecError(f"skew: skew ({skew}) must be >= 0")
+    r = (routing or "zipf") if skew else (routing or "uniform")
+    w = Workload(kind="infer", micro_batch=batch, seq_len=prompt_len, gen_len=gen_len, routing=r,
+                 routing_skew=skew or 0.0, seed=seed or 0)
+    cfg = InferConfig(mode=mode, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+                      gpu_budget_bytes=gpu_budget_gb * 1e9 if gpu_budget_gb else None, slots=slots, predict=predict)
+    prof = Profile.from_csv(profile, impl=("torch", "triton")) if profile else "auto"
+    sim, res = simulate_inference(m, c, cfg, w, profile=prof)
+    s = res.summary()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    row = dict(s, model=m.name, cluster=c.name, mode=mode, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+               routing=r, skew=skew or 0.0, predict=predict, gpu_budget_bytes=res.plan.budget_bytes)
+    atomic_write_text(out / "summary.csv", pd.DataFrame([row]).to_csv(index=False))
+    total = s["step_time_s"]
+    import numpy as np
+
+    bd = {"compute": np.array([res.compute_busy_s]), "copy": np.array([res.copy_busy_s]),
+          "idle": np.array([max(0.0, total - res.compute_busy_s)])}
+    bdf = breakdown_frame({"breakdown": bd})
+    atomic_write_text(out / "breakdown.csv", bdf.to_csv(index=False))
+    rows = trace_rows(sim)
+    write_chrome_trace(rows, out / "trace.json")
+    write_csv(rows, out / "trace.csv")
+    plot_breakdown(bdf, out / "breakdown.png")
+    plot_memory(sim, out / "memory.png")
+    t = Table(title=f"{m.name} on {c.name}: {mode} inference, batch {batch}, prompt {prompt_len}, gen {gen_len}")
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    t.add_row("prefill tokens/s", f"{s['prefill_tokens_per_s']:,.1f}")
+    t.add_row("decode tokens/s", f"{s['decode_tokens_per_s']:,.2f}")
+    t.add_row("ring slots K / pool slots C", f"{s['ring_slots']} / {s['pool_slots']}")
+    t.add_row("decode GB copied / step", f"{s['decode_bytes_copied_per_step'] / 1e9:.2f}")
+    t.add_row("expert cache hit rate", f"{s['hit_rate']:.2f}")
+    t.add_row("peak HBM", f"{s['peak_hbm_bytes'] / 1e9:.2f} GB")
+    if s["oom"]:
+        t.add_row("OUT OF MEMORY", s["oom"])
+    Console().print(t)
+    Console().print(f"wrote {out}/summary.csv, breakdown.csv, trace.json, trace.csv, breakdown.png, memory.png")
 
 
 def _print(run, s: dict, out: Path) -> None:

@@ -13,6 +13,22 @@ columns ``tokens,hidden,ffn`` are accepted as aliases of ``m,k,n``. Rows with th
 FLOP/s is interpolated linearly in ``log m``; outside it (or for a shape with no curve) the roofline
 below is used and a warning is issued once per shape.
 
+The kernels issue's profile (``results/profiles/<gpu>.csv``, schema in ``kernels/profile.py``:
+``gpu,op,impl,dtype,batch,m,n,k,groups,io_bytes,flop,time_s,...``) is read with its op names mapped:
+``gemm`` -> ``matmul``, ``grouped_gemm_fwd`` -> ``grouped_matmul`` (``grouped_gemm_dgrad`` /
+``_wgrad`` keep their names); when several ``impl`` measured the same shape, the first of
+``Profile.from_csv(impl=...)`` wins (default ``triton`` (ours) then ``torch``; the inference workload
+asks for ``torch``, which is what ``reference/inference`` runs). ``sdpa_fwd`` rows (causal attention,
+``batch`` x ``k`` heads x ``m`` sequence x ``n`` head dim) form curves of FLOP/s over ``m`` per
+``(batch*k, n)``; row-wise ops (``rmsnorm``, ``layernorm``, ``add``, ``gelu``, ``permute``,
+``unpermute``, ``copy_d2d``) give achieved HBM GB/s over ``io_bytes`` (`CostModel.elementwise`).
+A GEMM shape with no curve of its own borrows the achieved FLOP/s at the same ``m`` of the nearest
+measured ``(n, k)`` of the same op (within 2x in each of ``n`` and ``k``; a grouped GEMM may borrow
+from another expert count, the rows per group being what sets its efficiency), with a warning once.
+`find_profile` maps a `GPUSpec` to its profile file (family A100/H100/H200 and memory size must
+match the file's ``gpu`` column); `CostModel.auto` loads it when present, else warns once and uses
+the roofline.
+
 Roofline (no profile, or outside it): ``t = launch + max(flops / (peak * eff(m)), bytes / (hbm * eta))``
 with the ceilings measured on the H100 (HARDWARE.md): GEMM efficiency vs tokens ``m`` (K=4096,
 N=16384: 337 / 738 / 777 / 746 TFLOP/s at m = 128 / 512 / 2048 / 8192 of 989 peak), HBM achieved
@@ -58,6 +74,11 @@ BACKWARD_GEMM_FACTOR = 1.31
 HBM_EFF = {"A100": 1800.0 / 2039.0, "default": 3100.0 / 3350.0}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 _ALIASES = {"tokens": "m", "hidden": "k", "ffn": "n"}
+# kernels/profile.py op names -> the cost model's
+OP_NAMES = {"gemm": "matmul", "grouped_gemm_fwd": "grouped_matmul"}
+GEMM_OPS = ("matmul", "grouped_matmul", "grouped_gemm_dgrad", "grouped_gemm_wgrad")
+MEMORY_OPS = ("rmsnorm", "layernorm", "add", "gelu", "permute", "unpermute", "copy_d2d")
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "results" / "profiles"
 
 
 def gemm_efficiency(m: float) -> float:
@@ -70,17 +91,48 @@ def gemm_efficiency(m: float) -> float:
 class Profile:
     """Measured kernel times; see the module docstring for the schema."""
 
-    def __init__(self, rows: list[dict], peak_tflops: float | None = None, source: str = "profile") -> None:
+    def __init__(self, rows: list[dict], peak_tflops: float | None = None, source: str = "profile",
+                 impl: tuple[str, ...] = ("triton", "torch"), loglog: bool = False) -> None:
         self.source = source
+        # loglog: interpolate log(FLOP/s) in log m (power law between measured points), which keeps the
+        # memory-bound plateau of small-m GEMMs (time ~constant); the default interpolates FLOP/s
+        # linearly in log m, which can make e.g. m=128 faster than both m=64 and m=256
+        self.loglog = loglog
         self.peak_tflops = peak_tflops  # of the GPU it was measured on (for scaling)
-        curves: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+        self.gpu = next((r["gpu"] for r in rows if r.get("gpu")), None)
+        rank = {name: i for i, name in enumerate(impl)}
+        best: dict[tuple, dict] = {}  # one row per shape: the preferred impl
         for r in rows:
-            flops = 2.0 * r["m"] * r["n"] * r["k"] * r["groups"]
-            curves[(r["op"], r["dtype"], r["n"], r["k"], r["groups"])].append((r["m"], flops / r["time_s"]))
-        self.curves = {k: (np.array([m for m, _ in sorted(v)]), np.array([f for _, f in sorted(v)])) for k, v in curves.items()}
+            op = OP_NAMES.get(r["op"], r["op"])
+            r = dict(r, op=op)
+            key = (op, r["dtype"], r["m"], r["n"], r["k"], r["groups"], r.get("batch", 1))
+            old = best.get(key)
+            if old is None or rank.get(r.get("impl", ""), len(rank)) < rank.get(old.get("impl", ""), len(rank)):
+                best[key] = r
+        curves: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+        mem: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+        for r in best.values():
+            op = r["op"]
+            if op.startswith("sdpa"):
+                flops = r.get("flop") or 0.0
+                if flops > 0:
+                    curves[(op, r["dtype"], r["n"], r.get("batch", 1) * r["k"], 1)].append((r["m"], flops / r["time_s"]))
+            elif op in MEMORY_OPS:
+                if r.get("io_bytes"):
+                    mem[(op, r["dtype"])].append((r["io_bytes"], r["io_bytes"] / r["time_s"]))
+            elif op in GEMM_OPS or r.get("flop") is None:
+                flops = 2.0 * r["m"] * r["n"] * r["k"] * r["groups"]
+                curves[(op, r["dtype"], r["n"], r["k"], r["groups"])].append((r["m"], flops / r["time_s"]))
+
+        def arrays(d):
+            return {k: (np.array([m for m, _ in sorted(v)]), np.array([f for _, f in sorted(v)])) for k, v in d.items()}
+
+        self.curves = arrays(curves)
+        self.mem_curves = arrays(mem)
 
     @classmethod
-    def from_csv(cls, path: str | Path, peak_tflops: float | None = None) -> "Profile":
+    def from_csv(cls, path: str | Path, peak_tflops: float | None = None,
+                 impl: tuple[str, ...] = ("triton", "torch"), loglog: bool = False) -> "Profile":
         path = Path(path)
         if not path.is_file():
             raise SpecError(f"profile: file not found: {path}")
@@ -102,16 +154,49 @@ class Profile:
                         "k": int(float(rec["k"])),
                         "groups": int(float(rec.get("groups") or 1)),
                         "time_s": float(rec["time_s"]),
+                        "impl": rec.get("impl") or "",
+                        "gpu": rec.get("gpu") or "",
+                        "batch": int(float(rec.get("batch") or 1)),
                     }
+                    for opt in ("io_bytes", "flop"):
+                        if rec.get(opt) not in (None, ""):
+                            row[opt] = float(rec[opt])
                 except ValueError as e:
                     raise SpecError(f"profile: {path} row {i + 2}: {e}") from None
                 if row["time_s"] <= 0:
                     raise SpecError(f"profile: {path} row {i + 2}: time_s must be > 0")
                 rows.append(row)
-        return cls(rows, peak_tflops, str(path))
+        return cls(rows, peak_tflops, str(path), impl=impl, loglog=loglog)
 
-    def flops_per_s(self, op: str, dtype: str, m: float, n: int, k: int, groups: int = 1) -> float | None:
-        curve = self.curves.get((op, dtype, n, k, groups))
+    def nearest_curve(self, op: str, dtype: str, n: int, k: int, groups: int = 1) -> tuple | None:
+        """Key of the measured curve of ``op`` nearest to ``(n, k)`` (log distance; same expert count
+        preferred), within 2x in each of n and k; None if there is none."""
+        best, best_d = None, None
+        for key in self.curves:
+            o, dt, n2, k2, g2 = key
+            if o != op or dt != dtype:
+                continue
+            dn, dk = abs(math.log(n2 / n)), abs(math.log(k2 / k))
+            if dn > math.log(2) + 1e-9 or dk > math.log(2) + 1e-9:
+                continue
+            d = dn + dk + (0.0 if g2 == groups else 1e-3 * abs(math.log(g2 / groups)))
+            if best_d is None or d < best_d:
+                best, best_d = key, d
+        return best
+
+    def bytes_per_s(self, op: str, dtype: str, nbytes: float) -> float | None:
+        """Achieved HBM bytes/s of a row-wise op moving ``nbytes``, inside the measured range."""
+        curve = self.mem_curves.get((op, dtype))
+        if curve is None:
+            return None
+        xs, bs = curve
+        if nbytes < xs[0] or nbytes > xs[-1]:
+            return None
+        return float(np.interp(math.log(nbytes), np.log(xs), bs)) if len(xs) > 1 else float(bs[0])
+
+    def flops_per_s(self, op: str, dtype: str, m: float, n: int, k: int, groups: int = 1,
+                    key: tuple | None = None) -> float | None:
+        curve = self.curves.get(key or (op, dtype, n, k, groups))
         if curve is None:
             return None
         ms, fs = curve
@@ -119,6 +204,8 @@ class Profile:
             return None
         if len(ms) == 1:
             return float(fs[0])
+        if self.loglog:
+            return float(np.exp(np.interp(math.log(m), np.log(ms), np.log(fs))))
         return float(np.interp(math.log(m), np.log(ms), fs))
 
 
@@ -157,13 +244,20 @@ class CostModel:
         op = op or ("grouped_matmul" if groups > 1 else "matmul")
         flops = 2.0 * m * n * k * groups
         if self.profile is not None:
-            fps = self.profile.flops_per_s(op, dtype, m, n, k, groups)
+            key = (op, dtype, n, k, groups)
+            src = key if key in self.profile.curves else self.profile.nearest_curve(op, dtype, n, k, groups)
+            fps = self.profile.flops_per_s(op, dtype, m, n, k, groups, key=src) if src else None
+            if src is not None and src != key and ("borrow", op, dtype, n, k) not in self._warned:
+                self._warned.add(("borrow", op, dtype, n, k))
+                warnings.warn(f"{self.profile.source}: {op} {dtype} n={n} k={k} groups={groups} not measured; "
+                              f"using the efficiency of n={src[2]} k={src[3]} groups={src[4]}", stacklevel=2)
             if fps is not None:
                 scale = self.peak / (self.profile.peak_tflops * 1e12) if self.profile.peak_tflops else 1.0
                 return flops / (fps * scale)
-            key = (op, dtype, n, k, groups)
-            if key not in self._warned:
-                self._warned.add(key)
+            # once per shape (grouped GEMMs: whatever the number of groups) and side of the range
+            wkey = (op, dtype, n, k) + ((groups,) if groups == 1 else ()) + (m < self._m_range(src)[0] if src else None,)
+            if wkey not in self._warned:
+                self._warned.add(wkey)
                 warnings.warn(
                     f"{self.profile.source}: no measurement for {op} {dtype} n={n} k={k} groups={groups} "
                     f"at m={m:g}; using the roofline",
@@ -176,8 +270,98 @@ class CostModel:
             return self.launch_s + max(flops / (self.peak * eff), nbytes / self.hbm)
         return self.roofline(flops, nbytes, m)
 
+    def _m_range(self, key) -> tuple[float, float]:
+        ms = self.profile.curves[key][0]
+        return float(ms[0]), float(ms[-1])
+
+    @classmethod
+    def auto(cls, gpu: GPUSpec, impl: tuple[str, ...] = ("triton", "torch"), profiles_dir: str | Path | None = None,
+             loglog: bool = False, **kw) -> "CostModel":
+        """A cost model with ``results/profiles/<gpu>.csv`` when one matches ``gpu`` (`find_profile`), else
+        the roofline (with a warning, once per GPU name)."""
+        path = find_profile(gpu, profiles_dir)
+        if path is None:
+            if gpu.name not in _NO_PROFILE_WARNED:
+                _NO_PROFILE_WARNED.add(gpu.name)
+                warnings.warn(f"no kernel profile for GPU {gpu.name!r} in {profiles_dir or PROFILES_DIR}; "
+                              "using the roofline", stacklevel=2)
+            return cls(gpu, None, **kw)
+        return cls(gpu, _load_profile(str(path), impl, loglog), **kw)
+
+    def elementwise(self, op: str, nbytes: float, dtype: str = "bf16") -> float:
+        """A row-wise / memory-bound op moving ``nbytes`` (read + write): the profile's achieved GB/s for
+        ``op`` inside its measured range, else `memory` (HBM roofline)."""
+        if nbytes <= 0:
+            return 0.0
+        if self.profile is not None:
+            bps = self.profile.bytes_per_s(op, dtype, nbytes)
+            if bps is not None:
+                return nbytes / bps
+        return self.memory(nbytes)
+
+    def sdpa(self, batch: int, heads: int, q_len: float, kv_len: float, head_dim: int, kv_heads: int | None = None,
+             causal: bool = True, dtype: str = "bf16") -> float:
+        """Fused attention forward of ``q_len`` queries over ``kv_len`` keys (FLOPs ``4 b h q kv d``,
+        halved when causal with ``q_len == kv_len``, as the profile counts). Profile (``sdpa_fwd``,
+        square causal shapes) inside its measured sequence range, else the roofline with the bytes of
+        Q, K, V and the output."""
+        flops = 4.0 * batch * heads * q_len * kv_len * head_dim * (0.5 if causal and q_len == kv_len else 1.0)
+        b = DTYPE_BYTES.get(dtype, 2)
+        nbytes = b * batch * head_dim * (2 * heads * q_len + 2 * (kv_heads or heads) * kv_len)
+        if self.profile is not None and causal and q_len == kv_len:
+            key = ("sdpa_fwd", dtype, head_dim, batch * heads, 1)
+            if key not in self.profile.curves:
+                key = next((c for c in self.profile.curves if c[0] == "sdpa_fwd" and c[1] == dtype and c[2] == head_dim), None)
+            if key is not None:
+                fps = self.profile.flops_per_s("sdpa_fwd", dtype, q_len, head_dim, 0, key=key)
+                if fps is not None:
+                    return flops / fps
+        return self.roofline(flops, nbytes, batch * q_len)
+
     def attention_core(self, tokens: float, seq: int, hidden: int, dtype: str = "bf16") -> float:
         """Fused attention (QK^T, softmax, AV) forward: ``4 * seq * hidden`` FLOPs per token (full,
         not causal-halved, as `semoe.sizing`), at the GEMM efficiency of ``m = tokens``."""
         flops = 4.0 * seq * hidden * tokens
         return self.roofline(flops, 4 * DTYPE_BYTES.get(dtype, 2) * tokens * hidden, tokens)
+
+
+_NO_PROFILE_WARNED: set[str] = set()
+_PROFILE_CACHE: dict[tuple, Profile] = {}
+
+
+def _load_profile(path: str, impl: tuple[str, ...], loglog: bool = False) -> Profile:
+    key = (path, impl, loglog)
+    if key not in _PROFILE_CACHE:
+        _PROFILE_CACHE[key] = Profile.from_csv(path, impl=impl, loglog=loglog)
+    return _PROFILE_CACHE[key]
+
+
+def _gpu_key(name: str) -> tuple[str | None, int | None]:
+    """('H100', 80) from 'H100-80G-PCIe5', 'NVIDIA H100 80GB HBM3' or 'h100_80gb_hbm3'."""
+    import re
+
+    u = name.upper()
+    fam = next((f for f in ("A100", "H100", "H200", "B200", "L40S", "A10G") if f in u), None)
+    mem = re.search(r"(\d+)\s*G", u.replace(fam or "", ""))
+    return fam, int(mem.group(1)) if mem else None
+
+
+def find_profile(gpu: GPUSpec, profiles_dir: str | Path | None = None) -> Path | None:
+    """``results/profiles/<gpu>.csv`` measured on the same GPU family with the same memory size as
+    ``gpu`` (e.g. the ``h100-single`` and ``dgx-h100`` presets -> ``h100_80gb_hbm3.csv``), or None."""
+    d = Path(profiles_dir) if profiles_dir is not None else PROFILES_DIR
+    if not d.is_dir():
+        return None
+    fam, mem = _gpu_key(gpu.name)
+    if mem is None:
+        mem = round(gpu.memory_bytes / 1e9)
+    if fam is None:
+        return None
+    for path in sorted(d.glob("*.csv")):
+        with path.open(newline="") as f:
+            first = next(csv.DictReader(f), None)
+        label = (first or {}).get("gpu") or path.stem
+        f2, m2 = _gpu_key(label)
+        if f2 == fam and (m2 is None or m2 == mem):
+            return path
+    return None

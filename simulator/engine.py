@@ -28,14 +28,15 @@ class Sim:
         cluster: ClusterSpec,
         backend: str = "analytic",
         seed: int = 0,
-        profile: Profile | None = None,
+        profile: Profile | str | None = "auto",
         trace: bool = True,
     ) -> None:
         self.cluster = cluster
         self.env = simpy.Environment()
         self.topo = Topology(cluster)
         self.net = make_network(backend, self.env, self.topo)
-        self.cost = CostModel(cluster.gpu, profile)
+        # "auto": results/profiles/<gpu>.csv when one matches the cluster's GPU, else the roofline
+        self.cost = CostModel.auto(cluster.gpu) if isinstance(profile, str) and profile == "auto" else CostModel(cluster.gpu, profile)
         self.rng = np.random.default_rng(seed)
         self.seed = seed
         self.trace_enabled = trace

@@ -1,8 +1,10 @@
 """Routing skew -> per-rank expert token counts -> all-to-all byte matrices.
 
 Expert popularity ``p_e``: ``uniform`` (1/E), ``zipf`` (``p ~ 1/rank^s`` with ``s =
-Workload.routing_skew``, expert ranks shuffled by the seed so hot experts land on random GPUs) or
-``histogram`` (a measured per-expert histogram, normalised). Each rank's ``T * top_k`` assignments
+Workload.routing_skew``, expert ranks shuffled by the seed so hot experts land on random GPUs),
+``lognormal`` (``p_e ~ exp(sigma z_e)``, ``z_e ~ N(0, 1)`` i.i.d. from the seeded generator, ``sigma =
+Workload.routing_skew``: sigma 0 is uniform; the ratio of two experts' loads is log-normal with
+log-std ``sigma * sqrt(2)``, the heavy-tailed imbalance measured in trained MoEs) or ``histogram`` (a measured per-expert histogram, normalised). Each rank's ``T * top_k`` assignments
 are drawn as a multinomial over experts (seeded, so runs are deterministic); with a capacity factor,
 each rank keeps at most ``C = max(min_capacity, ceil(cf * T * top_k / E))`` tokens per expert (GShard
 / DeepSpeed: capacity per expert per local batch) and drops the rest. Dropped tokens are not sent
@@ -25,6 +27,8 @@ def expert_popularity(model: ModelSpec, workload: Workload, rng: np.random.Gener
     elif workload.routing == "zipf":
         p = 1.0 / np.arange(1, E + 1) ** workload.routing_skew
         p = p[rng.permutation(E)]
+    elif workload.routing == "lognormal":
+        p = np.exp(workload.routing_skew * rng.standard_normal(E))
     else:
         p = np.ones(E)
     return p / p.sum()

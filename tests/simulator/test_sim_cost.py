@@ -81,10 +81,14 @@ MOE_CSV = __import__("pathlib").Path(__file__).resolve().parents[2] / "results" 
 @pytest.mark.skipif(not MOE_CSV.is_file(), reason="results/bench/moe_layer.csv not measured yet")
 def test_calibration_loop_moe_layer_within_10_percent_of_measured():
     """Issue 4 acceptance: predicted fwd / fwd+bwd of one MoE layer on the single-H100 preset within
-    10% of the kernels' benchmark (impl ours). Calibrated on mixtral_like fwd+bwd only."""
+    10% of the kernels' benchmark (impl ours). Calibrated on mixtral_like fwd+bwd only, against the
+    complete benchmark run ``65fffb4+wip3`` (every impl and config measured in one run). The later
+    partial rerun ``+wip4`` measured changed kernel variants (permute-first for mixtral, and for the
+    switch config a permute-first variant that the default no longer takes for top-1); recalibrating
+    on a full rerun of the final kernels is open work."""
     from simulator.calibration import compare
 
-    df = compare(str(MOE_CSV), cluster_preset("h100-single"), impl="ours")
+    df = compare(str(MOE_CSV), cluster_preset("h100-single"), impl="ours", commit="65fffb4+wip3")
     if df.empty:
         pytest.skip("no 'ours' rows in moe_layer.csv")
     assert df["ratio"].between(0.9, 1.1).all(), df.to_string()
