@@ -44,19 +44,25 @@ tensor from a Routing.
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reference.moe.balanced_assignment import balanced_assignment
+from reference.moe.capacity import (
+    DROP_POLICIES,
+    _balance_ids,
+    _token_order_ranks,
+    drop_to_capacity,
+    expert_capacity,
+    load_balance_loss,
+    routing_to_combine_tensor,
+    z_loss,
+)
 from reference.moe.routing import Routing
 from semoe.model_spec import ModelSpec
-
-DROP_POLICIES = ("position", "probability", "deepspeed")
 
 __all__ = [
     "DROP_POLICIES",
@@ -80,262 +86,6 @@ __all__ = [
     "routing_to_combine_tensor",
     "z_loss",
 ]
-
-
-# ---------------------------------------------------------------------------------------- losses
-def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
-    """Switch Transformer Eq. 4 / GShard: ``E * sum_e f_e * P_e``.
-
-    ``f_e`` is the fraction of the given assignments (``expert_ids_TK``, before capacity dropping) that
-    go to expert ``e`` and ``P_e = mean_t probs_TE[t, e]``; only ``P`` carries gradient. Equals 1 for
-    a perfectly uniform router. Gates pass the first choice only for K <= 2 and all K choices for
-    K > 2, which is what DeepSpeed's ``top1gating``/``top2gating`` (first choice) and ``topkgating``
-    (all k, divided by k) compute.
-    """
-    E = probs_TE.shape[1]
-    f_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype) / expert_ids_TK.numel()
-    return E * (f_E * probs_TE.mean(dim=0)).sum()
-
-
-def z_loss(logits_TE: Tensor) -> Tensor:
-    """ST-MoE router z-loss (Zoph et al. 2022, Eq. 5): ``mean_t logsumexp(logits_t)^2``."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
-
-
-def _balance_ids(expert_ids_TK: Tensor) -> Tensor:
-    """Assignments counted in ``f_e``: the first choice for K <= 2 (GShard, DeepSpeed top1/top2), else all."""
-    return expert_ids_TK[:, :1] if expert_ids_TK.shape[1] <= 2 else expert_ids_TK
-
-
-# -------------------------------------------------------------------------------------- capacity
-def expert_capacity(
-    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int
-) -> int | None:
-    """``max(min_capacity, ceil(capacity_factor * T * k / E))``; ``None`` (dropless) if no capacity factor.
-
-    Computed in exact rational arithmetic on the decimal value of ``capacity_factor`` (so 1.1 * 10 / 11
-    gives 1, where floating point gives 2). DeepSpeed's ``_capacity`` computes ``(T / E) * (cf * k)``
-    in fp32; both agree whenever ``capacity_factor`` is a binary fraction (0.5, 1.0, 1.25, 2.0, ...);
-    for factors such as 1.1 or 1.2 DeepSpeed sometimes rounds one slot higher.
-    """
-    if capacity_factor is None:
-        return None
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
-    exact = Fraction(num_tokens * top_k, num_experts) * Fraction(repr(float(capacity_factor)))
-    return max(int(min_capacity), math.ceil(exact))
-
-
-def _ranks_in_order(ids_N: Tensor, active_N: Tensor, num_experts: int) -> Tensor:
-    """Rank of each active assignment among the active assignments of its expert, in the order given.
-
-    ``ids_N`` [N] experts in priority order; inactive entries get rank -1. Same one-hot cumsum as
-    DeepSpeed's ``locations = cumsum(mask, dim=0) - 1``.
-    """
-    onehot_NE = F.one_hot(ids_N, num_experts) * active_N.unsqueeze(1)
-    ranks_N = (onehot_NE.cumsum(dim=0) - 1).gather(1, ids_N.unsqueeze(1)).squeeze(1)
-    return torch.where(active_N, ranks_N, torch.full_like(ranks_N, -1))
-
-
-def _position_ranks(ids_TK: Tensor, active_TK: Tensor, num_experts: int) -> Tensor:
-    """Ranks in GShard order: every token's 1st choice (in token order) before any 2nd choice, ..."""
-    ranks_KT = _ranks_in_order(ids_TK.t().reshape(-1), active_TK.t().reshape(-1), num_experts)
-    return ranks_KT.reshape(ids_TK.shape[1], ids_TK.shape[0]).t()
-
-
-def _token_order_ranks(ids_TK: Tensor, active_TK: Tensor, num_experts: int) -> Tensor:
-    """Ranks in token order (then slot order), as DeepSpeed ``topkgating`` numbers its buffer."""
-    ranks = _ranks_in_order(ids_TK.reshape(-1), active_TK.reshape(-1), num_experts)
-    return ranks.reshape(ids_TK.shape)
-
-
-def drop_to_capacity(
-    expert_ids_TK: Tensor,
-    scores_TK: Tensor,
-    chosen_TK: Tensor,
-    num_experts: int,
-    capacity: int,
-    policy: str,
-) -> tuple[Tensor, Tensor]:
-    """Which chosen assignments survive ``capacity`` per expert, and their slot in the expert buffer.
-
-    Returns ``kept_TK`` (bool) and ``slots_TK`` (int64, -1 where not kept). Policies:
-
-    - ``"position"``: every token's 1st choice before any 2nd choice, in token order; an assignment is
-      kept if its rank in that order is below ``capacity`` and its slot is that rank (GShard
-      Algorithm 1; DeepSpeed ``top2gating``).
-    - ``"probability"``: each expert keeps its ``capacity`` highest ``scores_TK`` (ties: position
-      order); slots number the kept assignments in token order (DeepSpeed ``topkgating``
-      ``drop_policy="probs"``; batch prioritised routing, Riquelme et al. 2021).
-    - ``"deepspeed"``: exactly what DeepSpeed keeps for this K. K == 1: ``top1gating(use_rts=False)``
-      selects the kept tokens of each expert with ``torch.topk`` over the 0/1 int64 one-hot mask along
-      the tokens, and ``torch.topk`` breaks ties in an implementation-defined order (on CPU it does
-      *not* keep the first tokens), so we make the very same call; slots then number kept tokens in
-      token order. K == 2: ``top2gating`` is ``"position"``. K > 2: ``topkgating``'s default
-      ``drop_policy="probs"`` is ``"probability"``.
-    """
-    T, K = expert_ids_TK.shape
-    if policy == "deepspeed":
-        if K == 2:
-            policy = "position"
-        elif K > 2:
-            policy = "probability"
-        else:
-            return _deepspeed_top1_keep(expert_ids_TK, chosen_TK, num_experts, capacity)
-    if policy == "position":
-        ranks_TK = _position_ranks(expert_ids_TK, chosen_TK, num_experts)
-        kept_TK = chosen_TK & (ranks_TK < capacity)
-        return kept_TK, torch.where(kept_TK, ranks_TK, torch.full_like(ranks_TK, -1))
-    if policy == "probability":
-        # priority order: descending score, ties broken by position order (k-major, then token)
-        scores_N = scores_TK.detach().t().reshape(-1)
-        order_N = torch.argsort(scores_N, descending=True, stable=True)
-        ids_N = expert_ids_TK.t().reshape(-1)
-        ranks_sorted = _ranks_in_order(ids_N[order_N], chosen_TK.t().reshape(-1)[order_N], num_experts)
-        ranks_N = torch.empty_like(ranks_sorted).scatter_(0, order_N, ranks_sorted)
-        kept_TK = chosen_TK & (ranks_N.reshape(K, T).t() < capacity)
-        return kept_TK, _token_order_ranks(expert_ids_TK, kept_TK, num_experts)
-    raise ValueError(f"drop_policy must be one of {', '.join(DROP_POLICIES)}, got {policy!r}")
-
-
-def _deepspeed_top1_keep(
-    expert_ids_TK: Tensor, chosen_TK: Tensor, num_experts: int, capacity: int
-) -> tuple[Tensor, Tensor]:
-    """The kept tokens of DeepSpeed ``top1gating(use_rts=False)``, call for call (see drop_to_capacity)."""
-    T = expert_ids_TK.shape[0]
-    mask1_TE = F.one_hot(expert_ids_TK[:, 0], num_experts) * chosen_TK[:, :1]  # int64, as DeepSpeed
-    top_idx = torch.topk(mask1_TE, k=min(capacity, T), dim=0)[1]
-    mask1_TE = mask1_TE * torch.zeros_like(mask1_TE).scatter_(0, top_idx, 1)
-    kept_TK = mask1_TE.sum(dim=1, keepdim=True).bool()
-    return kept_TK, _token_order_ranks(expert_ids_TK, kept_TK, num_experts)
-
-
-def routing_to_combine_tensor(routing: Routing) -> Tensor:
-    """The dense GShard/DeepSpeed combine tensor ``[T, E, C]``: ``weight`` at (token, expert, slot).
-
-    With a capacity, ``C = routing.capacity`` and slots come from ``routing.slots_TK``. For a dropless
-    routing, ``C = max(counts_E)`` (DeepSpeed ``drop_tokens=False``) and slots follow position order.
-    """
-    T, K = routing.expert_ids_TK.shape
-    kept_TK = routing.kept_TK
-    if routing.capacity is not None and routing.slots_TK is None:
-        raise ValueError("routing.slots_TK must be set when routing.capacity is set")
-    if routing.slots_TK is not None:
-        slots_TK = routing.slots_TK
-        C = routing.capacity if routing.capacity is not None else int(routing.counts_E.max())
-    else:
-        slots_TK = _position_ranks(routing.expert_ids_TK, kept_TK, routing.num_experts)
-        C = int(routing.counts_E.max()) if kept_TK.any() else 0
-    combine_TEC = routing.weights_TK.new_zeros(T, routing.num_experts, C)
-    t_N = torch.arange(T, device=kept_TK.device).unsqueeze(1).expand(T, K)[kept_TK]
-    combine_TEC[t_N, routing.expert_ids_TK[kept_TK], slots_TK[kept_TK]] = routing.weights_TK[kept_TK]
-    return combine_TEC
-
-
-# ----------------------------------------------------------------------------------- BASE auction
-def balanced_assignment(scores_TE: Tensor, top_k: int = 1, *, eps_final: float | None = None) -> Tensor:
-    """Maximum-score assignment of every token to ``top_k`` distinct experts, ``T*k/E`` tokens per expert.
-
-    Solved with the auction algorithm (Bertsekas 1988, "The auction algorithm: a distributed
-    relaxation method for the assignment problem"; Jacobi bidding, similar objects and epsilon
-    scaling as in Bertsekas 1992, "Auction algorithms for network flow problems"). Objects are the
-    ``C = T*k/E`` buffer slots of each expert, each with its own price; a token bids for the cheapest
-    slot of its best expert among those it does not hold yet, raising that price to
-    ``score - second_best_value + eps``. At the end every token satisfies eps-complementary slackness,
-    so the total score is within ``T * k * eps`` of the optimum; the final eps is
-    ``1e-9 * (max - min score) / (T * k)`` (at least ``1e-12`` times the score magnitude) unless given,
-    which is exact unless two assignments are that close. Returns int64 ``[T, k]`` expert ids on the
-    device of ``scores_TE``, each row sorted by descending score. No gradient.
-
-    The bidding loop runs in NumPy on the host (one copy of the scores): rounds are many and tiny, and
-    per-operation overhead dominates (about 0.5 s for T = 512, E = 8 on one CPU core).
-    """
-    T, E = scores_TE.shape
-    if top_k < 1 or top_k > E:
-        raise ValueError(f"top_k must be in 1..{E} (experts), got {top_k}")
-    if (T * top_k) % E:
-        raise ValueError(f"tokens * top_k ({T} * {top_k}) must be divisible by experts ({E})")
-    s_TE = scores_TE.detach().to("cpu", torch.float64).numpy()
-    if not np.isfinite(s_TE).all():
-        raise ValueError("scores_TE: the balanced assignment needs finite scores")
-    span = float(s_TE.max() - s_TE.min()) if s_TE.size else 0.0
-    span = span if span > 0 else 1.0
-    if eps_final is None:  # floor: bids must stay far above the rounding error of the prices
-        magnitude = span + (float(np.abs(s_TE).max()) if s_TE.size else 0.0)
-        eps_final = max(1e-9 * span / (T * top_k), 1e-12 * magnitude)
-    price_EC = np.zeros((E, T * top_k // E))
-    eps = span / 4
-    while True:
-        held_TE = _auction_phase(s_TE, price_EC, top_k, max(eps, eps_final))
-        if eps <= eps_final:
-            break
-        eps /= 6
-    ids_TK = np.argsort(-np.where(held_TE, s_TE, -np.inf), axis=1, kind="stable")[:, :top_k]
-    return torch.from_numpy(ids_TK).to(scores_TE.device)
-
-
-def _auction_phase(s_TE: np.ndarray, price_EC: np.ndarray, top_k: int, eps: float) -> np.ndarray:
-    """One eps phase of the auction, from an empty assignment; updates ``price_EC`` in place.
-
-    Each round, every token holding fewer than ``top_k`` experts bids for the cheapest slot of its best
-    expert not yet held: ``bid = score - best_alternative + eps``, where the alternative includes the
-    second cheapest slot of the same expert, so ``p_1 + eps <= bid <= p_2 + eps``. An expert with
-    ``m`` bids sorted descending ``b_1 >= b_2 >= ...`` and slots sorted by price ``p_1 <= p_2 <= ...``
-    gives slot ``j`` to bid ``j`` for the longest prefix with ``b_j >= p_j + eps/2`` (at least one),
-    all at the uniform price ``b_m``: every winner then keeps eps-complementary slackness (its profit is
-    at least ``score - b_j``, and ``b_m <= p_2 + eps <= p_{m+1} + eps``), every re-assigned slot's
-    price rises by at least eps/2, and many slots change hands per round.
-    """
-    T, E = s_TE.shape
-    C = price_EC.shape[1]
-    owner_EC = np.full((E, C), -1)
-    held_TE = np.zeros((T, E), dtype=bool)
-    n_held_T = np.zeros(T, dtype=np.int64)
-    while True:
-        bidders_B = np.flatnonzero(n_held_T < top_k)
-        if bidders_B.size == 0:
-            return held_TE
-        if C >= 2:  # cheapest and second cheapest slot price of every expert
-            low_E2 = np.partition(price_EC, 1, axis=1)[:, :2]
-            p1_E, p2_E = low_E2[:, 0], low_E2[:, 1]
-        else:
-            p1_E, p2_E = price_EC[:, 0], np.full(E, np.inf)
-        s_BE = s_TE[bidders_B]
-        value_BE = np.where(held_TE[bidders_B], -np.inf, s_BE - p1_E)
-        best_B = value_BE.argmax(axis=1)
-        rows_B = np.arange(bidders_B.size)
-        v1_B = value_BE[rows_B, best_B]
-        value_BE[rows_B, best_B] = -np.inf
-        v2_B = value_BE.max(axis=1) if E >= 2 else np.full(bidders_B.size, -np.inf)
-        s_best_B = s_BE[rows_B, best_B]
-        second_B = np.maximum(v2_B, s_best_B - p2_E[best_B])  # best alternative to that slot
-        second_B = np.where(np.isfinite(second_B), second_B, v1_B)  # no alternative: raise by eps
-        bid_B = s_best_B - second_B + eps
-        # group the bids by expert, descending inside a group (ties: lowest token index first)
-        order = np.lexsort((bidders_B, -bid_B, best_B))
-        e_W, t_W, bid_W = best_B[order], bidders_B[order], bid_B[order]
-        counts_E = np.bincount(e_W, minlength=E)
-        rank_W = np.arange(e_W.size) - (np.cumsum(counts_E) - counts_E)[e_W]
-        keep = rank_W < C
-        e_W, t_W, bid_W, rank_W = e_W[keep], t_W[keep], bid_W[keep], rank_W[keep]
-        # slots of the experts bid on, by ascending price
-        bid_experts = np.flatnonzero(counts_E)
-        slot_order_XC = np.argsort(price_EC[bid_experts], axis=1, kind="stable")
-        row_of_E = np.zeros(E, dtype=np.int64)
-        row_of_E[bid_experts] = np.arange(bid_experts.size)
-        c_W = slot_order_XC[row_of_E[e_W], rank_W]
-        accept_W = (rank_W == 0) | (bid_W >= price_EC[e_W, c_W] + eps / 2)
-        e_W, t_W, bid_W, c_W = e_W[accept_W], t_W[accept_W], bid_W[accept_W], c_W[accept_W]
-        price_E = np.full(E, np.inf)
-        np.minimum.at(price_E, e_W, bid_W)  # uniform price: the lowest winning bid
-        previous_W = owner_EC[e_W, c_W]
-        evicted = previous_W[previous_W >= 0]
-        held_TE[evicted, e_W[previous_W >= 0]] = False
-        np.subtract.at(n_held_T, evicted, 1)
-        owner_EC[e_W, c_W] = t_W
-        price_EC[e_W, c_W] = price_E[e_W]
-        held_TE[t_W, e_W] = True
-        np.add.at(n_held_T, t_W, 1)
 
 
 # ------------------------------------------------------------------------------------------ gates
