@@ -1,0 +1,144 @@
+"""paper_repro.validate (`semoe validate`, issue 9 item 3) on the committed measurements, on the CPU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from paper_repro.validate import (
+    COLUMNS,
+    GOAL_ROWS,
+    RESULTS,
+    collect,
+    format_table,
+    parse_train_config,
+    run,
+    summarise,
+)
+from paper_repro.validate_cli import register
+
+STATUSES = {"validated", "fitted", "derived", "not_modelled"}
+
+
+@pytest.fixture(scope="module")
+def df() -> pd.DataFrame:
+    return collect(RESULTS)
+
+
+def test_schema_and_statuses(df):
+    assert tuple(df.columns) == COLUMNS
+    assert set(df["status"]) <= STATUSES
+    assert {"moe_layer", "train", "infer"} <= set(df["source"])
+    pred = df[df["status"].isin(["validated", "fitted"])]
+    assert pred["predicted"].notna().all() and (pred["measured"] != 0).all()
+    err = pred["predicted"] / pred["measured"] - 1
+    assert (err - pred["error"]).abs().max() < 1e-12
+    # every row the simulator does not model says why
+    nm = df[df["status"] == "not_modelled"]
+    assert len(nm) and nm["note"].str.len().gt(0).all()
+
+
+def test_every_measured_row_appears_once(df):
+    n = {name: len(pd.read_csv(RESULTS / "bench" / name)) for name in ("train.csv", "infer.csv")}
+    layer = pd.read_csv(RESULTS / "bench" / "moe_layer.csv")
+    assert (df["source"] == "train").sum() == n["train.csv"]
+    assert (df["source"] == "infer").sum() == n["infer.csv"]
+    assert (df["source"] == "moe_layer").sum() == (layer["impl"] == "ours").sum()
+
+
+def test_fitted_rows_are_exactly_the_calibration_points(df):
+    fit = df[df["used_for_fitting"]]
+    assert set(fit["status"]) == {"fitted"}
+    layer = fit[fit["source"] == "moe_layer"]
+    assert list(zip(layer["run"], layer["config"], layer["metric"])) == [("65fffb4+wip3", "mixtral_like", "fwd_bwd_ms")]
+    assert set(fit.loc[fit["source"] == "infer", "metric"].str.split().str[-1]) == {"h2d_pinned_GBps"}
+    assert not df.loc[df["status"] != "fitted", "used_for_fitting"].any()
+
+
+def test_held_out_layer_rows_of_the_calibration_run_within_5pct(df):
+    d = df[(df["source"] == "moe_layer") & (df["run"] == "65fffb4+wip3") & df["config"].isin(
+        ["mixtral_like", "hetu_switch_b32", "fine_grained"]) & (df["status"] == "validated")]
+    assert len(d) == 5
+    assert d["error"].abs().max() < 0.05
+
+
+def test_train_rows_simulated_on_one_gpu(df):
+    t = df[(df["source"] == "train") & (df["metric"] == "tokens_per_s")]
+    assert len(t) == 4 and (t["status"] == "validated").all() and (t["predicted"] > 0).all()
+    mfu = df[(df["source"] == "train") & (df["metric"] == "mfu")]
+    assert (mfu["status"] == "derived").all()
+
+
+def test_parse_train_config_both_formats():
+    c = parse_train_config("paper-13.9b-scaled L4 D2048 E8 k2 F8192 bf16 B8 S1024 lr0.0003 steps40 world1 "
+                           "single-process params1248151552")
+    assert (c.preset, c.layers, c.hidden, c.top_k, c.batch, c.seq, c.zero, c.alltoall) == (
+        "paper-13.9b", 4, 2048, 2, 8, 1024, 0, "flat")
+    c = parse_train_config("paper-13.9b-scaled L4 D2048 E8 k1 F8192 bf16 B8 S1024 lr0.0003 steps30 world1 nccl "
+                           "ep1 rail bucket26214400 zero3 params1248151552")
+    assert (c.ep, c.alltoall, c.bucket, c.zero) == (1, "rail", 26214400, 3)
+    with pytest.raises(ValueError, match="cannot parse train.csv config"):
+        parse_train_config("nonsense")
+
+
+def _frame(rows):
+    base = {"source": "s", "run": "r", "config": "c", "metric": "m", "kind": "time", "note": ""}
+    return pd.DataFrame([{**base, **r} for r in rows], columns=list(COLUMNS))
+
+
+def test_summarise_hand_computed():
+    rows = [{"measured": m, "predicted": p, "error": p / m - 1, "used_for_fitting": False, "status": "validated"}
+            for m, p in [(1.0, 1.1), (2.0, 1.8), (4.0, 4.0), (8.0, 9.0)]]
+    rows.append({"measured": 1.0, "predicted": 5.0, "error": 4.0, "used_for_fitting": True, "status": "fitted"})
+    rows.append({"measured": 1.0, "predicted": 9.0, "error": 8.0, "used_for_fitting": False, "status": "derived"})
+    rows.append({"measured": 1.0, "predicted": math.nan, "error": math.nan, "used_for_fitting": False,
+                 "status": "not_modelled"})
+    s = summarise(_frame(rows))
+    assert s["rows"] == 4
+    assert s["mape"] == pytest.approx((0.1 + 0.1 + 0.0 + 0.125) / 4)
+    assert s["max_error"] == pytest.approx(0.125)
+    assert s["spearman"] == pytest.approx(1.0)
+    assert s["fitted"]["rows"] == 1 and s["derived"] == 1 and s["not_modelled"] == 1
+    assert not s["goal_met"]  # fewer than GOAL_ROWS rows
+    good = _frame([{"measured": float(i), "predicted": float(i) * 1.01, "error": 0.01, "used_for_fitting": False,
+                        "status": "validated"} for i in range(1, GOAL_ROWS + 1)])
+    assert summarise(good)["goal_met"]
+    assert "goal" in format_table(good, summarise(good))
+
+
+def test_run_writes_csv_and_png(tmp_path):
+    out = tmp_path / "validation"
+    df, s = run(out, RESULTS)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv", "summary.png"]
+    back = pd.read_csv(out / "summary.csv")
+    assert len(back) == len(df) and tuple(back.columns) == COLUMNS
+    assert s["rows"] >= GOAL_ROWS  # enough unfitted rows to judge the goal (met or not)
+    assert (out / "summary.png").stat().st_size > 10_000
+
+
+def test_cli(tmp_path):
+    app = typer.Typer()
+    register(app)
+
+    @app.command()
+    def _noop() -> None:  # a second command, so typer keeps `validate` as a subcommand
+        pass
+
+    r = CliRunner().invoke(app, ["validate", "--out", str(tmp_path), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "MAPE" in r.output and "goal" in r.output and (tmp_path / "summary.csv").is_file()
+    r = CliRunner().invoke(app, ["validate", "--results", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "results folder not found" in r.output
+
+
+def test_committed_summary_is_current(df):
+    committed = Path(RESULTS / "validation" / "summary.csv")
+    assert committed.is_file(), "run `semoe validate` and commit results/validation/summary.csv"
+    c = pd.read_csv(committed)
+    assert len(c) == len(df)
+    assert list(c["status"]) == list(df["status"])
