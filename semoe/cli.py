@@ -29,7 +29,14 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_PLUGIN_MODULES = ("reference.cli", "reference.infer_cli", "simulator.cli", "paper_repro.validate_cli", "paper_repro.cli")
+_PLUGIN_MODULES = (
+    "reference.cli",
+    "reference.infer_cli",
+    "reference.distill_cli",
+    "simulator.cli",
+    "paper_repro.validate_cli",
+    "paper_repro.cli",
+)
 USER_ERRORS = (SpecError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
 
 
