@@ -220,8 +220,11 @@ CLUSTER_PRESETS: dict[str, Callable[[int], ClusterSpec]] = {
 }
 
 PLAN_PRESETS: dict[str, Callable[[int, int], ParallelPlan]] = {
-    # DeepSpeed-MoE as the paper ran it (SEMOE.md "What the baselines do"): flat all-to-all, ZeRO for
-    # dense states, no expert offload or prefetch, no fused gradient buckets assumed.
+    # DeepSpeed-MoE as the paper ran it (SEMOE.md "What the baselines do"): flat all-to-all, ZeRO-3 for
+    # dense states, no expert offload, no fused gradient buckets assumed. ZeRO-3's own parameter
+    # prefetch is on, as in DeepSpeed's defaults (stage3_prefetch_bucket_size = 5e7 elements: the
+    # next module's parameters are gathered ahead), so prefetch_depth = 1; there is no expert
+    # offload for it to apply to.
     "deepspeed": lambda dp, ep: ParallelPlan(
         name="deepspeed",
         data_parallel=dp,
@@ -229,6 +232,7 @@ PLAN_PRESETS: dict[str, Callable[[int, int], ParallelPlan]] = {
         alltoall="flat",
         zero_stage=3,
         fusion_bucket_bytes=0,
+        prefetch_depth=1,
     ),
     # SE-MoE: rail-aligned hierarchical all-to-all, fused buckets, ZeRO-3 dense sharding, expert
     # states in a CPU cache backed by SSD with 2D prefetch one layer ahead.
