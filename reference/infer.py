@@ -39,6 +39,7 @@ class InferArgs:
     fallback_frac: float = 0.95
     predict: bool = False
     trace: bool = True
+    quant: str | None = None  # "int8" / "fp8": quantized expert weights (reference/inference/quantize.py)
 
 
 def open_store(a: InferArgs, log=print):
@@ -77,7 +78,7 @@ def run_infer(a: InferArgs, log=print) -> dict:
             raise ValueError(f"{name} must be >= 1, got {getattr(a, name)}")
     store = open_store(a, log)
     cfg = InferConfig(mode=a.mode, gpu_budget_gb=a.gpu_budget_gb, slots=a.slots, device=a.device,
-                      fallback_frac=a.fallback_frac, predict=a.predict, trace=a.trace)
+                      fallback_frac=a.fallback_frac, predict=a.predict, trace=a.trace, quant=a.quant)
     max_len = a.prompt_len + a.gen_len
     eng = Engine(store, cfg, batch=a.batch, max_len=max_len, prefill_tokens=a.batch * a.prompt_len)
     if eng.device.type == "cuda":
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", choices=("int8", "fp8"), default=None)
     args = p.parse_args(argv)
     a = InferArgs(**{k: v for k, v in vars(args).items()})
     try:

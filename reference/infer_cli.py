@@ -31,16 +31,20 @@ def infer(
     fallback_frac: float = typer.Option(0.95, help="expert mode: ring when a pass touches this share of experts"),
     predict: bool = typer.Option(False, help="expert mode: prefetch the next block's experts one block ahead"),
     verify: bool = typer.Option(True, help="check every store file's sha256 on load"),
+    quant: Optional[str] = typer.Option(None, help="int8 or fp8: expert weights quantized per output channel "
+                                        "in host memory and device slots, dequantized on the device"),
 ) -> None:
     """Prefill + greedy decode with experts offloaded to host memory (ring, expert-aware or resident)."""
     from reference.infer import InferArgs, run_infer, summary_line
 
     if init not in (None, "random"):
         raise ValueError(f"--init must be 'random', got {init!r}")
+    if quant not in (None, "int8", "fp8"):
+        raise ValueError(f"--quant must be int8 or fp8, got {quant!r}")
     a = InferArgs(
         model=model, mode=mode, gpu_budget_gb=gpu_budget_gb, slots=slots, batch=batch, prompt_len=prompt_len,
         gen_len=gen_len, out=out, init=init, store=store, layers=layers, dtype=dtype, device=device, seed=seed,
-        verify=verify, fallback_frac=fallback_frac, predict=predict,
+        verify=verify, fallback_frac=fallback_frac, predict=predict, quant=quant,
     )
     m = run_infer(a, log=lambda s: typer.echo(s, err=True))
-    typer.echo(summary_line(m))
+    typer.echo(summary_line(m) + (f" ({quant} experts)" if quant else ""))

@@ -15,6 +15,12 @@ Modes (``InferConfig.mode``):
 All three compute a block's experts with the same grouped FFN (:func:`grouped_ffn`, the
 ``GroupedExperts`` math on weight tensors supplied from the pool), so they give identical logits.
 
+Quantized experts (``InferConfig.quant`` "int8" / "fp8", ring, expert and resident modes): the
+pool's slots and host copy are quantized (:class:`reference.inference.ring.ExpertPool`), copies move
+data + scales, and each block computes from its experts dequantized into a store-dtype workspace
+(ring: the whole group; expert-aware: the fetched experts, routing remapped to workspace rows). Ring
+and expert-aware therefore see the same dequantized weights and give identical logits with quant too.
+
 Memory plan (bytes on the device, ``plan_memory``): dense weights + KV cache + an activation reserve
 for the largest forward + the expert pool; the pool gets the rest of the budget:
 ``K = floor(pool / (E * expert_bytes))`` (ring), ``C = floor(pool / expert_bytes)`` (expert).
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reference.inference.model import InferenceModel, KVCache, MoEDense
+from reference.inference.quantize import FORMATS, quantized_expert_bytes
 from reference.inference.ring import DeviceSync, ExpertPool, Ring, Timeline
 from reference.inference.store import ModelStore
 from reference.moe.dispatcher import LocalDispatcher
@@ -111,10 +118,12 @@ class MemoryPlan:
     moe_blocks: int
     pool_slots: int  # C
     ring_slots: int  # K
+    quant: str | None = None  # expert_bytes are then quantized bytes (data + scales + biases)
+    workspace_bytes: int = 0  # quantized: one block's dequantized experts (store dtype)
 
     @property
     def pool_bytes(self) -> int:
-        return self.pool_slots * self.expert_bytes
+        return self.pool_slots * self.expert_bytes + self.workspace_bytes
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -123,19 +132,27 @@ class MemoryPlan:
 
 
 def plan_memory(store: ModelStore, mode: str, budget_bytes: int, batch: int, max_len: int, tokens: int,
-                slots: int | None = None) -> MemoryPlan:
-    """Split a device budget; ``slots`` (K) given overrides the budget for ring and expert mode."""
+                slots: int | None = None, quant: str | None = None) -> MemoryPlan:
+    """Split a device budget; ``slots`` (K) given overrides the budget for ring and expert mode.
+
+    ``quant`` ("int8" / "fp8"): slots hold quantized experts (:func:`quantized_expert_bytes` each) and
+    one block's dequantized experts (``E * store.expert_bytes``) are reserved as the workspace."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if quant is not None and quant not in FORMATS:
+        raise ValueError(f"quant must be None or one of {FORMATS}, got {quant!r}")
     spec = store.spec
     esize = torch.empty((), dtype=store.dtype).element_size()
     E, L = spec.experts, len(store.moe_blocks)
-    eb = store.expert_bytes
+    eb = store.expert_bytes if quant is None else quantized_expert_bytes(store.expert_table, E)
+    ws = 0 if quant is None else E * store.expert_bytes
     dense = store.dense_bytes
     kv = KVCache.nbytes_for(spec, batch, max_len, esize)
     act = activation_reserve_bytes(spec, tokens, batch, esize)
-    avail = budget_bytes - dense - kv - act
+    avail = budget_bytes - dense - kv - act - ws
     fixed = f"dense {fmt_bytes(dense)} + KV cache {fmt_bytes(kv)} + activations {fmt_bytes(act)}"
+    if ws:
+        fixed += f" + {quant} dequantization workspace {fmt_bytes(ws)}"
     if mode == "resident":
         C = L * E
         if avail < C * eb and slots is None:
@@ -162,7 +179,7 @@ def plan_memory(store: ModelStore, mode: str, budget_bytes: int, batch: int, max
         else:
             C = min(C, L * E, 1023)  # torch._grouped_mm takes < 1024 groups
             K = min(C // E, L)
-    return MemoryPlan(budget_bytes, dense, kv, act, eb, E, L, C, K)
+    return MemoryPlan(budget_bytes, dense, kv, act, eb, E, L, C, K, quant, ws)
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -178,10 +195,16 @@ class InferConfig:
     predict: bool = False
     device: str = "auto"
     trace: bool = True
+    # expert weights kept quantized in host memory and in the device slots ("int8" / "fp8" per output
+    # channel, reference/inference/quantize.py): copies move ~half the bf16 bytes, each block's experts
+    # are dequantized on the device into a store-dtype workspace before the grouped FFN. None: as stored
+    quant: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.quant is not None and self.quant not in FORMATS:
+            raise ValueError(f"quant must be None or one of {FORMATS}, got {self.quant!r}")
         if self.gpu_budget_gb is not None and self.gpu_budget_gb <= 0:
             raise ValueError(f"gpu_budget_gb must be > 0, got {self.gpu_budget_gb}")
         if not 0 < self.fallback_frac <= 1:
@@ -231,7 +254,7 @@ class Engine:
             budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.9)
         else:
             budget = 1 << 62
-        self.plan = plan_memory(store, cfg.mode, budget, batch, max_len, prefill_tokens, cfg.slots)
+        self.plan = plan_memory(store, cfg.mode, budget, batch, max_len, prefill_tokens, cfg.slots, cfg.quant)
         with torch.device("meta"):  # no throwaway init of the dense weights: they come from the store
             model = InferenceModel(self.spec).to(dtype=store.dtype)
         self.model = model.to_empty(device=self.device)
@@ -239,7 +262,7 @@ class Engine:
         if missing or unexpected:
             raise ValueError(f"store {store.root}: dense tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
         self.model.eval()
-        self.pool = ExpertPool(store, self.plan.pool_slots, self.device, self.sync, self.timeline)
+        self.pool = ExpertPool(store, self.plan.pool_slots, self.device, self.sync, self.timeline, quant=cfg.quant)
         self.blocks = store.moe_blocks
         self.ring = Ring(self.pool, self.blocks, self.plan.ring_slots) if self.plan.ring_slots >= 1 else None
         self.dispatcher = LocalDispatcher(self.spec.experts)
@@ -282,10 +305,17 @@ class Engine:
             needed = torch.unique(routing.expert_ids_TK[routing.kept_TK]).tolist()  # host sync
             slots = self.pool.fetch(block, needed)
             slot_E = torch.zeros(self.spec.experts, dtype=torch.long)
-            slot_E[needed] = torch.tensor(slots, dtype=torch.long)
-            r = remap(routing, slot_E.to(x_TD.device, non_blocking=True), self.pool.capacity)
-            x_ND, counts_C, meta = self.pool_dispatcher.dispatch(x_TD, r)
-            y_TD = self.pool_dispatcher.combine(grouped_ffn(x_ND, counts_C, self.pool.tensors), meta)
+            if self.cfg.quant is None:
+                slot_E[needed] = torch.tensor(slots, dtype=torch.long)
+                r = remap(routing, slot_E.to(x_TD.device, non_blocking=True), self.pool.capacity)
+                x_ND, counts_C, meta = self.pool_dispatcher.dispatch(x_TD, r)
+                y_TD = self.pool_dispatcher.combine(grouped_ffn(x_ND, counts_C, self.pool.tensors), meta)
+            else:  # workspace row i = dequantized slot of needed[i]: route expert needed[i] to row i
+                w = self.pool.slot_weights(slots)
+                slot_E[needed] = torch.arange(len(needed), dtype=torch.long)
+                r = remap(routing, slot_E.to(x_TD.device, non_blocking=True), self.spec.experts)
+                x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, r)
+                y_TD = self.dispatcher.combine(grouped_ffn(x_ND, counts_E, w), meta)
         T = x_TD.shape[0]
         flops = 2 * T * self.spec.top_k * self.spec.hidden * self.spec.ffn * (3 if self.spec.activation == "swiglu" else 2)
         tl.add(t0, tl.mark(self.sync.compute), f"moe_{self.pass_mode}", block, "compute", 0, flops)
@@ -367,6 +397,7 @@ class Engine:
     def stats(self) -> dict:
         s = {
             "mode": self.cfg.mode,
+            "quant": self.cfg.quant,
             "ring_slots": self.plan.ring_slots,
             "pool_slots": self.plan.pool_slots,
             "bytes_copied": self.pool.bytes_copied,

@@ -28,8 +28,8 @@ Bytes: the quantized data is exactly half of bf16 (1 byte per element); the fp32
 ``2 I / (I + 4)`` against bf16 (1.88x for ``tiny``'s I=64, 1.998x for Mixtral's I=4096).
 Biases (if any) stay in their original dtype (they are tiny).
 
-What the ring / expert-aware integration needs (not wired here; reference/inference/ring.py and
-engine.py are not this module's): the :class:`ExpertPool` keeps per slot the quantized ``data`` tensor
+What the ring / expert-aware integration needs (wired in reference/inference/ring.py and engine.py,
+``InferConfig(quant="int8" | "fp8")``, see :class:`reference.inference.ring.ExpertPool`): the :class:`ExpertPool` keeps per slot the quantized ``data`` tensor
 (int8 / fp8, ``[C, I, O]``) and the ``scale`` tensor (``[C, 1, O]``), copies both per block or expert
 (:meth:`QuantizedLayer.nbytes` bytes instead of the bf16 layer bytes), and before the grouped GEMM
 calls :func:`dequantize_into` into one preallocated bf16 ``[E, I, O]`` workspace per tensor (or, on the
@@ -76,6 +76,9 @@ class QuantizedTensor:
         return QuantizedTensor(self.data.to(device, non_blocking=non_blocking),
                                self.scale.to(device, non_blocking=non_blocking), self.fmt, self.dtype)
 
+    def pin_memory(self) -> QuantizedTensor:
+        return QuantizedTensor(self.data.pin_memory(), self.scale.pin_memory(), self.fmt, self.dtype)
+
 
 def _check_fmt(fmt: str) -> None:
     if fmt not in FORMATS:
@@ -109,10 +112,18 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def dequantize_into(out: Tensor, q: QuantizedTensor) -> Tensor:
-    """The ring's path: dequantize into a preallocated (device) buffer ``out`` of the weight's shape."""
+    """The ring's path: dequantize into a preallocated (device) buffer ``out`` of the weight's shape.
+
+    No temporary of the weight's size: ``q`` is copied into ``out`` (exact: int8 and e4m3 values are
+    representable in bf16 / fp16 / fp32), then ``out *= scale``, which PyTorch computes in fp32 (the
+    common dtype with the fp32 scale) and rounds once to ``out.dtype``, the values of :func:`dequantize`.
+    """
     if tuple(out.shape) != tuple(q.data.shape):
         raise ValueError(f"dequantize_into: out is {tuple(out.shape)}, quantized data is {tuple(q.data.shape)}")
-    return out.copy_(q.data.to(device=out.device, dtype=torch.float32) * q.scale.to(out.device))
+    if out.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # fp64 would multiply in fp64
+        return out.copy_(q.data.to(device=out.device, dtype=torch.float32) * q.scale.to(out.device))
+    out.copy_(q.data)
+    return out.mul_(q.scale.to(out.device, torch.float32))
 
 
 def error_bound(w: Tensor, q: QuantizedTensor) -> Tensor:
@@ -142,11 +153,46 @@ class QuantizedLayer:
     def data_nbytes(self) -> int:
         return sum(q.data.numel() * q.data.element_size() for q in self.weights.values())
 
+    def pin_memory(self) -> QuantizedLayer:
+        """A copy in pinned host memory (what the ring copies from with ``non_blocking``)."""
+        return QuantizedLayer({n: q.pin_memory() for n, q in self.weights.items()},
+                              {n: t.pin_memory() for n, t in self.others.items()}, self.fmt)
+
+    def host_tensors(self) -> dict[str, Tensor]:
+        """Flat ``{key: tensor [E, ...]}`` as the :class:`ExpertPool` keeps its slots: ``w1_EDF`` the
+        quantized data, ``w1_EDF:scale`` its scale (:func:`scale_key`), biases under their own names."""
+        out: dict[str, Tensor] = {}
+        for n, q in self.weights.items():
+            out[n], out[scale_key(n)] = q.data, q.scale
+        out.update(self.others)
+        return out
+
     def dequantize(self, dtype: torch.dtype | None = None, device=None) -> dict[str, Tensor]:
         """All expert tensors (ExpertWeights names) ready for compute; quantized bytes move to ``device`` first."""
         out = {n: dequantize(q.to(device) if device is not None else q, dtype) for n, q in self.weights.items()}
         out.update({n: t.to(device=device, dtype=dtype or t.dtype) for n, t in self.others.items()})
         return out
+
+
+def scale_key(name: str) -> str:
+    """The pool / host key of a quantized weight's scale tensor."""
+    return f"{name}:scale"
+
+
+def quantized_expert_bytes(table: dict[str, dict], experts: int) -> int:
+    """Bytes of one quantized expert (1-byte data + fp32 scale per output column of each weight,
+    biases as stored) from a store's expert tensor table (``ModelStore.expert_table``)."""
+    n = 0
+    for name, t in table.items():
+        shape = t["shape"]
+        if name in WEIGHT_TENSORS:
+            numel = 1
+            for s in shape:
+                numel *= s
+            n += numel + 4 * shape[0] * shape[-1]
+        else:
+            n += t["nbytes"]
+    return n // experts
 
 
 def quantize_layer(tensors: dict[str, Tensor], fmt: QuantFormat) -> QuantizedLayer:

@@ -24,6 +24,16 @@ the CPU the same code runs with no-op streams and events: copies are synchronous
 Expert-aware mode (:meth:`ExpertPool.fetch`): after a block's router, only the experts it picked are
 needed; the ones not cached are copied into the least-recently-used slots not needed by this block
 (GPU-side LRU over ``(block, expert)``), then the block computes with routing remapped to slot ids.
+
+Quantized experts (``ExpertPool(quant="int8" | "fp8")``, :mod:`reference.inference.quantize`): the
+host copy is ``ModelStore.quantized_layers(fmt)`` (pinned), and the slots hold what is copied: 1-byte
+data ``w1_EDF`` ``[C, I, O]``, fp32 scales ``w1_EDF:scale`` ``[C, 1, O]`` and biases as stored, so a
+copy moves about half the bf16 bytes (``expert_nbytes`` counts data + scales + biases). Before a
+block computes, its experts are dequantized on the compute stream (:func:`dequantize_into`, after the
+wait for their copy) into one ``[E, ...]`` workspace per tensor in the store dtype: ring group ``k``
+row by expert, or in expert-aware mode the fetched slots in the order of ``needed`` (the engine
+remaps routing to those rows). The workspace is only read by the grouped FFN on the same stream, so
+reusing it per block needs no event; the copy into a slot still waits for ``compute_done`` as before.
 """
 
 from __future__ import annotations
@@ -35,6 +45,13 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from reference.inference.quantize import (
+    FORMATS,
+    WEIGHT_TENSORS,
+    QuantizedTensor,
+    dequantize_into,
+    scale_key,
+)
 from reference.inference.store import ModelStore
 from semoe.trace import TraceRow
 
@@ -115,21 +132,36 @@ class ExpertPool:
     """C device expert slots shared by the ring and the expert cache, filled from a :class:`ModelStore`."""
 
     def __init__(self, store: ModelStore, capacity: int, device: torch.device, sync: DeviceSync,
-                 timeline: Timeline | None = None) -> None:
+                 timeline: Timeline | None = None, quant: str | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"ExpertPool: capacity must be >= 1 expert slot, got {capacity}")
+        if quant is not None and quant not in FORMATS:
+            raise ValueError(f"ExpertPool: quant must be None or one of {FORMATS}, got {quant!r}")
         self.store, self.capacity, self.device, self.sync = store, capacity, device, sync
         self.timeline = timeline
         self.E = store.spec.experts
-        self.tensors: dict[str, Tensor] = {
-            name: torch.empty((capacity, *t["shape"][1:]), dtype=store.dtype, device=device)
-            for name, t in store.expert_table.items()
-        }
+        self.quant = quant
+        if quant is None:
+            self.tensors: dict[str, Tensor] = {
+                name: torch.empty((capacity, *t["shape"][1:]), dtype=store.dtype, device=device)
+                for name, t in store.expert_table.items()
+            }
+            self.src = {b: store.layer_views(b) for b in store.moe_blocks}  # host (pinned) views
+            self.expert_nbytes = sum(t["nbytes"] for t in store.expert_table.values()) // self.E
+        else:  # slots hold the quantized data + scales (+ biases); computed from a dequantized workspace
+            self.src = {b: ql.host_tensors() for b, ql in store.quantized_layers(quant).items()}
+            first = self.src[store.moe_blocks[0]]
+            self.tensors = {name: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=device)
+                            for name, t in first.items()}
+            self.expert_nbytes = sum(t.numel() * t.element_size() for t in first.values()) // self.E
+            # one block's experts in the compute dtype: what the grouped FFN reads (E rows)
+            self.workspace: dict[str, Tensor] = {
+                name: torch.empty(t["shape"], dtype=store.dtype, device=device)
+                for name, t in store.expert_table.items()
+            }
         if sync.cuda:  # written on the copy stream: not reused by the allocator before those copies finish
             for t in self.tensors.values():
                 t.record_stream(sync.copy)
-        self.src = {b: store.layer_views(b) for b in store.moe_blocks}  # host (pinned) views
-        self.expert_nbytes = sum(t["nbytes"] for t in store.expert_table.values()) // self.E
         self.owner: list[tuple[int, int] | None] = [None] * capacity
         self.where: dict[tuple[int, int], int] = {}
         self.lru: OrderedDict[tuple[int, int], None] = OrderedDict()
@@ -142,7 +174,41 @@ class ExpertPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        ws = self.workspace.values() if self.quant else ()
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *ws))
+
+    # ------------------------------------------------------------------------ compute views
+    def _dequantize_rows(self, rows: list[tuple[int, int]] | None, k: int | None = None) -> dict[str, Tensor]:
+        """Quantized mode: dequantize into the workspace (on the current, i.e. compute, stream) either
+        ring group ``k`` (workspace row e = slot k*E + e) or ``rows`` ``[(workspace row, slot)]``."""
+        ws = self.workspace
+        for name, out in ws.items():
+            src = self.tensors[name]
+            if name in WEIGHT_TENSORS:
+                scale = self.tensors[scale_key(name)]
+                if k is not None:
+                    sl = slice(k * self.E, (k + 1) * self.E)
+                    dequantize_into(out, QuantizedTensor(src[sl], scale[sl], self.quant, out.dtype))
+                else:
+                    for r, slot in rows:
+                        dequantize_into(out[r], QuantizedTensor(src[slot], scale[slot], self.quant, out.dtype))
+            elif k is not None:
+                out.copy_(src[k * self.E : (k + 1) * self.E])
+            else:
+                for r, slot in rows:
+                    out[r].copy_(src[slot])
+        return ws
+
+    def group_weights(self, k: int) -> dict[str, Tensor]:
+        """Ring slot ``k``'s experts ready for the grouped FFN (``[E, ...]``): the slot's views, or
+        (quantized) the workspace after dequantizing the slot into it."""
+        return self.group_views(k) if self.quant is None else self._dequantize_rows(None, k)
+
+    def slot_weights(self, slots: list[int]) -> dict[str, Tensor]:
+        """Quantized expert-aware mode: workspace row ``i`` = slot ``slots[i]`` dequantized."""
+        if len(slots) > self.E:
+            raise ValueError(f"ExpertPool: {len(slots)} experts exceed the {self.E}-row workspace")
+        return self._dequantize_rows(list(enumerate(slots)))
 
     # ---------------------------------------------------------------------------- registry
     def _assign(self, slot: int, key: tuple[int, int]) -> None:
@@ -300,7 +366,7 @@ class Ring:
         k = self.g_compute % self.K
         self.sync.wait(self.sync.compute, self.load_done[k])
         self.active = k
-        return self.pool.group_views(k)
+        return self.pool.group_weights(k)
 
     def release(self) -> None:
         """The block computed: release its slot and load the block K ahead into it."""

@@ -38,7 +38,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -254,6 +254,7 @@ class ModelStore:
     dense_state: dict[str, Tensor]
     layer_buffers: dict[int, Tensor]
     pinned: bool
+    _quantized: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def expert_table(self) -> dict[str, dict]:
@@ -278,6 +279,20 @@ class ModelStore:
 
     def layer_views(self, block: int) -> dict[str, Tensor]:
         return views(self.layer_buffers[block], self.expert_table)
+
+    def quantized_layers(self, fmt: str) -> dict:
+        """Every MoE block's experts quantized to ``fmt`` ("int8" / "fp8", per output channel, see
+        :mod:`reference.inference.quantize`), in host memory (pinned when the store is): a
+        ``{block: QuantizedLayer}`` built on first use and kept (engines over one store share it)."""
+        if fmt not in self._quantized:
+            from reference.inference.quantize import quantize_store_layer
+
+            layers = {}
+            for b in self.moe_blocks:
+                ql = quantize_store_layer(self, b, fmt)
+                layers[b] = ql.pin_memory() if self.pinned else ql
+            self._quantized[fmt] = layers
+        return self._quantized[fmt]
 
     @staticmethod
     def read_manifest(root: str | Path) -> dict:
