@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -53,6 +52,7 @@ from reference.inference.quantize import (
     scale_key,
 )
 from reference.inference.store import ModelStore
+from semoe.expert_slots import ExpertSlots
 from semoe.trace import TraceRow
 
 
@@ -162,9 +162,8 @@ class ExpertPool:
         if sync.cuda:  # written on the copy stream: not reused by the allocator before those copies finish
             for t in self.tensors.values():
                 t.record_stream(sync.copy)
-        self.owner: list[tuple[int, int] | None] = [None] * capacity
-        self.where: dict[tuple[int, int], int] = {}
-        self.lru: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.slots = ExpertSlots(capacity, self.E)  # owner / where / LRU bookkeeping (semoe)
+        self.owner, self.where, self.lru = self.slots.owner, self.slots.where, self.slots.lru
         self.bytes_copied = 0
         self.copies = 0
         self.hits = self.misses = 0
@@ -212,20 +211,10 @@ class ExpertPool:
 
     # ---------------------------------------------------------------------------- registry
     def _assign(self, slot: int, key: tuple[int, int]) -> None:
-        old = self.owner[slot]
-        if old is not None and self.where.get(old) == slot:
-            del self.where[old]
-            self.lru.pop(old, None)
-        prev = self.where.get(key)
-        if prev is not None and prev != slot:
-            self.owner[prev] = None
-        self.owner[slot] = key
-        self.where[key] = slot
-        self.lru[key] = None
-        self.lru.move_to_end(key)
+        self.slots.assign(slot, key)
 
     def group_holds(self, k: int, block: int) -> bool:
-        return all(self.owner[k * self.E + e] == (block, e) for e in range(self.E))
+        return self.slots.group_holds(k, block)
 
     def group_views(self, k: int) -> dict[str, Tensor]:
         return {n: t[k * self.E : (k + 1) * self.E] for n, t in self.tensors.items()}
@@ -236,8 +225,7 @@ class ExpertPool:
         start = self.timeline.mark(self.sync.copy) if self.timeline else None
         for name, dst in self.group_views(k).items():
             dst.copy_(self.src[block][name], non_blocking=True)
-        for e in range(self.E):
-            self._assign(k * self.E + e, (block, e))
+        self.slots.assign_block(block, k)
         nbytes = self.expert_nbytes * self.E
         self.bytes_copied += nbytes
         self.copies += 1
@@ -245,15 +233,7 @@ class ExpertPool:
             self.timeline.add(start, self.timeline.mark(self.sync.copy), "h2d_experts", block, "pcie_h2d", nbytes)
 
     def _victims(self, n: int, keep: set) -> list[int]:
-        free = [s for s, o in enumerate(self.owner) if o is None]
-        victims = free[:n]
-        if len(victims) < n:
-            for key in self.lru:  # oldest first
-                if key not in keep:
-                    victims.append(self.where[key])
-                    if len(victims) == n:
-                        break
-        return victims
+        return self.slots.victims(n, keep)
 
     def prefetch(self, block: int, experts: list[int]) -> None:
         """Expert-aware, one block ahead: start copying predicted experts of ``block`` (not waited for

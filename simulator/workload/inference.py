@@ -60,14 +60,13 @@ block's experts (pinned), the SSD their store files.
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
 
 from semoe import ModelSpec, SpecError, Workload
+from semoe.expert_slots import ExpertSlots
 from semoe.sizing import count_params, expert_params
 from simulator.cost import CostModel
 from simulator.workload import routing
@@ -277,46 +276,16 @@ class FixedCosts:
 
 
 # ------------------------------------------------------------------------------------ expert cache
-class ExpertCache:
-    """The reference's ``ExpertPool`` registry without tensors: C slots, owner per slot, LRU order
-    over ``(block, expert)``; ring slot k is slots ``[k*E, (k+1)*E)``."""
+class ExpertCache(ExpertSlots):
+    """The reference's ``ExpertPool`` registry without tensors (``semoe.expert_slots``), counting
+    hits and misses; ring slot k is slots ``[k*E, (k+1)*E)``."""
 
     def __init__(self, capacity: int, experts: int) -> None:
-        self.capacity, self.E = capacity, experts
-        self.owner: list[tuple[int, int] | None] = [None] * capacity
-        self.where: dict[tuple[int, int], int] = {}
-        self.lru: OrderedDict[tuple[int, int], None] = OrderedDict()
+        super().__init__(capacity, experts)
         self.hits = self.misses = 0
 
-    def assign(self, slot: int, key: tuple[int, int]) -> None:
-        old = self.owner[slot]
-        if old is not None and self.where.get(old) == slot:
-            del self.where[old]
-            self.lru.pop(old, None)
-        prev = self.where.get(key)
-        if prev is not None and prev != slot:
-            self.owner[prev] = None
-        self.owner[slot] = key
-        self.where[key] = slot
-        self.lru[key] = None
-        self.lru.move_to_end(key)
-
-    def group_holds(self, k: int, block: int) -> bool:
-        return all(self.owner[k * self.E + e] == (block, e) for e in range(self.E))
-
     def load_block(self, block: int, k: int) -> None:
-        for e in range(self.E):
-            self.assign(k * self.E + e, (block, e))
-
-    def victims(self, n: int, keep: set) -> list[int]:
-        free = [s for s, o in enumerate(self.owner) if o is None][:n]
-        if len(free) < n:
-            for key in self.lru:
-                if key not in keep:
-                    free.append(self.where[key])
-                    if len(free) == n:
-                        break
-        return free
+        self.assign_block(block, k)
 
     def fetch(self, block: int, needed: list[int], count: bool = True) -> list[tuple[int, int]]:
         """Make ``needed`` experts of ``block`` resident; returns the missed keys (to copy)."""
