@@ -121,11 +121,13 @@ def a100_single(memory_gb: int = 80):
     return c.replace(name=f"a100-{memory_gb}g-single", gpus_per_node=1, nics_per_node=1, nvlink=None)
 
 
-def main_for(doc: str, collect: Callable, plot: Callable, argv: Iterable[str] | None = None) -> int:
+def main_for(
+    doc: str, collect: Callable, plot: Callable, argv: Iterable[str] | None = None, default_out: Path = DEFAULT_OUT
+) -> int:
     """``python -m paper_repro.X [--quick] [--out DIR]``: collect then plot, one line per file."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=default_out)
     args = ap.parse_args(list(argv) if argv is not None else None)
     try:
         path = collect(args.out, args.quick)

@@ -24,7 +24,6 @@ the CSV). Quick mode (CI) runs only cap 0.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as _dt
 import os
@@ -33,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from paper_repro.common import main_for, save_png
 
 CAPS = (0, 144)  # 0: no cap (one micro-batch per device)
 SLOWDOWN = 0.10
@@ -52,7 +53,12 @@ def _git() -> str:
 def rows(quick: bool = False) -> list[dict]:
     from semoe.presets import cluster_preset
     from simulator.cost import CostModel
-    from simulator.workload.multitask import simulate_multitask, trim, ufo_model, ufo_plans
+    from simulator.workload.multitask import (
+        simulate_multitask,
+        trim,
+        ufo_model,
+        ufo_plans,
+    )
 
     model = ufo_model()
     nodes = 6
@@ -140,28 +146,11 @@ def plot(csv_path: Path, png: Path | None = None) -> Path:
     fig.suptitle("Elastic multi-task MoE, UFO-like 11.6B ViT-MoE, 24 tasks, 48 x A100-80G (simulated)\n" + note,
                  fontsize=10)
     fig.tight_layout()
-    png = Path(png or Path(csv_path).with_suffix(".png"))
-    fd, tmp = tempfile.mkstemp(dir=png.parent, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return png
+    return save_png(fig, Path(png or Path(csv_path).with_suffix(".png")))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="only micro_batch_cap 0 (CI)")
-    ap.add_argument("--out", type=Path, default=Path("results/sim"))
-    args = ap.parse_args(argv)
-    path = collect(args.out, args.quick)
-    png = plot(path)
-    print(f"wrote {path} and {png}")
-    return 0
-
+    return main_for(__doc__, collect, plot, argv, default_out=Path("results/sim"))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,6 @@ writes ``embedding_partition.csv`` (one row per setting and on/off, tidy) and ``
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import platform
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+from paper_repro.common import main_for, save_png
 
 VOCABS = (50304, 128000, 256000)
 HIDDENS = (2048, 4096, 8192)
@@ -60,7 +61,11 @@ def one(vocab: int, hidden: int, experts: int, tied: bool, partition: bool, plan
     from semoe.plan_spec import OffloadPlacement, ParallelPlan
     from semoe.presets import _paper_gpt_moe, cluster_preset
     from semoe.workload_spec import Workload
-    from simulator.workload.embedding import embedding_comm_bytes, embedding_state_bytes, simulate_embedding
+    from simulator.workload.embedding import (
+        embedding_comm_bytes,
+        embedding_state_bytes,
+        simulate_embedding,
+    )
 
     model = _paper_gpt_moe(experts, f"gpt-moe-v{vocab}-h{hidden}-e{experts}").replace(
         vocab=vocab, hidden=hidden, ffn=4 * hidden, tied_embeddings=tied)
@@ -147,25 +152,11 @@ def plot(csv_path: Path, png: Path | None = None) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle("SE-MoE embedding partition over DP (simulated, DGX-A100-80G, ZeRO-0, 4x1024 tokens/GPU)")
     fig.tight_layout()
-    png = png or Path(csv_path).with_suffix(".png")
-    fd, tmp = tempfile.mkstemp(dir=Path(png).parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return Path(png)
+    return save_png(fig, Path(png or Path(csv_path).with_suffix(".png")))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 settings (CI)")
-    ap.add_argument("--out", type=Path, default=Path("results/sim"))
-    args = ap.parse_args(argv)
-    path = collect(args.out, args.quick)
-    png = plot(path)
-    print(f"wrote {path} and {png}")
-    return 0
-
+    return main_for(__doc__, collect, plot, argv, default_out=Path("results/sim"))
 
 if __name__ == "__main__":
     sys.exit(main())
