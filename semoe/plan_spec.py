@@ -44,6 +44,10 @@ class ParallelPlan(Spec):
     offload: OffloadPlacement = OffloadPlacement()
     prefetch_depth: int = 0  # layers fetched ahead (2D prefetch); 0: fetch on demand
     cpu_cache_experts: int = 0  # experts whose full state the pinned CPU cache holds (per rank)
+    # CPU cache policy, the paper's Algorithm 2 (LFU with decayed hit counts); the paper gives no values.
+    cache_decay: float = 0.5  # beta: every hit count is multiplied by this every `cache_decay_every` steps
+    cache_decay_every: int = 10  # K, in training steps
+    cache_admit_hits: float = 1.0  # an expert enters the CPU cache once its decayed hit count reaches this
     ring_slots: int | None = None  # ring-memory inference slots; None: chosen from the memory budget
     embedding_partition: bool = False
     elastic: bool = False
@@ -51,7 +55,10 @@ class ParallelPlan(Spec):
 
     def validate(self) -> None:
         self.require_positive("data_parallel", "expert_parallel", "gpus_per_node", "ring_slots")
-        self.require_non_negative("fusion_bucket_bytes", "prefetch_depth", "cpu_cache_experts")
+        self.require_non_negative("fusion_bucket_bytes", "prefetch_depth", "cpu_cache_experts", "cache_admit_hits")
+        self.require_positive("cache_decay_every")
+        if not 0.0 < self.cache_decay <= 1.0:
+            self.fail("cache_decay", f"must be in (0, 1], got {self.cache_decay}")
         if self.data_parallel % self.expert_parallel:
             self.fail(
                 "expert_parallel",
