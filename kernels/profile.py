@@ -35,6 +35,11 @@ Ops
 - ``layernorm`` / ``rmsnorm`` / ``gelu`` / ``add``: row-wise ops on [m, n] (io_bytes: read + write).
 - ``copy_h2d_pinned`` / ``copy_h2d_pageable`` / ``copy_d2h_pinned`` / ``copy_d2h_pageable`` /
   ``copy_d2d``: m bytes (io_bytes = m for host copies, 2*m for device-to-device: read + write).
+- ``host_op``: host seconds per dispatched aten operator (`reference.op_count`), impl ``torch``: a loop of
+  10000 in-place adds on a 1-element tensor (m = 1); impl ``reference``: the reference ``tiny`` model's
+  eager forward at batch 1, sequence 1 (bf16 autocast, no grad), 200 calls timed as one interval after
+  warm-up, divided by its operator count (m = operators per forward). The GPU work of both is negligible,
+  so the time is the host's.
 - ``disk_write`` / ``disk_read``: a file of m bytes in the temporary directory (write ends with fsync;
   read after posix_fadvise DONTNEED, which the page cache may still serve).
 
@@ -290,6 +295,50 @@ def sweep_disk(p: Profile, directory: str | None = None) -> None:
         p.add("disk_read", "os", "bytes", m=nbytes, io_bytes=nbytes, time_s=statistics.median(rt))
 
 
+def sweep_host(p: Profile, device: str = "cuda") -> None:
+    from reference.model import MoEDecoder
+    from reference.op_count import count_ops
+    from semoe.presets import model_preset
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    x = torch.zeros(1, device=device)
+    for _ in range(200):
+        x.add_(1.0)
+    sync()
+    n = 10000
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1.0)
+    sync()
+    bare = (time.perf_counter() - t) / n
+    p.add("host_op", "torch", "fp32", m=1, time_s=bare)
+
+    model = MoEDecoder(model_preset("tiny"), seed=0).to(device).eval()
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    def fwd():
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            return model(ids)
+
+    for _ in range(20):
+        fwd()
+    _, ops = count_ops(fwd)
+    sync()
+    calls = 200
+    t = time.perf_counter()
+    for _ in range(calls):
+        fwd()
+    sync()
+    per_call = (time.perf_counter() - t) / calls
+    p.add("host_op", "reference", "bf16", m=ops.kernels, n=ops.total, k=ops.syncs,
+          time_s=per_call / max(1, ops.kernels))
+    print(f"host_op: bare add {bare * 1e6:.2f} us; reference tiny forward {per_call * 1e6:.0f} us "
+          f"for {ops.kernels} kernels ({ops.syncs} syncs)", flush=True)
+
+
 SWEEPS = {
     "grouped_gemm": sweep_grouped_gemm,
     "gemm": sweep_gemm,
@@ -298,6 +347,7 @@ SWEEPS = {
     "elementwise": sweep_elementwise,
     "copies": sweep_copies,
     "disk": sweep_disk,
+    "host": sweep_host,
 }
 
 

@@ -47,6 +47,13 @@ Calibrated on one point: the ``mixtral_like`` forward+backward MoE layer of ``re
 held out, the same model predicts ``hetu_switch_b32`` and ``fine_grained`` forward+backward within 2%
 (see `simulator.calibration`).
 
+Host cost: eager PyTorch spends host time on every operator it dispatches; a step issuing ``n`` operators
+cannot finish in less than ``n * host_op_s`` (`CostModel.host_time`). ``host_op_s`` is the profile's
+``host_op`` row of impl ``reference`` (time per aten operator of the reference model's forward at batch 1,
+sequence 1, measured by ``kernels/profile.py``; the operator count comes from `reference.op_count`), else
+``HOST_OP_S`` = 8 us, HARDWARE.md's "PyTorch eager op overhead ~8 us per small op". Workloads count their
+operators from the reference code (`reference.op_count`), never from a validation row.
+
 Overlap: a kernel that runs while a collective or copy is in flight on the same GPU is slowed by
 ``OVERLAP_SLOWDOWN`` = 1.10 (assumption: NCCL kernels hold ~8-16 SM channels of 108-132 and share
 HBM bandwidth; 5-15% slowdowns are typically reported). It is a parameter of `CostModel`.
@@ -66,6 +73,7 @@ from semoe import GPUSpec, SpecError
 
 OVERLAP_SLOWDOWN = 1.10
 LAUNCH_S = 5e-6  # per kernel; HARDWARE.md measures ~8 us per small eager PyTorch op
+HOST_OP_S = 8e-6  # HARDWARE.md: PyTorch eager op overhead ~8 us per small op (host side)
 # HARDWARE.md, H100: bf16 matmul K=4096 N=16384, achieved / 989 TFLOP/s peak
 GEMM_EFF_M = np.array([128.0, 512.0, 2048.0, 8192.0])
 GEMM_EFF = np.array([337.0, 738.0, 777.0, 746.0]) / 989.0
@@ -120,7 +128,7 @@ class Profile:
             elif op in MEMORY_OPS:
                 if r.get("io_bytes"):
                     mem[(op, r["dtype"])].append((r["io_bytes"], r["io_bytes"] / r["time_s"]))
-            elif op in GEMM_OPS or r.get("flop") is None:
+            elif op in GEMM_OPS or (r.get("flop") is None and op != "host_op"):
                 flops = 2.0 * r["m"] * r["n"] * r["k"] * r["groups"]
                 curves[(op, r["dtype"], r["n"], r["k"], r["groups"])].append((r["m"], flops / r["time_s"]))
 
@@ -129,6 +137,8 @@ class Profile:
 
         self.curves = arrays(curves)
         self.mem_curves = arrays(mem)
+        # host seconds per dispatched operator, by impl ('reference': the reference model; 'torch': a bare op)
+        self.host_op = {r.get("impl", ""): r["time_s"] for r in rows if r["op"] == "host_op"}
 
     @classmethod
     def from_csv(cls, path: str | Path, peak_tflops: float | None = None,
@@ -227,6 +237,20 @@ class CostModel:
         fam = "A100" if gpu.name.upper().startswith("A100") else "default"
         self.hbm = gpu.hbm_GBps * 1e9 * HBM_EFF[fam]
         self._warned: set = set()
+
+    @property
+    def host_op_s(self) -> float:
+        """Host seconds per eager operator: the profile's ``host_op`` (impl ``reference``, else ``torch``)
+        row, else ``HOST_OP_S`` (HARDWARE.md)."""
+        if self.profile is not None:
+            for impl in ("reference", "torch"):
+                if impl in self.profile.host_op:
+                    return self.profile.host_op[impl]
+        return HOST_OP_S
+
+    def host_time(self, n_ops: float) -> float:
+        """Host time to dispatch ``n_ops`` eager operators (a lower bound on a host-bound step)."""
+        return max(0.0, n_ops) * self.host_op_s
 
     def memory(self, nbytes: float) -> float:
         """A memory-bound kernel moving ``nbytes`` (read + write) through HBM."""

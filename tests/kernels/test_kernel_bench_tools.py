@@ -38,3 +38,22 @@ def test_flop_count_and_plot(tmp_path):
                 w.writerow(["2026-11-24", "abc", "H100", "mixtral_like", impl, mode, "tflops", v])
     png = plot_moe_layer.plot(path, tmp_path / "moe.png")
     assert png.exists() and png.stat().st_size > 1000
+
+
+def test_profile_host_sweep_rows_feed_the_cost_model(tmp_path):
+    from kernels.profile import Profile as ProfileRows
+    from kernels.profile import sweep_host
+    from semoe.presets import cluster_preset
+    from simulator.cost import HOST_OP_S, CostModel, Profile
+
+    rows = ProfileRows("cpu", budget_s=1e9)
+    sweep_host(rows, device="cpu")
+    ref = next(r for r in rows.rows if r["impl"] == "reference")
+    assert ref["op"] == "host_op" and int(ref["m"]) > 20  # the tiny model issues dozens of kernels
+    path = tmp_path / "prof.csv"
+    rows.write(path)
+    gpu = cluster_preset("h100-single").gpu
+    cm = CostModel(gpu, Profile.from_csv(path))
+    assert cm.host_op_s == float(ref["time_s"]) > 0
+    assert cm.host_time(10) == 10 * cm.host_op_s
+    assert CostModel(gpu, None).host_op_s == HOST_OP_S
