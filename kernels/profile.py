@@ -36,8 +36,8 @@ Ops
 - ``copy_h2d_pinned`` / ``copy_h2d_pageable`` / ``copy_d2h_pinned`` / ``copy_d2h_pageable`` /
   ``copy_d2d``: m bytes (io_bytes = m for host copies, 2*m for device-to-device: read + write).
 - ``host_op``: host seconds per dispatched aten operator (`reference.op_count`), impl ``torch``: a loop of
-  10000 in-place adds on a 1-element tensor (m = 1); impl ``reference``: the reference ``tiny`` model's
-  eager forward at batch 1, sequence 1 (bf16 autocast, no grad), 200 calls timed as one interval after
+  10000 in-place adds on a 1-element tensor (m = 1); impl ``reference`` (``reference_triton``): the reference ``tiny``
+  model's eager forward with the torch (Triton) MoE backend at batch 1, sequence 1 (bf16 autocast, no grad), 200 calls timed as one interval after
   warm-up, divided by its operator count (m = operators per forward). The GPU work of both is negligible,
   so the time is the host's.
 - ``disk_write`` / ``disk_read``: a file of m bytes in the temporary directory (write ends with fsync;
@@ -296,10 +296,6 @@ def sweep_disk(p: Profile, directory: str | None = None) -> None:
 
 
 def sweep_host(p: Profile, device: str = "cuda") -> None:
-    from reference.model import MoEDecoder
-    from reference.op_count import count_ops
-    from semoe.presets import model_preset
-
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -315,6 +311,22 @@ def sweep_host(p: Profile, device: str = "cuda") -> None:
     sync()
     bare = (time.perf_counter() - t) / n
     p.add("host_op", "torch", "fp32", m=1, time_s=bare)
+    print(f"host_op: bare add {bare * 1e6:.2f} us", flush=True)
+
+    for backend, impl in (("torch", "reference"), ("triton", "reference_triton")):
+        if backend == "triton" and device != "cuda":
+            continue
+        os.environ["SEMOE_MOE_BACKEND"] = backend
+        try:
+            _host_reference(p, device, impl, sync)
+        finally:
+            del os.environ["SEMOE_MOE_BACKEND"]
+
+
+def _host_reference(p: Profile, device: str, impl: str, sync) -> None:
+    from reference.model import MoEDecoder
+    from reference.op_count import count_ops
+    from semoe.presets import model_preset
 
     model = MoEDecoder(model_preset("tiny"), seed=0).to(device).eval()
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -333,9 +345,9 @@ def sweep_host(p: Profile, device: str = "cuda") -> None:
         fwd()
     sync()
     per_call = (time.perf_counter() - t) / calls
-    p.add("host_op", "reference", "bf16", m=ops.kernels, n=ops.total, k=ops.syncs,
+    p.add("host_op", impl, "bf16", m=ops.kernels, n=ops.total, k=ops.syncs,
           time_s=per_call / max(1, ops.kernels))
-    print(f"host_op: bare add {bare * 1e6:.2f} us; reference tiny forward {per_call * 1e6:.0f} us "
+    print(f"host_op: {impl} tiny forward {per_call * 1e6:.0f} us "
           f"for {ops.kernels} kernels ({ops.syncs} syncs)", flush=True)
 
 

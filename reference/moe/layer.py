@@ -27,6 +27,8 @@ i.e. only the residual connection outside this layer carries it.
 
 from __future__ import annotations
 
+import os
+
 from typing import Literal
 
 import torch
@@ -43,10 +45,17 @@ BACKENDS: tuple[str, ...] = ("torch", "triton", "auto")
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto``: the fastest available, ``triton`` on a CUDA GPU with Triton installed, else ``torch``
-    (results/bench/moe_layer.csv: the Triton path beats the torch grouped path on the H100)."""
+    """``auto``: the environment variable ``SEMOE_MOE_BACKEND`` (``torch`` / ``triton``) when set (benchmarks
+    use it to pick a backend without new flags everywhere), else the fastest available: ``triton`` on a CUDA
+    GPU with Triton installed, else ``torch`` (results/bench/moe_layer.csv: the Triton path beats the torch
+    grouped path on the H100)."""
     if backend != "auto":
         return backend
+    env = os.environ.get("SEMOE_MOE_BACKEND", "")
+    if env:
+        if env not in ("torch", "triton"):
+            raise ValueError(f"SEMOE_MOE_BACKEND must be torch or triton, got {env!r}")
+        return env
     if not torch.cuda.is_available():
         return "torch"
     try:
