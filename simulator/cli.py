@@ -80,6 +80,7 @@ def simulate_cmd(
     gpu_budget_gb: Optional[float] = typer.Option(None, "--gpu-budget-gb", help="inference: GPU memory budget (default: the GPU's)"),
     slots: Optional[int] = typer.Option(None, "--slots", help="inference: ring slots K (default: from the budget)"),
     predict: bool = typer.Option(False, "--predict", help="inference, expert mode: prefetch one block ahead"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="inference: expert weights none, int8 or fp8"),
     backend: str = typer.Option("analytic", "--backend", help="network backend: analytic or flow"),
     workload: Optional[str] = typer.Option(None, "--workload", help="Workload YAML file"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch"),
@@ -103,7 +104,7 @@ def simulate_cmd(
         raise typer.BadParameter(f"nodes: nodes ({nodes}) must be >= 1", param_hint="--nodes")
     if kind == "infer":
         _simulate_infer(model, cluster, out, infer_mode, batch, prompt_len, gen_len, gpu_budget_gb, slots, predict,
-                        skew, routing, seed, profile)
+                        skew, routing, seed, profile, quant)
         return
     if plan is None:
         raise typer.BadParameter("plan: --plan is required for --kind train", param_hint="--plan")
@@ -115,7 +116,7 @@ def simulate_cmd(
 
 
 def _simulate_infer(model, cluster, out, mode, batch, prompt_len, gen_len, gpu_budget_gb, slots, predict, skew,
-                    routing, seed, profile) -> None:
+                    routing, seed, profile, quant=None) -> None:
     import pandas as pd
     from rich.console import Console
     from rich.table import Table
@@ -139,14 +140,16 @@ def _simulate_infer(model, cluster, out, mode, batch, prompt_len, gen_len, gpu_b
     w = Workload(kind="infer", micro_batch=batch, seq_len=prompt_len, gen_len=gen_len, routing=r,
                  routing_skew=skew or 0.0, seed=seed or 0)
     cfg = InferConfig(mode=mode, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
-                      gpu_budget_bytes=gpu_budget_gb * 1e9 if gpu_budget_gb else None, slots=slots, predict=predict)
+                      gpu_budget_bytes=gpu_budget_gb * 1e9 if gpu_budget_gb else None, slots=slots, predict=predict,
+                      quant=None if quant in (None, "none") else quant)
     prof = Profile.from_csv(profile, impl=("torch", "triton")) if profile else "auto"
     sim, res = simulate_inference(m, c, cfg, w, profile=prof)
     s = res.summary()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     row = dict(s, model=m.name, cluster=c.name, mode=mode, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
-               routing=r, skew=skew or 0.0, predict=predict, gpu_budget_bytes=res.plan.budget_bytes)
+               routing=r, skew=skew or 0.0, predict=predict, gpu_budget_bytes=res.plan.budget_bytes,
+               quant=quant or "none")
     atomic_write_text(out / "summary.csv", pd.DataFrame([row]).to_csv(index=False))
     total = s["step_time_s"]
     import numpy as np
@@ -196,5 +199,37 @@ def _print(run, s: dict, out: Path) -> None:
     Console().print(f"wrote {out}/summary.csv, breakdown.csv, trace.json, trace.csv, breakdown.png, memory.png")
 
 
+def plan_inference_cmd(
+    model: str = typer.Option(..., "--model", help="model preset name or ModelSpec YAML file"),
+    gpus: int = typer.Option(..., "--gpus", help="number of GPUs"),
+    gpu_mem_gb: float = typer.Option(..., "--gpu-mem-gb", help="GPU memory per GPU (GB) the plan may use"),
+    batch: int = typer.Option(1, "--batch", help="sequences served together"),
+    prompt_len: int = typer.Option(256, "--prompt-len", help="prompt tokens"),
+    gen_len: int = typer.Option(32, "--gen-len", help="generated tokens (the first from the prefill)"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="expert weights: none, int8 or fp8 (default: compare all three)"),
+    objective: str = typer.Option("decode", "--objective", help="recommend by decode or prefill tokens/s"),
+    dequant: str = typer.Option("workspace", "--dequant", help="quantised experts: workspace (the reference's "
+                                "dequant pass) or fused (scale in the GEMM epilogue, fp8 GEMM rate)"),
+    cluster: str = typer.Option("h100-single", "--cluster", help="single-GPU preset of the offload candidates (GPU, PCIe)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the candidates to this .csv or .json file"),
+) -> None:
+    """Compare resident expert parallelism, ring memory and expert-aware offload (bf16 / int8 / fp8
+    experts) with the simulator and recommend a plan."""
+    from semoe import load_model
+    from simulator.plan_inference import PlanRequest, plan, print_table, write_out
+
+    if out is not None and Path(out).suffix not in (".csv", ".json"):
+        raise SpecError(f"out: {out} must end in .csv or .json")
+    req = PlanRequest(load_model(model), gpus, gpu_mem_gb, batch, prompt_len, gen_len,
+                      quants=(quant,) if quant is not None else ("none", "int8", "fp8"), objective=objective,
+                      dequant=dequant, cluster=cluster)
+    cands, best = plan(req)
+    print_table(req, cands, best)
+    if out is not None:
+        write_out(out, req, cands, best)
+        typer.echo(f"wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate_cmd)
+    app.command("plan-inference")(plan_inference_cmd)

@@ -8,13 +8,23 @@ writes ``results/validation/infer.csv`` (``date,mode,batch,metric,measured,predi
 within_10pct,kind,note``; ``error = predicted / measured - 1``) and ``results/validation/infer.png``.
 
 Nothing here is fitted to the measured rows: the inputs are the model spec, the cluster preset (PCIe
-bandwidth, GPU), the GPU kernel profile, HARDWARE.md's ~8 us per eager op and the kernel counts of
-the reference (``--count-ops``). Rows the simulator does not model (logit differences, token
-equality, the accelerate baseline) are listed with ``kind = not_modelled`` and no prediction.
+bandwidth, GPU), the GPU kernel profile (including its ``host_op`` row: host seconds per eager kernel,
+``CostModel.host_op_s``, else HARDWARE.md's ~8 us) and the kernel counts of the reference code
+(``results/profiles/op_counts.csv``, ``python -m simulator.op_counts``). Rows the simulator does not
+model (logit differences, token equality, the accelerate baseline) are listed with ``kind =
+not_modelled`` and no prediction.
 
-``python -m simulator.validate_infer --count-ops`` recounts the host program of one block
-(`simulator.workload.inference.BLOCK_PROGRAM`) by running ``reference.inference`` on the CPU with a
-small Mixtral-shaped model under a dispatch mode (needs torch).
+Which rows validate the simulator: the ``status`` column (`status`): ``validated`` rows only (a
+prediction made without any input from the measured rows); ``input`` (the pinned H2D bandwidth, the
+preset's), ``by_definition``, ``measurement_bug`` (run 1's resident decode, cuDNN SDPA re-planning)
+and ``not_modelled`` rows are listed but validate nothing.
+
+Quantised experts (issue 11): modes ``ring_int8`` / ``ring_fp8`` (and ``ring_K<k>_int8``,
+``expert_int8``, ``resident_fp8``...) are simulated with the quantised bytes per expert and the
+reference's dequantisation into a workspace (`simulator.workload.inference_quant`); metrics
+``speedup_vs_*`` compare with the simulated bf16 ring of the same batch.
+
+``--host-op-us X`` is a what-if (host seconds per kernel replaced), never used for the committed table.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import math
 import re
 import sys
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -38,32 +48,63 @@ ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "results" / "bench" / "infer.csv"
 OUT_CSV = ROOT / "results" / "validation" / "infer.csv"
 OUT_PNG = ROOT / "results" / "validation" / "infer.png"
-THROUGHPUT = ("prefill_tokens_per_s", "decode_tokens_per_s", "block_compute_ms", "bound_prefill_tokens_per_s")
-NOT_MODELLED = ("maxabs_logit_diff_vs_resident", "tokens_equal_resident", "speedup_vs_accelerate")
+THROUGHPUT = ("prefill_tokens_per_s", "decode_tokens_per_s", "block_compute_ms", "bound_prefill_tokens_per_s",
+              "prefill_ms_per_block", "decode_ms_per_step")
+NOT_MODELLED = ("maxabs_logit_diff_vs_resident", "tokens_equal_resident", "speedup_vs_accelerate", "compile_s")
+NOT_MODELLED_PREFIXES = ("logit_", "top1_agree", "tokens_equal", "maxabs_logit")
+COMPILED = ("compiled", "ring_compiled")  # torch.compile runs: a compiled step's host program is not counted
 
 
 def parse_config(config: str) -> dict:
-    """'mixtral-8x7b-L8 bf16 budget=10GB P=256 G=8' -> preset, layers, budget bytes, P, G."""
-    m = re.match(r"(?P<preset>.+?)-L(?P<layers>\d+) (?P<dtype>\w+) budget=(?P<budget>[\d.]+)GB P=(?P<P>\d+) G=(?P<G>\d+)", config)
+    """'mixtral-8x7b-L8 bf16 budget=10GB P=256 G=8' -> preset, layers, budget bytes, P, G (``budget=K1``:
+    no budget, ring slots K given)."""
+    m = re.match(r"(?P<preset>.+?)-L(?P<layers>\d+) (?P<dtype>\w+) budget=(?:(?P<budget>[\d.]+)GB|K(?P<K>\d+)) "
+                 r"P=(?P<P>\d+) G=(?P<G>\d+)", config)
     if m is None:
         raise ValueError(f"validate_infer: cannot parse config {config!r}")
-    return dict(preset=m["preset"], layers=int(m["layers"]), dtype=m["dtype"], budget=float(m["budget"]) * 1e9,
-                P=int(m["P"]), G=int(m["G"]))
+    return {"preset": m["preset"], "layers": int(m["layers"]), "dtype": m["dtype"],
+            "budget": float(m["budget"]) * 1e9 if m["budget"] else None, "slots": int(m["K"]) if m["K"] else None,
+            "P": int(m["P"]), "G": int(m["G"])}
 
 
-@lru_cache(maxsize=None)
-def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int, predict: bool, budget: bool = True):
+MODE_RE = re.compile(r"^(?P<base>ring|expert_nopred|expert|resident)(?:_K(?P<K>\d+))?(?:_(?P<quant>int8|fp8))?"
+                     r"(?P<fused>_fused)?$")
+HOST_OP_S: float | None = None  # None: CostModel.host_op_s (the profile's host_op row, else 8 us); --host-op-us
+
+
+def parse_mode(mode: str) -> tuple[str, int | None, str | None, str]:
+    """'ring_K2' -> ('ring', 2, None, 'workspace'); 'ring_int8_fused' -> ('ring', None, 'int8', 'fused')."""
+    m = MODE_RE.match(mode)
+    if m is None:
+        return mode, None, None, "workspace"
+    return m["base"], int(m["K"]) if m["K"] else None, m["quant"], "fused" if m["fused"] else "workspace"
+
+
+def _model(c: dict):
+    return model_preset(c["preset"]).replace(layers=c["layers"], name=f"{c['preset']}-L{c['layers']}", dtype=c["dtype"])
+
+
+@cache
+def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int, predict: bool, budget: bool = True,
+         quant: str | None = None, dequant: str = "workspace"):
     from simulator.workload.inference import InferConfig, simulate_inference
 
     c = parse_config(config)
-    model = model_preset(c["preset"]).replace(layers=c["layers"], name=f"{c['preset']}-L{c['layers']}", dtype=c["dtype"])
+    model = _model(c)
     cfg = InferConfig(mode=mode, batch=batch, prompt_len=c["P"], gen_len=c["G"],
-                      gpu_budget_bytes=c["budget"] if budget else None, slots=slots, plan_batch=plan_batch,
-                      predict=predict)
+                      gpu_budget_bytes=c["budget"] if budget else None, slots=slots if slots else c["slots"],
+                      plan_batch=plan_batch, predict=predict, quant=quant, dequant=dequant, launch_s=HOST_OP_S)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roofline fallbacks are listed once by `predict_all`
         _, res = simulate_inference(model, cluster_preset("h100-single"), cfg, trace=False)
     return model, res
+
+
+def _timing(metric: str, res, B: int, P: int, G: int, L: int):
+    """Throughput / time metrics every mode reports, from one simulated run (None: not one of them)."""
+    return {"prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s,
+            "prefill_ms_per_block": 1e3 * res.prefill_s / L,
+            "decode_ms_per_step": 1e3 * res.decode_s / max(1, G - 1)}.get(metric)
 
 
 def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple[float, str, str]:
@@ -72,71 +113,99 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple
     2026-11-24 predates the predictor, so its ``expert`` rows ran without it)."""
     mode, B, metric, config = r["mode"], int(r["batch"]), r["metric"], r["config"]
     c = parse_config(config)
+    P, G = c["P"], c["G"]
     nan = float("nan")
-    if metric in NOT_MODELLED or mode == "accelerate":
-        return nan, "not_modelled", "correctness / baseline row (accelerate cpu_offload is not simulated)"
+    if metric in NOT_MODELLED or metric.startswith(NOT_MODELLED_PREFIXES) or metric.endswith("_vs_eager"):
+        return nan, "not_modelled", "correctness / quality / baseline row (not simulated)"
+    if mode == "accelerate":
+        return nan, "not_modelled", "accelerate cpu_offload is not simulated"
+    if mode in COMPILED:
+        return nan, "not_modelled", "compiled steps: their host program (CUDA graphs, fused kernels) is not counted"
     if mode == "-":
-        m = model_preset(c["preset"]).replace(layers=c["layers"], dtype=c["dtype"])
+        m = _model(c)
         if metric == "expert_GB_total":
             return m.moe_layers * m.experts * expert_params(m) * m.dtype_bytes / 1e9, "size", "semoe.sizing"
         if metric == "h2d_pinned_GBps":
             return cluster_preset("h100-single").pcie.bandwidth_GBps, "input", "h100-single preset (HARDWARE.md)"
+        if metric == "moe_blocks":
+            return m.moe_layers, "count", "ModelSpec"
         return nan, "not_modelled", ""
-    if mode == "resident":
-        model, res = _sim(config, "resident", B, None, bmax, False, budget=False)
+    base, slots, quant, dequant = parse_mode(mode)
+    qnote = (f"{quant} experts ({'fused GEMMs' if dequant == 'fused' else 'dequantised into a workspace'})"
+             if quant else "")
+    if base == "resident" or (base == "ring" and metric == "block_compute_ms"):
+        # ring rows' block_compute_ms: the bench times the same experts resident (K = L)
+        model, res = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant)
         L = model.moe_layers
-        v = {"prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s,
-             "block_compute_ms": 1e3 * res.prefill_s / L}.get(metric, nan)
-        return v, "throughput", ""
-    if mode.startswith("ring"):
-        slots = int(mode[6:]) if mode.startswith("ring_K") else None
-        if metric == "budget_K":
-            _, res = _sim(config, "ring", B, None, bmax, False)
+        if metric == "block_compute_ms":
+            return 1e3 * res.prefill_s / L, "throughput", qnote
+        v = _timing(metric, res, B, P, G, L)
+        return (nan, "not_modelled", "") if v is None else (v, "throughput", qnote)
+    if base == "ring":
+        model, res = _sim(config, "ring", B, slots, bmax, False, quant=quant, dequant=dequant)
+        L, E, eb = model.moe_layers, model.experts, res.plan.expert_bytes
+        bw = cluster_preset("h100-single").pcie.bandwidth_GBps * 1e9
+        if metric in ("budget_K", "ring_K"):
             return res.plan.ring_slots, "count", "memory plan"
-        model, res = _sim(config, "ring", B, slots, bmax, False)
-        if metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            return getattr(res, metric), "throughput", ""
+        v = _timing(metric, res, B, P, G, L)
+        if v is not None:
+            return v, "throughput", qnote
         if metric == "gpu_peak_GB":
-            return res.plan.peak_hbm_bytes / 1e9, "memory", ""
-        _, resident = _sim(config, "resident", B, None, bmax, False, budget=False)
-        L = model.moe_layers
-        copy_s = model.experts * expert_params(model) * model.dtype_bytes / (cluster_preset("h100-single").pcie.bandwidth_GBps * 1e9)
-        bound_s = L * max(resident.prefill_s / L, copy_s)
+            return res.plan.peak_hbm_bytes / 1e9, "memory", qnote
+        if metric == "bytes_per_block":
+            return E * eb, "bytes", qnote
+        if metric == "copy_ms_per_block":
+            return 1e3 * E * eb / bw, "throughput", "the block's bytes over the preset's pinned H2D bandwidth"
+        if metric == "bytes_copied_per_forward":
+            return (L if res.plan.ring_slots < L else 0) * E * eb, "bytes", "every block once per pass when K < L"
+        if metric == "decode_GB_copied_per_step":
+            return res.bytes_copied_decode / max(1, G - 1) / 1e9, "bytes", qnote
+        if "speedup_vs" in metric and quant:  # the quantised ring over the bf16 ring, same batch and slots
+            _, bf = _sim(config, "ring", B, slots, bmax, False)
+            which = "decode" if "decode" in metric else "prefill"
+            v = getattr(res, f"{which}_tokens_per_s") / getattr(bf, f"{which}_tokens_per_s")
+            return v, "ratio", f"{which} tokens/s of the {quant} ring over the simulated bf16 ring"
+        _, resident = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant)
+        bound_s = L * max(resident.prefill_s / L, E * eb / bw)
         if metric == "bound_prefill_tokens_per_s":
-            return B * c["P"] / bound_s, "throughput", "issue 7's bound from simulated compute and the preset's PCIe"
+            return B * P / bound_s, "throughput", "issue 7's bound from simulated compute and the preset's PCIe"
         if metric == "prefill_frac_of_bound":
             return bound_s / res.prefill_s, "ratio", ""
         return nan, "not_modelled", ""
-    if mode in ("expert", "expert_nopred"):
-        predict = mode == "expert" and r["date"] in predicting_runs
-        model, res = _sim(config, "expert", B, None, B, predict)
-        v = {"decode_tokens_per_s": (res.decode_tokens_per_s, "throughput"),
-             "pool_slots": (res.plan.pool_slots, "count"),
-             "hit_rate": (res.hit_rate, "ratio"),
-             "decode_GB_copied_per_step": (res.bytes_copied_decode / max(1, c["G"] - 1) / 1e9, "bytes"),
-             "gpu_peak_GB": (res.plan.peak_hbm_bytes / 1e9, "memory"),
-             "prefetched_used_frac": (1.0 if predict else 0.0, "ratio")}.get(metric)
+    if base in ("expert", "expert_nopred"):
+        predict = base == "expert" and r["date"] in predicting_runs
+        model, res = _sim(config, "expert", B, None, B, predict, quant=quant, dequant=dequant)
+        v = _timing(metric, res, B, P, G, model.moe_layers)
+        if v is not None and metric.startswith("decode"):
+            v = (v, "throughput")
+        else:
+            v = {"pool_slots": (res.plan.pool_slots, "count"),
+                 "hit_rate": (res.hit_rate, "ratio"),
+                 "decode_GB_copied_per_step": (res.bytes_copied_decode / max(1, G - 1) / 1e9, "bytes"),
+                 "gpu_peak_GB": (res.plan.peak_hbm_bytes / 1e9, "memory"),
+                 "prefetched_used_frac": (1.0 if predict else 0.0, "ratio")}.get(metric)
         if v is None:
             return nan, "not_modelled", ""
         note = "perfect one-block-ahead prediction assumed" if predict else ""
-        return v[0], v[1], note
+        return v[0], v[1], "; ".join(x for x in (note, qnote) if x)
     return nan, "not_modelled", ""
 
 
 def explain(r) -> str:
     """Why a throughput row misses 10% (mechanisms the simulator leaves out; see NOTES.md)."""
     mode, metric, date = r["mode"], r["metric"], r["date"]
+    host = _host_note()
     if mode == "resident" and metric == "decode_tokens_per_s":
-        if date.startswith("2026-11-24T04:05"):
+        if date.startswith(RUN1_DATE):
             return "run 1: cuDNN SDPA rebuilt a plan per decode step (~205 ms/step, NOTES.md); fixed in run 2"
-        return ("host-bound: ~630 eager kernels per step at HARDWARE.md's 8 us predict ~5 ms of host time; the "
-                "reference measured ~26 ms/step (NOTES.md), i.e. ~35 us per op in this code path")
+        return (f"host-bound: the counted kernels per step (results/profiles/op_counts.csv) x {host}; the reference "
+                "measured ~26 ms/step (NOTES.md), i.e. ~35 us per kernel in this code path")
     if mode == "resident" and metric in ("prefill_tokens_per_s", "block_compute_ms"):
-        return ("compute + host: per-op host time in the reference (~35 us/op implied by NOTES.md vs 8 us used) and "
-                "eager torch dispatch/RoPE ops not in the profile; 5 host syncs per block serialise them")
+        return (f"compute + host: ~70 counted kernels per block x {host} and 4 host syncs per block; ~35 us/kernel "
+                "is implied by NOTES.md")
     if mode.startswith("expert") and metric == "decode_tokens_per_s":
-        return ("copies and host work serialised per block (the remap's bincount sync waits for the copy); ~75 "
-                "kernels per block at 8 us each underestimate the host time (~35 us/op implied by NOTES.md)"
+        return ("copies and host work serialised per block (the remap's bincount sync waits for the copy); "
+                f"~75 counted kernels per block x {host}"
                 + ("; the predictor is modelled as perfect (the reference's wasted 1-8% of prefetched bytes and "
                    "measured slower than without it)" if mode == "expert" else ""))
     if metric == "bound_prefill_tokens_per_s":
@@ -144,12 +213,23 @@ def explain(r) -> str:
     return ""
 
 
+def _host_note() -> str:
+    if HOST_OP_S is not None:
+        return f"{HOST_OP_S * 1e6:.1f} us per kernel (--host-op-us what-if)"
+    from simulator.cost import CostModel
+
+    cm = CostModel.auto(cluster_preset("h100-single").gpu, impl=("torch", "triton"), loglog=True)
+    src = "the profile's host_op row" if cm.profile is not None and cm.profile.host_op else "HARDWARE.md's 8 us"
+    return f"{cm.host_op_s * 1e6:.1f} us per kernel ({src})"
+
+
 def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    bmax = int(measured["batch"].max())
+    # the bench plans the engine's memory for the largest batch of its run
+    bmax_run = measured.groupby("date")["batch"].max().to_dict()
     predicting = frozenset(measured.loc[measured["metric"] == "prefetched_used_frac", "date"])
     for _, r in measured.iterrows():
-        pred, kind, note = predict_row(r, bmax, predicting)
+        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting)
         meas = float(r["value"])
         if not math.isnan(pred) and meas == 0:
             err = 0.0 if pred == 0 else float("inf")
@@ -158,9 +238,34 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
         within = bool(abs(err) <= 0.10) if not math.isnan(err) else None
         if within is False and kind == "throughput":
             note = "; ".join(x for x in (note, explain(r)) if x)
-        rows.append(dict(date=r["date"], mode=r["mode"], batch=int(r["batch"]), metric=r["metric"], measured=meas,
-                         predicted=pred, error=err, within_10pct=within, kind=kind, note=note))
+        rows.append({"date": r["date"], "mode": r["mode"], "batch": int(r["batch"]), "metric": r["metric"], "measured": meas,
+                         "predicted": pred, "error": err, "within_10pct": within, "kind": kind, "status": status(r, kind, pred),
+                         "note": note})
     return pd.DataFrame(rows)
+
+
+RUN1_DATE = "2026-11-24T04:05"  # bench run 1: cuDNN SDPA rebuilt a plan per decode step (NOTES.md)
+
+
+def status(r, kind: str, pred: float) -> str:
+    """Which rows validate the simulator (``STATUSES``): ``validated`` rows are predictions made without
+    any input from the row (nor from any other measured row of infer.csv); ``input`` rows measured
+    a model input (the pinned H2D bandwidth is the preset's); ``by_definition`` rows are 0 / 1 by
+    construction; ``measurement_bug`` rows measured a defect of the bench that was fixed later;
+    ``not_modelled`` rows have no prediction."""
+    if kind == "not_modelled" or math.isnan(pred):
+        return "not_modelled"
+    if kind == "input":
+        return "input"
+    base = parse_mode(r["mode"])[0]
+    if r["metric"] == "prefetched_used_frac" and base != "expert":
+        return "by_definition"
+    if base == "resident" and r["metric"] == "decode_tokens_per_s" and str(r["date"]).startswith(RUN1_DATE):
+        return "measurement_bug"
+    return "validated"
+
+
+STATUSES = ("validated", "input", "by_definition", "measurement_bug", "not_modelled")
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
@@ -200,7 +305,10 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 
 def summarise(df: pd.DataFrame) -> str:
     t = df[df["kind"] == "throughput"]
-    lines = [f"throughput rows within 10%: {int(t['within_10pct'].sum())} / {len(t)}"]
+    v = t[t["status"] == "validated"] if "status" in t else t
+    lines = [f"host time: {_host_note()}",
+             (f"throughput rows within 10%: {int(t['within_10pct'].sum())} / {len(t)} "
+             f"(validated rows: {int(v['within_10pct'].sum())} / {len(v)})")]
     for kind in ("memory", "count", "ratio", "bytes", "size"):
         k = df[df["kind"] == kind]
         if len(k):
@@ -213,63 +321,22 @@ def summarise(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def count_ops() -> None:
-    """Print the host program of one MoE block of reference.inference (CPU, tiny Mixtral-shaped model)."""
-    import collections
-    import tempfile
-
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from reference.inference.build import build_random_store
-    from reference.inference.engine import Engine, InferConfig, random_prompts
-    from reference.inference.store import ModelStore
-
-    sync_ops = ("_local_scalar_dense", "bincount", "nonzero", "_unique2", "unique", "masked_select")
-    spec = model_preset("mixtral-8x7b").replace(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=256,
-                                                max_seq=512, name="tiny-mixtral")
-    with tempfile.TemporaryDirectory() as d:
-        build_random_store(d, spec, torch.float32, seed=0, gen_device="cpu")
-        store = ModelStore.load(d)
-        for mode in ("resident", "expert"):
-            eng = Engine(store, InferConfig(mode=mode, device="cpu", trace=False), batch=2, max_len=64,
-                         prefill_tokens=32)
-            seq: list[str] = []
-
-            class Count(TorchDispatchMode):
-                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                    if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
-                        seq.append(func.__name__)
-                    return func(*args, **(kwargs or {}))
-
-            cache = eng.new_cache(2)
-            idx = random_prompts(2, 16, spec.vocab)
-            for kind, (x, start) in (("prefill", (idx, 0)), ("decode", (idx[:, -1:], 16))):
-                seq.clear()
-                with Count():
-                    eng.forward(x, cache, start, all_logits=False)
-                segs, n = [], 0
-                for name in seq:
-                    n += 1
-                    if name.startswith(sync_ops):
-                        segs.append((n, name))
-                        n = 0
-                segs.append((n, "end"))
-                print(f"{mode} {kind}: {len(seq)} kernels per forward of {spec.layers} blocks; segments "
-                      f"(kernels, sync op): {segs}")
-                print("  ", collections.Counter(seq).most_common(12))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measured", type=Path, default=MEASURED)
     ap.add_argument("--out", type=Path, default=OUT_CSV)
     ap.add_argument("--png", type=Path, default=OUT_PNG)
-    ap.add_argument("--count-ops", action="store_true")
+    ap.add_argument("--host-op-us", type=float, default=None,
+                    help="what-if: host us per kernel instead of CostModel.host_op_s (never for the committed table)")
     a = ap.parse_args(argv)
-    if a.count_ops:
-        count_ops()
-        return 0
+    global HOST_OP_S
+    if a.host_op_us is not None:
+        if a.host_op_us < 0:
+            print("validate_infer: --host-op-us must be >= 0", file=sys.stderr)
+            return 2
+        HOST_OP_S = a.host_op_us * 1e-6
+        _sim.cache_clear()
+        print(f"what-if: {a.host_op_us} us per host kernel (not CostModel.host_op_s)")
     if not a.measured.is_file():
         print(f"validate_infer: measured file not found: {a.measured}", file=sys.stderr)
         return 2

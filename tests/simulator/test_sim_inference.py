@@ -104,9 +104,10 @@ def test_resident_copies_nothing_and_host_overhead_counts():
     cfg = InferConfig(mode="resident", batch=1, prompt_len=16, gen_len=2, launch_s=1e-3)
     res = InferenceRun(m, cfg, sim, costs=FixedCosts(experts_s=0.0)).run()
     assert res.bytes_copied_decode == 0
-    from simulator.workload.inference import BLOCK_PROGRAM, HOST_OPS_FORWARD
+    from simulator.workload.inference_host import host_program
 
-    ops = 3 * sum(n for _, n, _ in BLOCK_PROGRAM["prefill"]) + sum(HOST_OPS_FORWARD.values())
+    ops = host_program(None, "resident", "prefill").kernels(3)
+    assert ops > 3 * 50  # ~70 kernels per block (results/profiles/op_counts.csv)
     assert res.prefill_s == pytest.approx(ops * 1e-3)  # zero GPU work: host-bound, one launch per kernel
 
 
@@ -189,6 +190,16 @@ def test_cli_infer_writes_outputs(tmp_path):
     r = CliRunner().invoke(app, ["simulate", "--kind", "infer", "--model", "tiny", "--cluster", "h100-single",
                                  "--infer-mode", "bogus", "--out", str(out)])
     assert isinstance(r.exception, SpecError) and "InferConfig.mode" in str(r.exception)
+    q = tmp_path / "q"
+    r = CliRunner().invoke(app, ["simulate", "--kind", "infer", "--model", "tiny", "--cluster", "h100-single",
+                                 "--infer-mode", "ring", "--batch", "2", "--prompt-len", "32", "--gen-len", "3",
+                                 "--gpu-budget-gb", "1", "--quant", "int8", "--out", str(q)])
+    assert r.exit_code == 0, r.output
+    sq = pd.read_csv(q / "summary.csv")
+    assert sq["quant"].iloc[0] == "int8"
+    r = CliRunner().invoke(app, ["simulate", "--kind", "infer", "--model", "tiny", "--cluster", "h100-single",
+                                 "--quant", "int4", "--out", str(q)])
+    assert isinstance(r.exception, SpecError) and "quant" in str(r.exception)
 
 
 def test_validation_ring_rows_within_10_percent():

@@ -1,0 +1,135 @@
+"""Inference workload: host-bound steps (counted kernels x host seconds per kernel, host syncs wait for
+the device), quantised expert bytes and dequantisation, fewer experts."""
+
+from __future__ import annotations
+
+import pytest
+from sim_helpers import make_cluster
+
+from semoe import ModelSpec, SpecError, cluster_preset
+from semoe.presets import model_preset
+from semoe.sizing import expert_params
+from simulator.engine import Sim
+from simulator.workload.inference import (
+    FixedCosts,
+    InferConfig,
+    InferenceRun,
+    plan_memory,
+    simulate_inference,
+)
+from simulator.workload.inference_host import host_program
+from simulator.workload.inference_quant import (
+    dequant_bytes,
+    expert_bytes,
+    student_spec,
+    workspace_bytes,
+)
+
+
+def tiny(layers: int = 3, experts: int = 4, top_k: int = 1) -> ModelSpec:
+    return ModelSpec(name="tiny-moe", layers=layers, hidden=64, heads=4, vocab=128, max_seq=256, ffn=128,
+                     experts=experts, top_k=top_k, activation="swiglu", norm="rmsnorm", position="rope", dtype="bf16")
+
+
+def run(m, cfg, costs, cluster=None):
+    sim = Sim(cluster or make_cluster(gpn=1), profile=None)
+    return InferenceRun(m, cfg, sim, costs=costs).run()
+
+
+def test_decode_is_max_of_host_and_device_time():
+    m = tiny()
+    h = 1e-4
+    prog = host_program(None, "resident", "decode")
+    host_step = prog.kernels(m.moe_layers) * h
+    # device work negligible: a step takes the host time of its counted kernels
+    fast = run(m, InferConfig(mode="resident", prompt_len=16, gen_len=5, launch_s=h), FixedCosts(experts_s=0.0))
+    assert fast.decode_s == pytest.approx(4 * host_step, rel=1e-9)
+    # device work dominant (the experts segment ends the block and a later sync waits for it): device time
+    slow_dev = 50 * host_step
+    slow = run(m, InferConfig(mode="resident", prompt_len=16, gen_len=5, launch_s=h), FixedCosts(experts_s=slow_dev))
+    assert slow.decode_s >= 4 * m.moe_layers * slow_dev
+    assert slow.decode_s < 4 * (m.moe_layers * slow_dev + host_step)
+
+
+def test_syncs_serialise_host_and_device():
+    """A block's device work before a sync cannot overlap the host's issue of the next segments."""
+    m = tiny(layers=2)
+    h, att = 1e-4, 5e-3
+    prog = host_program(None, "resident", "decode")
+    res = run(m, InferConfig(mode="resident", prompt_len=16, gen_len=2, launch_s=h),
+              FixedCosts(experts_s=0.0, attention_s=att))
+    # attention (no sync) is followed by the gate's bincount sync: the host waits for the attention work,
+    # then issues the rest of the block; so each block costs at least att + the kernels after the sync
+    after = sum(s.kernels for s in prog.block[2:])  # segments after attention and moe_0
+    assert res.decode_s >= m.moe_layers * (att + after * h)
+    assert res.decode_s < m.moe_layers * (att + prog.block_kernels * h) + (prog.embedding + prog.head) * h + 1e-9
+
+
+def test_host_op_s_comes_from_the_cost_model():
+    m = tiny()
+    sim = Sim(make_cluster(gpn=1), profile=None)
+    r = InferenceRun(m, InferConfig(mode="resident", prompt_len=16, gen_len=2), sim, costs=FixedCosts(0.0))
+    assert r.host_op_s == sim.cost.host_op_s
+
+
+def test_quantised_expert_bytes_match_reference_format():
+    m = model_preset("mixtral-8x7b")
+    bf16 = expert_bytes(m)
+    assert bf16 == expert_params(m) * 2
+    for q in ("int8", "fp8"):
+        qb = expert_bytes(m, q)
+        # 1 byte per weight + an fp32 scale per output column (F, F, D): reference/inference/quantize.py
+        assert qb == 3 * m.hidden * m.ffn + 4 * (2 * m.ffn + m.hidden)
+        assert bf16 / qb == pytest.approx(2 * 4096 / (4096 + 4), rel=1e-3)
+    with pytest.raises(SpecError, match="quant"):
+        expert_bytes(m, "int4")
+    with pytest.raises(SpecError, match="quant"):
+        InferConfig(quant="int4")
+
+
+def test_quantised_ring_copies_fewer_bytes_and_gets_more_slots():
+    m = model_preset("mixtral-8x7b").replace(layers=8)
+    c = cluster_preset("h100-single")
+    out = {}
+    for q in (None, "int8", "fp8"):
+        cfg = InferConfig(mode="ring", batch=2, prompt_len=64, gen_len=3, gpu_budget_bytes=10e9, quant=q)
+        out[q] = simulate_inference(m, c, cfg, trace=False)[1]
+    bf, i8 = out[None], out["int8"]
+    assert i8.bytes_copied_decode < 0.55 * bf.bytes_copied_decode
+    assert i8.plan.workspace_bytes == workspace_bytes(m, "int8") > 0
+    assert i8.plan.ring_slots >= bf.plan.ring_slots
+    # PCIe-bound ring: about 2x the tokens/s (the dequant pass costs a little)
+    assert 1.6 < i8.prefill_tokens_per_s / bf.prefill_tokens_per_s < 2.05
+    assert out["fp8"].prefill_tokens_per_s == pytest.approx(i8.prefill_tokens_per_s, rel=1e-6)
+
+
+def test_dequant_path_is_a_parameter():
+    m = tiny()
+    per = 1e-3
+    wsp = run(m, InferConfig(mode="resident", prompt_len=16, gen_len=2, launch_s=0.0, quant="int8"),
+              FixedCosts(experts_s=0.0, dequant_s=per))
+    fused = run(m, InferConfig(mode="resident", prompt_len=16, gen_len=2, launch_s=0.0, quant="int8", dequant="fused"),
+                FixedCosts(experts_s=0.0, dequant_s=per))
+    assert wsp.prefill_s == pytest.approx(m.moe_layers * m.experts * per)  # every block dequantised
+    assert fused.prefill_s == pytest.approx(0.0, abs=1e-12)  # resident / ring groups: GEMMs on the bytes
+    # expert-aware passes dequantise their fetched experts with either kernel (as the reference)
+    ex = [run(m, InferConfig(mode="expert", prompt_len=4, gen_len=3, launch_s=0.0, quant="int8", dequant=d,
+                             fallback_frac=1.0), FixedCosts(experts_s=0.0, dequant_s=per)) for d in ("workspace", "fused")]
+    assert ex[0].decode_s == pytest.approx(ex[1].decode_s) and ex[0].decode_s >= 2 * m.moe_layers * per
+    # the plan reserves the workspace either way (reference plan_memory)
+    pl = plan_memory(m, "ring", 1e9, 1, 32, 16, quant="int8", dequant="fused")
+    assert pl.workspace_bytes == m.experts * expert_params(m) * 2
+    assert dequant_bytes(m, 2) == pytest.approx(2 * (3 * 64 * 128 * 3 + 4 * (2 * 128 + 64)))
+
+
+def test_fewer_experts_student_copies_less():
+    m = model_preset("mixtral-8x7b").replace(layers=4)
+    s = student_spec(m, 4)
+    assert s.experts == 4 and s.top_k == 2 and s.hidden == m.hidden
+    c = cluster_preset("h100-single")
+    cfg = InferConfig(mode="ring", batch=1, prompt_len=32, gen_len=3, slots=1)
+    t, st = (simulate_inference(x, c, cfg, trace=False)[1] for x in (m, s))
+    assert st.bytes_copied_decode == pytest.approx(t.bytes_copied_decode / 2)
+    assert st.decode_tokens_per_s > 1.8 * t.decode_tokens_per_s
+    with pytest.raises(SpecError):
+        student_spec(m, 16)

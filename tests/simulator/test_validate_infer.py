@@ -1,0 +1,111 @@
+"""simulator.validate_infer: quantised ring rows (synthetic: the H100 rows come later) are predicted
+and marked validated; rows that validate nothing are marked apart."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from simulator import validate_infer as V
+
+CONFIG = "mixtral-8x7b-L8 bf16 budget=10GB P=256 G=8"
+
+
+def rows(*specs):
+    return pd.DataFrame([{"date": "2026-12-01T00:00:00Z", "commit": "x", "device": "H100", "config": CONFIG, "mode": mode,
+                              "batch": b, "metric": metric, "value": value} for mode, b, metric, value in specs])
+
+
+def test_parse_mode_and_config():
+    assert V.parse_mode("ring") == ("ring", None, None, "workspace")
+    assert V.parse_mode("ring_K2") == ("ring", 2, None, "workspace")
+    assert V.parse_mode("ring_int8") == ("ring", None, "int8", "workspace")
+    assert V.parse_mode("ring_fp8_fused") == ("ring", None, "fp8", "fused")
+    assert V.parse_mode("ring_K3_fp8") == ("ring", 3, "fp8", "workspace")
+    assert V.parse_mode("expert_nopred_int8") == ("expert_nopred", None, "int8", "workspace")
+    c = V.parse_config("tiny-L2 bf16 budget=K1 P=8 G=3")
+    assert c["budget"] is None and c["slots"] == 1 and c["layers"] == 2
+    assert V.parse_config(CONFIG)["budget"] == 10e9
+
+
+def test_quantised_ring_rows_are_predicted():
+    m = rows(("ring", 8, "prefill_tokens_per_s", 4800.0), ("ring_int8", 8, "prefill_tokens_per_s", 9000.0),
+             ("ring_fp8", 8, "prefill_tokens_per_s", 9000.0), ("ring_int8", 1, "decode_tokens_per_s", 4.0),
+             ("ring_int8", 8, "speedup_vs_bf16_prefill", 1.9), ("ring_fp8", 8, "gpu_peak_GB", 9.0),
+             ("ring_int8", 8, "maxabs_logit_diff_vs_resident", 0.01))
+    d = V.predict_all(m)
+    p = d.set_index(["mode", "batch", "metric"])["predicted"]
+    bf, i8 = p[("ring", 8, "prefill_tokens_per_s")], p[("ring_int8", 8, "prefill_tokens_per_s")]
+    assert 1.6 < i8 / bf < 2.05  # PCIe-bound: about half the bytes per block
+    assert p[("ring_fp8", 8, "prefill_tokens_per_s")] == pytest.approx(i8)
+    assert p[("ring_int8", 8, "speedup_vs_bf16_prefill")] == pytest.approx(i8 / bf)
+    assert 4 < p[("ring_fp8", 8, "gpu_peak_GB")] <= 10  # within the 10 GB budget, with the dequant workspace
+    st = d.set_index(["mode", "batch", "metric"])["status"]
+    assert st[("ring_int8", 8, "prefill_tokens_per_s")] == "validated"
+    assert st[("ring_int8", 8, "maxabs_logit_diff_vs_resident")] == "not_modelled"
+    assert math.isnan(p[("ring_int8", 8, "maxabs_logit_diff_vs_resident")])
+
+
+def test_issue11_bench_rows():
+    """The rows reference/inference/bench.py (issue 11) writes: quantised and fused ring, compiled."""
+    m = rows(("ring", 8, "prefill_tokens_per_s", 4800.0), ("ring", 8, "block_compute_ms", 4.4),
+             ("ring_int8", 8, "block_compute_ms", 5.0), ("ring_int8_fused", 8, "block_compute_ms", 4.6),
+             ("ring_fp8_fused", 8, "prefill_tokens_per_s", 9000.0), ("ring_int8", 8, "ring_K", 4),
+             ("ring_int8", 8, "bytes_per_block", 1.4e9), ("ring_int8", 8, "copy_ms_per_block", 26.0),
+             ("ring_int8", 8, "bytes_copied_per_forward", 11e9), ("ring_int8", 8, "prefill_speedup_vs_bf16_ring", 1.9),
+             ("ring_int8", 1, "decode_speedup_vs_bf16_ring", 1.9), ("ring_int8", 1, "decode_ms_per_step", 200.0),
+             ("ring_int8", 8, "logit_maxabs_vs_bf16_resident", 0.1), ("ring_int8", 0, "tokens_equal_frac_vs_bf16_resident", 1),
+             ("compiled", 8, "decode_tokens_per_s", 900.0), ("-", 0, "moe_blocks", 8))
+    d = V.predict_all(m).set_index(["mode", "batch", "metric"])
+    p, st = d["predicted"], d["status"]
+    from semoe.presets import model_preset
+    from simulator.workload.inference_quant import expert_bytes
+
+    eb = expert_bytes(model_preset("mixtral-8x7b"), "int8")
+    assert p[("ring_int8", 8, "bytes_per_block")] == 8 * eb
+    assert p[("ring_int8", 8, "copy_ms_per_block")] == pytest.approx(1e3 * 8 * eb / 53.5e9)
+    assert p[("ring_int8", 8, "ring_K")] >= 2
+    assert p[("ring_int8", 8, "bytes_copied_per_forward")] == 8 * 8 * eb
+    # dequantising every expert of the block costs time; the fused GEMMs do not
+    assert p[("ring_int8", 8, "block_compute_ms")] > p[("ring_int8_fused", 8, "block_compute_ms")]
+    assert p[("ring_int8_fused", 8, "block_compute_ms")] == pytest.approx(p[("ring", 8, "block_compute_ms")], rel=0.05)
+    assert 1.6 < p[("ring_int8", 8, "prefill_speedup_vs_bf16_ring")] < 2.05
+    assert 1.6 < p[("ring_int8", 1, "decode_speedup_vs_bf16_ring")] < 2.05
+    assert p[("-", 0, "moe_blocks")] == 8
+    for key in (("compiled", 8, "decode_tokens_per_s"), ("ring_int8", 8, "logit_maxabs_vs_bf16_resident"),
+                ("ring_int8", 0, "tokens_equal_frac_vs_bf16_resident")):
+        assert st[key] == "not_modelled" and math.isnan(p[key])
+    assert st[("ring_fp8_fused", 8, "prefill_tokens_per_s")] == "validated"
+
+
+def test_status_marks_rows_that_validate_nothing():
+    m = rows(("-", 0, "h2d_pinned_GBps", 54.0), ("expert_nopred", 1, "prefetched_used_frac", 0.0))
+    m.loc[len(m)] = {"date": "2026-11-24T04:05:13Z", "commit": "x", "device": "H100", "config": CONFIG, "mode": "resident",
+                         "batch": 1, "metric": "decode_tokens_per_s", "value": 5.0}
+    d = V.predict_all(m)
+    assert list(d["status"]) == ["input", "by_definition", "measurement_bug"]
+    assert set(d["status"]) <= set(V.STATUSES)
+
+
+def test_committed_validation_table_has_status():
+    d = pd.read_csv(V.OUT_CSV)
+    assert "status" in d.columns and set(d["status"]) <= set(V.STATUSES)
+    ring = d[(d["mode"] == "ring") & (d["metric"] == "prefill_tokens_per_s")]
+    assert len(ring) and (ring["status"] == "validated").all() and ring["within_10pct"].all()
+
+
+def test_host_op_what_if_rejects_negative(capsys):
+    assert V.main(["--host-op-us", "-1"]) == 2
+
+
+def test_quick_bench_config_without_budget():
+    """``bench --quick`` (tiny-L2, ring slots given instead of a budget) rows are predicted too."""
+    cfg = "tiny-L2 bf16 budget=K1 P=8 G=3"
+    m = pd.DataFrame([{"date": "d", "commit": "x", "device": "cpu", "config": cfg, "mode": mode, "batch": 2, "metric": metric, "value": 1.0}
+                      for mode, metric in (("resident", "prefill_tokens_per_s"), ("ring", "ring_K"),
+                                           ("ring_int8", "decode_tokens_per_s"), ("ring_fp8_fused", "gpu_peak_GB"))])
+    d = V.predict_all(m)
+    assert (d["status"] == "validated").all() and (d["predicted"] > 0).all()
+    assert d.loc[d["metric"] == "ring_K", "predicted"].item() == 1
