@@ -267,15 +267,30 @@ def group_experts(sim_EE: Tensor, groups: int) -> list[list[int]]:
             for b in range(a + 1, len(clusters)):
                 if len(clusters[a]) + len(clusters[b]) > cap:
                     continue
+                sizes = [len(c) for i, c in enumerate(clusters) if i not in (a, b)] + [len(clusters[a]) + len(clusters[b])]
+                if not _packable(sizes, groups, cap):  # e.g. sizes 3, 3, 2 into 2 groups of 4: a dead end
+                    continue
                 s = float(sim[clusters[a]][:, clusters[b]].mean())
-                if s > best + 1e-12:
+                if s > best + 1e-12 or pair is None:  # "or": NaN similarities still merge
                     best, pair = s, (a, b)
-        if pair is None:  # the size cap blocks every merge (cannot happen with cap = ceil(E / groups))
-            raise RuntimeError("group_experts: no admissible merge")
+        if pair is None:  # no merge keeps a packing (first-fit is not exact): merge the two smallest
+            order = sorted(range(len(clusters)), key=lambda i: (len(clusters[i]), i))
+            pair = tuple(sorted(order[:2]))
         a, b = pair
         clusters[a] = sorted(clusters[a] + clusters[b])
         del clusters[b]
     return sorted(clusters, key=lambda c: c[0])
+
+
+def _packable(sizes: list[int], bins: int, cap: int) -> bool:
+    """Whether clusters of these sizes fit into ``bins`` groups of at most ``cap`` (first-fit decreasing)."""
+    load = [0] * bins
+    for n in sorted(sizes, reverse=True):
+        i = next((i for i, x in enumerate(load) if x + n <= cap), None)
+        if i is None:
+            return False
+        load[i] += n
+    return True
 
 
 def student_spec(spec: ModelSpec, experts: int) -> ModelSpec:
@@ -469,3 +484,69 @@ def write_csv(rows: list[dict], path: Path, append: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, old + buf.getvalue())
     return path
+
+
+# ------------------------------------------------------------------------------------ GPU command
+def gpu_teacher_spec(hidden: int = 512, layers: int = 4, experts: int = 16, ffn: int = 2048, heads: int = 8,
+                     seq_len: int = 256) -> ModelSpec:
+    """The teacher of the GPU run: ``tiny``'s architecture (byte vocab, GELU experts, top-2) scaled
+    to ``experts`` experts of width ``ffn`` (defaults: ~138M parameters, 16 experts)."""
+    from semoe.presets import model_preset
+
+    spec = model_preset("tiny").replace(hidden=hidden, layers=layers, experts=experts, ffn=ffn, heads=heads,
+                                        max_seq=max(seq_len, 128), dtype="fp32")
+    params = sum(p.numel() for p in MoEDecoder(spec.replace(layers=1), seed=None).parameters()) * layers
+    return spec.replace(name=f"moe{experts}x{ffn}-d{hidden}-L{layers}-{params / 1e6:.0f}M")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reference.distill --out DIR``: one distillation run, rows in DIR/distill.csv (the
+    schema of results/bench/distill.csv; the caller appends them). Defaults are the GPU run (teacher
+    of ~138M parameters with 16 experts trained here, student with 4 experts, ~2-3 min on an H100);
+    ``--quick`` is the same code on a small CPU model (CI)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Mixture-of-Students distillation run (reference/distill.py)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quick", action="store_true", help="small CPU model, few steps (smoke test)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--teacher-experts", type=int, default=16)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--teacher-steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--merge", default="router", choices=MERGE_METHODS)
+    p.add_argument("--no-controls", action="store_true", help="skip merged_lm and teacher_plus")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    dev = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.quick:
+        a.hidden, a.layers, a.ffn, a.teacher_experts, a.experts = 64, 2, 128, 8, 2
+        a.steps, a.teacher_steps, a.batch_size, a.seq_len = 10, 15, 4, 32
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls (fp32 weights and optimizer state)
+        torch.backends.cudnn.allow_tf32 = True
+    spec = gpu_teacher_spec(a.hidden, a.layers, a.teacher_experts, a.ffn, seq_len=a.seq_len)
+    a.out.mkdir(parents=True, exist_ok=True)
+    yaml = a.out / f"{spec.name}.yaml"
+    spec.to_yaml(yaml)
+    cfg = DistillConfig(experts=a.experts, steps=a.steps, teacher_steps=a.teacher_steps, batch_size=a.batch_size,
+                        seq_len=a.seq_len, lr=a.lr, merge=a.merge, controls=not a.no_controls, device=dev, seed=a.seed,
+                        eval_batches=4 if a.quick else 16)
+    t0 = time.perf_counter()
+    print(f"[distill] teacher {spec.name} ({spec.experts} experts) -> student {a.experts} experts on {dev}", flush=True)
+    res = distill(str(yaml), cfg, out=a.out)
+    print(res.table())
+    print(f"[distill] {time.perf_counter() - t0:.1f} s; rows in {a.out / 'distill.csv'}", flush=True)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

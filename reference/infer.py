@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class InferArgs:
     predict: bool = False
     trace: bool = True
     quant: str | None = None  # "int8" / "fp8": quantized expert weights (reference/inference/quantize.py)
+    quant_kernel: str = "dequant"  # "fused": GEMMs from the quantized bytes (reference/inference/qmatmul.py)
+    compile: str | None = None  # torch.compile mode / backend (reference/inference/static.py); None: eager
 
 
 def open_store(a: InferArgs, log=print):
@@ -78,12 +81,18 @@ def run_infer(a: InferArgs, log=print) -> dict:
             raise ValueError(f"{name} must be >= 1, got {getattr(a, name)}")
     store = open_store(a, log)
     cfg = InferConfig(mode=a.mode, gpu_budget_gb=a.gpu_budget_gb, slots=a.slots, device=a.device,
-                      fallback_frac=a.fallback_frac, predict=a.predict, trace=a.trace, quant=a.quant)
+                      fallback_frac=a.fallback_frac, predict=a.predict, trace=a.trace, quant=a.quant,
+                      quant_kernel=a.quant_kernel, compile=a.compile)
     max_len = a.prompt_len + a.gen_len
     eng = Engine(store, cfg, batch=a.batch, max_len=max_len, prefill_tokens=a.batch * a.prompt_len)
     if eng.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(eng.device)
     prompts = random_prompts(a.batch, a.prompt_len, store.spec.vocab, a.seed)
+    compile_s = None
+    if a.compile is not None:  # compile (prefill + decode graphs) outside the measured run
+        t = time.perf_counter()
+        eng.generate(prompts, min(a.gen_len, 3))
+        compile_s = time.perf_counter() - t
     res = eng.generate(prompts, a.gen_len)
     rows = eng.timeline.rows()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +111,7 @@ def run_infer(a: InferArgs, log=print) -> dict:
         "decode_tokens_per_s": res.decode_tokens_per_s,
         "expert_bytes_total": store.layer_bytes * len(store.moe_blocks),
         "tokens": res.tokens_BG.tolist(),
+        "compile_warmup_s": compile_s,
         **res.stats,
     }
     atomic_write_text(a.out / "metrics.json", json.dumps(metrics, indent=1))
@@ -111,8 +121,9 @@ def run_infer(a: InferArgs, log=print) -> dict:
 def summary_line(m: dict) -> str:
     gpu = m.get("gpu_max_allocated_bytes")
     mem = f"{gpu / 1e9:.2f} GB GPU peak" if gpu is not None else "cpu"
+    mode = m["mode"] + (f" compiled ({m['compile']})" if m.get("compile") else "")
     return (
-        f"{m['model']} {m['mode']} K={m['ring_slots']} C={m['pool_slots']}: prefill "
+        f"{m['model']} {mode} K={m['ring_slots']} C={m['pool_slots']}: prefill "
         f"{m['prefill_tokens_per_s']:,.1f} tok/s, decode {m['decode_tokens_per_s']:,.1f} tok/s, "
         f"{m['bytes_copied'] / 1e9:.2f} GB copied, {mem}"
     )
@@ -135,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", choices=("int8", "fp8"), default=None)
+    p.add_argument("--quant-kernel", choices=("dequant", "fused"), default="dequant")
+    p.add_argument("--compile", default=None, help="torch.compile: default, reduce-overhead, "
+                   "max-autotune-no-cudagraphs, aot_eager, eager (reference/inference/static.py)")
     args = p.parse_args(argv)
     a = InferArgs(**{k: v for k, v in vars(args).items()})
     try:

@@ -33,6 +33,10 @@ def infer(
     verify: bool = typer.Option(True, help="check every store file's sha256 on load"),
     quant: Optional[str] = typer.Option(None, help="int8 or fp8: expert weights quantized per output channel "
                                         "in host memory and device slots, dequantized on the device"),
+    quant_kernel: str = typer.Option("dequant", help="quantized ring: dequant (bf16 workspace + GEMM) or fused "
+                                     "(fp8 torch._scaled_mm / int8 Triton GEMM on the quantized bytes)"),
+    compile: Optional[str] = typer.Option(None, "--compile", help="torch.compile the steps: default, "
+                                          "reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, aot_eager"),
 ) -> None:
     """Prefill + greedy decode with experts offloaded to host memory (ring, expert-aware or resident)."""
     from reference.infer import InferArgs, run_infer, summary_line
@@ -44,7 +48,8 @@ def infer(
     a = InferArgs(
         model=model, mode=mode, gpu_budget_gb=gpu_budget_gb, slots=slots, batch=batch, prompt_len=prompt_len,
         gen_len=gen_len, out=out, init=init, store=store, layers=layers, dtype=dtype, device=device, seed=seed,
-        verify=verify, fallback_frac=fallback_frac, predict=predict, quant=quant,
+        verify=verify, fallback_frac=fallback_frac, predict=predict, quant=quant, quant_kernel=quant_kernel,
+        compile=compile,
     )
     m = run_infer(a, log=lambda s: typer.echo(s, err=True))
     typer.echo(summary_line(m) + (f" ({quant} experts)" if quant else ""))

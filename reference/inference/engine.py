@@ -45,6 +45,7 @@ from reference.moe.experts import ffn, grouped_mm_supported
 from reference.moe.routing import Routing
 
 MODES = ("ring", "expert", "resident")
+QUANT_KERNELS = ("dequant", "fused")
 GB = 1e9
 
 
@@ -199,8 +200,22 @@ class InferConfig:
     # channel, reference/inference/quantize.py): copies move ~half the bf16 bytes, each block's experts
     # are dequantized on the device into a store-dtype workspace before the grouped FFN. None: as stored
     quant: str | None = None
+    # quantized ring groups: "dequant" (into the bf16 workspace, then the bf16 grouped GEMM) or "fused"
+    # (GEMM from the quantized bytes: fp8 torch._scaled_(grouped_)mm, int8 Triton kernel with the scale
+    # in the epilogue; reference/inference/qmatmul.py). Expert-aware passes always dequantize.
+    quant_kernel: str = "dequant"
+    # None: eager. Else compiled steps (reference/inference/static.py): an inductor mode ("default",
+    # "reduce-overhead" = CUDA graphs for the resident decode, "max-autotune-no-cudagraphs") or a
+    # backend ("aot_eager", "eager": graph capture without code generation, for CPU tests)
+    compile: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quant_kernel not in QUANT_KERNELS:
+            raise ValueError(f"quant_kernel must be one of {QUANT_KERNELS}, got {self.quant_kernel!r}")
+        if self.compile is not None:
+            from reference.inference.static import compile_kwargs
+
+            compile_kwargs(self.compile)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.quant is not None and self.quant not in FORMATS:
@@ -262,7 +277,9 @@ class Engine:
         if missing or unexpected:
             raise ValueError(f"store {store.root}: dense tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
         self.model.eval()
-        self.pool = ExpertPool(store, self.plan.pool_slots, self.device, self.sync, self.timeline, quant=cfg.quant)
+        self.pool = ExpertPool(store, self.plan.pool_slots, self.device, self.sync, self.timeline, quant=cfg.quant,
+                               fused=cfg.quant_kernel == "fused")
+        self._static: dict[int, object] = {}  # batch -> StaticRunner (cfg.compile)
         self.blocks = store.moe_blocks
         self.ring = Ring(self.pool, self.blocks, self.plan.ring_slots) if self.plan.ring_slots >= 1 else None
         self.dispatcher = LocalDispatcher(self.spec.experts)
@@ -298,8 +315,7 @@ class Engine:
         routing = moe.gate(x_TD, token_ids_T)
         if self.pass_mode == "ring":
             w = self.ring.acquire(block)
-            x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
-            y_TD = self.dispatcher.combine(grouped_ffn(x_ND, counts_E, w), meta)
+            y_TD = self._ring_compute(x_TD, routing, w)
             self.ring.release()
         else:
             needed = torch.unique(routing.expert_ids_TK[routing.kept_TK]).tolist()  # host sync
@@ -320,6 +336,19 @@ class Engine:
         flops = 2 * T * self.spec.top_k * self.spec.hidden * self.spec.ffn * (3 if self.spec.activation == "swiglu" else 2)
         tl.add(t0, tl.mark(self.sync.compute), f"moe_{self.pass_mode}", block, "compute", 0, flops)
         return y_TD
+
+    def _ring_compute(self, x_TD: Tensor, routing: Routing, w: dict[str, Tensor]) -> Tensor:
+        """A ring group's experts on routed tokens: bf16 / dequantized workspace, or fused quantized."""
+        x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, routing)
+        if self.pool.fused:
+            from reference.inference.qmatmul import quant_grouped_ffn
+
+            return self.dispatcher.combine(quant_grouped_ffn(x_ND, counts_E, w, self.cfg.quant), meta)
+        return self.dispatcher.combine(grouped_ffn(x_ND, counts_E, w), meta)
+
+    def quant_moe(self, x_TD: Tensor, gate, w: dict[str, Tensor]) -> Tensor:
+        """Compiled runner, quantized ring group: route and compute eagerly (see static.StaticRunner)."""
+        return self._ring_compute(x_TD, gate(x_TD), w)
 
     def _predict(self, index: int, x_BSD: Tensor, token_ids_T: Tensor) -> None:
         """After block ``index``: route the residual stream through the next MoE block's norm2 and gate
@@ -361,6 +390,8 @@ class Engine:
             raise ValueError(f"gen_len must be >= 1, got {gen_len}")
         if P + gen_len - 1 > self.max_len:
             raise ValueError(f"prompt {P} + gen {gen_len} exceeds the engine's max_len {self.max_len}")
+        if self.cfg.compile is not None:
+            return self._generate_static(prompts_BP, gen_len, keep_logits)
         cache = self.new_cache(B)
         idx = prompts_BP.to(self.device)
         tokens, logits = [], []
@@ -394,10 +425,49 @@ class Engine:
             stats=self.stats(),
         )
 
+    def static_runner(self, batch: int):
+        from reference.inference.static import StaticRunner
+
+        if batch not in self._static:
+            self._static[batch] = StaticRunner(self, batch)
+        return self._static[batch]
+
+    @torch.no_grad()
+    def _generate_static(self, prompts_BP: Tensor, gen_len: int, keep_logits: bool) -> GenerateResult:
+        """:meth:`generate` with compiled steps (``cfg.compile``; the first call of a shape compiles)."""
+        B, P = prompts_BP.shape
+        run = self.static_runner(B)
+        idx = prompts_BP.to(self.device)
+        tokens, logits = [], []
+        self._sync()
+        t0 = time.perf_counter()
+        last = run.prefill(idx)
+        nxt = last.argmax(-1)
+        tokens.append(nxt)
+        if keep_logits:
+            logits.append(last.float().clone())
+        self._sync()
+        t1 = time.perf_counter()
+        for step in range(1, gen_len):
+            last = run.decode(nxt.unsqueeze(1), P + step - 1)
+            nxt = last.argmax(-1)
+            tokens.append(nxt)
+            if keep_logits:
+                logits.append(last.float().clone())
+        self._sync()
+        t2 = time.perf_counter()
+        return GenerateResult(
+            tokens_BG=torch.stack(tokens, 1).cpu(),
+            logits_BGV=torch.stack(logits, 1).cpu() if keep_logits else None,
+            prefill_s=t1 - t0, decode_s=t2 - t1, batch=B, prompt_len=P, gen_len=gen_len, stats=self.stats(),
+        )
+
     def stats(self) -> dict:
         s = {
             "mode": self.cfg.mode,
             "quant": self.cfg.quant,
+            "quant_kernel": self.cfg.quant_kernel if self.cfg.quant else None,
+            "compile": self.cfg.compile,
             "ring_slots": self.plan.ring_slots,
             "pool_slots": self.plan.pool_slots,
             "bytes_copied": self.pool.bytes_copied,

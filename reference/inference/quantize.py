@@ -77,7 +77,7 @@ class QuantizedTensor:
                                self.scale.to(device, non_blocking=non_blocking), self.fmt, self.dtype)
 
     def pin_memory(self) -> QuantizedTensor:
-        return QuantizedTensor(self.data.pin_memory(), self.scale.pin_memory(), self.fmt, self.dtype)
+        return QuantizedTensor(pin(self.data), pin(self.scale), self.fmt, self.dtype)
 
 
 def _check_fmt(fmt: str) -> None:
@@ -103,7 +103,28 @@ def quantize(w: Tensor, fmt: QuantFormat) -> QuantizedTensor:
         data = x.round().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     else:
         data = x.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return QuantizedTensor(data.contiguous(), scale.contiguous(), fmt, w.dtype)
+    return QuantizedTensor(k_major(data), scale.contiguous(), fmt, w.dtype)
+
+
+def k_major(t: Tensor) -> Tensor:
+    """``t [..., I, O]`` stored input-contiguous (physically ``[..., O, I]``, returned as the transposed
+    view): each output column's I weights are adjacent, the layout of the weight operand of
+    ``torch._scaled_mm`` / ``torch._scaled_grouped_mm`` ("column-major B") and a layout the fused int8
+    GEMM (kernels/dequant_gemm.py) reads as well as row-major."""
+    return t.mT.contiguous().mT
+
+
+def raw(t: Tensor) -> Tensor:
+    """The contiguous physical tensor behind a :func:`k_major` view (``t`` itself if contiguous):
+    copies between two tensors of the same layout go through these (one plain memcpy)."""
+    if t.dim() >= 2 and not t.is_contiguous() and t.mT.is_contiguous():
+        return t.mT
+    return t
+
+
+def pin(t: Tensor) -> Tensor:
+    """A pinned host copy that keeps ``t``'s strides (``Tensor.pin_memory`` would make it contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True).copy_(t)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -156,7 +177,7 @@ class QuantizedLayer:
     def pin_memory(self) -> QuantizedLayer:
         """A copy in pinned host memory (what the ring copies from with ``non_blocking``)."""
         return QuantizedLayer({n: q.pin_memory() for n, q in self.weights.items()},
-                              {n: t.pin_memory() for n, t in self.others.items()}, self.fmt)
+                              {n: pin(t) for n, t in self.others.items()}, self.fmt)
 
     def host_tensors(self) -> dict[str, Tensor]:
         """Flat ``{key: tensor [E, ...]}`` as the :class:`ExpertPool` keeps its slots: ``w1_EDF`` the
@@ -205,11 +226,18 @@ def quantize_layer(tensors: dict[str, Tensor], fmt: QuantFormat) -> QuantizedLay
     return QuantizedLayer(weights, others, fmt)
 
 
-def quantize_store_layer(store, block: int, fmt: QuantFormat) -> QuantizedLayer:
-    """Quantize block ``block`` of a loaded :class:`reference.inference.store.ModelStore`."""
+def quantize_store_layer(store, block: int, fmt: QuantFormat, device=None) -> QuantizedLayer:
+    """Quantize block ``block`` of a loaded :class:`reference.inference.store.ModelStore`; with a
+    ``device`` (e.g. cuda: seconds instead of minutes for Mixtral-sized blocks) the block is moved
+    there, quantized, and the result moved back to host memory (same values, same layout)."""
     if block not in store.layer_buffers:
         raise ValueError(f"quantize_store_layer: block {block} is not an MoE block of the store ({store.moe_blocks})")
-    return quantize_layer(store.layer_views(block), fmt)
+    views = store.layer_views(block)
+    if device is None or torch.device(device).type == "cpu":
+        return quantize_layer(views, fmt)
+    ql = quantize_layer({n: t.to(device) for n, t in views.items()}, fmt)
+    return QuantizedLayer({n: QuantizedTensor(q.data.to("cpu"), q.scale.to("cpu"), q.fmt, q.dtype)
+                           for n, q in ql.weights.items()}, {n: t.to("cpu") for n, t in ql.others.items()}, fmt)
 
 
 def quantize_store(store, fmt: QuantFormat) -> dict[int, QuantizedLayer]:

@@ -49,6 +49,7 @@ from reference.inference.quantize import (
     WEIGHT_TENSORS,
     QuantizedTensor,
     dequantize_into,
+    raw,
     scale_key,
 )
 from reference.inference.store import ModelStore
@@ -128,11 +129,20 @@ class Timeline:
         return out
 
 
+def _empty_like_layout(t: Tensor, capacity: int, device) -> Tensor:
+    """``[capacity, *t.shape[1:]]`` on ``device`` with ``t``'s layout (k-major quantized weights stay
+    k-major, so slot <- host copies are plain memcpys of the physical tensors)."""
+    shape = (capacity, *t.shape[1:])
+    if t.dim() >= 3 and not t.is_contiguous() and t.mT.is_contiguous():
+        return torch.empty((*shape[:-2], shape[-1], shape[-2]), dtype=t.dtype, device=device).mT
+    return torch.empty(shape, dtype=t.dtype, device=device)
+
+
 class ExpertPool:
     """C device expert slots shared by the ring and the expert cache, filled from a :class:`ModelStore`."""
 
     def __init__(self, store: ModelStore, capacity: int, device: torch.device, sync: DeviceSync,
-                 timeline: Timeline | None = None, quant: str | None = None) -> None:
+                 timeline: Timeline | None = None, quant: str | None = None, fused: bool = False) -> None:
         if capacity < 1:
             raise ValueError(f"ExpertPool: capacity must be >= 1 expert slot, got {capacity}")
         if quant is not None and quant not in FORMATS:
@@ -141,6 +151,7 @@ class ExpertPool:
         self.timeline = timeline
         self.E = store.spec.experts
         self.quant = quant
+        self.fused = fused and quant is not None  # ring groups computed from quantized bytes directly
         if quant is None:
             self.tensors: dict[str, Tensor] = {
                 name: torch.empty((capacity, *t["shape"][1:]), dtype=store.dtype, device=device)
@@ -151,8 +162,7 @@ class ExpertPool:
         else:  # slots hold the quantized data + scales (+ biases); computed from a dequantized workspace
             self.src = {b: ql.host_tensors() for b, ql in store.quantized_layers(quant).items()}
             first = self.src[store.moe_blocks[0]]
-            self.tensors = {name: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=device)
-                            for name, t in first.items()}
+            self.tensors = {name: _empty_like_layout(t, capacity, device) for name, t in first.items()}
             self.expert_nbytes = sum(t.numel() * t.element_size() for t in first.values()) // self.E
             # one block's experts in the compute dtype: what the grouped FFN reads (E rows)
             self.workspace: dict[str, Tensor] = {
@@ -200,8 +210,11 @@ class ExpertPool:
 
     def group_weights(self, k: int) -> dict[str, Tensor]:
         """Ring slot ``k``'s experts ready for the grouped FFN (``[E, ...]``): the slot's views, or
-        (quantized) the workspace after dequantizing the slot into it."""
-        return self.group_views(k) if self.quant is None else self._dequantize_rows(None, k)
+        (quantized) the workspace after dequantizing the slot into it, or (quantized, ``fused``) the
+        slot's quantized views (data ``w1_EDF``, scales ``w1_EDF:scale``) for a fused-dequant GEMM."""
+        if self.quant is None or self.fused:
+            return self.group_views(k)
+        return self._dequantize_rows(None, k)
 
     def slot_weights(self, slots: list[int]) -> dict[str, Tensor]:
         """Quantized expert-aware mode: workspace row ``i`` = slot ``slots[i]`` dequantized."""
@@ -224,7 +237,7 @@ class ExpertPool:
         """Copy all E experts of ``block`` into ring slot ``k`` (caller is on the copy stream)."""
         start = self.timeline.mark(self.sync.copy) if self.timeline else None
         for name, dst in self.group_views(k).items():
-            dst.copy_(self.src[block][name], non_blocking=True)
+            raw(dst).copy_(raw(self.src[block][name]), non_blocking=True)
         self.slots.assign_block(block, k)
         nbytes = self.expert_nbytes * self.E
         self.bytes_copied += nbytes
@@ -250,7 +263,7 @@ class ExpertPool:
             start = self.timeline.mark(self.sync.copy) if self.timeline else None
             for (b, e), slot in zip(keys, victims):
                 for name, dst in self.tensors.items():
-                    dst[slot].copy_(self.src[b][name][e], non_blocking=True)
+                    raw(dst[slot]).copy_(raw(self.src[b][name][e]), non_blocking=True)
                 self._assign(slot, (b, e))
             self.inflight_event = self.sync.record(self.sync.copy)
             if self.timeline:
@@ -288,7 +301,7 @@ class ExpertPool:
                 start = self.timeline.mark(self.sync.copy) if self.timeline else None
                 for (b, e), slot in zip(miss, victims):
                     for name, dst in self.tensors.items():
-                        dst[slot].copy_(self.src[b][name][e], non_blocking=True)
+                        raw(dst[slot]).copy_(raw(self.src[b][name][e]), non_blocking=True)
                     self._assign(slot, (b, e))
                 done = self.sync.record(self.sync.copy)
                 if self.timeline:

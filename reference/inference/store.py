@@ -287,9 +287,10 @@ class ModelStore:
         if fmt not in self._quantized:
             from reference.inference.quantize import quantize_store_layer
 
+            dev = "cuda" if self.pinned and torch.cuda.is_available() else None  # quantize on the GPU
             layers = {}
             for b in self.moe_blocks:
-                ql = quantize_store_layer(self, b, fmt)
+                ql = quantize_store_layer(self, b, fmt, device=dev)
                 layers[b] = ql.pin_memory() if self.pinned else ql
             self._quantized[fmt] = layers
         return self._quantized[fmt]
