@@ -50,6 +50,10 @@ def train(
     max_restarts: int = typer.Option(0, min=0, help="torchrun --max-restarts (with --resume)"),
     trace: bool = typer.Option(False, help="per-rank phase traces (CSV + Chrome JSON) in OUT"),
     embedding_partition: bool = typer.Option(False, help="split the token embedding's columns over the DP ranks"),
+    offload_experts: str = typer.Option("gpu", help="expert weights + Adam states on gpu, cpu (pinned) or ssd"),
+    prefetch_depth: int = typer.Option(1, min=0, help="with offload: MoE layers fetched ahead (0: on demand)"),
+    cpu_cache_experts: int = typer.Option(0, min=0, help="with --offload-experts ssd: experts per MoE layer in the CPU cache"),
+    ssd_dir: Optional[Path] = typer.Option(None, help="with --offload-experts ssd: directory (default OUT/ssd)"),
     dry_run: bool = typer.Option(False, help="print the torchrun command line and exit"),
 ) -> None:
     """Train a model on one process (CPU fp32, or GPU with bf16 autocast), or on N ranks via torchrun."""
@@ -71,6 +75,10 @@ def train(
         args += ["--top-k", str(top_k)] if top_k is not None else []
         args += ["--data", str(data)] if data else []
         args += ["--gpus-per-node", str(gpus_per_node)] if gpus_per_node else []
+        if offload_experts != "gpu":
+            args += ["--offload-experts", offload_experts, "--prefetch-depth", str(prefetch_depth),
+                     "--cpu-cache-experts", str(cpu_cache_experts)]
+            args += ["--ssd-dir", str(ssd_dir)] if ssd_dir else []
         args += [flag for flag, on in (("--synthetic", synthetic), ("--quiet", quiet), ("--resume", resume),
                                        ("--trace", trace),
                                        ("--embedding-partition", embedding_partition)) if on]
@@ -94,9 +102,10 @@ def train(
     from semoe.plan_spec import ParallelPlan
     from semoe.presets import load_model
 
-    from reference.train import override_spec
+    from reference.train import offload_plan_fields, override_spec
 
     spec = override_spec(load_model(preset), gate=gate, top_k=top_k)
+    offload = offload_plan_fields(offload_experts, prefetch_depth, cpu_cache_experts)
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch_size,
@@ -111,8 +120,10 @@ def train(
         checkpoint_every=checkpoint_every,
         resume=resume,
         trace=trace,
-        plan=None if (ep, a2a, gpus_per_node, bucket_bytes) == (1, "flat", None, 0) else ParallelPlan(
-            expert_parallel=ep, alltoall=a2a, gpus_per_node=gpus_per_node, fusion_bucket_bytes=bucket_bytes),
+        plan=None if (ep, a2a, gpus_per_node, bucket_bytes, offload) == (1, "flat", None, 0, {}) else ParallelPlan(
+            expert_parallel=ep, alltoall=a2a, gpus_per_node=gpus_per_node, fusion_bucket_bytes=bucket_bytes,
+            **offload),
+        ssd_dir=ssd_dir,
     )
     result = run_train(spec, cfg)
     typer.echo(

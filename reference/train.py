@@ -72,6 +72,7 @@ class TrainConfig:
     checkpoint_dir: Path | None = None  # default out/checkpoints
     resume: bool = False  # continue from the latest complete checkpoint (if any)
     trace: bool = False  # per-rank phase traces (CSV + Chrome JSON in out/)
+    ssd_dir: Path | None = None  # expert states on 'ssd' (plan.offload): default out/ssd
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -264,6 +265,7 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
             sync = partition_embedding(model, groups, sync)
     if tracer is not None:
         instrument_moe(model, tracer)
+    offload = _make_offload(model, plan, cfg, device, autocast_dtype, distributed)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -317,6 +319,9 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
             if sync is not None:
                 sync.finish()
                 grad_norm = sync.clip(cfg.grad_clip or float("inf"))
+            elif offload is not None:  # dense and expert gradients clipped together, then the CPU update queued
+                grad_norm = offload.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
+                offload.step(lr_at(step, cfg))
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             if tracer:
@@ -358,6 +363,10 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
             progress.stop()
         if fh is not None:
             fh.close()
+        if offload is not None:
+            offload.close()
+    if offload is not None:
+        _finish_offload(offload, cfg)
     if tracer is not None and cfg.out is not None:
         from semoe.trace import write_chrome_trace, write_csv
 
@@ -365,6 +374,36 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
         write_chrome_trace(tracer.rows, cfg.out / f"trace_rank{w.rank}.json")
     tokens_per_s = tokens_done / (time.perf_counter() - t_start)
     return TrainResult(losses=losses, tokens_per_s=tokens_per_s, metrics_path=metrics_path)
+
+
+def _make_offload(model, plan: ParallelPlan, cfg: TrainConfig, device, autocast_dtype, distributed: bool):
+    """The expert offload engine when plan.offload moves expert states off the GPU (else None)."""
+    if {plan.offload.expert_params, plan.offload.expert_optimizer} == {"gpu"}:
+        return None
+    if distributed:
+        raise ValueError("expert offload (plan.offload.expert_*) runs on one process; use one rank")
+    if cfg.checkpoint_every or cfg.resume:
+        raise ValueError("checkpointing is not supported together with expert offload")
+    from reference.offload import ExpertOffload
+
+    ssd_dir = cfg.ssd_dir or (cfg.out / "ssd" if cfg.out is not None else None)
+    return ExpertOffload(model, plan, device=device, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
+                         compute_dtype=autocast_dtype, ssd_dir=ssd_dir, trace=cfg.trace)
+
+
+def _finish_offload(offload, cfg: TrainConfig) -> None:
+    """Flush the SSD tier; write offload_stats.json (and offload_trace.csv with cfg.trace) into out/."""
+    offload.flush()
+    if cfg.out is None:
+        return
+    import json
+
+    from semoe.io import atomic_write_text
+    from semoe.trace import write_csv
+
+    atomic_write_text(cfg.out / "offload_stats.json", json.dumps(offload.stats(), indent=1, sort_keys=True))
+    if cfg.trace:
+        write_csv(offload.trace_rows(), cfg.out / "offload_trace.csv")
 
 
 def _backend_name() -> str:
@@ -389,6 +428,18 @@ def override_spec(spec: ModelSpec, **changes) -> ModelSpec:
     top_k=1 are validated together."""
     changes = {k: v for k, v in changes.items() if v is not None}
     return spec.replace(**changes) if changes else spec
+
+
+def offload_plan_fields(experts: str, prefetch_depth: int, cpu_cache_experts: int) -> dict:
+    """ParallelPlan fields of ``--offload-experts/--prefetch-depth/--cpu-cache-experts`` (empty for gpu)."""
+    if experts not in ("gpu", "cpu", "ssd"):
+        raise ValueError(f"--offload-experts: {experts!r} is not one of gpu, cpu, ssd")
+    if experts == "gpu":
+        return {}
+    from semoe.plan_spec import OffloadPlacement
+
+    return {"offload": OffloadPlacement(expert_params=experts, expert_optimizer=experts),
+            "prefetch_depth": prefetch_depth, "cpu_cache_experts": cpu_cache_experts if experts == "ssd" else 0}
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -419,6 +470,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--trace", action="store_true")
     p.add_argument("--embedding-partition", action="store_true", help="split the embedding's columns over DP")
+    p.add_argument("--offload-experts", default="gpu", choices=("gpu", "cpu", "ssd"),
+                   help="where expert weights and optimizer states live (reference.offload)")
+    p.add_argument("--prefetch-depth", type=int, default=1, help="MoE layers fetched ahead (0: on demand)")
+    p.add_argument("--cpu-cache-experts", type=int, default=0, help="full expert states per MoE layer in the CPU cache (ssd)")
+    p.add_argument("--ssd-dir", type=Path, default=None, help="directory of the SSD tier (default OUT/ssd)")
     return p
 
 
@@ -433,11 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plan = ParallelPlan(data_parallel=args.dp or world, expert_parallel=args.ep, alltoall=args.a2a,
                             gpus_per_node=args.gpus_per_node, fusion_bucket_bytes=args.bucket_bytes,
-                            zero_stage=args.zero_stage, embedding_partition=args.embedding_partition)
+                            zero_stage=args.zero_stage, embedding_partition=args.embedding_partition,
+                            **offload_plan_fields(args.offload_experts, args.prefetch_depth, args.cpu_cache_experts))
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                           data=args.data, synthetic=args.synthetic, device=args.device, seed=args.seed,
                           out=args.out, progress=not args.quiet, plan=plan, backend=args.backend,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume, trace=args.trace)
+                          checkpoint_every=args.checkpoint_every, resume=args.resume, trace=args.trace,
+                          ssd_dir=args.ssd_dir)
         result = train(spec, cfg)
     except (SpecError, ValueError, FileNotFoundError) as e:
         print(f"reference.train: error: {e}", file=sys.stderr)

@@ -1,0 +1,552 @@
+"""Issue 6's H100 benchmark: training with expert states on gpu / cpu / ssd, prefetch on / off.
+
+Run from the repository root on the GPU machine::
+
+    PYTHONPATH=. python -m reference.offload.bench --out DIR [--quick] [--budget-s 240] [--ssd-dir DIR]
+
+Appends tidy rows ``date,commit,device,config,placement,prefetch,metric,value`` to
+``DIR/offload_train.csv`` (one row at a time, flushed: a killed run keeps what it measured), a trace CSV
+per measured case (``DIR/trace_<config>_<placement>_<prefetch>.csv``, semoe.trace schema: the offload
+engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per step) and a log.
+
+1. ``bandwidth``: pinned H2D and D2H (256 MiB, CUDA events) and the SSD directory's write (fsync'ed)
+   and read (after ``posix_fadvise(DONTNEED)``) bandwidth of a 512 MiB file.
+2. ``a_compute_bound``: a GPT-MoE that fits in HBM (see NOTES.md for why it is compute-bound): all
+   in HBM (``gpu``), then ``cpu`` and ``ssd`` placements with prefetch depth 1 (on) and 0 (off).
+   Metrics: step_ms (median over the measured steps), tokens_per_s, peak_mem_gb, h2d_gb_per_step,
+   d2h_gb_per_step, fetch_hit_rate, cache_hit_rate (ssd), cpu_adam_ms_per_step, host_wait_ms_per_step,
+   ratio_vs_gpu.
+3. ``b_over_budget``: a model whose total training states (16 bytes per parameter) are >= 3x a GPU
+   memory budget enforced with ``torch.cuda.set_per_process_memory_fraction``; ssd placement with an
+   LFU CPU cache, and cpu placement. tokens_per_s, cache_hit_rate, states_gb, budget_gb.
+4. ``c_deepspeed``: DeepSpeed ZeRO-Offload (stage 2, optimizer on the CPU, its CPUAdam op) on model (b)
+   in a child process with its own time cap; a failed build or run becomes a row
+   (``deepspeed_failed``) and a log line.
+Everything is under ``--budget-s`` (default 240 s): a case that does not fit what is left is skipped
+and recorded (metric ``skipped``). ``--quick`` runs the tiny model on the CPU (CI smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as dt
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "value")
+GB = 1e9
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _commit() -> str:
+    env = os.environ.get("SEMOE_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Rows:
+    """Appends rows to DIR/offload_train.csv, flushed after each one."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.path = path
+        new = not path.is_file() or path.stat().st_size == 0
+        self.fh = path.open("a", newline="")
+        self.w = csv.writer(self.fh)
+        if new:
+            self.w.writerow(COLUMNS)
+        self.date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.commit, self.device = _commit(), device
+        self.count = 0
+
+    def add(self, config: str, placement: str, prefetch: str, metric: str, value) -> None:
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        self.w.writerow([self.date, self.commit, self.device, config, placement, prefetch, metric, value])
+        self.fh.flush()
+        self.count += 1
+        log(f"  {config} {placement} {prefetch}: {metric} = {value}")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# ---------------------------------------------------------------------------------- configurations
+def specs(quick: bool, args) -> dict:
+    from semoe.presets import load_model
+
+    tiny = load_model("tiny")
+    if quick:
+        a = tiny.replace(name="bench_a_quick")
+        b = tiny.replace(name="bench_b_quick", experts=8)
+        return {"a": (a, 4, 32), "b": (b, 4, 32)}
+    common = {"heads": 16, "vocab": 256, "max_seq": args.seq, "moe_every": 1, "top_k": 2, "activation": "gelu",
+                  "norm": "layernorm", "position": "learned", "dtype": "bf16", "tied_embeddings": True}
+    a = tiny.replace(name="bench_a_compute_bound", layers=args.a_layers, hidden=args.a_hidden, ffn=args.a_ffn,
+                     experts=args.a_experts, **common)
+    b = tiny.replace(name="bench_b_over_budget", layers=args.b_layers, hidden=args.b_hidden, ffn=args.b_ffn,
+                     experts=args.b_experts, **common)
+    return {"a": (a, args.a_batch, args.seq), "b": (b, args.b_batch, args.seq)}
+
+
+def states_bytes(spec) -> int:
+    """Training states at 16 bytes per parameter (bf16 weight + grad, fp32 master, m, v)."""
+    from semoe.sizing import count_params
+
+    return 16 * count_params(spec).total
+
+
+def expert_params(spec) -> int:
+    mult = 3 if spec.activation == "swiglu" else 2
+    moe_layers = sum(spec.is_moe_layer(i) for i in range(spec.layers))
+    return moe_layers * spec.experts * mult * spec.hidden * spec.ffn
+
+
+# ---------------------------------------------------------------------------------- measurements
+def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        n = 256 << 20
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        for name, dst, src in (("h2d_pinned_GBps", dev, host), ("d2h_pinned_GBps", host, dev)):
+            ts = []
+            for _ in range(5):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                dst.copy_(src, non_blocking=True)
+                e1.record()
+                e1.synchronize()
+                ts.append(e0.elapsed_time(e1) / 1e3)
+            rows.add("bandwidth", "-", "-", name, n / statistics.median(ts[1:]) / GB)
+        del host, dev
+    # the CPU AdamW of the offload engine (fused, all intra-op threads) on bf16 gradients
+    from reference.offload.cpu_adam import adamw_
+
+    n_par = (1 << 20) if quick else (64 << 20)
+    chunks = 16
+    ps = [torch.zeros(n_par // chunks) for _ in range(chunks)]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    gs = [torch.randn(n_par // chunks).to(torch.bfloat16) for _ in range(chunks)]
+    ts = []
+    for step in range(1, 4):
+        t = time.perf_counter()
+        adamw_(ps, gs, ms, vs, step=step, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused")
+        ts.append(time.perf_counter() - t)
+    rows.add("bandwidth", "cpu", "-", "cpu_adam_Mparams_per_s", n_par / min(ts[1:]) / 1e6)
+    rows.add("bandwidth", "cpu", "-", "cpu_threads", torch.get_num_threads())
+    del ps, ms, vs, gs
+    n = (8 << 20) if quick else (512 << 20)
+    ssd_dir.mkdir(parents=True, exist_ok=True)
+    path = ssd_dir / "bandwidth_probe.bin"
+    data = os.urandom(1 << 20) * (n >> 20)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    rows.add("bandwidth", "ssd", "-", "ssd_write_GBps", n / (time.perf_counter() - t) / GB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the clean pages: read from the device
+    finally:
+        os.close(fd)
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+    rows.add("bandwidth", "ssd", "-", "ssd_read_GBps", n / (time.perf_counter() - t) / GB)
+    path.unlink(missing_ok=True)
+
+
+def _bf16_experts(model) -> None:
+    """All-in-HBM baseline: run the experts on bf16 copies of the fp32 weights (what autocast would do),
+    so it takes the same torch._grouped_mm path as the offload pool's bf16 slots."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    for layer in model.moe_layers():
+        layer.backend = "torch"  # the same dispatch + grouped experts path as the offload engine's
+        ex = layer.experts
+        orig = type(ex).forward
+
+        def fwd(x, counts=None, ex=ex, orig=orig):
+            params = {n: p.to(torch.bfloat16) for n, p in ex.named_parameters(recurse=False)}
+            with _reparametrize_module(ex, params):
+                return orig(ex, x.to(torch.bfloat16), counts)
+
+        ex.forward = fwd
+
+
+def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int, steps: int, warmup: int,
+             ssd_dir: Path, trace_path: Path | None, time_left, micro: int = 1, base=None) -> dict:
+    """Train ``steps`` (after ``warmup``) steps of ``micro`` micro-batches of ``batch`` x ``seq`` tokens
+    (gradients accumulated); returns the metrics. ``base``: an initialised CPU model to copy (initialising
+    a large MoEDecoder draws its weights in fp64 and takes seconds)."""
+    from reference.model import MoEDecoder
+    from reference.offload.engine import ExpertOffload
+    from reference.train import TrainConfig, make_optimizer
+    from semoe.plan_spec import OffloadPlacement, ParallelPlan
+    from semoe.trace import TraceRow, write_csv
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_build = time.perf_counter()
+    # on the CPU: offloaded experts never occupy the GPU in fp32
+    model = copy.deepcopy(base) if base is not None else MoEDecoder(spec, seed=0)
+    amp = torch.bfloat16 if cuda else None
+    eng = None
+    if placement == "gpu":
+        if cuda:
+            _bf16_experts(model)
+    else:
+        plan = ParallelPlan(offload=OffloadPlacement(expert_params=placement, expert_optimizer=placement),
+                            prefetch_depth=depth, cpu_cache_experts=cache if placement == "ssd" else 0)
+        eng = ExpertOffload(model, plan, device=device, compute_dtype=amp, ssd_dir=ssd_dir,
+                            trace=trace_path is not None)
+    model = model.to(device)
+    cfg = TrainConfig(steps=warmup + steps, lr=1e-4, warmup_steps=1)
+    opt = make_optimizer(model, cfg)
+    build_s = time.perf_counter() - t_build
+    gen = torch.Generator(device=device).manual_seed(0)
+    times, step_rows = [], []
+    t_origin = eng.t0 if eng is not None else time.perf_counter()
+    before = None
+    try:
+        for step in range(warmup + steps):
+            if step == warmup and eng is not None:
+                before = dict(eng.stats())
+            if step >= warmup and time_left() < 0:
+                break
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            for _ in range(micro):
+                x = torch.randint(0, spec.vocab, (batch, seq + 1), device=device, generator=gen)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    out = model(x[:, :-1], x[:, 1:])
+                (out.loss / micro).backward()
+            lr = 1e-4
+            if eng is not None:
+                eng.clip_grad_norm_(model, 1.0)
+                eng.step(lr)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss = float(out.loss.detach())  # synchronises
+            t1 = time.perf_counter()
+            if step >= warmup:
+                times.append(t1 - t0)
+            step_rows.append(TraceRow(0, -1, step, "step", t0 - t_origin, t1 - t_origin, 0, 0, "compute"))
+            log(f"    step {step}: {1e3 * (t1 - t0):.1f} ms, loss {loss:.4f}")
+        if eng is not None:
+            eng.wait()
+    finally:
+        if eng is not None:
+            eng.close()
+    if not times:
+        raise RuntimeError("no step measured within the time budget")
+    med = statistics.median(times)
+    res = {"step_ms": 1e3 * med, "tokens_per_s": micro * batch * seq / med, "build_s": build_s,
+           "steps": len(times), "micro_batches": micro}
+    if cuda:
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / GB
+    if eng is not None:
+        s, n = eng.stats(), max(1, len(times))
+        b = before or {k: 0 for k in s}
+        d = {k: s[k] - b.get(k, 0) for k in ("h2d_bytes", "d2h_bytes", "cpu_adam_s", "host_wait_s", "fetch_hits",
+                                             "fetch_misses", "cache_hits", "cache_misses")}
+        res["h2d_gb_per_step"] = d["h2d_bytes"] / n / GB
+        res["d2h_gb_per_step"] = d["d2h_bytes"] / n / GB
+        res["cpu_adam_ms_per_step"] = 1e3 * d["cpu_adam_s"] / n
+        res["host_wait_ms_per_step"] = 1e3 * d["host_wait_s"] / n
+        fetched = d["fetch_hits"] + d["fetch_misses"]
+        res["fetch_hit_rate"] = d["fetch_hits"] / fetched if fetched else 0.0
+        if placement == "ssd":
+            looked = d["cache_hits"] + d["cache_misses"]
+            res["cache_hit_rate"] = d["cache_hits"] / looked if looked else 0.0
+            res["cache_experts_per_layer"] = cache
+            res["ssd_read_gb_per_step"] = (s.get("ssd_read_bytes", 0) - b.get("ssd_read_bytes", 0)) / n / GB
+            res["ssd_write_gb_per_step"] = (s.get("ssd_write_bytes", 0) - b.get("ssd_write_bytes", 0)) / n / GB
+        if trace_path is not None:
+            write_csv(sorted(eng.trace_rows() + step_rows, key=lambda r: r.start_s), trace_path)
+    elif trace_path is not None:
+        write_csv(step_rows, trace_path)
+    del model, opt, eng
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def _record(rows: Rows, config: str, placement: str, prefetch: str, res: dict) -> None:
+    for k, v in res.items():
+        rows.add(config, placement, prefetch, k, float(v) if isinstance(v, float) else v)
+
+
+# ---------------------------------------------------------------------------------- DeepSpeed child
+DS_CHILD = r'''
+import json, os, sys, time, statistics
+import torch
+spec_d, batch, seq, steps, frac = json.loads(sys.argv[1])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("DS_PORT", "29517"), RANK="0",
+                  WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from deepspeed.ops.op_builder import CPUAdamBuilder
+t = time.perf_counter()
+CPUAdamBuilder().load()
+print(json.dumps({"metric": "cpu_adam_build_s", "value": time.perf_counter() - t}), flush=True)
+if frac:
+    torch.cuda.set_per_process_memory_fraction(frac)
+from semoe.model_spec import ModelSpec
+from reference.model import MoEDecoder
+spec = ModelSpec.from_dict(spec_d)
+deepspeed.init_distributed(dist_backend="nccl")
+model = MoEDecoder(spec, seed=0).cuda()
+cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+       "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+       "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                 "weight_decay": 0.01}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+times = []
+for step in range(2 + steps):
+    x = torch.randint(0, spec.vocab, (batch, seq + 1), device="cuda")
+    t0 = time.perf_counter()
+    out = engine(x[:, :-1], x[:, 1:])
+    engine.backward(out.loss)
+    engine.step()
+    float(out.loss)
+    if step >= 2:
+        times.append(time.perf_counter() - t0)
+med = statistics.median(times)
+for k, v in (("step_ms", 1e3 * med), ("tokens_per_s", batch * seq / med),
+             ("peak_mem_gb", torch.cuda.max_memory_allocated() / 1e9)):
+    print(json.dumps({"metric": k, "value": v}), flush=True)
+'''
+
+
+def run_deepspeed(rows: Rows, spec, batch: int, seq: int, steps: int, frac: float | None, cap_s: float,
+                  out: Path) -> str | None:
+    """DeepSpeed ZeRO-Offload in a child process; returns why it failed (None if it ran)."""
+    log_path = out / "deepspeed_child.log"
+    cmd = [sys.executable, "-c", DS_CHILD, json.dumps([spec.to_dict(), batch, seq, steps, frac])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    # its own session, so that a timeout also ends the compilers its JIT build started
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out_text, err_text = proc.communicate(timeout=cap_s)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        out_text, err_text = proc.communicate()
+        err_text = f"{err_text or ''}\ntimed out after {cap_s:.0f} s"
+        rc = "timeout"
+    log_path.write_text(f"rc={rc}\n--- stdout\n{out_text}\n--- stderr\n{err_text[-20000:]}")
+    got = 0
+    for line in out_text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "metric" in rec:
+            rows.add("c_deepspeed", "zero_offload_cpu", "-", rec["metric"], float(rec["value"]))
+            got += 1
+    if rc != 0:
+        reason = (err_text.strip().splitlines() or ["no output"])[-1][:200]
+        log(f"  DeepSpeed ZeRO-Offload failed ({rc}): {reason} (see {log_path})")
+        rows.add("c_deepspeed", "zero_offload_cpu", "-", "deepspeed_failed", 1)
+        return f"rc={rc}: {reason}"
+    return None
+
+
+# ---------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reference.offload.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quick", action="store_true", help="tiny model on the CPU (CI smoke test)")
+    p.add_argument("--budget-s", type=float, default=240.0)
+    p.add_argument("--ssd-dir", type=Path, default=None, help="SSD tier directory (default: a temp dir in /tmp)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per case (default 3; quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per case (default 2; quick 1)")
+    p.add_argument("--configs", default="bandwidth,a,b,c", help="comma list of bandwidth,a,b,c")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--a-layers", type=int, default=4)
+    p.add_argument("--a-hidden", type=int, default=1024)
+    p.add_argument("--a-ffn", type=int, default=4096)
+    p.add_argument("--a-experts", type=int, default=8)
+    p.add_argument("--a-batch", type=int, default=48, help="sequences per micro-batch")
+    p.add_argument("--a-micro-batches", type=int, default=8,
+                   help="micro-batches per optimizer step (amortises the CPU AdamW; see NOTES.md)")
+    p.add_argument("--b-layers", type=int, default=6)
+    p.add_argument("--b-hidden", type=int, default=1024)
+    p.add_argument("--b-ffn", type=int, default=4096)
+    p.add_argument("--b-experts", type=int, default=16)
+    p.add_argument("--b-batch", type=int, default=1)
+    p.add_argument("--b-cache-frac", type=float, default=0.75, help="CPU cache: this fraction of each layer's experts")
+    p.add_argument("--ds-cap-s", type=float, default=75.0, help="time cap of the DeepSpeed child")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.monotonic()
+    deadline = t_start + args.budget_s
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    rows = Rows(out / "offload_train.csv", device)
+    tmp = None
+    if args.ssd_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="semoe_offload_ssd_")
+        ssd_root = Path(tmp.name)
+    else:
+        ssd_root = args.ssd_dir
+    steps = args.steps or (2 if args.quick else 3)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    log(f"offload bench on {device}: configs {configs}, budget {args.budget_s:.0f} s, ssd dir {ssd_root}")
+
+    def left() -> float:
+        return deadline - time.monotonic()
+
+    notes: list[dict] = []  # why something was skipped or failed (offload_bench_notes.json)
+
+    def note(config: str, placement: str, prefetch: str, what: str, why: str) -> None:
+        notes.append({"config": config, "placement": placement, "prefetch": prefetch, "what": what, "why": why})
+        (out / "offload_bench_notes.json").write_text(json.dumps(notes, indent=1))
+
+    def attempt(config: str, placement: str, prefetch: str, need_s: float, fn) -> dict | None:
+        if left() < need_s:
+            log(f"skip {config} {placement} {prefetch}: {left():.0f} s left, needs ~{need_s:.0f} s")
+            rows.add(config, placement, prefetch, "skipped", 1)
+            note(config, placement, prefetch, "skipped", f"time budget: {left():.0f} s left, needs ~{need_s:.0f} s")
+            return None
+        log(f"{config} {placement} prefetch={prefetch}")
+        try:
+            res = fn()
+        except Exception as e:  # noqa: BLE001 - one failed case must not end the run
+            (out / "errors.log").open("a").write(f"{config} {placement} {prefetch}\n{traceback.format_exc()}\n")
+            log(f"  failed: {type(e).__name__}: {str(e)[:300]}")
+            rows.add(config, placement, prefetch, "error", 1)
+            note(config, placement, prefetch, "error", f"{type(e).__name__}: {str(e)[:500]}")
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+            return None
+        _record(rows, config, placement, prefetch, res)
+        return res
+
+    try:
+        sp = specs(args.quick, args)
+        if "bandwidth" in configs:
+            attempt("bandwidth", "-", "-", 5.0, lambda: measure_bandwidth(rows, ssd_root, args.quick) or {})
+
+        if "a" in configs:
+            spec, batch, seq = sp["a"]
+            rows.add("a_compute_bound", "-", "-", "expert_params", expert_params(spec))
+            micro_a = 2 if args.quick else args.a_micro_batches
+            rows.add("a_compute_bound", "-", "-", "tokens_per_step", micro_a * batch * seq)
+            cache_a = max(1, (3 * spec.experts) // 4)  # experts per MoE layer in the CPU cache
+            from reference.model import MoEDecoder
+
+            t = time.perf_counter()
+            base_a = MoEDecoder(spec, seed=0)
+            log(f"a: model initialised on the CPU in {time.perf_counter() - t:.1f} s")
+            base = None
+            for placement, depth in (("gpu", 0), ("cpu", 1), ("cpu", 0), ("ssd", 1), ("ssd", 0)):
+                pf = "-" if placement == "gpu" else ("on" if depth else "off")
+                need = 8.0 if args.quick else (25.0 if placement != "ssd" else 40.0)
+                res = attempt("a_compute_bound", placement, pf, need, lambda placement=placement, depth=depth: run_case(
+                    spec, batch, seq, placement, depth, cache_a, steps, warmup, ssd_root / f"a_{placement}_{depth}",
+                    out / f"trace_a_{placement}_{'on' if depth else 'off'}.csv", left, micro_a, base_a))
+                if res is not None and placement == "gpu":
+                    base = res["step_ms"]
+                elif res is not None and base:
+                    rows.add("a_compute_bound", placement, pf, "ratio_vs_gpu", res["step_ms"] / base)
+
+        if "b" in configs:
+            spec, batch, seq = sp["b"]
+            total = states_bytes(spec)
+            budget = total / 3.0
+            rows.add("b_over_budget", "-", "-", "states_gb", total / GB)
+            rows.add("b_over_budget", "-", "-", "budget_gb", budget / GB)
+            frac = None
+            if cuda:
+                frac = min(1.0, budget / torch.cuda.get_device_properties(0).total_memory)
+                torch.cuda.set_per_process_memory_fraction(frac)
+            cache_b = max(1, int(args.b_cache_frac * spec.experts))  # per MoE layer
+            from reference.model import MoEDecoder
+
+            if "a" in configs:
+                del base_a
+                gc.collect()
+            t = time.perf_counter()
+            base_b = MoEDecoder(spec, seed=0)
+            log(f"b: model initialised on the CPU in {time.perf_counter() - t:.1f} s")
+            try:
+                for placement in ("ssd", "cpu"):
+                    need = 8.0 if args.quick else 45.0
+                    attempt("b_over_budget", placement, "on", need, lambda placement=placement: run_case(
+                        spec, batch, seq, placement, 1, cache_b, steps, warmup, ssd_root / f"b_{placement}",
+                        out / f"trace_b_{placement}_on.csv", left, 1, base_b))
+            finally:
+                if cuda:
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+
+            if "c" in configs:
+                if not cuda:
+                    log("skip c_deepspeed: needs CUDA")
+                    rows.add("c_deepspeed", "zero_offload_cpu", "-", "skipped", 1)
+                    note("c_deepspeed", "zero_offload_cpu", "-", "skipped", "needs CUDA")
+                else:
+                    cap = min(args.ds_cap_s, left() - 5)
+                    if cap < 30:
+                        log(f"skip c_deepspeed: {left():.0f} s left")
+                        rows.add("c_deepspeed", "zero_offload_cpu", "-", "skipped", 1)
+                        note("c_deepspeed", "zero_offload_cpu", "-", "skipped", f"time budget: {left():.0f} s left")
+                    else:
+                        log(f"c_deepspeed: ZeRO-Offload child, cap {cap:.0f} s")
+                        # no memory cap: ZeRO-Offload keeps every bf16 weight and gradient on the GPU, which
+                        # does not fit the budget above; its peak_mem_gb row shows what it needed
+                        why = run_deepspeed(rows, spec, batch, seq, steps, None, cap, out)
+                        if why:
+                            note("c_deepspeed", "zero_offload_cpu", "-", "deepspeed_failed", why)
+    finally:
+        rows.add("run", "-", "-", "wall_s", time.monotonic() - t_start)
+        rows.close()
+        if tmp is not None:
+            tmp.cleanup()
+    log(f"done: {rows.count} rows in {out / 'offload_train.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
