@@ -9,10 +9,16 @@ moe_layer   ``results/bench/moe_layer.csv``   `simulator.calibration.compare` pe
             (impl ``ours``, metric ``ms``)    (``commit`` column); the standalone gating / permute
                                               kernels with the same memory-pass terms that
                                               `simulator.calibration.predict_moe_layer` charges them
-train       ``results/bench/train.csv``       `simulator.api.simulate` of one training step of the
-                                              scaled paper model in the ``config`` column on the
-                                              ``h100-single`` preset (the profile is read automatically)
+train       ``results/bench/train.csv``       one training step of the scaled paper model in the
+                                              ``config`` column on the ``h100-single`` preset (the
+                                              profile is read automatically), ``impl="reference"``:
+                                              the reference trainer's fp32-master / autocast / fp32
+                                              loss / clipping / foreach-AdamW HBM passes, and its
+                                              aten operator count (`reference_host_ops`) as a
+                                              host-time floor (`simulator.workload.training`)
 infer       ``results/bench/infer.csv``       `simulator.validate_infer.predict_all`
+offload     ``results/bench/offload_train.  `simulator.validate_offload.rows`: the reference-trainer step
+            csv``                             with expert states on gpu / cpu / ssd, prefetch on / off
 multigpu    ``results/multigpu/*.csv``        not yet: no multi-GPU measurement is committed
 =========== ================================= ==========================================================
 
@@ -23,7 +29,8 @@ with ``error = predicted / measured - 1``. ``status`` is
 - ``fitted``: the row (or the model input it equals) was used to set a simulator constant; these have
   ``used_for_fitting = true``: the ``mixtral_like`` forward+backward row of run ``65fffb4+wip3``
   (``simulator.cost.BACKWARD_GEMM_FACTOR``) and the measured pinned H2D bandwidth (the preset's
-  PCIe bandwidth is HARDWARE.md's measurement of the same link);
+  PCIe bandwidth is HARDWARE.md's measurement of the same link), and the offload bench's bandwidth /
+  CPU-AdamW probes (model inputs of that run's simulations, `simulator.validate_offload`);
 - ``derived``: a value computed from another row of the same run (``tflops``/``gbps`` from ``ms``,
   ``mfu`` from ``tokens_per_s``): same error as that row, so not counted twice;
 - ``not_modelled``: the simulator has no model of the quantity, or the measurement shows an effect
@@ -144,6 +151,7 @@ class TrainConfig:
     bucket: int
     zero: int
     params: int
+    backend: str = "single-process"  # nccl / gloo: a torchrun run (reference.parallel's GradSync, even at 1 rank)
 
 
 def parse_train_config(config: str) -> TrainConfig:
@@ -156,15 +164,62 @@ def parse_train_config(config: str) -> TrainConfig:
     return TrainConfig(preset=name, layers=int(m["L"]), hidden=int(m["D"]), experts=int(m["E"]), top_k=int(m["k"]),
                        ffn=int(m["F"]), dtype=m["dtype"], batch=int(m["B"]), seq=int(m["S"]), world=int(m["world"]),
                        ep=int(m["ep"] or 1), alltoall=m["a2a"] or "flat", bucket=int(m["bucket"] or 0),
-                       zero=int(m["zero"] or 0), params=int(m["params"]))
+                       zero=int(m["zero"] or 0), params=int(m["params"]), backend=m["backend"])
+
+
+_HOST_OPS: dict = {}
+
+
+def reference_host_ops(m) -> float:
+    """Aten operators one `reference.train` step of model ``m`` dispatches (forward, backward, clip,
+    foreach AdamW, the loss read-back), counted by `reference.op_count` on the CPU on a copy of ``m`` with
+    tiny widths (the operator count depends on the structure: layers, experts, top-k, gate, not on the
+    widths). The optimizer and the clipping run in their CUDA form (``foreach``); kernels only, views
+    are metadata. Cached per structure."""
+    import torch
+
+    from reference.model import MoEDecoder
+    from reference.op_count import count_ops
+    from reference.train import TrainConfig, after_step
+
+    key = (m.layers, m.experts, m.top_k, m.gate, m.moe_every, m.norm, m.position, m.activation, m.shared_experts,
+           m.tied_embeddings, m.bias)
+    if key in _HOST_OPS:
+        return _HOST_OPS[key]
+    tiny = m.replace(hidden=64, heads=4, kv_heads=None, ffn=64, vocab=256, max_seq=64, name="ops")
+    torch.manual_seed(0)
+    model = MoEDecoder(tiny, seed=0).float()
+    cfg = TrainConfig(batch_size=2, seq_len=32)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95), foreach=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, tiny.vocab, (2, 32), generator=gen)
+    y = torch.randint(0, tiny.vocab, (2, 32), generator=gen)
+
+    def step():
+        out = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        after_step(model, out, cfg)
+        return float(out.loss.detach())
+
+    step()  # optimizer state exists from the second step on
+    _, c = count_ops(step)
+    _HOST_OPS[key] = float(c.kernels)
+    return _HOST_OPS[key]
 
 
 def simulate_train(c: TrainConfig) -> dict:
-    """One training step of the config on the ``h100-single`` preset (profile read automatically)."""
+    """One reference-trainer step of the config on the ``h100-single`` preset (profile read automatically)."""
     from semoe import Run, Workload, cluster_preset, sizing
     from semoe.plan_spec import ParallelPlan
     from semoe.presets import model_preset
-    from simulator.api import simulate
+    from simulator.engine import Sim
+    from simulator.workload.training import TrainingIteration
 
     m = model_preset(c.preset).replace(layers=c.layers, hidden=c.hidden, heads=TRAIN_HEADS, ffn=c.ffn,
                                        experts=c.experts, top_k=c.top_k, dtype=c.dtype, name=f"{c.preset}-scaled")
@@ -177,7 +232,14 @@ def simulate_train(c: TrainConfig) -> dict:
               workload=Workload(micro_batch=c.batch, seq_len=c.seq, steps=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
-        _, s = simulate(run, trace=False)
+        ops = reference_host_ops(m)
+        sim = Sim(run.cluster, seed=run.workload.seed, trace=False)
+        # the reference trainer's experts see fp32 activations (fp32 masters, fp32 residual stream under
+        # autocast): GroupedExperts' torch path then loops over experts (torch._grouped_mm needs bf16); the
+        # rows of results/bench/train.csv predate the Triton MoE backend (06fa3d1), so this is what ran
+        # torchrun rows (backend nccl / gloo) run reference.parallel's GradSync even on one rank
+        s = TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl="loop",
+                              grad_sync=c.backend != "single-process").run()
     return s
 
 
@@ -194,7 +256,8 @@ def train_rows(path: Path) -> list[dict]:
         if r.metric == "tokens_per_s":
             s = simulate_train(c)
             rows.append(_row(src, run, r.config, r.metric, r.value, s["tokens_per_s"],
-                             note=f"simulated step {s['step_time_s'] * 1e3:.1f} ms, MFU {s['mfu']:.3f}"))
+                             note=f"simulated step {s['step_time_s'] * 1e3:.1f} ms (device {s['device_step_s'] * 1e3:.1f}, "
+                                  f"host floor {s['host_s'] * 1e3:.1f}), MFU {s['mfu']:.3f}"))
         elif r.metric == "mfu":
             s = simulate_train(c)
             rows.append(_row(src, run, r.config, r.metric, r.value, s["mfu"], status="derived",
@@ -244,6 +307,13 @@ def explain_run1() -> str:
     return "run 1's cuDNN SDPA rebuilt a plan every decode step (~205 ms/step, NOTES.md), fixed in run 2"
 
 
+# ---------------------------------------------------------------------------------------- offload
+def offload_rows(path: Path) -> list[dict]:
+    from simulator.validate_offload import rows
+
+    return rows(path)
+
+
 # ---------------------------------------------------------------------------------------- multi-GPU
 def multigpu_rows(folder: Path) -> list[dict]:
     """No multi-GPU measurement is committed yet (``results/multigpu/README.md`` has the command); when
@@ -260,7 +330,7 @@ def collect(results: Path = RESULTS) -> pd.DataFrame:
     """Every committed GPU measurement vs its simulation (one row each, columns `COLUMNS`)."""
     rows: list[dict] = []
     for name, fn in (("bench/moe_layer.csv", kernel_rows), ("bench/train.csv", train_rows),
-                     ("bench/infer.csv", infer_rows)):
+                     ("bench/infer.csv", infer_rows), ("bench/offload_train.csv", offload_rows)):
         p = results / name
         if p.is_file():
             rows += fn(p)

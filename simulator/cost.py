@@ -54,6 +54,11 @@ sequence 1, measured by ``kernels/profile.py``; the operator count comes from `r
 ``HOST_OP_S`` = 8 us, HARDWARE.md's "PyTorch eager op overhead ~8 us per small op". Workloads count their
 operators from the reference code (`reference.op_count`), never from a validation row.
 
+Host transfers (``TRANSFER_OPS``): ``disk_read`` / ``disk_write`` / ``copy_{h2d,d2h}_{pinned,pageable}``
+rows (``io_bytes`` moved in ``time_s``) give achieved bytes/s over the size, used by `CostModel.transfer_time`
+(else the cluster spec's bandwidth); a ``cpu_adam`` row (``io_bytes`` = parameters updated by the CPU
+optimizer in ``time_s``) gives its parameters/s.
+
 Overlap: a kernel that runs while a collective or copy is in flight on the same GPU is slowed by
 ``OVERLAP_SLOWDOWN`` = 1.10 (assumption: NCCL kernels hold ~8-16 SM channels of 108-132 and share
 HBM bandwidth; 5-15% slowdowns are typically reported). It is a parameter of `CostModel`.
@@ -86,6 +91,9 @@ _ALIASES = {"tokens": "m", "hidden": "k", "ffn": "n"}
 OP_NAMES = {"gemm": "matmul", "grouped_gemm_fwd": "grouped_matmul"}
 GEMM_OPS = ("matmul", "grouped_matmul", "grouped_gemm_dgrad", "grouped_gemm_wgrad")
 MEMORY_OPS = ("rmsnorm", "layernorm", "add", "gelu", "permute", "unpermute", "copy_d2d")
+# host-side transfers and the CPU optimizer: achieved bytes/s (cpu_adam: parameters/s) over the size moved
+TRANSFER_OPS = ("disk_read", "disk_write", "copy_h2d_pinned", "copy_d2h_pinned", "copy_h2d_pageable",
+                "copy_d2h_pageable", "cpu_adam")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "results" / "profiles"
 
 
@@ -119,9 +127,14 @@ class Profile:
                 best[key] = r
         curves: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
         mem: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+        xfer: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for r in best.values():
             op = r["op"]
-            if op.startswith("sdpa"):
+            if op in TRANSFER_OPS:
+                size = r.get("io_bytes") or r["m"]
+                if size > 0:
+                    xfer[op].append((size, size / r["time_s"]))
+            elif op.startswith("sdpa"):
                 flops = r.get("flop") or 0.0
                 if flops > 0:
                     curves[(op, r["dtype"], r["n"], r.get("batch", 1) * r["k"], 1)].append((r["m"], flops / r["time_s"]))
@@ -137,6 +150,7 @@ class Profile:
 
         self.curves = arrays(curves)
         self.mem_curves = arrays(mem)
+        self.transfer_curves = {k: v for k, v in arrays(xfer).items()}
         # host seconds per dispatched operator, by impl ('reference': the reference model; 'torch': a bare op)
         self.host_op = {r.get("impl", ""): r["time_s"] for r in rows if r["op"] == "host_op"}
 
@@ -204,6 +218,19 @@ class Profile:
             return None
         return float(np.interp(math.log(nbytes), np.log(xs), bs)) if len(xs) > 1 else float(bs[0])
 
+    def transfer_rate(self, op: str, size: float) -> float | None:
+        """Achieved bytes/s (``cpu_adam``: parameters/s) of a host transfer ``op`` moving ``size``:
+        interpolated in log size inside the measured range, the nearest end's rate outside it (a large
+        copy streams at the rate of the largest measured one; a small one is charged no better than the
+        smallest). None when the profile has no row of ``op``."""
+        curve = self.transfer_curves.get(op)
+        if curve is None:
+            return None
+        xs, bs = curve
+        if len(xs) == 1:
+            return float(bs[0])
+        return float(np.interp(math.log(max(size, 1.0)), np.log(xs), bs))
+
     def flops_per_s(self, op: str, dtype: str, m: float, n: int, k: int, groups: int = 1,
                     key: tuple | None = None) -> float | None:
         curve = self.curves.get(key or (op, dtype, n, k, groups))
@@ -251,6 +278,15 @@ class CostModel:
     def host_time(self, n_ops: float) -> float:
         """Host time to dispatch ``n_ops`` eager operators (a lower bound on a host-bound step)."""
         return max(0.0, n_ops) * self.host_op_s
+
+    def transfer_time(self, op: str, size: float, fallback_GBps: float) -> float:
+        """Seconds to move ``size`` bytes by a host transfer ``op`` (`TRANSFER_OPS`): the profile's achieved
+        rate when it has rows of ``op`` (e.g. ``disk_read``, ``disk_write``), else ``fallback_GBps`` (the
+        cluster spec's bandwidth of that link)."""
+        if size <= 0:
+            return 0.0
+        rate = self.profile.transfer_rate(op, size) if self.profile is not None else None
+        return size / (rate if rate else fallback_GBps * 1e9)
 
     def memory(self, nbytes: float) -> float:
         """A memory-bound kernel moving ``nbytes`` (read + write) through HBM."""

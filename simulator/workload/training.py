@@ -23,6 +23,48 @@ traffic per parameter of the local shard; on the CPU: the same bytes through the
 its ranks), and the expert optimizer on its tier (``ssd``: fp32 states of uncached experts read and
 written back, pipelined with the CPU update: ``max(read, update, write)``).
 
+Offloaded expert states (`simulator.workload.offload` decides which local experts a step uses and which
+the LFU CPU cache holds; tiers from ``plan.offload``; the layout is `reference.offload`'s): the host keeps a
+pinned compute-dtype mirror of every offloaded expert's weights (and its gradient buffer); the SSD tier
+holds the fp32 states (master, m, v: 12 bytes per parameter) of the experts the CPU cache does not hold.
+Before ``experts_fwd`` and again before ``experts_bwd`` of every micro-batch (the GPU keeps ``depth + 1``
+layer slots, SEMOE.md), the layer's used experts' 16-bit params cross PCIe (``h2d_prefetch`` on the
+rank's H2D copy engine). ``prefetch_depth`` d >= 1 issues layers i+1..i+d while layer i computes (2D
+prefetch); d = 0 fetches on demand when the experts are needed, so compute waits for the copy. Gradients
+of every local expert go to the host (``d2h_grads`` on the D2H engine, concurrent with H2D: PCIe is full
+duplex) and the CPU optimizer (one per-node engine, ``cpu_adam``) updates every local expert (unused
+ones too, as AdamW does); for ``expert_optimizer == ssd`` each uncached state is read (``ssd_read``) before
+and written back (``ssd_write``) after its update, except experts the cache admits this step (kept, dirty);
+experts it evicts are written back (``ssd_writeback``); one disk per node serves reads and writes in
+turn. The stages are pipelined over experts (each holds its engine). With ``expert_params == gpu``
+(ZeRO-Offload style) the updated params are copied back (``h2d_params``). Schedule: ``impl="ideal"``
+starts a layer's D2H and update as soon as its backward is done (the last micro-batch) and the step waits
+for them; ``impl="reference"`` follows `reference.offload`: D2H and updates after the backward and the
+clipping, in layer order, the next step's fetch of layer i waiting for layer i's update (so later layers'
+updates overlap the next forward) and, with d >= 1, the SSD state reads of layer i issued when its
+forward starts; two steps are simulated and the second (steady state) is reported. SSD bandwidths:
+``io_rates`` (a bench run's own measurement), else the profile's ``disk_read`` / ``disk_write`` rows
+(`CostModel.transfer_time`), else the cluster spec's. CPU optimizer throughput: ``io_rates['cpu_adam']``,
+else the profile's ``cpu_adam`` row (parameters/s), else an assumption: AdamW over flat fp32 buffers is
+DRAM-bound, ``CPU_ADAM_BYTES_PER_PARAM`` = 32 bytes per parameter (read param, grad, m, v; write param,
+m, v and the 16-bit mirror) at the node's ``host_memory_GBps`` (h100-single: 50 GB/s -> 1.6 G params/s).
+
+Implementation overheads (``impl="reference"``: what `reference.train` executes on top of the ideal
+mixed-precision step above; ``impl="ideal"``, the default, leaves them out): fp32 master parameters under
+bf16 autocast, so every 16-bit GEMM weight is cast each forward (``weight_cast``: read 4, write 2 bytes per
+parameter) and its gradient cast back to fp32 in backward (``grad_cast``, 6 bytes); a residual stream
+and layer norms in fp32 (``REF_RESIDUAL_BYTES`` per token x hidden per block instead of the ideal 16-bit
+pass); the loss over the vocabulary in fp32 (``loss_fwd`` / ``loss_bwd``: ``REF_LOSS_FWD_BYTES`` /
+``REF_LOSS_BWD_BYTES`` per logit); the tied embedding's dense fp32 gradient (``REF_EMB_GRAD_BYTES`` per
+parameter); global-norm gradient clipping (``grad_clip``: ``REF_CLIP_BYTES`` per parameter); torch's
+foreach AdamW over fp32 states (``REF_ADAM_BYTES_PER_PARAM`` = 80 instead of 32); with
+``expert_impl="loop"`` (GroupedExperts' torch fallback, which the reference takes when its experts see fp32
+activations) a dense zero-filled gradient of the whole stacked expert weight per used expert, summed
+(``expert_grad_select``, ``REF_SELECT_*``). All are HBM passes at
+the profile's achieved bandwidth (`CostModel.memory`); the byte counts are derived in the constants'
+comments from the aten ops the reference issues. With ``host_ops`` (aten operators per step, counted by
+`reference.op_count` on the reference code), the step is at least ``CostModel.host_time(host_ops)``.
+
 Backward costs 2 x forward for every matmul (`semoe.sizing`) times the cost model's calibrated
 ``backward_gemm_factor`` (applied to the whole backward phase). Activations kept for backward
 (estimate after Korthikanti et al. 2022, 16-bit, flash attention): ``15 T h`` bytes per block for
@@ -36,17 +78,77 @@ import numpy as np
 import simpy
 
 from semoe import Run
-from semoe.sizing import block_params, count_params, embedding_params, expert_params, state_bytes_per_tier
+from semoe.sizing import (
+    GRAD_BYTES,
+    OPTIMIZER_BYTES,
+    PARAM_BYTES,
+    block_params,
+    count_params,
+    embedding_params,
+    expert_params,
+    state_bytes_per_tier,
+)
 from simulator import collectives as C
 from simulator.engine import Sim
+from simulator.workload import offload as O
 from simulator.workload import routing
 
 CATS = ("compute", "comm", "copy", "optimizer")
 ADAM_BYTES_PER_PARAM = 32  # read param+grad+master+m+v (16 B), write param+master+m+v (16 B)
+CPU_ADAM_BYTES_PER_PARAM = 32  # assumption (no measurement): the same pass over DRAM, fused CPU AdamW
+IMPLS = ("ideal", "reference")
+# ---- reference.train's extra HBM traffic (bytes), from the aten ops it issues (see the module docstring)
+REF_CAST_BYTES = 6  # fp32 weight -> bf16 copy per forward (autocast), bf16 grad -> fp32 per backward
+# torch.optim.AdamW(foreach) per fp32 parameter: mul_ (decay, r/w p 8) + lerp_ (m: r m g, w m 12)
+# + mul_ (v 8) + addcmul_ (r v g, w v 12) + sqrt (r v, w s 8) + div_ (8) + add_ eps (8)
+# + addcdiv_ (r p m s, w p 16) = 80
+REF_ADAM_BYTES_PER_PARAM = 80
+REF_CLIP_BYTES = 12  # clip_grad_norm_ (foreach): norm reads the fp32 grad (4), mul_ scales it (r/w 8)
+# per token x hidden per block, fp32 residual stream: 2 layer norms (r4 w4) + 2 casts to bf16 for the
+# next GEMM (r4 w2) + 2 residual adds (r4 r2 w4) = 48 B, vs the ideal model's 16 (8 x 2 B)
+REF_RESIDUAL_BYTES = 48 - 16
+# per logit: logits.float() (r2 w4) + log_softmax (r4 w4); backward: nll grad (zero-fill w4),
+# log_softmax_backward (r4 r4 w4) + cast to bf16 (r4 w2)
+REF_LOSS_FWD_BYTES = 14
+REF_LOSS_BWD_BYTES = 22
+REF_EMB_GRAD_BYTES = 16  # tied embedding: dense fp32 grad zero-filled (w4), head grad accumulated (r4 r4 w4)
+# expert_impl="loop" (GroupedExperts' loop fallback, taken when the activations reaching the experts are fp32,
+# as under autocast with fp32 masters and an fp32 residual stream): expert e's weight is the view w_EDF[e] of
+# the stacked fp32 parameter, so autograd's SelectBackward materialises a zero-filled full [E, D, F] fp32
+# gradient for every used expert (write 4 B x E x D x F) and copies the slice into it (r4 w4 per D x F), and
+# the E full-size gradients of one parameter are summed before AccumulateGrad (r4 r4 w4 x E x D x F each
+# after the first): per weight matrix, u used experts of E: u (4 E + 8) + (u - 1) 12 E bytes per D x F
+REF_SELECT_ZERO_BYTES, REF_SELECT_COPY_BYTES, REF_SELECT_ACC_BYTES = 4, 8, 12
+EXPERT_IMPLS = ("grouped", "loop")
+# grad_sync=True (reference.parallel's GradSync, used whenever the trainer runs under a process group, even
+# of one rank): every gradient is packed into a flat bucket (cat: r4 w4) and copied back after the
+# reduction (r4 w4), and the MoE-aware clipping squares each gradient into a new tensor before summing
+# (pow: r4 w4, sum: r4) then scales it (r4 w4)
+REF_BUCKET_BYTES = 16
+REF_CLIP_MOE_BYTES = 20
 
 
 class TrainingIteration:
-    def __init__(self, run: Run, sim: Sim) -> None:
+    def __init__(self, run: Run, sim: Sim, impl: str = "ideal", host_ops: float = 0.0,
+                 measured_steps: int | None = None, expert_impl: str = "grouped", grad_sync: bool = False,
+                 io_rates: dict | None = None) -> None:
+        """``measured_steps``: the last steps of ``Workload.steps`` over which ``cache_hit_rate_measured``
+        counts hits (a bench's counters after its warm-up; default all). ``expert_impl`` (with
+        ``impl="reference"``): ``grouped`` (one GEMM per stacked weight, one gradient per stacked tensor)
+        or ``loop`` (the reference's torch fallback for fp32 activations: a loop over experts indexing the
+        stacked fp32 parameter, see ``REF_SELECT_*``). ``grad_sync`` (with ``impl="reference"``): the run
+        went through ``reference.parallel``'s GradSync (``REF_BUCKET_BYTES``, ``REF_CLIP_MOE_BYTES``).
+        ``io_rates``: measured host-side rates that take precedence over the profile and the cluster spec:
+        ``disk_read`` / ``disk_write`` (bytes/s), ``cpu_adam`` (parameters/s)."""
+        self.io_rates = dict(io_rates or {})
+        self.grad_sync = grad_sync
+        if impl not in IMPLS:
+            raise ValueError(f"TrainingIteration: impl must be one of {IMPLS}, got {impl!r}")
+        if expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"TrainingIteration: expert_impl must be one of {EXPERT_IMPLS}, got {expert_impl!r}")
+        self.expert_impl = expert_impl
+        self.impl, self.host_ops = impl, float(host_ops)
+        self.measured_steps = run.workload.steps if measured_steps is None else min(measured_steps, run.workload.steps)
         self.run_spec, self.sim = run, sim
         m, c, p, w = run.model, run.cluster, run.plan, run.workload
         self.m, self.c, self.p, self.w = m, c, p, w
@@ -74,8 +176,10 @@ class TrainingIteration:
         self.t_experts: dict[int, np.ndarray] = {}
         self.tokens_in: dict[int, np.ndarray] = {}
         self.tokens_out: dict[int, np.ndarray] = {}
+        self.recv: dict[int, np.ndarray] = {}  # [W, local experts] tokens received
         rng = sim.rng
         pop = routing.expert_popularity(m, w, rng) if m.moe_layers else None
+        self.pop = pop  # the run's expert popularity (the cache's warm-up steps draw from it too)
         for i in range(m.layers):
             if not m.is_moe_layer(i):
                 continue
@@ -85,6 +189,7 @@ class TrainingIteration:
             tin = (mats_.sum(axis=1) / self.bpt).reshape(-1)  # [W]
             self.tokens_in[i] = tin
             self.tokens_out[i] = counts.sum(axis=1).astype(float)
+            self.recv[i] = O.received(counts, self.EP)
             per_exp = {x: mats * cm.matmul(x / self.local_experts, m.ffn, h, dt, groups=self.local_experts)
                        for x in np.unique(tin)}
             self.t_experts[i] = np.array([per_exp[x] for x in tin])
@@ -94,6 +199,15 @@ class TrainingIteration:
         self.expert_local_params = self.local_experts * expert_params(m) if m.moe_layers else 0
         self.zero3 = p.zero_stage == 3
         self.offload_experts = p.offload.expert_params != "gpu"
+        self.offload_opt = p.offload.expert_optimizer != "gpu" and bool(self.a2a)
+        self.ref = impl == "reference"
+        if self.ref:
+            self.t_attn += cm.memory(REF_RESIDUAL_BYTES * T * h)
+            V = m.vocab
+            self.t_loss_fwd = cm.memory(REF_LOSS_FWD_BYTES * T * V)
+            self.t_loss_bwd = cm.memory(REF_LOSS_BWD_BYTES * T * V)
+            self.t_emb_grad = cm.memory(REF_EMB_GRAD_BYTES * self.embed)
+        self._offload_setup(rng)
         self.ranks = np.arange(self.W)
         self.bwd = 2.0 * cm.backward_gemm_factor  # backward / forward time of a compute phase
         # ---- per-rank state
@@ -101,9 +215,177 @@ class TrainingIteration:
         self.comm = [simpy.Resource(env, 1) for _ in range(self.W)]
         self.h2d = [simpy.Resource(env, 1) for _ in range(self.W)]
         self.d2h = [simpy.Resource(env, 1) for _ in range(self.W)]
+        nodes = c.nodes
+        # one disk per node: reads and writes share it (one request at a time)
+        self.ssd_r = [simpy.Resource(env, 1) for _ in range(nodes)]
+        self.ssd_w = self.ssd_r
+        self.cpu = [simpy.Resource(env, 1) for _ in range(nodes)]
+        self.bytes: dict[str, float] = {}  # per phase, summed over ranks
+        self.busy: dict[str, float] = {}  # seconds per host-side engine phase (cpu_adam, ssd_*), summed
+        self.opt_procs: list[list] = [[] for _ in range(self.W)]
+        # impl="reference" with a CPU expert optimizer: reference.offload's schedule (the update runs after
+        # the backward and clipping and overlaps the next step's forward): two steps are simulated and the
+        # second one is reported (steady state)
+        self.ref_sched = self.ref and self.offload_opt
+        self.n_iter = 2 if self.ref_sched else 1
+        self.adam_prev: list[dict] = [{} for _ in range(self.W)]  # layer -> previous step's update
+        self.adam_cur: list[dict] = [{} for _ in range(self.W)]
+        self.state_reads: list[dict] = [{} for _ in range(self.W)]  # layer -> prefetched SSD state read
+        self.t0 = np.zeros(self.W)
         self.acc = np.zeros((self.W, len(CATS)))
         self.end = np.zeros(self.W)
+        if self.ref:
+            # 16-bit GEMM weights cast from their fp32 masters: the block's dense weights, its local experts
+            # when they live on the GPU (offloaded experts arrive in 16 bits), the tied head once
+            ex = 0 if self.offload_experts else self.expert_local_params
+            self.t_cast = {i: cm.memory(REF_CAST_BYTES * (self.dense_layer[i] + (ex if i in self.a2a else 0)))
+                           for i in range(m.layers)}
+            self.t_attn_head_cast = cm.memory(REF_CAST_BYTES * self.embed)
+            self.t_head += self.t_attn_head_cast
+            per_param = (REF_BUCKET_BYTES + REF_CLIP_MOE_BYTES) if grad_sync else REF_CLIP_BYTES
+            self.t_clip = cm.memory(per_param * count_params(m).total / (self.W if p.zero_stage >= 2 else 1))
         self._static_memory()
+
+    # ------------------------------------------------------------------ offload
+    def _offload_setup(self, rng) -> None:
+        """Which local experts the step uses, and (with a CPU cache) which the cache holds: the LFU cache
+        is run over ``Workload.steps`` steps of routing draws (`simulator.workload.offload`)."""
+        m, p, w = self.m, self.p, self.w
+        self.used = {i: self.recv[i] > 0 for i in self.a2a}
+        self.hit = None
+        self.cache = None
+        if not (self.offload_experts or self.offload_opt) or not self.a2a:
+            return
+        if p.cpu_cache_experts > 0:
+            pop = self.pop
+            history = []
+            for _ in range(max(w.steps, 1) - 1):
+                history.append({i: O.received(routing.token_counts(m, w, self.W, rng, pop), self.EP) for i in self.a2a})
+            history.append(self.recv)
+            cap = min(p.cpu_cache_experts, self.local_experts) * m.moe_layers
+            self.cache = O.simulate_cache(p, history, cap)
+            self.hit = self.cache.hit
+
+    def _cached(self, r: int, i: int) -> np.ndarray:
+        if self.hit is None:
+            return np.zeros(self.local_experts, dtype=bool)
+        return self.hit[r][i]
+
+    def _count(self, phase: str, nbytes: float) -> None:
+        self.bytes[phase] = self.bytes.get(phase, 0.0) + float(nbytes)
+
+    def _engine(self, res, r, layer, phase, dur, nbytes, resource):
+        with res.request() as req:
+            yield req
+            t0 = self.env.now
+            yield self.env.timeout(dur)
+            self.busy[phase] = self.busy.get(phase, 0.0) + dur
+            self.sim.record(r, layer, -1, phase, t0, self.env.now, nbytes, 0, resource)
+        self._count(phase, nbytes)
+
+    def _io_time(self, op: str, nbytes: float) -> float:
+        """``disk_read`` / ``disk_write`` of ``nbytes``: ``io_rates``, else the profile, else the cluster spec."""
+        if nbytes <= 0:
+            return 0.0
+        if self.io_rates.get(op):
+            return nbytes / self.io_rates[op]
+        bw = self.c.ssd_read_GBps if op == "disk_read" else self.c.ssd_write_GBps
+        return self.sim.cost.transfer_time(op, nbytes, bw)
+
+    def _ssd(self, r, kind, nbytes, layer, phase):
+        """A read or write of ``nbytes`` on the rank's node SSD (one disk: reads and writes queue on it)."""
+        node = r // self.c.gpus_per_node
+        dur = self._io_time("disk_read" if kind == "read" else "disk_write", nbytes)
+        return self._engine(self.ssd_r[node], r, layer, phase, dur, nbytes, "ssd")
+
+    def cpu_adam_time(self, params: float) -> float:
+        if self.io_rates.get("cpu_adam"):
+            return params / self.io_rates["cpu_adam"]
+        rate = self.sim.cost.profile.transfer_rate("cpu_adam", params) if self.sim.cost.profile is not None else None
+        return params / (rate if rate else self.c.host_memory_GBps * 1e9 / CPU_ADAM_BYTES_PER_PARAM)
+
+    def _fetch(self, r, key, layer, mb):
+        """Pinned host mirror -> GPU of the layer's used local experts' 16-bit params (the host keeps a
+        compute-dtype mirror of every offloaded expert, refreshed by the CPU optimizer; the SSD holds
+        fp32 states only, as `reference.offload` does). Under the reference schedule the copy waits for
+        the previous step's update of the layer."""
+        P = expert_params(self.m)
+        used = self.used[layer][r]
+        n_used = int(used.sum())
+        prev = self.adam_prev[r].get(layer)
+        if prev is not None:
+            yield prev
+        if n_used:
+            nb = PARAM_BYTES * P * n_used
+            yield self.copy(r, "h2d", nb, layer, mb, "h2d_prefetch")
+            self._count("h2d_prefetch", nb)
+
+    def _h2d(self, r, state, key, layer, mb):
+        if key in state or layer not in self.a2a:
+            return
+        state[key] = self.env.process(self._fetch(r, key, layer, mb))
+
+    def _expert_stage_chain(self, r, layer, stages):
+        for res, phase, dur, nb, resource in stages:
+            if dur > 0:
+                yield from self._engine(res, r, layer, phase, dur, nb, resource)
+
+    def _ssd_state_misses(self, r, layer) -> np.ndarray:
+        """Local experts whose fp32 state is on the SSD (not in the CPU cache) this step: the optimizer
+        updates every expert, used or not (as reference.offload's AdamW does)."""
+        if self.p.offload.expert_optimizer != "ssd":
+            return np.zeros(self.local_experts, dtype=bool)
+        return ~self._cached(r, layer)
+
+    def _read_states(self, r, layer):
+        """Vertical prefetch (reference schedule, depth >= 1): the layer's missed states SSD -> host."""
+        n = int(self._ssd_state_misses(r, layer).sum())
+        if n:
+            yield from self._ssd(r, "read", OPTIMIZER_BYTES * expert_params(self.m) * n, layer, "ssd_read")
+
+    def _expert_optimizer(self, r, layer, d2h_ev):
+        """CPU optimizer of all of ``layer``'s local experts (AdamW updates unused experts too: their
+        moments decay) once their gradients are on the host."""
+        yield d2h_ev
+        p, c, P = self.p, self.c, expert_params(self.m)
+        node = r // c.gpus_per_node
+        used = np.ones(self.local_experts, dtype=bool)
+        miss = self._ssd_state_misses(r, layer)
+        admitted = set(self.cache.admitted[r].get(layer, [])) if self.cache is not None else set()
+        pre = self.state_reads[r].pop(layer, None)
+        if pre is not None:
+            yield pre
+        procs = []
+        for e in np.flatnonzero(used):
+            rb = OPTIMIZER_BYTES * P if miss[e] and pre is None else 0.0
+            wb = OPTIMIZER_BYTES * P if miss[e] and e not in admitted else 0.0  # admitted: stays in the cache
+            stages = [
+                (self.ssd_r[node], "ssd_read", self._io_time("disk_read", rb), rb, "ssd"),
+                (self.cpu[node], "cpu_adam", self.cpu_adam_time(P), 0.0, "cpu"),
+                (self.ssd_w[node], "ssd_write", self._io_time("disk_write", wb), wb, "ssd"),
+            ]
+            procs.append(self.env.process(self._expert_stage_chain(r, layer, stages)))
+        if procs:
+            yield self.env.all_of(procs)
+        if p.offload.expert_params == "gpu" and used.any():  # ZeRO-Offload style: updated params back
+            nb = PARAM_BYTES * P * int(used.sum())
+            yield self.copy(r, "h2d", nb, layer, -1, "h2d_params")
+            self._count("h2d_params", nb)
+        if self.cache is not None and "ssd" in (p.offload.expert_params, p.offload.expert_optimizer):
+            ev = self.cache.evicted[r].get(layer, [])
+            if ev:
+                nb = OPTIMIZER_BYTES * P * len(ev)
+                yield from self._engine(self.ssd_w[node], r, layer, "ssd_writeback", self._io_time("disk_write", nb),
+                                        nb, "ssd")
+
+    def _select_time(self, r: int, i: int) -> float:
+        """expert_impl="loop": the dense per-expert gradients of the stacked expert weights (``REF_SELECT_*``)."""
+        u = int(self.used[i][r].sum())
+        E = self.local_experts
+        mats = 3 if self.m.activation == "swiglu" else 2
+        pm = self.m.hidden * self.m.ffn
+        per = u * (REF_SELECT_ZERO_BYTES * E + REF_SELECT_COPY_BYTES) + max(u - 1, 0) * REF_SELECT_ACC_BYTES * E
+        return self.sim.cost.memory(mats * per * pm) if u else 0.0
 
     # ------------------------------------------------------------------ memory
     def _static_memory(self) -> None:
@@ -113,6 +395,11 @@ class TrainingIteration:
         mem.alloc_all(t, "dram", "model_states", tiers["cpu"])
         mem.alloc_all(t, "ssd", "model_states", tiers["ssd"])
         self.state_tiers = tiers
+        if self.p.offload.expert_params == "ssd" and self.a2a:
+            # reference.offload keeps a pinned compute-dtype mirror and gradient buffer of every offloaded
+            # expert in host memory (the SSD holds the fp32 states); semoe.sizing counts them on the SSD
+            mem.alloc_all(t, "dram", "pinned_mirror",
+                          (PARAM_BYTES + GRAD_BYTES) * self.expert_local_params * self.m.moe_layers)
         if self.p.fusion_bucket_bytes:
             mem.alloc_all(t, "hbm", "comm_buffers", 2 * self.p.fusion_bucket_bytes)
 
@@ -179,12 +466,6 @@ class TrainingIteration:
                                      layer, mb, "param_allgather", nbytes)
         self.sim.memory.alloc(self.env.now, r, "hbm", "gathered_params", nbytes * (W - 1) / W)
 
-    def _h2d(self, r, state, key, layer, mb):
-        if key in state or layer not in self.a2a:
-            return
-        nbytes = 2.0 * self.local_experts * expert_params(self.m)  # fp16 params of the local experts
-        state[key] = self.copy(r, "h2d", nbytes, layer, mb, "h2d_prefetch")
-
     def _a2a(self, r, i, mb, phase, transpose: bool):
         EP, g = self.EP, r // self.EP
         group = np.arange(g * EP, (g + 1) * EP)
@@ -196,6 +477,15 @@ class TrainingIteration:
 
     # ------------------------------------------------------------------ the rank program
     def process(self, r):
+        for it in range(self.n_iter):
+            if it == self.n_iter - 1:
+                self.t0[r] = self.env.now
+                self.acc[r] = 0.0
+            self.adam_prev[r], self.adam_cur[r] = self.adam_cur[r], {}
+            yield from self.step(r)
+        self.end[r] = self.env.now
+
+    def step(self, r):
         env, m, p = self.env, self.m, self.p
         L, d = m.layers, p.prefetch_depth
         mem = self.sim.memory
@@ -237,17 +527,24 @@ class TrainingIteration:
                 if self.zero3:
                     for j in range(i, min(L, i + d + 1)):
                         self._gather(r, gathered, ("fwd", mb, j), j, mb)
-                if self.offload_experts:
+                if self.offload_experts and d > 0:
                     for j in range(i, min(L, i + d + 1)):
                         self._h2d(r, copies, ("fwd", mb, j), j, mb)
+                if self.ref_sched and d > 0 and last and i in self.a2a and i not in self.state_reads[r]:
+                    self.state_reads[r][i] = env.process(self._read_states(r, i))
                 if self.zero3:
                     yield from self.wait(r, gathered[("fwd", mb, i)], 1)
+                if self.ref:
+                    yield from self.compute(r, i, mb, "weight_cast", self.t_cast[i])
                 yield from self.compute(r, i, mb, "attention_fwd", self.t_attn, self.flops_attn)
                 if i in self.a2a:
                     yield from self.compute(r, i, mb, "gate_fwd", self.t_gate)
                     yield from self._a2a(r, i, mb, "dispatch_a2a", False)
                     if self.offload_experts:
+                        self._h2d(r, copies, ("fwd", mb, i), i, mb)  # on demand when not prefetched
                         yield from self.wait(r, copies[("fwd", mb, i)], 2)
+                    elif i in self.adam_prev[r]:  # resident experts updated on the CPU (ZeRO-Offload style)
+                        yield from self.wait(r, self.adam_prev[r][i], 2)
                     yield from self.compute(r, i, mb, "experts_fwd", self.t_experts[i][r])
                     yield from self._a2a(r, i, mb, "combine_a2a", True)
                 else:
@@ -256,12 +553,15 @@ class TrainingIteration:
                 if self.zero3:
                     mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.dense_layer[i] * (self.W - 1) / self.W)
             yield from self.compute(r, -1, mb, "head_fwd", self.t_head)
+            if self.ref:
+                yield from self.compute(r, -1, mb, "loss_fwd", self.t_loss_fwd)
+                yield from self.compute(r, -1, mb, "loss_bwd", self.t_loss_bwd)
             yield from self.compute(r, -1, mb, "head_bwd", self.bwd * self.t_head)
             for i in reversed(range(L)):
                 if self.zero3:
                     for j in range(i, max(-1, i - d - 1), -1):
                         self._gather(r, gathered, ("bwd", mb, j), j, mb)
-                if self.offload_experts:
+                if self.offload_experts and d > 0:
                     for j in range(i, max(-1, i - d - 1), -1):
                         self._h2d(r, copies, ("bwd", mb, j), j, mb)
                 if self.zero3:
@@ -269,6 +569,7 @@ class TrainingIteration:
                 if i in self.a2a:
                     yield from self._a2a(r, i, mb, "combine_a2a_bwd", False)
                     if self.offload_experts:
+                        self._h2d(r, copies, ("bwd", mb, i), i, mb)
                         yield from self.wait(r, copies[("bwd", mb, i)], 2)
                     yield from self.compute(r, i, mb, "experts_bwd", self.bwd * self.t_experts[i][r])
                     yield from self._a2a(r, i, mb, "dispatch_a2a_bwd", True)
@@ -276,6 +577,10 @@ class TrainingIteration:
                 else:
                     yield from self.compute(r, i, mb, "ffn_bwd", self.bwd * self.t_dense_ffn)
                 yield from self.compute(r, i, mb, "attention_bwd", self.bwd * self.t_attn, 2 * self.flops_attn)
+                if self.ref:
+                    yield from self.compute(r, i, mb, "grad_cast", self.t_cast[i])
+                    if self.expert_impl == "loop" and i in self.a2a and not self.offload_experts:
+                        yield from self.compute(r, i, mb, "expert_grad_select", self._select_time(r, i))
                 mem.free(env.now, r, "hbm", "activations", self._act_bytes(r, i))
                 if self.zero3:
                     mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.dense_layer[i] * (self.W - 1) / self.W)
@@ -287,9 +592,14 @@ class TrainingIteration:
                             pending.append(self.background(
                                 r, ("egrad", i, r % EP), edp_group,
                                 lambda nb=nb: C.all_reduce(topo, edp_group, nb), i, mb, "expert_grad_allreduce", nb))
-                        if self.offload_experts:
-                            copies_out.append(self.copy(r, "d2h", nb, i, mb, "d2h_grads"))
-            yield from self.compute(r, -1, mb, "embedding_bwd", 2 * self.t_embed)
+                        if (self.offload_experts or self.offload_opt) and not self.ref_sched:
+                            ng = GRAD_BYTES * self.local_experts * expert_params(m)
+                            ev = self.copy(r, "d2h", ng, i, mb, "d2h_grads")
+                            self._count("d2h_grads", ng)
+                            copies_out.append(ev)
+                            if self.offload_opt:
+                                self.opt_procs[r].append(self.env.process(self._expert_optimizer(r, i, ev)))
+            yield from self.compute(r, -1, mb, "embedding_bwd", 2 * self.t_embed + (self.t_emb_grad if self.ref else 0.0))
             if self.zero3:
                 mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.embed * (self.W - 1) / self.W)
             if last:
@@ -299,8 +609,18 @@ class TrainingIteration:
             yield from self.wait(r, ev, 1)
         for ev in copies_out:
             yield from self.wait(r, ev, 2)
+        if self.ref:
+            yield from self.compute(r, -1, -1, "grad_clip", self.t_clip)
+        if self.ref_sched:  # reference.offload: D2H of every layer's gradients, then one CPU task per layer
+            for i in sorted(self.a2a):
+                ng = GRAD_BYTES * self.local_experts * expert_params(m)  # the layer's gradient buffer
+                ev = self.copy(r, "d2h", ng, i, -1, "d2h_grads")
+                self._count("d2h_grads", ng)
+                self.adam_cur[r][i] = env.process(self._expert_optimizer(r, i, ev))
         yield from self.optimizer(r)
-        self.end[r] = env.now
+        for ev in self.opt_procs[r]:  # the CPU expert optimizer, started during the backward
+            yield from self.wait(r, ev, 3)
+        self.opt_procs[r] = []
 
     def optimizer(self, r):
         env, p, c = self.env, self.p, self.c
@@ -310,20 +630,16 @@ class TrainingIteration:
         gpn = c.gpus_per_node
         t_gpu = 0.0
         t_host = 0.0
+        adam = REF_ADAM_BYTES_PER_PARAM if self.ref else ADAM_BYTES_PER_PARAM
         if p.offload.dense_optimizer == "gpu":
-            t_gpu += sim.cost.memory(ADAM_BYTES_PER_PARAM * shard)
+            t_gpu += sim.cost.memory(adam * shard)
         else:
             t_host += ADAM_BYTES_PER_PARAM * shard * gpn / (c.host_memory_GBps * 1e9)
         ep = self.expert_local_params * self.m.moe_layers
         t_ssd = 0.0
         if p.offload.expert_optimizer == "gpu":
-            t_gpu += sim.cost.memory(ADAM_BYTES_PER_PARAM * ep)
-        else:
-            t_host += ADAM_BYTES_PER_PARAM * ep * gpn / (c.host_memory_GBps * 1e9)
-            if p.offload.expert_optimizer == "ssd" and self.local_experts:
-                cached = min(p.cpu_cache_experts, self.local_experts) / self.local_experts
-                b = 12.0 * ep * (1 - cached) * gpn
-                t_ssd = max(b / (c.ssd_read_GBps * 1e9), b / (c.ssd_write_GBps * 1e9))
+            t_gpu += sim.cost.memory(adam * ep)
+        # offloaded expert optimizer: per layer, overlapped with the backward (_expert_optimizer)
         t_off = max(t_host, t_ssd)
         t0 = env.now
         dur = max(t_gpu, t_off)
@@ -345,7 +661,9 @@ class TrainingIteration:
         return self.summary()
 
     def summary(self) -> dict:
-        step = float(self.end.max())
+        device_step = float((self.end - self.t0).max())
+        host_s = self.sim.cost.host_time(self.host_ops)
+        step = max(device_step, host_s)
         tokens = self.W * self.w.tokens_per_rank_step
         from semoe.sizing import training_flops_per_token
 
@@ -363,4 +681,14 @@ class TrainingIteration:
             "peak_ssd_bytes": mem.peak_node("ssd"),
             "oom": "; ".join(mem.oom()),
             "breakdown": per_rank,
+            "device_step_s": device_step,
+            "host_s": host_s,
+            "cache_enabled": self.cache is not None,
+            "cache_hit_rate": self.cache.last_hit_rate if self.cache is not None else float("nan"),
+            "cache_hit_rate_all_steps": self.cache.hit_rate if self.cache is not None else float("nan"),
+            "cache_hit_rate_measured": (self.cache.hit_rate_since(self.w.steps - self.measured_steps)
+                                        if self.cache is not None else float("nan")),
+            "cache_evictions": self.cache.evictions if self.cache is not None else 0,
+            "bytes": {k: v / self.n_iter for k, v in self.bytes.items()},
+            "busy_s": {k: v / self.n_iter / self.W for k, v in self.busy.items()},  # per rank and step
         }

@@ -74,6 +74,34 @@ def test_train_rows_simulated_on_one_gpu(df):
     assert (mfu["status"] == "derived").all()
 
 
+def test_train_rows_use_the_reference_trainer_model(df):
+    """impl="reference": the reference trainer's extra HBM passes make it slower than the ideal step, and its
+    aten operator count (counted on the reference code) is a host-time floor."""
+    import warnings
+
+    from paper_repro.validate import reference_host_ops, simulate_train
+    from semoe import model_preset
+
+    t = df[(df["source"] == "train") & (df["metric"] == "tokens_per_s")]
+    assert t["note"].str.contains("host floor").all()
+    c = parse_train_config(t["config"].iloc[0])
+    s = simulate_train(c)
+    from semoe import Run, Workload, cluster_preset
+    from semoe.plan_spec import ParallelPlan
+    from simulator.api import simulate
+
+    m = model_preset("paper-13.9b").replace(layers=c.layers, hidden=c.hidden, heads=16, ffn=c.ffn, experts=c.experts,
+                                            top_k=c.top_k, dtype=c.dtype, name="paper-13.9b-scaled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, ideal = simulate(Run(model=m, cluster=cluster_preset("h100-single"), plan=ParallelPlan(),
+                                workload=Workload(micro_batch=c.batch, seq_len=c.seq, steps=1)), trace=False)
+    assert s["step_time_s"] > 1.5 * ideal["step_time_s"]
+    ops4 = reference_host_ops(m)
+    assert 100 < ops4 < reference_host_ops(m.replace(layers=8))
+    assert s["host_s"] == pytest.approx(ops4 * 8e-6)
+
+
 def test_parse_train_config_both_formats():
     c = parse_train_config("paper-13.9b-scaled L4 D2048 E8 k2 F8192 bf16 B8 S1024 lr0.0003 steps40 world1 "
                            "single-process params1248151552")

@@ -92,3 +92,20 @@ def test_calibration_loop_moe_layer_within_10_percent_of_measured():
     if df.empty:
         pytest.skip("no 'ours' rows in moe_layer.csv")
     assert df["ratio"].between(0.9, 1.1).all(), df.to_string()
+
+
+def test_host_transfer_rates_from_profile_rows_else_the_cluster_spec():
+    gpu = cluster_preset("h100-single").gpu
+    rows = [{"op": "disk_read", "dtype": "bytes", "m": float(n), "n": 0, "k": 0, "groups": 1, "time_s": t,
+             "io_bytes": float(n)} for n, t in ((1e6, 1e-3), (1e8, 0.05))]  # 1 GB/s, then 2 GB/s
+    rows.append({"op": "cpu_adam", "dtype": "fp32", "m": 1e6, "n": 0, "k": 0, "groups": 1, "time_s": 1e-3,
+                 "io_bytes": 1e6})
+    cm = CostModel(gpu, Profile(rows))
+    assert cm.transfer_time("disk_read", 1e6, 99.0) == pytest.approx(1e-3)
+    assert cm.transfer_time("disk_read", 1e7, 99.0) == pytest.approx(1e7 / 1.5e9)  # halfway in log size
+    assert cm.transfer_time("disk_read", 1e10, 99.0) == pytest.approx(1e10 / 2e9)  # the largest row's rate
+    assert cm.transfer_time("disk_write", 2e9, 4.0) == pytest.approx(0.5)  # no row: the spec's bandwidth
+    assert cm.profile.transfer_rate("cpu_adam", 5e6) == pytest.approx(1e9)
+    assert not cm.profile.curves  # transfer rows are not GEMM curves
+    assert CostModel(gpu).transfer_time("disk_read", 1e9, 2.0) == pytest.approx(0.5)
+    assert cm.transfer_time("disk_read", 0, 1.0) == 0.0

@@ -12,6 +12,9 @@ PHASES = {
     "head_fwd", "head_bwd", "combine_a2a_bwd", "experts_bwd", "dispatch_a2a_bwd", "gate_bwd", "ffn_bwd",
     "attention_bwd", "embedding_bwd", "param_allgather", "grad_reduce_scatter", "grad_allreduce",
     "expert_grad_allreduce", "h2d_prefetch", "d2h_grads", "optimizer", "optimizer_ssd",
+    # offloaded expert states (simulator.workload.offload) and impl="reference" overheads
+    "ssd_read", "ssd_write", "ssd_writeback", "cpu_adam", "h2d_params",
+    "weight_cast", "grad_cast", "loss_fwd", "loss_bwd", "grad_clip", "expert_grad_select",
 }
 
 

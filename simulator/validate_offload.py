@@ -1,0 +1,433 @@
+"""Offloaded training (issue 6): every row of ``results/bench/offload_train.csv`` beside its simulation.
+
+``python -m simulator.validate_offload [--bench CSV] [--out CSV]`` writes
+``results/validation/offload_train.csv`` (``date,commit,device,config,placement,prefetch,metric,measured,
+predicted,error,used_for_fitting,status,note``); `rows` gives the same rows in `paper_repro.validate`'s
+format for ``semoe validate`` (source ``offload``).
+
+Bench schema: ``date,commit,device,config,placement,prefetch,metric,value``.
+
+``config`` (parsed by `parse_config`, tolerant: tokens in any order, unknown tokens ignored, ``key=value``
+and the compact ``L4 D2048`` style of ``results/bench/train.csv`` both accepted)::
+
+    [name] L<layers> D<hidden> F<ffn> E<experts> k<top_k> B<micro batch> S<seq len> [H<heads>] [V<vocab>]
+    [bf16|fp16|fp32] [steps<N>] [params<N>] [cache=<experts per layer>] [depth=<prefetch depth>]
+    [budget=<GB>] [beta=<decay>] [K=<decay every>] [admit=<hits>] [skew=<lognormal sigma>] [preset=<name>]
+
+    [warmup=<N>] [micro_batches=<N>] [<any ModelSpec field>=<value>, e.g. moe_every=1 capacity_factor=None tied_embeddings=True]
+
+``name`` (first token that is not one of the above, e.g. ``paper-13.9b-scaled``) names the model preset the
+sizes override (``-scaled`` dropped) when it is one; otherwise it is a label (e.g. ``a_compute_bound``) and
+the base is ``preset=`` (default ``paper-13.9b``). A config that names no preset and gives no model field is
+refused (``not_modelled``: the simulator would not know the model). ``key=value`` forms of the letters are
+accepted too (``layers=4 hidden=2048 ffn=8192 experts=8 top_k=1 batch=8 seq=1024 heads=16 vocab=50304``);
+any other ``ModelSpec`` field is accepted as ``field=value`` (None / True / False / numbers / words).
+Heads default to ``hidden / 128`` when the sizes are overridden and ``H`` is not given. ``budget=<GB>``: the
+GPU memory cap of the run (``torch.cuda.set_per_process_memory_fraction``), applied as the simulated GPU's
+memory. ``steps`` and ``warmup``: the measured steps and the warm-up steps before them (the cache is
+simulated over both; its hit rate is reported over the measured ones, as the bench's counters are).
+`config_string` writes a config of this format for a `ModelSpec` (what the bench writer should call;
+`parse_config` reads it back exactly).
+
+``placement``: where expert states live. ``gpu`` (also ``hbm``, ``all-in-hbm``, ``none``): nothing offloaded;
+``cpu`` (``cpu-offload``, ``dram``): expert params and optimizer states on the CPU; ``ssd``
+(``ssd-offload``, ``nvme``, ``disk``): expert fp32 states on the SSD with the pinned CPU cache (``cache=``
+experts per MoE layer, default 0; ignored for the other placements). ``prefetch``: ``on`` / ``off`` (also 1/0, true/false, yes/no)
+or a depth; ``on`` means depth 1 unless ``depth=`` says otherwise, ``off`` depth 0 (fetch on demand).
+
+Metrics: ``step_ms``, ``step_s``, ``tokens_per_s``, ``cpu_adam_ms_per_step``, ``ratio_vs_gpu`` (time),
+``h2d_gb_per_step``, ``d2h_gb_per_step`` (bytes), ``peak_mem_gb`` (memory), ``hit_rate`` / ``cache_hit_rate``
+(ratio, the LFU cache's hits / (hits + misses) over the measured steps); bandwidth probes (``*_GBps``) are
+model inputs (status ``fitted``, compared with the simulator's bandwidth of that link), and the bench run's
+own ``ssd_read_GBps`` / ``ssd_write_GBps`` / ``cpu_adam_Mparams_per_s`` rows (same date, commit and device)
+replace the profile's / cluster spec's rates in that run's simulations (``io_rates``); rows of placement
+``-`` other than those describe the case (sizes) and are ``not_modelled``; anything else is listed as ``not_modelled``. The simulated
+step is `simulator.workload.training.TrainingIteration` with ``impl="reference"`` (the reference
+trainer's fp32-master / autocast / foreach-AdamW overheads) on the ``h100-single`` preset (the kernel
+profile is read automatically); nothing is fitted to these rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "results" / "bench" / "offload_train.csv"
+OUT = ROOT / "results" / "validation" / "offload_train.csv"
+BENCH_COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "value")
+OUT_COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "measured", "predicted",
+               "error", "used_for_fitting", "status", "note")
+TIME_METRICS = ("step_ms", "step_s", "tokens_per_s", "cpu_adam_ms_per_step", "ratio_vs_gpu")
+RATIO_METRICS = ("hit_rate", "cache_hit_rate")
+BYTES_METRICS = ("h2d_gb_per_step", "d2h_gb_per_step")
+MEMORY_METRICS = ("peak_mem_gb",)
+INPUT_METRICS = ("h2d_pinned_GBps", "d2h_pinned_GBps", "ssd_read_GBps", "ssd_write_GBps", "cpu_adam_Mparams_per_s")
+# bench rows of the same run (date, commit, device) that the simulation takes as inputs: metric -> io_rates key
+IO_INPUTS = {"ssd_read_GBps": ("disk_read", 1e9), "ssd_write_GBps": ("disk_write", 1e9),
+             "cpu_adam_Mparams_per_s": ("cpu_adam", 1e6)}
+PLACEMENTS = {"gpu": "gpu", "hbm": "gpu", "all-in-hbm": "gpu", "none": "gpu", "cpu": "cpu", "cpu-offload": "cpu",
+              "dram": "cpu", "ssd": "ssd", "ssd-offload": "ssd", "nvme": "ssd", "disk": "ssd"}
+_LETTERS = {"L": "layers", "D": "hidden", "F": "ffn", "E": "experts", "k": "top_k", "B": "batch", "S": "seq",
+            "H": "heads", "V": "vocab"}
+_KEYS = {"layers", "hidden", "ffn", "experts", "top_k", "batch", "seq", "heads", "vocab", "steps", "params",
+         "cache", "depth", "budget", "beta", "K", "admit", "skew", "preset", "warmup", "micro_batches"}
+_KEY_ALIASES = {"k": "top_k", "topk": "top_k", "b": "batch", "s": "seq", "l": "layers", "d": "hidden", "f": "ffn",
+                "e": "experts", "h": "heads", "v": "vocab", "cache_experts": "cache", "prefetch_depth": "depth",
+                "budget_gb": "budget", "decay": "beta", "decay_every": "K", "admit_hits": "admit",
+                "mb": "micro_batches", "accum": "micro_batches", "microbatches": "micro_batches"}
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    preset: str = "paper-13.9b"
+    layers: int | None = None
+    hidden: int | None = None
+    ffn: int | None = None
+    experts: int | None = None
+    top_k: int | None = None
+    heads: int | None = None
+    vocab: int | None = None
+    dtype: str | None = None
+    batch: int = 8
+    seq: int = 1024
+    steps: int = 20
+    params: int | None = None
+    cache: int = 0
+    depth: int | None = None
+    budget_gb: float | None = None
+    beta: float | None = None
+    decay_every: int | None = None
+    admit: float | None = None
+    skew: float | None = None
+    warmup: int = 0
+    micro_batches: int = 1  # gradient-accumulation micro-batches per optimizer step (of ``batch`` sequences)
+    spec: tuple = ()  # other ModelSpec fields: ((name, value), ...)
+
+
+def parse_config(config: str) -> OffloadConfig:
+    """The config string of a bench row -> `OffloadConfig` (format in the module docstring)."""
+    import dataclasses
+
+    from semoe.model_spec import ModelSpec
+
+    spec_fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"name"}
+    vals: dict = {}
+    spec: dict = {}
+    name = None
+    for tok in str(config).replace(",", " ").split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            if k not in _KEYS:
+                k = _KEY_ALIASES.get(k, _KEY_ALIASES.get(k.lower(), k))
+            if k in _KEYS:
+                vals[k] = v
+            elif k in spec_fields:
+                spec[k] = _value(v)
+        elif tok in DTYPES:
+            vals["dtype"] = tok
+        elif (m := re.fullmatch(r"(steps|params|warmup)(\d+)", tok)):
+            vals[m[1]] = m[2]
+        elif (m := re.fullmatch(r"([LDFEkBSHV])(\d+)", tok)):
+            vals[_LETTERS[m[1]]] = m[2]
+        elif name is None and re.fullmatch(r"[A-Za-z][\w.\-]*", tok) and not re.fullmatch(r"(lr|world|ep|bucket|zero)\S*", tok):
+            name = tok
+    from semoe.presets import MODEL_PRESETS
+
+    base = name.removesuffix("-scaled") if name else None
+    if "preset" in vals:
+        base = vals.pop("preset").removesuffix("-scaled")
+    elif base not in MODEL_PRESETS:
+        sized = {"layers", "hidden", "ffn", "experts"} & set(vals)
+        if name is not None and not sized and not spec:
+            raise ValueError(f"validate_offload: config {config!r} names no model preset and no model sizes "
+                             "(write it with simulator.validate_offload.config_string)")
+        base = "paper-13.9b"
+    out: dict = {"preset": base, "spec": tuple(sorted(spec.items()))}
+    ints = ("layers", "hidden", "ffn", "experts", "top_k", "heads", "vocab", "batch", "seq", "steps", "params",
+            "cache", "depth", "warmup", "micro_batches")
+    try:
+        for k in ints:
+            if k in vals:
+                out[k] = int(float(vals[k]))
+        if "budget" in vals:
+            out["budget_gb"] = float(vals["budget"].removesuffix("GB").removesuffix("G"))
+        for k, field in (("beta", "beta"), ("admit", "admit"), ("skew", "skew")):
+            if k in vals:
+                out[field] = float(vals[k])
+        if "K" in vals:
+            out["decay_every"] = int(vals["K"])
+    except ValueError as e:
+        raise ValueError(f"validate_offload: bad value in config {config!r}: {e}") from None
+    if "dtype" in vals:
+        out["dtype"] = vals["dtype"]
+    return OffloadConfig(**out)
+
+
+def _value(v: str):
+    low = v.lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for typ in (int, float):
+        try:
+            return typ(v)
+        except ValueError:
+            pass
+    return v
+
+
+def config_string(spec, batch: int, seq: int, *, label: str | None = None, base: str = "tiny", steps: int = 0,
+                  warmup: int = 0, cache: int = 0, budget_gb: float | None = None, micro_batches: int = 1) -> str:
+    """A bench ``config`` for ``spec`` that `parse_config` reads back exactly: ``label`` (default the spec's
+    name), ``preset=<base>``, the compact sizes, then every other field that differs from the base preset."""
+    import dataclasses
+
+    from semoe.presets import model_preset
+
+    ref = model_preset(base)
+    toks = [label or spec.name, f"preset={base}", f"L{spec.layers}", f"D{spec.hidden}", f"F{spec.ffn}",
+            f"E{spec.experts}", f"k{spec.top_k}", f"H{spec.heads}", f"V{spec.vocab}", spec.dtype, f"B{batch}",
+            f"S{seq}"]
+    done = {"name", "layers", "hidden", "ffn", "experts", "top_k", "heads", "vocab", "dtype"}
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if f.name not in done and v != getattr(ref, f.name):
+            toks.append(f"{f.name}={v}")
+    for key, val in (("steps", steps), ("warmup", warmup), ("cache", cache),
+                     ("micro_batches", micro_batches if micro_batches > 1 else 0)):
+        if val:
+            toks.append(f"{key}={val}")
+    if budget_gb is not None:
+        toks.append(f"budget={budget_gb:g}")
+    return " ".join(toks)
+
+
+def parse_placement(placement: str) -> str:
+    key = str(placement).strip().lower()
+    if key not in PLACEMENTS:
+        raise ValueError(f"validate_offload: unknown placement {placement!r}; one of {', '.join(sorted(PLACEMENTS))}")
+    return PLACEMENTS[key]
+
+
+def parse_prefetch(prefetch, depth: int | None) -> int:
+    s = str(prefetch).strip().lower()
+    if s in ("-", ""):
+        return 0
+    if s in ("on", "true", "yes", "y"):
+        return depth if depth else 1
+    if s in ("off", "false", "no", "n", "none"):
+        return 0
+    try:
+        return max(0, int(float(s)))
+    except ValueError:
+        raise ValueError(f"validate_offload: prefetch must be on/off or a depth, got {prefetch!r}") from None
+
+
+def build_run(cfg: OffloadConfig, placement: str, depth: int):
+    from semoe import Run, Workload, cluster_preset, sizing
+    from semoe.plan_spec import OffloadPlacement, ParallelPlan
+    from semoe.presets import GB, model_preset
+
+    try:
+        m = model_preset(cfg.preset)
+    except Exception as e:  # noqa: BLE001  (SpecError: unknown preset)
+        raise ValueError(f"validate_offload: {e}") from None
+    over = {k: getattr(cfg, k) for k in ("layers", "hidden", "ffn", "experts", "top_k", "vocab", "dtype", "heads")
+            if getattr(cfg, k) is not None}
+    over.update(dict(cfg.spec))
+    if over:
+        if "heads" not in over and "hidden" in over:
+            over["heads"] = max(1, over["hidden"] // 128)
+        try:
+            m = m.replace(**over, name=f"{m.name}-scaled")
+        except Exception as e:  # noqa: BLE001  (SpecError: an inconsistent model)
+            raise ValueError(f"validate_offload: {e}") from None
+    if cfg.params is not None and sizing.count_params(m).total != cfg.params:
+        raise ValueError(f"validate_offload: rebuilt model has {sizing.count_params(m).total} parameters, "
+                         f"the config says {cfg.params}")
+    tier = parse_placement(placement)
+    pol = {k: v for k, v in (("cache_decay", cfg.beta), ("cache_decay_every", cfg.decay_every),
+                             ("cache_admit_hits", cfg.admit)) if v is not None}
+    off = OffloadPlacement() if tier == "gpu" else OffloadPlacement(expert_params=tier, expert_optimizer=tier)
+    # the CPU cache sits in front of the SSD: only the ssd placement has one (as reference.offload.bench)
+    plan = ParallelPlan(offload=off, prefetch_depth=depth, cpu_cache_experts=cfg.cache if tier == "ssd" else 0, **pol)
+    cluster = cluster_preset("h100-single")
+    if cfg.budget_gb is not None:
+        cluster = cluster.replace(gpu=cluster.gpu.replace(memory_bytes=int(cfg.budget_gb * GB)))
+    wl = {"routing": "lognormal", "routing_skew": cfg.skew} if cfg.skew else {}
+    return Run(model=m, cluster=cluster, plan=plan, workload=Workload(
+        micro_batch=cfg.batch, seq_len=cfg.seq, micro_batches=max(cfg.micro_batches, 1),
+        steps=max(cfg.steps, 1) + cfg.warmup, **wl))
+
+
+_SIM_CACHE: dict = {}
+
+
+def simulate(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> dict:
+    """The reference-trainer step of the configuration (cached per arguments); ``io``: ``((key, rate), ..)``
+    measured host-side rates (`TrainingIteration` ``io_rates``)."""
+    from simulator.engine import Sim
+    from simulator.workload.training import TrainingIteration
+
+    key = (cfg, placement, depth, io)
+    if key not in _SIM_CACHE:
+        run = build_run(cfg, placement, depth)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
+            sim = Sim(run.cluster, seed=run.workload.seed, trace=False)
+            _SIM_CACHE[key] = TrainingIteration(run, sim, impl="reference", measured_steps=max(cfg.steps, 1),
+                                                io_rates=dict(io)).run()
+    return _SIM_CACHE[key]
+
+
+def _predict(s: dict, metric: str, cfg: OffloadConfig, placement: str, io: tuple = ()) -> float | None:
+    if metric == "step_ms":
+        return s["step_time_s"] * 1e3
+    if metric == "step_s":
+        return s["step_time_s"]
+    if metric == "tokens_per_s":
+        return s["tokens_per_s"]
+    if metric in RATIO_METRICS:
+        return s["cache_hit_rate_measured"]
+    if metric == "h2d_gb_per_step":
+        return (s["bytes"].get("h2d_prefetch", 0.0) + s["bytes"].get("h2d_params", 0.0)) / 1e9
+    if metric == "d2h_gb_per_step":
+        return s["bytes"].get("d2h_grads", 0.0) / 1e9
+    if metric == "cpu_adam_ms_per_step":
+        return s["busy_s"].get("cpu_adam", 0.0) * 1e3
+    if metric == "peak_mem_gb":
+        return s["peak_hbm_bytes"] / 1e9
+    if metric == "ratio_vs_gpu":
+        return s["step_time_s"] / simulate(cfg, "gpu", 0, io)["step_time_s"]
+    return None
+
+
+def _input(metric: str) -> float:
+    """The simulator's bandwidth (GB/s) of the link a bandwidth probe measures."""
+    from semoe import cluster_preset
+    from simulator.cost import CostModel
+
+    c = cluster_preset("h100-single")
+    if metric in ("h2d_pinned_GBps", "d2h_pinned_GBps"):
+        return c.pcie.bandwidth_GBps
+    if metric == "cpu_adam_Mparams_per_s":  # the documented assumption (DRAM-bound AdamW)
+        from simulator.workload.training import CPU_ADAM_BYTES_PER_PARAM
+
+        return c.host_memory_GBps * 1e9 / CPU_ADAM_BYTES_PER_PARAM / 1e6
+    cm = CostModel.auto(c.gpu)
+    op, bw = ("disk_read", c.ssd_read_GBps) if metric == "ssd_read_GBps" else ("disk_write", c.ssd_write_GBps)
+    n = 512 * 2**20
+    return n / cm.transfer_time(op, n, bw) / 1e9
+
+
+def compare(bench: Path | pd.DataFrame = BENCH) -> pd.DataFrame:
+    """One output row (`OUT_COLUMNS`) per bench row."""
+    df = bench if isinstance(bench, pd.DataFrame) else pd.read_csv(bench)
+    missing = set(BENCH_COLUMNS) - set(df.columns)
+    if missing:
+        raise ValueError(f"validate_offload: bench file lacks column(s) {', '.join(sorted(missing))}")
+    out = []
+    # measured SSD and CPU-optimizer rates of each bench run: inputs of that run's simulations
+    inputs: dict[tuple, dict] = {}
+    for r in df.itertuples(index=False):
+        if r.metric in IO_INPUTS:
+            k, scale = IO_INPUTS[r.metric]
+            inputs.setdefault((r.date, r.commit, r.device), {})[k] = float(r.value) * scale
+    for r in df.itertuples(index=False):
+        base = {k: getattr(r, k) for k in ("date", "commit", "device", "config", "placement", "prefetch", "metric")}
+        io = tuple(sorted(inputs.get((r.date, r.commit, r.device), {}).items()))
+        measured = float(r.value)
+        row = dict(base, measured=measured, predicted=float("nan"), error=float("nan"), used_for_fitting=False,
+                   status="not_modelled", note="")
+        if r.metric in INPUT_METRICS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pred = _input(r.metric)
+            note = "model input: the simulator's rate of this link (cluster preset / profile / assumption)"
+            if r.metric in IO_INPUTS:
+                note += "; this run's simulations use the measured value instead (io_rates)"
+            row.update(predicted=pred, error=pred / measured - 1 if measured else float("nan"), status="fitted",
+                       used_for_fitting=True, note=note)
+            out.append(row)
+            continue
+        if str(r.placement).strip() in ("-", ""):
+            row["note"] = "describes the bench case (sizes), not a measurement of a placement"
+            out.append(row)
+            continue
+        try:
+            cfg = parse_config(r.config)
+            depth = parse_prefetch(r.prefetch, cfg.depth)
+            s = simulate(cfg, r.placement, depth, io)
+        except ValueError as e:
+            row["note"] = str(e)
+            out.append(row)
+            continue
+        pred = _predict(s, r.metric, cfg, r.placement, io)
+        if pred is None:
+            row["note"] = f"metric {r.metric!r}: no simulator model"
+        elif r.metric in RATIO_METRICS and not s["cache_enabled"]:
+            row["note"] = "no CPU cache in this plan (cache=0 or nothing offloaded)"
+        else:
+            err = pred / measured - 1 if measured and not math.isnan(pred) else float("nan")
+            note = f"simulated step {s['step_time_s'] * 1e3:.1f} ms"
+            if s["oom"]:
+                note += f"; simulator reports OOM: {s['oom']}"
+            if s["cache_enabled"]:
+                note += f"; cache hit rate {s['cache_hit_rate']:.2f}"
+            if io:
+                note += "; measured inputs: " + ", ".join(f"{k} {v:.3g}/s" for k, v in io)
+            row.update(predicted=pred, error=err, status="validated", note=note)
+        out.append(row)
+    return pd.DataFrame(out, columns=list(OUT_COLUMNS))
+
+
+def rows(path: Path | str = BENCH) -> list[dict]:
+    """Rows for ``semoe validate`` (`paper_repro.validate._row` format, source ``offload``)."""
+    from paper_repro.validate import _row
+
+    res = []
+    for r in compare(Path(path)).itertuples(index=False):
+        kind = ("ratio" if r.metric in RATIO_METRICS else "bytes" if r.metric in BYTES_METRICS else
+                "memory" if r.metric in MEMORY_METRICS else "time")
+        run = f"{r.commit} {r.date}"
+        metric = f"{r.placement} prefetch={r.prefetch} {r.metric}"
+        if r.status in ("validated", "fitted"):
+            res.append(_row("offload", run, r.config, metric, r.measured, r.predicted, note=r.note, kind=kind,
+                            status=r.status, fitted=bool(r.used_for_fitting)))
+        else:
+            res.append(_row("offload", run, r.config, metric, r.measured, status="not_modelled", note=r.note,
+                            kind=kind))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench", type=Path, default=BENCH)
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args(argv)
+    if not a.bench.is_file():
+        print(f"validate_offload: no bench file {a.bench} (the GPU run writes it)")
+        return 1
+    df = compare(a.bench)
+    from semoe.io import atomic_write_text
+
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out, df.to_csv(index=False, float_format="%.6g"))
+    v = df[df["status"] == "validated"]
+    print(df[["config", "placement", "prefetch", "metric", "measured", "predicted", "error"]].to_string(index=False))
+    if len(v):
+        print(f"{len(v)} validated rows: MAPE {v['error'].abs().mean():.1%}, max {v['error'].abs().max():.1%} -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
