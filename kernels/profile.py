@@ -313,8 +313,9 @@ def sweep_host(p: Profile, device: str = "cuda") -> None:
     p.add("host_op", "torch", "fp32", m=1, time_s=bare)
     print(f"host_op: bare add {bare * 1e6:.2f} us", flush=True)
 
+    wanted = os.environ.get("SEMOE_HOST_BACKENDS", "torch,triton").split(",")
     for backend, impl in (("torch", "reference"), ("triton", "reference_triton")):
-        if backend == "triton" and device != "cuda":
+        if backend not in wanted or (backend == "triton" and device != "cuda"):
             continue
         os.environ["SEMOE_MOE_BACKEND"] = backend
         try:
