@@ -130,7 +130,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     decay = [p for p in model.parameters() if p.requires_grad and decays(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not decays(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    params = decay + no_decay
+    # fused (one kernel per group, fp32 math): on a CUDA GPU the foreach AdamW took 79 ms of a 145 ms step of a
+    # 1.25B-parameter model (results/profiles/train_profile_h100.csv); the CPU keeps the default implementation
+    fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
 def after_step(model: MoEDecoder, out: ModelOutput, cfg: TrainConfig, dp_group=None) -> None:

@@ -56,8 +56,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "results" / "bench" / "offload_train.csv"
 OUT = ROOT / "results" / "validation" / "offload_train.csv"
@@ -329,8 +327,10 @@ def _input(metric: str) -> float:
     return n / cm.transfer_time(op, n, bw) / 1e9
 
 
-def compare(bench: Path | pd.DataFrame = BENCH) -> pd.DataFrame:
+def compare(bench: Path | pd.DataFrame = BENCH) -> pd.DataFrame:  # noqa: F821 (pandas imported here)
     """One output row (`OUT_COLUMNS`) per bench row."""
+    import pandas as pd  # here, not at import: reference.offload.bench imports `config_string` on the GPU box
+
     df = bench if isinstance(bench, pd.DataFrame) else pd.read_csv(bench)
     missing = set(BENCH_COLUMNS) - set(df.columns)
     if missing:

@@ -166,8 +166,16 @@ class MoELayer(nn.Module):
             from kernels.moe_ffn import moe_ffn
 
             e = self.experts
+            w1, w2, w3, xin = e.w1_EDF, e.w2_EFD, e.w3_EDF, x_TD
+            dev = x_TD.device.type
+            if torch.is_autocast_enabled(dev):
+                # autocast does not reach custom autograd functions: cast as it would for a matmul, or the
+                # kernels run in fp32 without tensor cores (fp32 master weights, fp32 residual stream)
+                amp = torch.get_autocast_dtype(dev)
+                w1, w2, xin = w1.to(amp), w2.to(amp), xin.to(amp)
+                w3 = w3.to(amp) if w3 is not None else None
             y_TD = moe_ffn(
-                x_TD, routing.expert_ids_TK, routing.weights_TK, e.w1_EDF, e.w2_EFD, e.w3_EDF,
+                xin, routing.expert_ids_TK, routing.weights_TK, w1, w2, w3,
                 activation=self.spec.activation, kept_TK=routing.kept_TK,
             )
             tokens_per_expert_E = routing.counts_E

@@ -22,6 +22,16 @@ engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per st
 4. ``c_deepspeed``: DeepSpeed ZeRO-Offload (stage 2, optimizer on the CPU, its CPUAdam op) on model (b)
    in a child process with its own time cap; a failed build or run becomes a row
    (``deepspeed_failed``) and a log line.
+   ``--configs c`` runs it alone (model (b) is built from the same arguments), e.g.
+   ``--configs c --ds-cap-s 200``: its CPUAdam op is compiled by ninja on first use (1-2 min); the
+   child writes its progress (build heartbeat, each step) to ``DIR/deepspeed_child.log`` as it goes.
+
+``config``: `simulator.validate_offload.config_string` of the case (label first, e.g. ``a_compute_bound
+preset=tiny L4 D1024 ... steps=3 warmup=2 cache=6 micro_batches=8``), so that every row can be
+simulated as it is (``python -m simulator.validate_offload``). ``cache=`` is the CPU cache capacity in
+experts **per MoE layer** (``ParallelPlan.cpu_cache_experts``, as the engine and `semoe.sizing` count
+it); only the ``ssd`` placement has a cache (the ``cpu`` placement holds every state in DRAM), and its
+rows also say ``cache_experts_per_layer``.
 Everything is under ``--budget-s`` (default 240 s): a case that does not fit what is left is skipped
 and recorded (metric ``skipped``). ``--quick`` runs the tiny model on the CPU (CI smoke test).
 """
@@ -469,10 +479,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if "a" in configs:
             spec, batch, seq = sp["a"]
-            rows.add("a_compute_bound", "-", "-", "expert_params", expert_params(spec))
             micro_a = 2 if args.quick else args.a_micro_batches
-            rows.add("a_compute_bound", "-", "-", "tokens_per_step", micro_a * batch * seq)
-            cache_a = max(1, (3 * spec.experts) // 4)  # experts per MoE layer in the CPU cache
+            cache_a = cache_per_layer(spec, 0.75)  # ssd placement: CPU cache, experts per MoE layer
+            cfg_a = config_string(spec, batch, seq, label="a_compute_bound", steps=steps, warmup=warmup,
+                                  cache=cache_a, micro_batches=micro_a)
+            rows.add(cfg_a, "-", "-", "expert_params", expert_params(spec))
+            rows.add(cfg_a, "-", "-", "tokens_per_step", micro_a * batch * seq)
             from reference.model import MoEDecoder
 
             t = time.perf_counter()
@@ -482,25 +494,27 @@ def main(argv: list[str] | None = None) -> int:
             for placement, depth in (("gpu", 0), ("cpu", 1), ("cpu", 0), ("ssd", 1), ("ssd", 0)):
                 pf = "-" if placement == "gpu" else ("on" if depth else "off")
                 need = 8.0 if args.quick else (25.0 if placement != "ssd" else 40.0)
-                res = attempt("a_compute_bound", placement, pf, need, lambda placement=placement, depth=depth: run_case(
+                res = attempt(cfg_a, placement, pf, need, lambda placement=placement, depth=depth: run_case(
                     spec, batch, seq, placement, depth, cache_a, steps, warmup, ssd_root / f"a_{placement}_{depth}",
                     out / f"trace_a_{placement}_{'on' if depth else 'off'}.csv", left, micro_a, base_a))
                 if res is not None and placement == "gpu":
                     base = res["step_ms"]
                 elif res is not None and base:
-                    rows.add("a_compute_bound", placement, pf, "ratio_vs_gpu", res["step_ms"] / base)
+                    rows.add(cfg_a, placement, pf, "ratio_vs_gpu", res["step_ms"] / base)
 
+        spec, batch, seq = sp["b"]
+        total = states_bytes(spec)
+        budget = total / 3.0
+        cache_b = cache_per_layer(spec, args.b_cache_frac)  # ssd placement: CPU cache, experts per MoE layer
+        cfg_b = config_string(spec, batch, seq, label="b_over_budget", steps=steps, warmup=warmup, cache=cache_b,
+                              budget_gb=float(f"{budget / GB:.6g}"))
         if "b" in configs:
-            spec, batch, seq = sp["b"]
-            total = states_bytes(spec)
-            budget = total / 3.0
-            rows.add("b_over_budget", "-", "-", "states_gb", total / GB)
-            rows.add("b_over_budget", "-", "-", "budget_gb", budget / GB)
+            rows.add(cfg_b, "-", "-", "states_gb", total / GB)
+            rows.add(cfg_b, "-", "-", "budget_gb", budget / GB)
             frac = None
             if cuda:
                 frac = min(1.0, budget / torch.cuda.get_device_properties(0).total_memory)
                 torch.cuda.set_per_process_memory_fraction(frac)
-            cache_b = max(1, int(args.b_cache_frac * spec.experts))  # per MoE layer
             from reference.model import MoEDecoder
 
             if "a" in configs:
@@ -512,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for placement in ("ssd", "cpu"):
                     need = 8.0 if args.quick else 45.0
-                    attempt("b_over_budget", placement, "on", need, lambda placement=placement: run_case(
+                    attempt(cfg_b, placement, "on", need, lambda placement=placement: run_case(
                         spec, batch, seq, placement, 1, cache_b, steps, warmup, ssd_root / f"b_{placement}",
                         out / f"trace_b_{placement}_on.csv", left, 1, base_b))
             finally:
@@ -521,24 +535,24 @@ def main(argv: list[str] | None = None) -> int:
                     gc.collect()
                     torch.cuda.empty_cache()
 
-            if "c" in configs:
-                if not cuda:
-                    log("skip c_deepspeed: needs CUDA")
+        if "c" in configs:
+            if not cuda:
+                log("skip c_deepspeed: needs CUDA")
+                rows.add("c_deepspeed", "zero_offload_cpu", "-", "skipped", 1)
+                note("c_deepspeed", "zero_offload_cpu", "-", "skipped", "needs CUDA")
+            else:
+                cap = min(args.ds_cap_s, left() - 5)
+                if cap < 30:
+                    log(f"skip c_deepspeed: {left():.0f} s left")
                     rows.add("c_deepspeed", "zero_offload_cpu", "-", "skipped", 1)
-                    note("c_deepspeed", "zero_offload_cpu", "-", "skipped", "needs CUDA")
+                    note("c_deepspeed", "zero_offload_cpu", "-", "skipped", f"time budget: {left():.0f} s left")
                 else:
-                    cap = min(args.ds_cap_s, left() - 5)
-                    if cap < 30:
-                        log(f"skip c_deepspeed: {left():.0f} s left")
-                        rows.add("c_deepspeed", "zero_offload_cpu", "-", "skipped", 1)
-                        note("c_deepspeed", "zero_offload_cpu", "-", "skipped", f"time budget: {left():.0f} s left")
-                    else:
-                        log(f"c_deepspeed: ZeRO-Offload child, cap {cap:.0f} s")
-                        # no memory cap: ZeRO-Offload keeps every bf16 weight and gradient on the GPU, which
-                        # does not fit the budget above; its peak_mem_gb row shows what it needed
-                        why = run_deepspeed(rows, spec, batch, seq, steps, None, cap, out)
-                        if why:
-                            note("c_deepspeed", "zero_offload_cpu", "-", "deepspeed_failed", why)
+                    log(f"c_deepspeed: ZeRO-Offload child, cap {cap:.0f} s")
+                    # no memory cap: ZeRO-Offload keeps every bf16 weight and gradient on the GPU, which
+                    # does not fit the budget above; its peak_mem_gb row shows what it needed
+                    why = run_deepspeed(rows, spec, batch, seq, steps, None, cap, out, cfg_b)
+                    if why:
+                        note("c_deepspeed", "zero_offload_cpu", "-", "deepspeed_failed", why)
     finally:
         rows.add("run", "-", "-", "wall_s", time.monotonic() - t_start)
         rows.close()

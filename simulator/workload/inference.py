@@ -17,9 +17,10 @@ Resources (SimPy processes, one GPU of the cluster):
 Streams are ordered only by events (CUDA events in the reference).
 
 Host program (`simulator.workload.inference_host`): the kernels the reference engine issues per
-segment of a forward, where it syncs, and where it copies or dequantises experts, counted on the
-CPU from the reference code itself (``results/profiles/op_counts.csv``, ``python -m
-simulator.op_counts``; never fitted). Per MoE block, e.g. ring / resident::
+segment of a forward, where it syncs, and where it copies or dequantises experts, counted from the
+reference code itself on the H100 (``results/profiles/op_counts_cuda.csv``, the CPU-counted
+``op_counts.csv`` for paths not measured there; ``python -m simulator.op_counts``; never fitted). Per
+MoE block, e.g. ring / resident::
 
     attention   norm1, qkv GEMM, RoPE, KV-cache write, SDPA, proj GEMM, residual, norm2
     moe_0       router GEMM, softmax, top-k ... -> torch.bincount (a host sync on CUDA: it reads the
@@ -282,7 +283,7 @@ class InferenceRun:
     ``max(device time, host time)`` between host syncs, and a sync makes the host wait for the device."""
 
     def __init__(self, model: ModelSpec, cfg: InferConfig, sim, workload: Workload | None = None,
-                 costs=None, op_counts=None) -> None:
+                 costs=None, op_counts=None, counts_device: str = "cuda") -> None:
         if not model.moe_layers:
             raise SpecError("ModelSpec.experts: the inference workload needs an MoE model")
         self.m, self.cfg, self.sim = model, cfg, sim
@@ -295,8 +296,9 @@ class InferenceRun:
                                 cfg.quant, cfg.dequant)
         self.costs = costs if costs is not None else BlockCosts(model, sim.cost, cfg.quant, cfg.dequant)
         self.host_op_s = cfg.launch_s if cfg.launch_s is not None else sim.cost.host_op_s
-        kw = {} if op_counts is None else {"path": op_counts}
-        self.programs = {(mode, phase): host_program(cfg.quant, mode, phase, **kw)
+        # op_counts: one table's path; else the CUDA-measured counts (the simulated GPU is a CUDA GPU),
+        # the CPU table for paths not measured there; counts_device "cpu": the CPU table only
+        self.programs = {(mode, phase): host_program(cfg.quant, mode, phase, op_counts, counts_device)
                          for mode in MODES for phase in ("prefill", "decode")}
         # dequant passes: ring / resident groups unless the GEMMs are fused; expert-aware always
         self.dequant_ring = cfg.quant is not None and cfg.dequant == "workspace"

@@ -2,11 +2,21 @@
 host issues per segment of a forward pass, where it synchronises with the device and where the
 engine copies or dequantises experts.
 
-The counts are the committed table ``results/profiles/op_counts.csv``, regenerated from the reference
-code on the CPU by ``python -m simulator.op_counts`` (a test checks the table matches the code): they
-depend on the code path (quantisation, provider mode, prefill or decode), not on the sizes. Each
-kernel costs ``CostModel.host_op_s`` of host time (the profile's ``host_op`` row, else HARDWARE.md's
-8 us); a segment ending with a sync makes the host wait until the compute stream has run it.
+The counts are measured tables of the reference code (never fitted): they depend on the code path
+(quantisation, provider mode, prefill or decode), not on the sizes.
+
+* ``results/profiles/op_counts_cuda.csv``: counted on a CUDA GPU (the H100, ``python -m
+  simulator.op_counts --device cuda``). Every GPU the simulator models is a CUDA GPU, so this is the
+  table the inference workload reads (``device="cuda"``, the default): CUDA dispatches fewer kernels
+  than the CPU for a few operators (SDPA 27 vs 41 kernels per attention segment, the head's RMSNorm 2
+  vs 9) and a few CUDA-only ones (the ``.to(device)`` of the expert-aware slot map).
+* ``results/profiles/op_counts.csv``: counted on the CPU by ``python -m simulator.op_counts`` (a CI test
+  checks it matches the code). A path (``quant, mode, phase``) the CUDA table lacks falls back to it,
+  whole (segments are not mixed across tables); ``device="cpu"`` reads only it.
+
+Each kernel costs ``CostModel.host_op_s`` of host time (the profile's ``host_op`` row, else
+HARDWARE.md's 8 us); a segment ending with a sync makes the host wait until the compute stream has
+run it.
 """
 
 from __future__ import annotations
@@ -18,7 +28,10 @@ from pathlib import Path
 
 from semoe import SpecError
 
-OP_COUNTS = Path(__file__).resolve().parent.parent.parent / "results" / "profiles" / "op_counts.csv"
+PROFILES = Path(__file__).resolve().parent.parent.parent / "results" / "profiles"
+OP_COUNTS = PROFILES / "op_counts.csv"  # counted on the CPU (CI checks it against the code)
+OP_COUNTS_CUDA = PROFILES / "op_counts_cuda.csv"  # counted on the H100 (``--device cuda``)
+DEVICES = ("cuda", "cpu")
 PER_UNIT = ("copy_block", "copy_expert", "dequant_block", "dequant_expert", "predict")
 
 
@@ -38,6 +51,7 @@ class HostProgram:
     block: tuple[Segment, ...]
     head: int
     per_unit: dict  # copy_block, copy_expert, dequant_block, dequant_expert -> kernels per unit
+    source: str = ""  # the table the counts come from
 
     @property
     def block_kernels(self) -> int:
@@ -56,9 +70,11 @@ class HostProgram:
 
 
 @cache
-def _table(path: str) -> dict:
+def _table(path: str, required: bool = True) -> dict:
     p = Path(path)
     if not p.is_file():
+        if not required:
+            return {}
         raise SpecError(f"op_counts: {p} not found (python -m simulator.op_counts writes it)")
     out: dict = {}
     with p.open(newline="") as f:
@@ -67,12 +83,32 @@ def _table(path: str) -> dict:
     return out
 
 
-def host_program(quant: str | None, mode: str, phase: str, path: str | Path = OP_COUNTS) -> HostProgram:
-    """The program of ``(quant or 'none', mode, phase)`` from the op-count table."""
+def program_rows(quant: str | None, mode: str, phase: str, path: str | Path | None = None,
+                 device: str = "cuda") -> tuple[list, Path]:
+    """The table rows of ``(quant or 'none', mode, phase)`` and the table they come from: ``path`` alone
+    when given, else (``device`` cuda) the CUDA-measured table with the CPU table as the fallback for
+    paths it does not hold, or (``device`` cpu) the CPU table."""
     key = (quant or "none", mode, phase)
-    rows = _table(str(path)).get(key)
-    if not rows:
-        raise SpecError(f"op_counts: no host program for quant={key[0]} mode={mode} phase={phase} in {path}")
+    if path is not None:
+        tables = [(Path(path), True)]
+    elif device == "cuda":
+        tables = [(OP_COUNTS_CUDA, False), (OP_COUNTS, True)]
+    elif device == "cpu":
+        tables = [(OP_COUNTS, True)]
+    else:
+        raise SpecError(f"op_counts: device {device!r} is not one of {', '.join(DEVICES)}")
+    for p, required in tables:
+        rows = _table(str(p), required).get(key)
+        if rows:
+            return rows, p
+    raise SpecError(f"op_counts: no host program for quant={key[0]} mode={mode} phase={phase} in "
+                    f"{', '.join(str(p) for p, _ in tables)}")
+
+
+def host_program(quant: str | None, mode: str, phase: str, path: str | Path | None = None,
+                 device: str = "cuda") -> HostProgram:
+    """The program of ``(quant or 'none', mode, phase)`` (tables: `program_rows`)."""
+    rows, src = program_rows(quant, mode, phase, path, device)
     emb = head = 0
     block: list[Segment] = []
     per_unit: dict = {}
@@ -86,4 +122,4 @@ def host_program(quant: str | None, mode: str, phase: str, path: str | Path = OP
             per_unit[seg] = n
         else:
             block.append(Segment(seg, n, r["syncs"] == "1", r.get("marker") or ""))
-    return HostProgram(emb, tuple(block), head, per_unit)
+    return HostProgram(emb, tuple(block), head, per_unit, src.name)
