@@ -97,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     flops_tok = sizing.training_flops_per_token(spec, a.seq_len)
     peak = peak_tflops(device)
     backend = os.environ.get("SEMOE_BENCH_BACKEND_LABEL", a.backend)
-    config = (f"{spec.name} L{spec.layers} D{spec.hidden} E{spec.experts} k{spec.top_k} F{spec.ffn} {spec.dtype} "
-              f"B{a.batch_size} S{a.seq_len} lr{a.lr:g} steps{a.steps} world{world} {backend} ep{a.ep} {a.a2a} "
-              f"bucket{a.bucket_bytes} zero{a.zero_stage} "
-              f"params{sizing.count_params(spec).total} moe-{moe_backend} adamw-{adamw}")
     from reference.moe.layer import resolve_backend
 
     moe_backend = resolve_backend("auto")  # what the run's MoE layers used (SEMOE_MOE_BACKEND or the default)
     adamw = "fused" if torch.cuda.is_available() else "default"  # reference.train.make_optimizer's choice
+    config = (f"{spec.name} L{spec.layers} D{spec.hidden} E{spec.experts} k{spec.top_k} F{spec.ffn} {spec.dtype} "
+              f"B{a.batch_size} S{a.seq_len} lr{a.lr:g} steps{a.steps} world{world} {backend} ep{a.ep} {a.a2a} "
+              f"bucket{a.bucket_bytes} zero{a.zero_stage} "
+              f"params{sizing.count_params(spec).total} moe-{moe_backend} adamw-{adamw}")
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     out = [{"date": date, "commit": git_commit(), "device": device, "config": config, "metric": "tokens_per_s",
             "value": f"{tps:.1f}"}]
