@@ -90,8 +90,11 @@ if HAS_TRITON:
             for k0 in range(0, k_end, BK):
                 k_mask = (k0 + rk) < K
                 a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                q = tl.load(q_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
-                acc = tl.dot(a, q.to(tl.float32).to(a.dtype), acc)  # via fp32: exact, and the interpreter casts right
+                q_mask = k_mask[:, None] & n_mask[None, :]
+                # no `other=`: an integer fill cannot be cast to fp8 (Triton 3.6 on sm90); zero after the convert
+                q = tl.load(q_ptrs, mask=q_mask)
+                qf = tl.where(q_mask, q.to(tl.float32), 0.0)
+                acc = tl.dot(a, qf.to(a.dtype), acc)  # via fp32: exact, and the interpreter casts right
                 a_ptrs += BK * s_ak
                 q_ptrs += BK * s_qk
             scale = tl.load(s_ptr + e_safe * s_se + rn * s_sn, mask=n_mask, other=0.0)

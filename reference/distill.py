@@ -130,6 +130,19 @@ def split_corpus(corpus: ByteCorpus, heldout_frac: float) -> tuple[ByteCorpus, B
 
 
 @torch.no_grad()
+def _amp(model: MoEDecoder):
+    """bf16/fp16 autocast on a CUDA GPU for a bf16/fp16 spec, as `reference.train` does (fp32 master weights);
+    a no-op on the CPU, so CPU results are unchanged."""
+    dev = next(model.parameters()).device
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(model.spec.dtype) if dev.type == "cuda" else None
+    return torch.autocast(dev.type, dtype=amp, enabled=amp is not None)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """16-bit logits (autocast) to fp32 for the KD softmax; fp32/fp64 unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def heldout_loss(model: MoEDecoder, data: ByteCorpus, cfg: DistillConfig) -> float:
     """Mean LM loss over ``cfg.eval_batches`` fixed windows of ``data`` (seeded: same for every model)."""
     was = model.training
@@ -139,7 +152,8 @@ def heldout_loss(model: MoEDecoder, data: ByteCorpus, cfg: DistillConfig) -> flo
     total = 0.0
     for _ in range(cfg.eval_batches):
         x, y = data.batch(cfg.batch_size, cfg.seq_len, gen)
-        total += float(model(x.to(dev), y.to(dev)).lm_loss)
+        with _amp(model):
+            total += float(model(x.to(dev), y.to(dev)).lm_loss)
     model.train(was)
     return total / cfg.eval_batches
 
@@ -151,7 +165,8 @@ def logit_error(model: MoEDecoder, ref: MoEDecoder, data: ByteCorpus, cfg: Disti
     x, _ = data.batch(cfg.batch_size, cfg.seq_len, gen)
     dev = next(model.parameters()).device
     model.eval(), ref.eval()
-    d = model(x.to(dev)).logits_BSV.double() - ref(x.to(dev)).logits_BSV.double()
+    with _amp(model):
+        d = model(x.to(dev)).logits_BSV.double() - ref(x.to(dev)).logits_BSV.double()
     return float(d.abs().max()), float(d.pow(2).mean().sqrt())
 
 
@@ -182,12 +197,13 @@ def train_model(model: MoEDecoder, data: ByteCorpus, steps: int, cfg: DistillCon
             g["lr"] = lr_at(step, tcfg)
         x, y = data.batch(cfg.batch_size, cfg.seq_len, gen)
         x, y = x.to(dev), y.to(dev)
-        out = model(x, y)
+        with _amp(model):
+            out = model(x, y)
         loss = out.loss
         if teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _amp(teacher):
                 t_logits = teacher(x).logits_BSV
-            kd = kd_loss(out.logits_BSV, t_logits, cfg.temperature)
+            kd = kd_loss(_wide(out.logits_BSV), _wide(t_logits), cfg.temperature)
             loss = cfg.alpha * kd + (1 - cfg.alpha) * out.lm_loss + out.aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,7 +234,8 @@ def routing_stats(model: MoEDecoder, data: ByteCorpus, cfg: DistillConfig) -> li
     try:
         for _ in range(cfg.calib_batches):
             x, _ = data.batch(cfg.batch_size, cfg.seq_len, gen)
-            model(x.to(dev))
+            with _amp(model):
+                model(x.to(dev))
     finally:
         for h in hooks:
             h.remove()

@@ -226,6 +226,11 @@ class GroupedExperts(ExpertWeights):
         self._check_input(x, tokens_per_expert_E)
         if x.dim() == 3:
             return self._forward_bmm(x)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.is_floating_point():
+            # autocast does not cover torch._grouped_mm, and the residual stream arrives in fp32: without this
+            # cast a bf16 run on CUDA takes the loop path in fp32 (results/profiles/train_profile_h100.csv)
+            x = x.to(torch.get_autocast_dtype(dev))
         impl = self.impl
         if impl in ("auto", "grouped_mm"):
             ok = grouped_mm_supported(x, self.ffn_hidden, num_groups=self.num_experts)
@@ -252,7 +257,7 @@ class GroupedExperts(ExpertWeights):
             )
 
         def mm(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            out = torch._grouped_mm(a, w, offs=offs)
+            out = torch._grouped_mm(a, w if w.dtype == a.dtype else w.to(a.dtype), offs=offs)
             if b is None:
                 return out
             # in fp32 so that the bias gradient (a scatter-add over N rows) accumulates in fp32

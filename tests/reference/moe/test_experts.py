@@ -171,3 +171,21 @@ def test_bad_input_messages():
         SequentialExperts(E, D, FF, activation="relu")
     with pytest.raises(ValueError, match="num_experts must be a positive int"):
         SequentialExperts(0, D, FF)
+
+
+def test_grouped_experts_under_autocast_run_in_the_autocast_dtype():
+    import torch
+
+    from reference.moe.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    e = GroupedExperts(4, 16, 32, activation="gelu", bias=False, num_layers=1, seed=0)
+    x = torch.randn(10, 16)
+    counts = torch.tensor([3, 0, 5, 2])
+    ref = e(x, counts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = e(x, counts)
+    assert y.dtype == torch.bfloat16  # the grouped GEMMs ran in bf16, not fp32
+    assert torch.allclose(y.float(), ref, rtol=5e-2, atol=5e-2)
+    y.float().sum().backward()
+    assert e.w1_EDF.grad is not None and e.w1_EDF.grad.dtype == torch.float32  # fp32 master weights keep fp32 grads
