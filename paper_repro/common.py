@@ -14,11 +14,11 @@ import datetime as _dt
 import functools
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from semoe.io import git_commit  # noqa: F401 (re-exported)
 
 META_COLUMNS = ["date", "commit", "device", "python", "simpy", "numpy", "pandas"]
 DEFAULT_OUT = Path("results/paper")
@@ -34,17 +34,6 @@ def _version(mod: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        sha = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=False, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty and sha != "unknown" else "")
-    except Exception:  # noqa: BLE001 - metadata only
-        return "unknown"
-
 
 def meta() -> dict:
     """Run metadata columns (same for every row of one collect())."""

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,6 +65,7 @@ from reference.data import ByteCorpus
 from reference.model import MoEDecoder
 from reference.train import TrainConfig, after_step, lr_at, make_optimizer
 from semoe.model_spec import ModelSpec
+from semoe.io import git_commit  # noqa: F401 (re-exported)
 
 MERGE_METHODS = ("router", "coact", "none")
 CSV_COLUMNS = ("date", "commit", "device", "teacher", "model", "experts", "top_k", "params", "steps",
@@ -398,16 +398,6 @@ class DistillResult:
                          f"{r['heldout_loss']:>15.4f}{r['delta_vs_teacher']:>+12.4f}")
         return "\n".join(lines)
 
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               check=False, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _expert_bytes(model: MoEDecoder, fmt: str | None) -> int:

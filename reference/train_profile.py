@@ -32,6 +32,7 @@ from reference.model import MoEDecoder
 from reference.op_count import count_ops
 from reference.train import TrainConfig, after_step, make_optimizer
 from semoe.presets import load_model
+from semoe.io import git_commit  # noqa: F401 (re-exported)
 
 COLUMNS = ["date", "commit", "device", "config", "part", "name", "count_per_step", "ms_per_step"]
 # kernel name -> category, first match wins
@@ -53,15 +54,6 @@ def categorise(name: str) -> str:
             return cat
     return "other"
 
-
-def git_commit() -> str:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

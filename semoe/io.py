@@ -25,3 +25,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def git_commit(dirty: bool = True) -> str:
+    """The commit results are labelled with: ``SEMOE_COMMIT`` when set (the GPU machine's copy of the tree
+    carries a stale ``.git``, so benchmarks run there must be told), else ``git rev-parse --short HEAD`` of
+    this checkout, with ``-dirty`` when tracked files are modified (``dirty=True``); ``unknown`` without git."""
+    import os
+    import subprocess
+
+    if os.environ.get("SEMOE_COMMIT"):
+        return os.environ["SEMOE_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                             cwd=here, timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        if dirty:
+            st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, check=False, cwd=here, timeout=10).stdout.strip()
+            sha += "-dirty" if st else ""
+        return sha
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -25,7 +25,6 @@ import csv
 import datetime as dt
 import gc
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import reference as ref  # noqa: F401  (the oracle the tests use; imported for parity)
+from semoe.io import git_commit  # noqa: F401 (re-exported)
 
 CSV_HEADER = ["date", "commit", "device", "config", "impl", "mode", "metric", "value"]
 
@@ -297,14 +297,6 @@ def bench_permute(T=16384, k=8, D=2048, E=64) -> dict[str, tuple[float, float]]:
 
 
 # ----------------------------------------------------------------------------------- CSV
-def git_commit() -> str:
-    if os.environ.get("SEMOE_COMMIT"):
-        return os.environ["SEMOE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
-
 
 class Writer:
     def __init__(self, path: Path):

@@ -17,8 +17,8 @@ import csv
 import datetime as dt
 import os
 import statistics
-import subprocess
 from pathlib import Path
+from semoe.io import git_commit  # noqa: F401 (re-exported)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM datasheets (semoe.presets)
 COLUMNS = ("date", "commit", "device", "config", "metric", "value")
@@ -30,15 +30,6 @@ def peak_tflops(device_name: str) -> float | None:
             return v
     return None
 
-
-def git_commit() -> str:
-    if os.environ.get("SEMOE_COMMIT"):  # the device machine's copy of the tree has no .git
-        return os.environ["SEMOE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
