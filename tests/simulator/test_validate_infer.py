@@ -57,7 +57,10 @@ def test_issue11_bench_rows():
              ("ring_int8", 8, "bytes_copied_per_forward", 11e9), ("ring_int8", 8, "prefill_speedup_vs_bf16_ring", 1.9),
              ("ring_int8", 1, "decode_speedup_vs_bf16_ring", 1.9), ("ring_int8", 1, "decode_ms_per_step", 200.0),
              ("ring_int8", 8, "logit_maxabs_vs_bf16_resident", 0.1), ("ring_int8", 0, "tokens_equal_frac_vs_bf16_resident", 1),
-             ("compiled", 8, "decode_tokens_per_s", 900.0), ("-", 0, "moe_blocks", 8))
+             ("compiled", 8, "decode_tokens_per_s", 900.0), ("compiled", 8, "prefill_tokens_per_s", 8e4),
+             ("ring_compiled", 8, "decode_tokens_per_s", 19.0), ("resident", 8, "decode_tokens_per_s", 400.0),
+             ("ring", 8, "decode_tokens_per_s", 19.0),
+             ("-", 0, "moe_blocks", 8))
     d = V.predict_all(m).set_index(["mode", "batch", "metric"])
     p, st = d["predicted"], d["status"]
     from semoe.presets import model_preset
@@ -74,7 +77,12 @@ def test_issue11_bench_rows():
     assert 1.6 < p[("ring_int8", 8, "prefill_speedup_vs_bf16_ring")] < 2.05
     assert 1.6 < p[("ring_int8", 1, "decode_speedup_vs_bf16_ring")] < 2.05
     assert p[("-", 0, "moe_blocks")] == 8
-    for key in (("compiled", 8, "decode_tokens_per_s"), ("ring_int8", 8, "logit_maxabs_vs_bf16_resident"),
+    # CUDA-graph decode: the eager device time, host cost one launch per step -> faster than eager
+    assert st[("compiled", 8, "decode_tokens_per_s")] == "validated"
+    assert p[("compiled", 8, "decode_tokens_per_s")] > 1.3 * p[("resident", 8, "decode_tokens_per_s")]
+    # the compiled ring is copy-bound: the eager ring's prediction
+    assert p[("ring_compiled", 8, "decode_tokens_per_s")] == pytest.approx(p[("ring", 8, "decode_tokens_per_s")])
+    for key in (("compiled", 8, "prefill_tokens_per_s"), ("ring_int8", 8, "logit_maxabs_vs_bf16_resident"),
                 ("ring_int8", 0, "tokens_equal_frac_vs_bf16_resident")):
         assert st[key] == "not_modelled" and math.isnan(p[key])
     assert st[("ring_fp8_fused", 8, "prefill_tokens_per_s")] == "validated"
@@ -87,6 +95,15 @@ def test_status_marks_rows_that_validate_nothing():
     d = V.predict_all(m)
     assert list(d["status"]) == ["input", "by_definition", "measurement_bug"]
     assert set(d["status"]) <= set(V.STATUSES)
+    # the 344a526 run: int8-fused B=1 decode timed the Triton autotune; host-bound rows of older runs ran
+    # another engine (superseded_code); their ring rows still validate
+    m = rows(("ring_int8_fused", 1, "decode_tokens_per_s", 1.8), ("ring_int8_fused", 8, "decode_tokens_per_s", 38.0))
+    m["date"] = "2026-11-24T06:34:29Z"
+    for mode in ("resident", "expert", "ring"):
+        m.loc[len(m)] = {"date": "2026-11-24T04:16:32Z", "commit": "x", "device": "H100", "config": CONFIG, "mode": mode,
+                         "batch": 1, "metric": "decode_tokens_per_s", "value": 5.0}
+    assert list(V.predict_all(m)["status"]) == ["measurement_bug", "validated", "superseded_code", "superseded_code",
+                                                "validated"]
 
 
 def test_committed_validation_table_has_status():
