@@ -252,7 +252,11 @@ def test_random_store_block_by_block_and_cli(tmp_path):
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_modes_identical(tmp_path):
+def test_gpu_modes_identical(tmp_path, monkeypatch):
+    # the engine runs torch._grouped_mm: compare with the model's torch backend, not the Triton one (in bf16 the
+    # two round differently, which flips a few near-tied routing choices: 1.8% of logits off by up to 0.07 on
+    # the H100, 2026-11-24); the modes must still equal each other exactly
+    monkeypatch.setenv("SEMOE_MOE_BACKEND", "torch")
     spec = tiny(hidden=256, heads=4, ffn=512, layers=6, experts=8, dtype="bf16", **{
         k: v for k, v in ROPE_KW.items() if k not in ("bias",)})
     model = MoEDecoder(spec, seed=0).to(dtype=torch.bfloat16).eval()
