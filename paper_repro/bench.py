@@ -83,7 +83,7 @@ def check(results: Path, tolerance: float = 0.05) -> tuple[dict[str, pd.DataFram
         raise FileNotFoundError(f"no benchmark CSVs in {results}")
     found, skipped = {}, []
     for f in files:
-        df = pd.read_csv(f)
+        df = pd.read_csv(f, dtype={"commit": str})
         if is_tidy(df):
             found[f.name] = check_frame(df, tolerance)
         else:
@@ -101,7 +101,7 @@ def plot(results: Path, out: Path, max_series: int = 24) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for f in sorted(Path(results).glob("*.csv")):
-        df = pd.read_csv(f)
+        df = pd.read_csv(f, dtype={"commit": str})
         if not is_tidy(df):
             continue
         df = df[[direction(str(m)) != 0 for m in df["metric"]]]

@@ -88,7 +88,7 @@ def kernel_rows(path: Path) -> list[dict]:
     from simulator.cost import CostModel
 
     cluster = cluster_preset("h100-single")
-    df = pd.read_csv(path)
+    df = pd.read_csv(path, dtype={"commit": str})
     df = df[df["impl"] == "ours"]
     rows = []
     for run, d in df.groupby("commit", sort=False):
@@ -244,7 +244,7 @@ def simulate_train(c: TrainConfig) -> dict:
 
 
 def train_rows(path: Path) -> list[dict]:
-    df = pd.read_csv(path)
+    df = pd.read_csv(path, dtype={"commit": str})
     rows = []
     for r in df.itertuples():
         src, run = "train", f"{r.commit} {r.date}"
@@ -272,7 +272,7 @@ def train_rows(path: Path) -> list[dict]:
 def infer_rows(path: Path) -> list[dict]:
     from simulator.validate_infer import predict_all
 
-    measured = pd.read_csv(path)
+    measured = pd.read_csv(path, dtype={"commit": str})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pred = predict_all(measured)

@@ -156,12 +156,15 @@ def state_bytes_per_tier(m: ModelSpec, plan: ParallelPlan) -> dict[str, float]:
     """Model-state bytes per rank on each tier (gpu / cpu / ssd), activations excluded.
 
     Dense states: by ZeRO stage, on the tiers of ``plan.offload.dense_*``. Expert states: each rank
-    owns ``experts / expert_parallel`` experts of every MoE layer. When expert parameters are
-    offloaded, the GPU holds the working fp16 params + grads of the local experts of two MoE layers
-    (current and next, double-buffered, SEMOE.md); the CPU cache holds the full 16-byte state of
-    ``cpu_cache_experts`` local experts per layer; the other experts' params and grads sit on
-    ``offload.expert_params``; with ``offload.expert_optimizer == "ssd"`` the SSD keeps the fp32 states
-    of all experts (12 bytes per parameter, SEMOE.md: 12S <= M_ssd), cached ones included.
+    owns ``experts / expert_parallel`` experts of every MoE layer, laid out as `reference.offload` keeps
+    them. Expert parameters on the GPU: their 16-bit params + grads there. Offloaded (``cpu`` or ``ssd``):
+    the GPU holds the working 16-bit params + grads of the local experts of two MoE layers (current and
+    next, double-buffered, SEMOE.md) and the host keeps a pinned 16-bit mirror and gradient buffer of
+    every local expert (4 bytes per parameter in DRAM: every H2D fetch reads the mirror, so the SSD never
+    holds 16-bit weights). The fp32 optimizer states (master, m, v: 12 bytes per parameter) live on
+    ``offload.expert_optimizer``; with ``ssd`` the SSD keeps those of all experts (SEMOE.md: 12S <= M_ssd)
+    and the pinned CPU cache holds copies of ``cpu_cache_experts`` local experts per MoE layer (12 bytes
+    per parameter each); the cache only exists in front of the SSD.
     """
     tiers = {"gpu": 0.0, "cpu": 0.0, "ssd": 0.0}
     pc = count_params(m)
@@ -175,15 +178,11 @@ def state_bytes_per_tier(m: ModelSpec, plan: ParallelPlan) -> dict[str, float]:
         tiers["gpu"] += (PARAM_BYTES + GRAD_BYTES) * all_layers
     else:
         tiers["gpu"] += (PARAM_BYTES + GRAD_BYTES) * per_layer * min(2, m.moe_layers)
-    # the CPU cache holds the full state of its experts; the rest live on their own tiers
-    cached = min(plan.cpu_cache_experts, local_experts) * m.moe_layers * expert_params(m)
-    tiers["cpu"] += STATE_BYTES * cached
-    if plan.offload.expert_params != "gpu":
-        tiers[plan.offload.expert_params] += (PARAM_BYTES + GRAD_BYTES) * (all_layers - cached)
+        tiers["cpu"] += (PARAM_BYTES + GRAD_BYTES) * all_layers  # pinned mirror + gradient buffer
+    tiers[plan.offload.expert_optimizer] += OPTIMIZER_BYTES * all_layers
     if plan.offload.expert_optimizer == "ssd":
-        tiers["ssd"] += OPTIMIZER_BYTES * all_layers  # the SSD keeps every expert's fp32 state
-    else:
-        tiers[plan.offload.expert_optimizer] += OPTIMIZER_BYTES * (all_layers - cached)
+        cached = min(plan.cpu_cache_experts, local_experts) * m.moe_layers * expert_params(m)
+        tiers["cpu"] += OPTIMIZER_BYTES * cached
     return tiers
 
 

@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.measured.is_file():
         print(f"validate_infer: measured file not found: {a.measured}", file=sys.stderr)
         return 2
-    df = predict_all(pd.read_csv(a.measured))
+    df = predict_all(pd.read_csv(a.measured, dtype={"commit": str}))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out, df.to_csv(index=False, float_format="%.6g"))
     plot(df, a.png)

@@ -35,11 +35,19 @@ simulated over both; its hit rate is reported over the measured ones, as the ben
 experts per MoE layer, default 0; ignored for the other placements). ``prefetch``: ``on`` / ``off`` (also 1/0, true/false, yes/no)
 or a depth; ``on`` means depth 1 unless ``depth=`` says otherwise, ``off`` depth 0 (fetch on demand).
 
+Traces (``--traces``, default ``results/bench/offload``): the trace CSVs of one bench run and its
+``run.json`` (date, commit, device). They add per-phase rows (``trace_cpu_adam_ms_per_step``,
+``trace_ssd_{read,write}_{ms,gb}_per_step``: busy time and bytes per measured step on the host clock) beside
+the simulated phases, and, for a run without the ``ssd_block_prep_GBps`` probe, that input measured in its
+traces (`write_prep_rate`: the block bytes over the median gap between consecutive SSD writes on the
+engine's I/O thread, where it serialises and checksums the next block; listed as an input row).
+
 Metrics: ``step_ms``, ``step_s``, ``tokens_per_s``, ``cpu_adam_ms_per_step``, ``ratio_vs_gpu`` (time),
-``h2d_gb_per_step``, ``d2h_gb_per_step`` (bytes), ``peak_mem_gb`` (memory), ``hit_rate`` / ``cache_hit_rate``
+``h2d_gb_per_step``, ``d2h_gb_per_step``, ``ssd_read_gb_per_step``, ``ssd_write_gb_per_step`` (bytes), ``peak_mem_gb`` (memory), ``hit_rate`` / ``cache_hit_rate``
 (ratio, the LFU cache's hits / (hits + misses) over the measured steps); bandwidth probes (``*_GBps``) are
 model inputs (status ``fitted``, compared with the simulator's bandwidth of that link), and the bench run's
-own ``ssd_read_GBps`` / ``ssd_write_GBps`` / ``cpu_adam_Mparams_per_s`` rows (same date, commit and device)
+own ``ssd_read_GBps`` / ``ssd_write_GBps`` / ``cpu_adam_Mparams_per_s`` / ``cpu_adam_fp32grad_Mparams_per_s`` /
+``ssd_block_prep_GBps`` rows (same date, commit and device)
 replace the profile's / cluster spec's rates in that run's simulations (``io_rates``); rows of placement
 ``-`` other than those describe the case (sizes) and are ``not_modelled``; anything else is listed as ``not_modelled``. The simulated
 step is `simulator.workload.training.TrainingIteration` with ``impl="reference"`` (the reference
@@ -54,6 +62,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,12 +73,16 @@ OUT_COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "m
                "error", "used_for_fitting", "status", "note")
 TIME_METRICS = ("step_ms", "step_s", "tokens_per_s", "cpu_adam_ms_per_step", "ratio_vs_gpu")
 RATIO_METRICS = ("hit_rate", "cache_hit_rate")
-BYTES_METRICS = ("h2d_gb_per_step", "d2h_gb_per_step")
+BYTES_METRICS = ("h2d_gb_per_step", "d2h_gb_per_step", "ssd_read_gb_per_step", "ssd_write_gb_per_step")
 MEMORY_METRICS = ("peak_mem_gb",)
-INPUT_METRICS = ("h2d_pinned_GBps", "d2h_pinned_GBps", "ssd_read_GBps", "ssd_write_GBps", "cpu_adam_Mparams_per_s")
+INPUT_METRICS = ("h2d_pinned_GBps", "d2h_pinned_GBps", "ssd_read_GBps", "ssd_write_GBps", "cpu_adam_Mparams_per_s",
+                 "cpu_adam_fp32grad_Mparams_per_s", "ssd_block_prep_GBps")
 # bench rows of the same run (date, commit, device) that the simulation takes as inputs: metric -> io_rates key
 IO_INPUTS = {"ssd_read_GBps": ("disk_read", 1e9), "ssd_write_GBps": ("disk_write", 1e9),
-             "cpu_adam_Mparams_per_s": ("cpu_adam", 1e6)}
+             "cpu_adam_Mparams_per_s": ("cpu_adam", 1e6), "cpu_adam_fp32grad_Mparams_per_s": ("cpu_adam_fp32grad", 1e6),
+             "ssd_block_prep_GBps": ("ssd_write_prep", 1e9)}
+TRACES = ROOT / "results" / "bench" / "offload"  # trace_<a|b>_<placement>_<on|off>.csv + run.json of one bench run
+TRACE_LABELS = {"a": "a_compute_bound", "b": "b_over_budget"}
 PLACEMENTS = {"gpu": "gpu", "hbm": "gpu", "all-in-hbm": "gpu", "none": "gpu", "cpu": "cpu", "cpu-offload": "cpu",
               "dram": "cpu", "ssd": "ssd", "ssd-offload": "ssd", "nvme": "ssd", "disk": "ssd"}
 _LETTERS = {"L": "layers", "D": "hidden", "F": "ffn", "E": "experts", "k": "top_k", "B": "batch", "S": "seq",
@@ -300,6 +313,10 @@ def _predict(s: dict, metric: str, cfg: OffloadConfig, placement: str, io: tuple
         return (s["bytes"].get("h2d_prefetch", 0.0) + s["bytes"].get("h2d_params", 0.0)) / 1e9
     if metric == "d2h_gb_per_step":
         return s["bytes"].get("d2h_grads", 0.0) / 1e9
+    if metric == "ssd_read_gb_per_step":
+        return s["bytes"].get("ssd_read", 0.0) / 1e9
+    if metric == "ssd_write_gb_per_step":
+        return (s["bytes"].get("ssd_write", 0.0) + s["bytes"].get("ssd_writeback", 0.0)) / 1e9
     if metric == "cpu_adam_ms_per_step":
         return s["busy_s"].get("cpu_adam", 0.0) * 1e3
     if metric == "peak_mem_gb":
@@ -317,7 +334,9 @@ def _input(metric: str) -> float:
     c = cluster_preset("h100-single")
     if metric in ("h2d_pinned_GBps", "d2h_pinned_GBps"):
         return c.pcie.bandwidth_GBps
-    if metric == "cpu_adam_Mparams_per_s":  # the documented assumption (DRAM-bound AdamW)
+    if metric == "ssd_block_prep_GBps":
+        return float("nan")  # no default: without a measurement the simulator charges nothing
+    if metric in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s"):  # the assumption (DRAM-bound)
         from simulator.workload.training import CPU_ADAM_BYTES_PER_PARAM
 
         return c.host_memory_GBps * 1e9 / CPU_ADAM_BYTES_PER_PARAM / 1e6
@@ -327,11 +346,78 @@ def _input(metric: str) -> float:
     return n / cm.transfer_time(op, n, bw) / 1e9
 
 
-def compare(bench: Path | pd.DataFrame = BENCH) -> pd.DataFrame:  # noqa: F821 (pandas imported here)
-    """One output row (`OUT_COLUMNS`) per bench row."""
+def trace_run(traces: Path | None) -> tuple | None:
+    """``(date, commit, device)`` of the bench run whose traces are in ``traces`` (its ``run.json``)."""
+    import json
+
+    if traces is None or not (Path(traces) / "run.json").is_file():
+        return None
+    d = json.loads((Path(traces) / "run.json").read_text())
+    return (d["date"], d["commit"], d["device"])
+
+
+def _trace_cases(traces: Path) -> list[tuple[str, str, str, Path]]:
+    out = []
+    for f in sorted(Path(traces).glob("trace_*_*_*.csv")):
+        m = re.fullmatch(r"trace_([a-z])_(\w+?)_(on|off)\.csv", f.name)
+        if m and m[1] in TRACE_LABELS:
+            out.append((TRACE_LABELS[m[1]], m[2], "-" if m[2] == "gpu" else m[3], f))
+    return out
+
+
+def write_prep_rate(traces: Path) -> tuple[float, int] | None:
+    """Bytes/s of the host work before each SSD block write (``reference.offload.ssd``: serialise + crc32
+    on the I/O thread, outside the timed write), from the traces: block bytes over the median gap
+    between one ``ssd_write`` row's end and the next one's start on the I/O thread. Returns (rate, gaps)."""
+    import numpy as np
+
+    from semoe.trace import read_csv
+
+    rates, n = [], 0
+    for *_, f in _trace_cases(traces):
+        io = sorted((r for r in read_csv(f) if r.phase in ("ssd_read", "ssd_write")), key=lambda r: r.start_s)
+        for a, b in pairwise(io):
+            if a.phase == b.phase == "ssd_write" and b.start_s > a.end_s:
+                rates.append(b.bytes / (b.start_s - a.end_s))
+                n += 1
+    return (float(np.median(rates)), n) if rates else None
+
+
+def trace_phases(path: Path, warmup: int) -> dict[str, float]:
+    """Per measured step (step rows ``warmup``..): busy ms and GB of each host / copy phase in a bench
+    trace (rows that start inside a measured step's window)."""
+    from semoe.trace import read_csv
+
+    rows = read_csv(path)
+    steps = sorted((r for r in rows if r.phase == "step"), key=lambda r: r.start_s)[warmup:]
+    if not steps:
+        return {}
+    t0, t1 = steps[0].start_s, steps[-1].end_s
+    out: dict[str, float] = {"steps": len(steps)}
+    for phase, key in (("cpu_adam", "cpu_adam"), ("ssd_read", "ssd_read"), ("ssd_write", "ssd_write"),
+                       ("d2h_grad", "d2h"), ("h2d_fetch", "h2d"), ("h2d_demand", "h2d")):
+        sel = [r for r in rows if r.phase == phase and t0 <= r.start_s < t1]
+        out[f"{key}_ms"] = out.get(f"{key}_ms", 0.0) + 1e3 * sum(r.end_s - r.start_s for r in sel) / len(steps)
+        out[f"{key}_gb"] = out.get(f"{key}_gb", 0.0) + sum(r.bytes for r in sel) / 1e9 / len(steps)
+    return out
+
+
+# trace metric -> (simulated busy_s key(s), or bytes key(s)); "ms" ones compare busy time, "gb" ones bytes
+TRACE_METRICS = {
+    "trace_cpu_adam_ms_per_step": ("cpu_adam_ms", "busy", ("cpu_adam",)),
+    "trace_ssd_read_ms_per_step": ("ssd_read_ms", "busy", ("ssd_read",)),
+    "trace_ssd_write_ms_per_step": ("ssd_write_ms", "busy", ("ssd_write", "ssd_writeback")),
+    "trace_ssd_read_gb_per_step": ("ssd_read_gb", "bytes", ("ssd_read",)),
+    "trace_ssd_write_gb_per_step": ("ssd_write_gb", "bytes", ("ssd_write", "ssd_writeback")),
+}
+
+
+def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) -> pd.DataFrame:  # noqa: F821
+    """One output row (`OUT_COLUMNS`) per bench row, then (``traces``: the directory of one run's traces and
+    its ``run.json``) per-phase rows from the traces (``trace_*`` metrics) beside the simulated phases."""
     import pandas as pd  # here, not at import: reference.offload.bench imports `config_string` on the GPU box
 
-    df = bench if isinstance(bench, pd.DataFrame) else pd.read_csv(bench)
+    df = bench if isinstance(bench, pd.DataFrame) else pd.read_csv(bench, dtype={"date": str, "commit": str, "device": str})
     missing = set(BENCH_COLUMNS) - set(df.columns)
     if missing:
         raise ValueError(f"validate_offload: bench file lacks column(s) {', '.join(sorted(missing))}")
@@ -342,6 +428,22 @@ def compare(bench: Path | pd.DataFrame = BENCH) -> pd.DataFrame:  # noqa: F821 (
         if r.metric in IO_INPUTS:
             k, scale = IO_INPUTS[r.metric]
             inputs.setdefault((r.date, r.commit, r.device), {})[k] = float(r.value) * scale
+    # a run without the block-prep probe (before it existed): the same quantity measured in its own traces
+    run_of_traces = trace_run(traces)
+    runs = set(zip(df["date"], df["commit"], df["device"]))
+    if run_of_traces not in runs:  # traces of another run (or none): nothing to add
+        run_of_traces = None
+    prep_note = ""
+    prep_check = None
+    if run_of_traces is not None:
+        got = write_prep_rate(traces)
+        probe = inputs.get(run_of_traces, {}).get("ssd_write_prep")
+        if got is not None and probe is None:
+            inputs.setdefault(run_of_traces, {})["ssd_write_prep"] = got[0]
+            prep_note = (f"; ssd_write_prep {got[0] / 1e9:.3g} GB/s from the run's traces (median of {got[1]} "
+                         "write-to-write gaps on the I/O thread: serialise + crc32 before each block write)")
+        elif got is not None:  # the isolated probe (the input) beside what the engine's I/O thread showed
+            prep_check = (got, probe)
     for r in df.itertuples(index=False):
         base = {k: getattr(r, k) for k in ("date", "commit", "device", "config", "placement", "prefetch", "metric")}
         io = tuple(sorted(inputs.get((r.date, r.commit, r.device), {}).items()))
@@ -352,11 +454,18 @@ def compare(bench: Path | pd.DataFrame = BENCH) -> pd.DataFrame:  # noqa: F821 (
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pred = _input(r.metric)
-            note = "model input: the simulator's rate of this link (cluster preset / profile / assumption)"
+            note = ("model input (same-run probe), used_for_fitting: predicted is the simulator's own rate of this "
+                    "link (cluster preset / profile / assumption)")
             if r.metric in IO_INPUTS:
                 note += "; this run's simulations use the measured value instead (io_rates)"
-            row.update(predicted=pred, error=pred / measured - 1 if measured else float("nan"), status="fitted",
-                       used_for_fitting=True, note=note)
+            if math.isnan(pred):  # an input the simulator has no rate of its own for (charged only when measured)
+                row.update(status="not_modelled", used_for_fitting=True,
+                           note=note.split(", used_for_fitting")[0] + "; the simulator has no default for it (no cost "
+                           "without a measurement)" + ("; this run's simulations use it (io_rates)"
+                                                       if r.metric in IO_INPUTS else ""))
+            else:
+                row.update(predicted=pred, error=pred / measured - 1 if measured else float("nan"), status="fitted",
+                           used_for_fitting=True, note=note)
             out.append(row)
             continue
         if str(r.placement).strip() in ("-", ""):
@@ -385,9 +494,68 @@ def compare(bench: Path | pd.DataFrame = BENCH) -> pd.DataFrame:  # noqa: F821 (
                 note += f"; cache hit rate {s['cache_hit_rate']:.2f}"
             if io:
                 note += "; measured inputs: " + ", ".join(f"{k} {v:.3g}/s" for k, v in io)
+            if r.metric in ("cpu_adam_ms_per_step", "ssd_read_gb_per_step", "ssd_write_gb_per_step"):
+                note += ("; bench counter: its window opens at the first measured step while the last warm-up "
+                         "step's host updates and I/O still run, so it over-counts (see trace_* rows)")
             row.update(predicted=pred, error=err, status="validated", note=note)
         out.append(row)
+    if run_of_traces is not None:
+        prep = inputs.get(run_of_traces, {}).get("ssd_write_prep")
+        if prep_note and prep:
+            date, commit, device = run_of_traces
+            out.append({"date": date, "commit": commit, "device": device, "config": "bandwidth", "placement": "ssd",
+                        "prefetch": "-", "metric": "ssd_block_prep_GBps", "measured": prep / 1e9,
+                        "predicted": float("nan"), "error": float("nan"), "used_for_fitting": True,
+                        "status": "not_modelled",
+                        "note": "model input derived from the run's traces (no probe in that run; the simulator has "
+                                "no default for it)" + prep_note})
+        if prep_check is not None:
+            (gap_rate, n), probe = prep_check
+            date, commit, device = run_of_traces
+            out.append({"date": date, "commit": commit, "device": device, "config": "bandwidth", "placement": "ssd",
+                        "prefetch": "-", "metric": "trace_ssd_block_prep_GBps", "measured": gap_rate / 1e9,
+                        "predicted": probe / 1e9, "error": probe / gap_rate - 1, "used_for_fitting": False,
+                        "status": "validated",
+                        "note": f"measured: block bytes over the median of {n} write-to-write gaps in the traces "
+                                "(in place, threads competing); predicted: the isolated ssd_block_prep_GBps probe "
+                                "that the simulations use"})
+        out += _trace_rows(df, traces, run_of_traces, inputs, prep_note)
     return pd.DataFrame(out, columns=list(OUT_COLUMNS))
+
+
+def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str) -> list[dict]:
+    """Per-phase rows: each trace's measured busy time and bytes per step beside the simulation's."""
+    out = []
+    io = tuple(sorted(inputs.get(run, {}).items()))
+    date, commit, device = run
+    for label, placement, prefetch, path in _trace_cases(traces):
+        sel = df[(df["date"] == date) & (df["commit"] == commit) & (df["config"].astype(str).str.split().str[0] == label)]
+        if sel.empty:
+            continue
+        cfg = parse_config(sel["config"].iloc[0])
+        measured = trace_phases(path, cfg.warmup)
+        if not measured:
+            continue
+        s = simulate(cfg, placement, parse_prefetch(prefetch, cfg.depth), io)
+        for metric, (key, what, sim_keys) in TRACE_METRICS.items():
+            m = measured.get(key, 0.0)
+            src = s["busy_s"] if what == "busy" else s["bytes"]
+            scale = 1e3 if what == "busy" else 1e-9
+            p = sum(src.get(k, 0.0) for k in sim_keys) * scale
+            if metric == "trace_ssd_write_ms_per_step" and dict(io).get("ssd_write_prep"):
+                # the trace's write rows time the write + fsync only; the simulated disk busy time includes
+                # the block's serialise + crc32 before it (ssd_write_prep), taken out here
+                nb = sum(s["bytes"].get(k, 0.0) for k in sim_keys)
+                p -= 1e3 * nb / dict(io)["ssd_write_prep"]
+            if m == 0 and p == 0:
+                continue
+            out.append({"date": date, "commit": commit, "device": device, "config": sel["config"].iloc[0],
+                        "placement": placement, "prefetch": prefetch, "metric": metric, "measured": m,
+                        "predicted": p, "error": p / m - 1 if m else float("nan"), "used_for_fitting": False,
+                        "status": "validated",
+                        "note": f"from {path.name} over {int(measured['steps'])} measured steps (host clock)"
+                                + (prep_note if "write" in metric else "")})
+    return out
 
 
 def rows(path: Path | str = BENCH) -> list[dict]:
@@ -396,7 +564,8 @@ def rows(path: Path | str = BENCH) -> list[dict]:
 
     res = []
     for r in compare(Path(path)).itertuples(index=False):
-        kind = ("ratio" if r.metric in RATIO_METRICS else "bytes" if r.metric in BYTES_METRICS else
+        kind = ("ratio" if r.metric in RATIO_METRICS else
+                "bytes" if r.metric in BYTES_METRICS or r.metric.endswith("_gb_per_step") else
                 "memory" if r.metric in MEMORY_METRICS else "time")
         run = f"{r.commit} {r.date}"
         metric = f"{r.placement} prefetch={r.prefetch} {r.metric}"
@@ -413,11 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bench", type=Path, default=BENCH)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--traces", type=Path, default=TRACES, help="one bench run's traces and run.json ('' for none)")
+    p.add_argument("--png", type=Path, default=None, help="plot (default: --out with .png)")
     a = p.parse_args(argv)
     if not a.bench.is_file():
         print(f"validate_offload: no bench file {a.bench} (the GPU run writes it)")
         return 1
-    df = compare(a.bench)
+    df = compare(a.bench, a.traces if str(a.traces) not in ("", ".") else None)
     from semoe.io import atomic_write_text
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -426,7 +597,43 @@ def main(argv: list[str] | None = None) -> int:
     print(df[["config", "placement", "prefetch", "metric", "measured", "predicted", "error"]].to_string(index=False))
     if len(v):
         print(f"{len(v)} validated rows: MAPE {v['error'].abs().mean():.1%}, max {v['error'].abs().max():.1%} -> {a.out}")
+    png = a.png or a.out.with_suffix(".png")
+    if plot(df, png):
+        print(f"plot -> {png}")
     return 0
+
+
+def plot(df, path: Path) -> bool:
+    """Measured vs predicted step time per configuration (bars) and the error (text); False without matplotlib
+    or step_ms rows."""
+    st = df[(df["metric"] == "step_ms") & (df["status"] == "validated")]
+    if st.empty:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{str(c).split()[0].split('_')[0]}: {pl}" + ("" if pf == "-" else f" pf {pf}")
+              for c, pl, pf in zip(st["config"], st["placement"], st["prefetch"])]
+    x = range(len(st))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(st)), 4))
+    ax.bar([i - 0.2 for i in x], st["measured"], 0.4, label="measured (H100)")
+    ax.bar([i + 0.2 for i in x], st["predicted"], 0.4, label="simulated")
+    for i, (m, e) in enumerate(zip(st["measured"], st["error"])):
+        ax.text(i, m * 1.02, f"{e:+.0%}", ha="center", fontsize=8, color="red" if abs(e) > 0.1 else "black")
+    ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("step time (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Offloaded training (issue 6): step time, measured vs simulated")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

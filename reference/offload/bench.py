@@ -13,7 +13,7 @@ engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per st
    and read (after ``posix_fadvise(DONTNEED)``) bandwidth of a 512 MiB file.
 2. ``a_compute_bound``: a GPT-MoE that fits in HBM (see NOTES.md for why it is compute-bound): all
    in HBM (``gpu``), then ``cpu`` and ``ssd`` placements with prefetch depth 1 (on) and 0 (off).
-   Metrics: step_ms (median over the measured steps), tokens_per_s, peak_mem_gb, h2d_gb_per_step,
+   Metrics: step_ms (median over the timed steps), tokens_per_s, peak_mem_gb, h2d_gb_per_step,
    d2h_gb_per_step, fetch_hit_rate, cache_hit_rate (ssd), cpu_adam_ms_per_step, host_wait_ms_per_step,
    ratio_vs_gpu.
 3. ``b_over_budget``: a model whose total training states (16 bytes per parameter) are >= 3x a GPU
@@ -25,6 +25,11 @@ engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per st
    ``--configs c`` runs it alone (model (b) is built from the same arguments), e.g.
    ``--configs c --ds-cap-s 200``: its CPUAdam op is compiled by ninja on first use (1-2 min); the
    child writes its progress (build heartbeat, each step) to ``DIR/deepspeed_child.log`` as it goes.
+
+Per case: ``warmup`` steps, then one counted step that opens the engine's counter window (after
+``eng.wait()``: the warm-up's asynchronous host updates and SSD I/O stay out of it), then ``steps`` timed
+steps; the ``*_per_step`` counters are over the counted + timed steps (row ``counted_steps``), ``step_ms``
+over the timed ones. ``DIR/run.json`` names the run (date, commit, device) that the traces belong to.
 
 ``config``: `simulator.validate_offload.config_string` of the case (label first, e.g. ``a_compute_bound
 preset=tiny L4 D1024 ... steps=3 warmup=2 cache=6 micro_batches=8``), so that every row can be
@@ -54,6 +59,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from simulator.validate_offload import config_string  # torch- and pandas-free at import
 
 COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "value")
 GB = 1e9
@@ -94,7 +101,7 @@ class Rows:
         self.w.writerow([self.date, self.commit, self.device, config, placement, prefetch, metric, value])
         self.fh.flush()
         self.count += 1
-        log(f"  {config} {placement} {prefetch}: {metric} = {value}")
+        log(f"  {config.split()[0] if config else config} {placement} {prefetch}: {metric} = {value}")
 
     def close(self) -> None:
         self.fh.close()
@@ -116,6 +123,14 @@ def specs(quick: bool, args) -> dict:
     b = tiny.replace(name="bench_b_over_budget", layers=args.b_layers, hidden=args.b_hidden, ffn=args.b_ffn,
                      experts=args.b_experts, **common)
     return {"a": (a, args.a_batch, args.seq), "b": (b, args.b_batch, args.seq)}
+
+
+def cache_per_layer(spec, frac: float) -> int:
+    """CPU cache capacity of the ``ssd`` placement in experts **per MoE layer** (``ParallelPlan.cpu_cache_experts``,
+    as `reference.offload.engine` and `semoe.sizing` count it): ``frac`` of a layer's experts, at least 1."""
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"bench: cache fraction must be in (0, 1], got {frac}")
+    return max(1, int(frac * spec.experts))
 
 
 def states_bytes(spec) -> int:
@@ -158,14 +173,36 @@ def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
     ms = [torch.zeros_like(p) for p in ps]
     vs = [torch.zeros_like(p) for p in ps]
     gs = [torch.randn(n_par // chunks).to(torch.bfloat16) for _ in range(chunks)]
-    ts = []
-    for step in range(1, 4):
-        t = time.perf_counter()
-        adamw_(ps, gs, ms, vs, step=step, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused")
-        ts.append(time.perf_counter() - t)
-    rows.add("bandwidth", "cpu", "-", "cpu_adam_Mparams_per_s", n_par / min(ts[1:]) / 1e6)
+    # bf16 gradients (one micro-batch per step) and fp32 ones (gradient accumulation: the engine ships
+    # its fp32 accumulators), which the fused CPU AdamW does not process at the same rate
+    for metric, grads in (("cpu_adam_Mparams_per_s", gs), ("cpu_adam_fp32grad_Mparams_per_s", [g.float() for g in gs])):
+        ts = []
+        for step in range(1, 4):
+            t = time.perf_counter()
+            adamw_(ps, grads, ms, vs, step=step, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01,
+                   impl="fused")
+            ts.append(time.perf_counter() - t)
+        rows.add("bandwidth", "cpu", "-", metric, n_par / min(ts[1:]) / 1e6)
     rows.add("bandwidth", "cpu", "-", "cpu_threads", torch.get_num_threads())
-    del ps, ms, vs, gs
+    del ps, ms, vs, gs, grads
+    # the host work around each SSD block write that the write's own timing leaves out (reference.offload.ssd:
+    # bytes view + crc32 before it, the rename after it): a whole SSDStore.write minus its timed part
+    from reference.offload.ssd import SSDStore
+
+    ssd_dir.mkdir(parents=True, exist_ok=True)
+    timed: list[float] = []
+    store = SSDStore(ssd_dir / "prep_probe", on_io=lambda kind, key, nb, t0, t1: timed.append(t1 - t0))
+    blk = torch.randn((4 << 20) if quick else (32 << 20))
+    prep = []
+    for i in range(3):
+        t = time.perf_counter()
+        store.write((0, i % 2), blk)
+        prep.append(time.perf_counter() - t - timed[-1])
+    rows.add("bandwidth", "ssd", "-", "ssd_block_prep_GBps", blk.numel() * 4 / max(statistics.median(prep), 1e-9) / GB)
+    del blk
+    import shutil
+
+    shutil.rmtree(ssd_dir / "prep_probe", ignore_errors=True)
     n = (8 << 20) if quick else (512 << 20)
     ssd_dir.mkdir(parents=True, exist_ok=True)
     path = ssd_dir / "bandwidth_probe.bin"
@@ -209,7 +246,8 @@ def _bf16_experts(model) -> None:
 
 
 def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int, steps: int, warmup: int,
-             ssd_dir: Path, trace_path: Path | None, time_left, micro: int = 1, base=None) -> dict:
+             ssd_dir: Path, trace_path: Path | None, time_left, micro: int = 1, base=None,
+             profile_path: Path | None = None) -> dict:
     """Train ``steps`` (after ``warmup``) steps of ``micro`` micro-batches of ``batch`` x ``seq`` tokens
     (gradients accumulated); returns the metrics. ``base``: an initialised CPU model to copy (initialising
     a large MoEDecoder draws its weights in fp64 and takes seconds)."""
@@ -242,36 +280,54 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
     build_s = time.perf_counter() - t_build
     gen = torch.Generator(device=device).manual_seed(0)
     times, step_rows = [], []
+
+    def train_step() -> float:
+        opt.zero_grad(set_to_none=True)
+        for _ in range(micro):
+            x = torch.randint(0, spec.vocab, (batch, seq + 1), device=device, generator=gen)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = model(x[:, :-1], x[:, 1:])
+            (out.loss / micro).backward()
+        if eng is not None:
+            eng.clip_grad_norm_(model, 1.0)
+            eng.step(1e-4)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return float(out.loss.detach())  # synchronises
+
     t_origin = eng.t0 if eng is not None else time.perf_counter()
     before = None
+    # counters: over steps warmup .. warmup + steps (steps + 1 of them), opened after eng.wait() so that the
+    # last warm-up step's host updates and SSD I/O (asynchronous) are not counted in the window; the times
+    # are those of the steps after that first counted one (each overlaps its predecessor's updates)
     try:
-        for step in range(warmup + steps):
+        for step in range(warmup + 1 + steps):
             if step == warmup and eng is not None:
+                eng.wait()
                 before = dict(eng.stats())
-            if step >= warmup and time_left() < 0:
+            if step > warmup and time_left() < 0:
                 break
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            for _ in range(micro):
-                x = torch.randint(0, spec.vocab, (batch, seq + 1), device=device, generator=gen)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    out = model(x[:, :-1], x[:, 1:])
-                (out.loss / micro).backward()
-            lr = 1e-4
-            if eng is not None:
-                eng.clip_grad_norm_(model, 1.0)
-                eng.step(lr)
-            else:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            loss = float(out.loss.detach())  # synchronises
+            loss = train_step()
             t1 = time.perf_counter()
-            if step >= warmup:
+            if step > warmup:
                 times.append(t1 - t0)
             step_rows.append(TraceRow(0, -1, step, "step", t0 - t_origin, t1 - t_origin, 0, 0, "compute"))
             log(f"    step {step}: {1e3 * (t1 - t0):.1f} ms, loss {loss:.4f}")
         if eng is not None:
             eng.wait()
+        if profile_path is not None:  # one more (untimed) step under torch.profiler: where the time goes
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                train_step()
+                if eng is not None:
+                    eng.wait()
+            key = "cuda_time_total" if cuda else "cpu_time_total"
+            profile_path.write_text(prof.key_averages().table(sort_by=key, row_limit=60))
+            log(f"    profile of one step -> {profile_path}")
     finally:
         if eng is not None:
             eng.close()
@@ -283,12 +339,13 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
     if cuda:
         res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / GB
     if eng is not None:
-        s, n = eng.stats(), max(1, len(times))
+        s, n = eng.stats(), len(times) + 1  # the counted steps (see above)
         b = before or {k: 0 for k in s}
         d = {k: s[k] - b.get(k, 0) for k in ("h2d_bytes", "d2h_bytes", "cpu_adam_s", "host_wait_s", "fetch_hits",
                                              "fetch_misses", "cache_hits", "cache_misses")}
         res["h2d_gb_per_step"] = d["h2d_bytes"] / n / GB
         res["d2h_gb_per_step"] = d["d2h_bytes"] / n / GB
+        res["counted_steps"] = n
         res["cpu_adam_ms_per_step"] = 1e3 * d["cpu_adam_s"] / n
         res["host_wait_ms_per_step"] = 1e3 * d["host_wait_s"] / n
         fetched = d["fetch_hits"] + d["fetch_misses"]
@@ -303,7 +360,7 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
             write_csv(sorted(eng.trace_rows() + step_rows, key=lambda r: r.start_s), trace_path)
     elif trace_path is not None:
         write_csv(step_rows, trace_path)
-    del model, opt, eng
+    model = opt = eng = None  # (not del: train_step closes over them)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -317,15 +374,27 @@ def _record(rows: Rows, config: str, placement: str, prefetch: str, res: dict) -
 
 # ---------------------------------------------------------------------------------- DeepSpeed child
 DS_CHILD = r'''
-import json, os, sys, time, statistics
+import json, os, sys, threading, time, statistics
 import torch
 spec_d, batch, seq, steps, frac = json.loads(sys.argv[1])
+T0 = time.perf_counter()
+def progress(msg):
+    print(f"[child {time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+progress(f"start: torch {torch.__version__}, cuda {torch.cuda.is_available()}")
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("DS_PORT", "29517"), RANK="0",
                   WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
 from deepspeed.ops.op_builder import CPUAdamBuilder
+progress(f"deepspeed {deepspeed.__version__} imported; building/loading the CPUAdam op (ninja JIT on first use)")
 t = time.perf_counter()
-CPUAdamBuilder().load()
+done = threading.Event()
+def heartbeat():
+    while not done.wait(10.0):
+        progress(f"  CPUAdam build still running ({time.perf_counter() - t:.0f} s)")
+threading.Thread(target=heartbeat, daemon=True).start()
+CPUAdamBuilder().load(verbose=True)
+done.set()
+progress(f"CPUAdam op ready in {time.perf_counter() - t:.1f} s")
 print(json.dumps({"metric": "cpu_adam_build_s", "value": time.perf_counter() - t}), flush=True)
 if frac:
     torch.cuda.set_per_process_memory_fraction(frac)
@@ -338,7 +407,9 @@ cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0, "bf16"
        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8,
                                                  "weight_decay": 0.01}}}
+progress("model built; deepspeed.initialize")
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+progress("initialised; training")
 times = []
 for step in range(2 + steps):
     x = torch.randint(0, spec.vocab, (batch, seq + 1), device="cuda")
@@ -349,6 +420,7 @@ for step in range(2 + steps):
     float(out.loss)
     if step >= 2:
         times.append(time.perf_counter() - t0)
+    progress(f"step {step}: {1e3 * (time.perf_counter() - t0):.1f} ms")
 med = statistics.median(times)
 for k, v in (("step_ms", 1e3 * med), ("tokens_per_s", batch * seq / med),
              ("peak_mem_gb", torch.cuda.max_memory_allocated() / 1e9)):
@@ -357,39 +429,50 @@ for k, v in (("step_ms", 1e3 * med), ("tokens_per_s", batch * seq / med),
 
 
 def run_deepspeed(rows: Rows, spec, batch: int, seq: int, steps: int, frac: float | None, cap_s: float,
-                  out: Path) -> str | None:
-    """DeepSpeed ZeRO-Offload in a child process; returns why it failed (None if it ran)."""
+                  out: Path, config: str = "c_deepspeed") -> str | None:
+    """DeepSpeed ZeRO-Offload in a child process; returns why it failed (None if it ran). The child's
+    stdout (JSON metric lines) and stderr (progress, the JIT build's compiler output) go to
+    ``out/deepspeed_child.log`` as they are written, so a run cut short still shows how far it got."""
     log_path = out / "deepspeed_child.log"
-    cmd = [sys.executable, "-c", DS_CHILD, json.dumps([spec.to_dict(), batch, seq, steps, frac])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    # its own session, so that a timeout also ends the compilers its JIT build started
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out_text, err_text = proc.communicate(timeout=cap_s)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
+    cmd = [sys.executable, "-u", "-c", DS_CHILD, json.dumps([spec.to_dict(), batch, seq, steps, frac])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))  # ninja's parallelism for the CPUAdam build
+    with log_path.open("w") as fh:
+        fh.write(f"cap {cap_s:.0f} s; command: {' '.join(cmd[:3])} <DS_CHILD> ...\n")
+        fh.flush()
+        # its own session, so that a timeout also ends the compilers its JIT build started
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
         try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-        out_text, err_text = proc.communicate()
-        err_text = f"{err_text or ''}\ntimed out after {cap_s:.0f} s"
-        rc = "timeout"
-    log_path.write_text(f"rc={rc}\n--- stdout\n{out_text}\n--- stderr\n{err_text[-20000:]}")
+            rc = proc.wait(timeout=cap_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            rc = "timeout"
+            fh.write(f"\ntimed out after {cap_s:.0f} s\n")
+        fh.write(f"rc={rc}\n")
+    text = log_path.read_text(errors="replace")
     got = 0
-    for line in out_text.splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(rec, dict) and "metric" in rec:
-            rows.add("c_deepspeed", "zero_offload_cpu", "-", rec["metric"], float(rec["value"]))
+            rows.add(config, "zero_offload_cpu", "-", rec["metric"], float(rec["value"]))
             got += 1
     if rc != 0:
-        reason = (err_text.strip().splitlines() or ["no output"])[-1][:200]
+        tail = [ln for ln in text.strip().splitlines() if not ln.startswith("rc=")]
+        reason = f"timed out after {cap_s:.0f} s" if rc == "timeout" else (tail or ["no output"])[-1][:200]
+        last = next((ln for ln in reversed(tail) if ln.startswith("[child")), None)
+        if rc == "timeout" and last:
+            reason += f"; last progress: {last[:150]}"
         log(f"  DeepSpeed ZeRO-Offload failed ({rc}): {reason} (see {log_path})")
-        rows.add("c_deepspeed", "zero_offload_cpu", "-", "deepspeed_failed", 1)
+        rows.add(config, "zero_offload_cpu", "-", "deepspeed_failed", 1)
         return f"rc={rc}: {reason}"
     return None
 
@@ -404,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="measured steps per case (default 3; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per case (default 2; quick 1)")
     p.add_argument("--configs", default="bandwidth,a,b,c", help="comma list of bandwidth,a,b,c")
+    p.add_argument("--profile", action="store_true",
+                   help="(a) gpu, cpu on, ssd on: one more step under torch.profiler -> DIR/profile_a_<placement>.txt")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--a-layers", type=int, default=4)
     p.add_argument("--a-hidden", type=int, default=1024)
@@ -417,8 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b-ffn", type=int, default=4096)
     p.add_argument("--b-experts", type=int, default=16)
     p.add_argument("--b-batch", type=int, default=1)
-    p.add_argument("--b-cache-frac", type=float, default=0.75, help="CPU cache: this fraction of each layer's experts")
-    p.add_argument("--ds-cap-s", type=float, default=75.0, help="time cap of the DeepSpeed child")
+    p.add_argument("--b-cache-frac", type=float, default=0.75,
+                   help="ssd placement's CPU cache: this fraction of each MoE layer's experts (per layer)")
+    p.add_argument("--ds-cap-s", type=float, default=200.0,
+                   help="time cap of the DeepSpeed child (its CPUAdam JIT build takes 1-2 min the first time)")
     return p
 
 
@@ -431,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     rows = Rows(out / "offload_train.csv", device)
+    (out / "run.json").write_text(json.dumps({"date": rows.date, "commit": rows.commit, "device": device}))
     tmp = None
     if args.ssd_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="semoe_offload_ssd_")
@@ -481,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
             spec, batch, seq = sp["a"]
             micro_a = 2 if args.quick else args.a_micro_batches
             cache_a = cache_per_layer(spec, 0.75)  # ssd placement: CPU cache, experts per MoE layer
-            cfg_a = config_string(spec, batch, seq, label="a_compute_bound", steps=steps, warmup=warmup,
+            # steps=: the steps the engine's counters cover (run_case: one more than the timed ones)
+            cfg_a = config_string(spec, batch, seq, label="a_compute_bound", steps=steps + 1, warmup=warmup,
                                   cache=cache_a, micro_batches=micro_a)
             rows.add(cfg_a, "-", "-", "expert_params", expert_params(spec))
             rows.add(cfg_a, "-", "-", "tokens_per_step", micro_a * batch * seq)
@@ -494,9 +583,10 @@ def main(argv: list[str] | None = None) -> int:
             for placement, depth in (("gpu", 0), ("cpu", 1), ("cpu", 0), ("ssd", 1), ("ssd", 0)):
                 pf = "-" if placement == "gpu" else ("on" if depth else "off")
                 need = 8.0 if args.quick else (25.0 if placement != "ssd" else 40.0)
-                res = attempt(cfg_a, placement, pf, need, lambda placement=placement, depth=depth: run_case(
+                prof = out / f"profile_a_{placement}.txt" if args.profile and depth == (placement != "gpu") else None
+                res = attempt(cfg_a, placement, pf, need, lambda placement=placement, depth=depth, prof=prof: run_case(
                     spec, batch, seq, placement, depth, cache_a, steps, warmup, ssd_root / f"a_{placement}_{depth}",
-                    out / f"trace_a_{placement}_{'on' if depth else 'off'}.csv", left, micro_a, base_a))
+                    out / f"trace_a_{placement}_{'on' if depth else 'off'}.csv", left, micro_a, base_a, prof))
                 if res is not None and placement == "gpu":
                     base = res["step_ms"]
                 elif res is not None and base:
@@ -506,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         total = states_bytes(spec)
         budget = total / 3.0
         cache_b = cache_per_layer(spec, args.b_cache_frac)  # ssd placement: CPU cache, experts per MoE layer
-        cfg_b = config_string(spec, batch, seq, label="b_over_budget", steps=steps, warmup=warmup, cache=cache_b,
+        cfg_b = config_string(spec, batch, seq, label="b_over_budget", steps=steps + 1, warmup=warmup, cache=cache_b,
                               budget_gb=float(f"{budget / GB:.6g}"))
         if "b" in configs:
             rows.add(cfg_b, "-", "-", "states_gb", total / GB)
@@ -535,24 +625,26 @@ def main(argv: list[str] | None = None) -> int:
                     gc.collect()
                     torch.cuda.empty_cache()
 
+        # DeepSpeed's own loop: 2 warm-up steps, ``steps`` measured, no memory cap, no CPU cache
+        cfg_c = config_string(spec, batch, seq, label="c_deepspeed", steps=steps, warmup=2)
         if "c" in configs:
             if not cuda:
                 log("skip c_deepspeed: needs CUDA")
-                rows.add("c_deepspeed", "zero_offload_cpu", "-", "skipped", 1)
-                note("c_deepspeed", "zero_offload_cpu", "-", "skipped", "needs CUDA")
+                rows.add(cfg_c, "zero_offload_cpu", "-", "skipped", 1)
+                note(cfg_c, "zero_offload_cpu", "-", "skipped", "needs CUDA")
             else:
                 cap = min(args.ds_cap_s, left() - 5)
                 if cap < 30:
                     log(f"skip c_deepspeed: {left():.0f} s left")
-                    rows.add("c_deepspeed", "zero_offload_cpu", "-", "skipped", 1)
-                    note("c_deepspeed", "zero_offload_cpu", "-", "skipped", f"time budget: {left():.0f} s left")
+                    rows.add(cfg_c, "zero_offload_cpu", "-", "skipped", 1)
+                    note(cfg_c, "zero_offload_cpu", "-", "skipped", f"time budget: {left():.0f} s left")
                 else:
                     log(f"c_deepspeed: ZeRO-Offload child, cap {cap:.0f} s")
                     # no memory cap: ZeRO-Offload keeps every bf16 weight and gradient on the GPU, which
                     # does not fit the budget above; its peak_mem_gb row shows what it needed
-                    why = run_deepspeed(rows, spec, batch, seq, steps, None, cap, out, cfg_b)
+                    why = run_deepspeed(rows, spec, batch, seq, steps, None, cap, out, cfg_c)
                     if why:
-                        note("c_deepspeed", "zero_offload_cpu", "-", "deepspeed_failed", why)
+                        note(cfg_c, "zero_offload_cpu", "-", "deepspeed_failed", why)
     finally:
         rows.add("run", "-", "-", "wall_s", time.monotonic() - t_start)
         rows.close()

@@ -40,9 +40,14 @@ turn. The stages are pipelined over experts (each holds its engine). With ``expe
 (ZeRO-Offload style) the updated params are copied back (``h2d_params``). Schedule: ``impl="ideal"``
 starts a layer's D2H and update as soon as its backward is done (the last micro-batch) and the step waits
 for them; ``impl="reference"`` follows `reference.offload`: D2H and updates after the backward and the
-clipping, in layer order, the next step's fetch of layer i waiting for layer i's update (so later layers'
-updates overlap the next forward) and, with d >= 1, the SSD state reads of layer i issued when its
-forward starts; two steps are simulated and the second (steady state) is reported. SSD bandwidths:
+clipping, one task per layer on one optimizer thread (FIFO, layer order: read the layer's missed states,
+one AdamW over its experts, queue the write-backs without awaiting them), the next step's fetch of layer i
+waiting for layer i's update (so later layers' updates overlap the next forward) and, with d >= 1, the SSD
+state reads of layer i staged at its first forward of the step, once the previous step's updates are done
+(the staging task waits on the same thread); the reads and writes share one I/O queue; the GPU pool has
+``max(2, d + 1)`` slots (layer i in slot i % S) and a layer still in its slot is not copied again until
+the step's update; with gradient accumulation the D2H ships fp32 accumulators (``REF_ACC_GRAD_BYTES``);
+three steps are simulated and the last (steady state) is reported. SSD bandwidths:
 ``io_rates`` (a bench run's own measurement), else the profile's ``disk_read`` / ``disk_write`` rows
 (`CostModel.transfer_time`), else the cluster spec's. CPU optimizer throughput: ``io_rates['cpu_adam']``,
 else the profile's ``cpu_adam`` row (parameters/s), else an assumption: AdamW over flat fp32 buffers is
@@ -98,6 +103,7 @@ ADAM_BYTES_PER_PARAM = 32  # read param+grad+master+m+v (16 B), write param+mast
 CPU_ADAM_BYTES_PER_PARAM = 32  # assumption (no measurement): the same pass over DRAM, fused CPU AdamW
 IMPLS = ("ideal", "reference")
 # ---- reference.train's extra HBM traffic (bytes), from the aten ops it issues (see the module docstring)
+REF_ACC_GRAD_BYTES = 4  # reference.offload: micro-batch gradients summed in fp32 (as AccumulateGrad), D2H in fp32
 REF_CAST_BYTES = 6  # fp32 weight -> bf16 copy per forward (autocast), bf16 grad -> fp32 per backward
 # torch.optim.AdamW(foreach) per fp32 parameter: mul_ (decay, r/w p 8) + lerp_ (m: r m g, w m 12)
 # + mul_ (v 8) + addcmul_ (r v g, w v 12) + sqrt (r v, w s 8) + div_ (8) + add_ eps (8)
@@ -139,7 +145,10 @@ class TrainingIteration:
         stacked fp32 parameter, see ``REF_SELECT_*``). ``grad_sync`` (with ``impl="reference"``): the run
         went through ``reference.parallel``'s GradSync (``REF_BUCKET_BYTES``, ``REF_CLIP_MOE_BYTES``).
         ``io_rates``: measured host-side rates that take precedence over the profile and the cluster spec:
-        ``disk_read`` / ``disk_write`` (bytes/s), ``cpu_adam`` (parameters/s)."""
+        ``disk_read`` / ``disk_write`` (bytes/s), ``cpu_adam`` (parameters/s, 16-bit gradients),
+        ``cpu_adam_fp32grad`` (parameters/s with fp32 gradients: used when ``micro_batches > 1``); ``ssd_write_prep`` (bytes/s,
+        no default: 0 cost): the host work before each SSD block write on the same I/O queue (serialise +
+        crc32 in `reference.offload.ssd`)."""
         self.io_rates = dict(io_rates or {})
         self.grad_sync = grad_sync
         if impl not in IMPLS:
@@ -224,13 +233,17 @@ class TrainingIteration:
         self.busy: dict[str, float] = {}  # seconds per host-side engine phase (cpu_adam, ssd_*), summed
         self.opt_procs: list[list] = [[] for _ in range(self.W)]
         # impl="reference" with a CPU expert optimizer: reference.offload's schedule (the update runs after
-        # the backward and clipping and overlaps the next step's forward): two steps are simulated and the
-        # second one is reported (steady state)
+        # the backward and clipping and overlaps the next step's forward): three steps are simulated and the
+        # last one is reported (steady state; write-backs are not awaited, they delay the next step)
         self.ref_sched = self.ref and self.offload_opt
-        self.n_iter = 2 if self.ref_sched else 1
+        self.n_iter = 3 if self.ref_sched else 1
         self.adam_prev: list[dict] = [{} for _ in range(self.W)]  # layer -> previous step's update
         self.adam_cur: list[dict] = [{} for _ in range(self.W)]
         self.state_reads: list[dict] = [{} for _ in range(self.W)]  # layer -> prefetched SSD state read
+        # impl="reference": reference.offload's GPU pool, S = max(2, depth + 1) slots, layer i in slot i % S;
+        # a request for a layer still in its slot at this step's weight version copies nothing
+        self.n_slots = max(2, p.prefetch_depth + 1)
+        self.slots: list[list] = [[None] * self.n_slots for _ in range(self.W)]  # slot -> (layer, fetch event)
         self.t0 = np.zeros(self.W)
         self.acc = np.zeros((self.W, len(CATS)))
         self.end = np.zeros(self.W)
@@ -287,10 +300,12 @@ class TrainingIteration:
         """``disk_read`` / ``disk_write`` of ``nbytes``: ``io_rates``, else the profile, else the cluster spec."""
         if nbytes <= 0:
             return 0.0
+        # reference.offload serialises and checksums (crc32) a block on its I/O thread before writing it
+        prep = nbytes / self.io_rates["ssd_write_prep"] if op == "disk_write" and self.io_rates.get("ssd_write_prep") else 0.0
         if self.io_rates.get(op):
-            return nbytes / self.io_rates[op]
+            return prep + nbytes / self.io_rates[op]
         bw = self.c.ssd_read_GBps if op == "disk_read" else self.c.ssd_write_GBps
-        return self.sim.cost.transfer_time(op, nbytes, bw)
+        return prep + self.sim.cost.transfer_time(op, nbytes, bw)
 
     def _ssd(self, r, kind, nbytes, layer, phase):
         """A read or write of ``nbytes`` on the rank's node SSD (one disk: reads and writes queue on it)."""
@@ -299,6 +314,9 @@ class TrainingIteration:
         return self._engine(self.ssd_r[node], r, layer, phase, dur, nbytes, "ssd")
 
     def cpu_adam_time(self, params: float) -> float:
+        # with gradient accumulation reference.offload's CPU AdamW reads fp32 gradients (its accumulators)
+        if self.w.micro_batches > 1 and self.io_rates.get("cpu_adam_fp32grad"):
+            return params / self.io_rates["cpu_adam_fp32grad"]
         if self.io_rates.get("cpu_adam"):
             return params / self.io_rates["cpu_adam"]
         rate = self.sim.cost.profile.transfer_rate("cpu_adam", params) if self.sim.cost.profile is not None else None
@@ -323,7 +341,14 @@ class TrainingIteration:
     def _h2d(self, r, state, key, layer, mb):
         if key in state or layer not in self.a2a:
             return
+        if self.ref:  # reference.offload's slot pool: a layer still in its slot is a hit (no copy)
+            slots, s = self.slots[r], layer % self.n_slots
+            if slots[s] is not None and slots[s][0] == layer:
+                state[key] = slots[s][1]
+                return
         state[key] = self.env.process(self._fetch(r, key, layer, mb))
+        if self.ref:
+            self.slots[r][layer % self.n_slots] = (layer, state[key])
 
     def _expert_stage_chain(self, r, layer, stages):
         for res, phase, dur, nb, resource in stages:
@@ -338,12 +363,17 @@ class TrainingIteration:
         return ~self._cached(r, layer)
 
     def _read_states(self, r, layer):
-        """Vertical prefetch (reference schedule, depth >= 1): the layer's missed states SSD -> host."""
+        """Vertical prefetch (reference schedule, depth >= 1): the layer's missed states SSD -> host.
+        reference.offload queues the staging task on its optimizer thread, behind the previous step's
+        layer updates (one FIFO worker): the reads are issued once all of those are done."""
         n = int(self._ssd_state_misses(r, layer).sum())
+        prev = [ev for ev in self.adam_prev[r].values() if not ev.processed]
+        if n and prev:
+            yield self.env.all_of(prev)
         if n:
             yield from self._ssd(r, "read", OPTIMIZER_BYTES * expert_params(self.m) * n, layer, "ssd_read")
 
-    def _expert_optimizer(self, r, layer, d2h_ev):
+    def _expert_optimizer(self, r, layer, d2h_ev, pre=None):
         """CPU optimizer of all of ``layer``'s local experts (AdamW updates unused experts too: their
         moments decay) once their gradients are on the host."""
         yield d2h_ev
@@ -352,21 +382,43 @@ class TrainingIteration:
         used = np.ones(self.local_experts, dtype=bool)
         miss = self._ssd_state_misses(r, layer)
         admitted = set(self.cache.admitted[r].get(layer, [])) if self.cache is not None else set()
-        pre = self.state_reads[r].pop(layer, None)
-        if pre is not None:
+        if pre is not None:  # the step's staged reads (taken by the caller: the next step stages its own)
             yield pre
-        procs = []
-        for e in np.flatnonzero(used):
-            rb = OPTIMIZER_BYTES * P if miss[e] and pre is None else 0.0
-            wb = OPTIMIZER_BYTES * P if miss[e] and e not in admitted else 0.0  # admitted: stays in the cache
-            stages = [
-                (self.ssd_r[node], "ssd_read", self._io_time("disk_read", rb), rb, "ssd"),
-                (self.cpu[node], "cpu_adam", self.cpu_adam_time(P), 0.0, "cpu"),
-                (self.ssd_w[node], "ssd_write", self._io_time("disk_write", wb), wb, "ssd"),
-            ]
-            procs.append(self.env.process(self._expert_stage_chain(r, layer, stages)))
-        if procs:
-            yield self.env.all_of(procs)
+        if self.ref_sched:
+            # reference.offload: one task per layer on its single optimizer thread (``self.cpu``, FIFO in
+            # layer order): the missed states read (on demand when not staged; through the one I/O queue,
+            # behind earlier write-backs), one AdamW over all of the layer's experts, then the write-backs
+            # queued on the I/O queue without waiting for them
+            ex = np.flatnonzero(used)
+            with self.cpu[node].request() as req:
+                yield req
+                rb = OPTIMIZER_BYTES * P * int(miss[ex].sum()) if pre is None else 0.0
+                if rb:
+                    yield from self._engine(self.ssd_r[node], r, layer, "ssd_read", self._io_time("disk_read", rb),
+                                            rb, "ssd")
+                if len(ex):
+                    t0, dur = self.env.now, self.cpu_adam_time(P * len(ex))
+                    yield self.env.timeout(dur)
+                    self.busy["cpu_adam"] = self.busy.get("cpu_adam", 0.0) + dur
+                    self.sim.record(r, layer, -1, "cpu_adam", t0, self.env.now, 0, 0, "cpu")
+                    self._count("cpu_adam", 0.0)
+                wb = OPTIMIZER_BYTES * P * sum(1 for e in ex if miss[e] and e not in admitted)
+                if wb:
+                    self.env.process(self._engine(self.ssd_w[node], r, layer, "ssd_write",
+                                                  self._io_time("disk_write", wb), wb, "ssd"))
+        else:
+            procs = []
+            for e in np.flatnonzero(used):
+                rb = OPTIMIZER_BYTES * P if miss[e] and pre is None else 0.0
+                wb = OPTIMIZER_BYTES * P if miss[e] and e not in admitted else 0.0  # admitted: stays in the cache
+                stages = [
+                    (self.ssd_r[node], "ssd_read", self._io_time("disk_read", rb), rb, "ssd"),
+                    (self.cpu[node], "cpu_adam", self.cpu_adam_time(P), 0.0, "cpu"),
+                    (self.ssd_w[node], "ssd_write", self._io_time("disk_write", wb), wb, "ssd"),
+                ]
+                procs.append(self.env.process(self._expert_stage_chain(r, layer, stages)))
+            if procs:
+                yield self.env.all_of(procs)
         if p.offload.expert_params == "gpu" and used.any():  # ZeRO-Offload style: updated params back
             nb = PARAM_BYTES * P * int(used.sum())
             yield self.copy(r, "h2d", nb, layer, -1, "h2d_params")
@@ -375,8 +427,11 @@ class TrainingIteration:
             ev = self.cache.evicted[r].get(layer, [])
             if ev:
                 nb = OPTIMIZER_BYTES * P * len(ev)
-                yield from self._engine(self.ssd_w[node], r, layer, "ssd_writeback", self._io_time("disk_write", nb),
-                                        nb, "ssd")
+                wr = self._engine(self.ssd_w[node], r, layer, "ssd_writeback", self._io_time("disk_write", nb), nb, "ssd")
+                if self.ref_sched:  # queued on the I/O queue like the other write-backs, not awaited
+                    self.env.process(wr)
+                else:
+                    yield from wr
 
     def _select_time(self, r: int, i: int) -> float:
         """expert_impl="loop": the dense per-expert gradients of the stacked expert weights (``REF_SELECT_*``)."""
@@ -395,11 +450,8 @@ class TrainingIteration:
         mem.alloc_all(t, "dram", "model_states", tiers["cpu"])
         mem.alloc_all(t, "ssd", "model_states", tiers["ssd"])
         self.state_tiers = tiers
-        if self.p.offload.expert_params == "ssd" and self.a2a:
-            # reference.offload keeps a pinned compute-dtype mirror and gradient buffer of every offloaded
-            # expert in host memory (the SSD holds the fp32 states); semoe.sizing counts them on the SSD
-            mem.alloc_all(t, "dram", "pinned_mirror",
-                          (PARAM_BYTES + GRAD_BYTES) * self.expert_local_params * self.m.moe_layers)
+        # (reference.offload's pinned 16-bit mirror and gradient buffer of every offloaded expert are in
+        # tiers["cpu"]: semoe.sizing counts them there)
         if self.p.fusion_bucket_bytes:
             mem.alloc_all(t, "hbm", "comm_buffers", 2 * self.p.fusion_bucket_bytes)
 
@@ -515,6 +567,7 @@ class TrainingIteration:
                 flush(force=not p.fusion_bucket_bytes)
 
         tensors_per_block = 8 if m.bias else 7  # q, k, v, o, 2 norms, router / ffn (unfused count)
+        self.slots[r] = [None] * self.n_slots  # the step's update makes every slot stale (new weight version)
         for mb in range(self.w.micro_batches):
             last = mb == self.w.micro_batches - 1
             gathered: dict = {}
@@ -530,7 +583,8 @@ class TrainingIteration:
                 if self.offload_experts and d > 0:
                     for j in range(i, min(L, i + d + 1)):
                         self._h2d(r, copies, ("fwd", mb, j), j, mb)
-                if self.ref_sched and d > 0 and last and i in self.a2a and i not in self.state_reads[r]:
+                # reference.offload stages a layer's SSD state reads at its first forward of the step
+                if self.ref_sched and d > 0 and mb == 0 and i in self.a2a and i not in self.state_reads[r]:
                     self.state_reads[r][i] = env.process(self._read_states(r, i))
                 if self.zero3:
                     yield from self.wait(r, gathered[("fwd", mb, i)], 1)
@@ -613,10 +667,12 @@ class TrainingIteration:
             yield from self.compute(r, -1, -1, "grad_clip", self.t_clip)
         if self.ref_sched:  # reference.offload: D2H of every layer's gradients, then one CPU task per layer
             for i in sorted(self.a2a):
-                ng = GRAD_BYTES * self.local_experts * expert_params(m)  # the layer's gradient buffer
+                # the layer's gradient buffer: 16-bit, or the fp32 accumulator with gradient accumulation
+                gb = GRAD_BYTES if self.w.micro_batches == 1 else REF_ACC_GRAD_BYTES
+                ng = gb * self.local_experts * expert_params(m)
                 ev = self.copy(r, "d2h", ng, i, -1, "d2h_grads")
                 self._count("d2h_grads", ng)
-                self.adam_cur[r][i] = env.process(self._expert_optimizer(r, i, ev))
+                self.adam_cur[r][i] = env.process(self._expert_optimizer(r, i, ev, self.state_reads[r].pop(i, None)))
         yield from self.optimizer(r)
         for ev in self.opt_procs[r]:  # the CPU expert optimizer, started during the backward
             yield from self.wait(r, ev, 3)

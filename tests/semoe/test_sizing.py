@@ -78,3 +78,24 @@ def test_router_params_per_gate():
     assert sz.router_params(m) == m.hidden * m.experts
     assert sz.router_params(m.replace(gate="hash")) == 0
     assert sz.router_params(m.replace(gate="noisy_topk")) == 2 * m.hidden * m.experts
+
+
+def test_offloaded_experts_keep_their_16bit_mirror_in_pinned_host_memory():
+    """reference.offload: the host mirror (16-bit weights) and gradient buffer of every offloaded expert are
+    in DRAM for both the cpu and the ssd tier; the SSD holds only fp32 states; the cache holds fp32 states."""
+    m = model_preset("tiny").replace(experts=8, layers=2)
+    pc, P, L = sz.count_params(m), sz.expert_params(m), m.moe_layers
+    dense = 16 * pc.dense
+    for tier in ("cpu", "ssd"):
+        plan = ParallelPlan(offload=OffloadPlacement(expert_params=tier, expert_optimizer=tier))
+        t = sz.state_bytes_per_tier(m, plan)
+        assert t["gpu"] == dense + 4 * 8 * P * 2  # two layers' 16-bit params + grads in the pool
+        if tier == "cpu":
+            assert t["cpu"] == 16 * 8 * P * L and t["ssd"] == 0
+        else:
+            assert t["cpu"] == 4 * 8 * P * L and t["ssd"] == 12 * 8 * P * L
+            cached = sz.state_bytes_per_tier(m, plan.replace(cpu_cache_experts=3))
+            assert cached["cpu"] - t["cpu"] == 12 * 3 * P * L and cached["ssd"] == t["ssd"]
+    # ZeRO-Offload style: params on the GPU, optimizer states on the CPU (no cache there)
+    t = sz.state_bytes_per_tier(m, ParallelPlan(offload=OffloadPlacement(expert_optimizer="cpu"), cpu_cache_experts=3))
+    assert t["gpu"] == dense + 4 * 8 * P * L and t["cpu"] == 12 * 8 * P * L

@@ -8,7 +8,12 @@ import pytest
 
 from semoe import Run, Workload, cluster_preset, model_preset
 from semoe.plan_spec import OffloadPlacement, ParallelPlan
-from semoe.sizing import OPTIMIZER_BYTES, PARAM_BYTES, expert_params
+from semoe.sizing import (
+    OPTIMIZER_BYTES,
+    PARAM_BYTES,
+    expert_params,
+    state_bytes_per_tier,
+)
 from simulator.engine import Sim
 from simulator.workload.offload import received, simulate_cache
 from simulator.workload.training import CPU_ADAM_BYTES_PER_PARAM, TrainingIteration
@@ -94,7 +99,14 @@ def test_ssd_tier_cache_hits_skip_ssd_reads():
     assert 0 < half["bytes"]["ssd_read"] < none["bytes"]["ssd_read"]
     assert none["step_time_s"] > half["step_time_s"] > full["step_time_s"]
     sim, _ = sim_of(run_of("ssd", cache=0))
-    assert sim.memory.by_label[(0, "dram", "pinned_mirror")] == 4 * L * 4 * P  # bf16 weights + grads
+    # DRAM: the pinned bf16 mirror + gradient buffer of every local expert (semoe.sizing counts it there,
+    # as reference.offload allocates it); no fp32 state without a cache
+    run0 = run_of("ssd", cache=0)
+    dram = sim.memory.by_label[(0, "dram", "model_states")]
+    assert dram == state_bytes_per_tier(run0.model, run0.plan)["cpu"]
+    assert dram >= 4 * L * 4 * P
+    sim4, _ = sim_of(run_of("ssd", cache=4))
+    assert sim4.memory.by_label[(0, "dram", "model_states")] - dram == 12 * L * 4 * P  # + the cached fp32 states
 
 
 def test_cache_hit_rate_evolves_over_steps_and_follows_skew():
@@ -154,23 +166,40 @@ def test_reference_impl_adds_its_hbm_passes_and_a_host_floor():
 
 def test_reference_schedule_updates_after_clipping_and_overlaps_the_next_forward():
     """impl="reference" with a CPU optimizer follows reference.offload: D2H and the CPU update after the
-    backward and clipping; the next step's fetch of a layer waits for that layer's update. Two steps are
-    simulated; the second (steady state) is reported."""
+    backward and clipping, one task per layer on one optimizer thread in layer order; the next step's
+    fetch of a layer waits for that layer's update. Three steps are simulated (the SSD write-backs of a
+    step are not awaited, they delay the next step's reads); the last (steady state) is reported."""
     sim, s = sim_of(run_of("cpu", depth=1), impl="reference")
     clip = spans(sim, "grad_clip")
     adam = spans(sim, "cpu_adam")
-    assert len(clip) == 2 and len(adam) == 2 * MODEL.moe_layers * 4
-    first_step_adam = adam[: MODEL.moe_layers * 4]
+    L = MODEL.moe_layers
+    assert len(clip) == 3 and len(adam) == 3 * L  # one AdamW over each layer's experts per step
+    first_step_adam = adam[:L]
     assert first_step_adam[0][0] >= clip[0][1] - 1e-12  # after the backward and the clipping
+    assert all(a[1] <= b[0] + 1e-12 for a, b in pairwise(first_step_adam))  # one thread: one layer at a time
     fwd2 = [t for t in spans(sim, "attention_fwd") if t[0] > clip[0][1]]
     assert fwd2[0][0] < first_step_adam[-1][1]  # the next forward starts while later layers update
     h2d2 = [t for t in spans(sim, "h2d_prefetch") if t[0] > clip[0][1]]
-    layer0_done = first_step_adam[3][1]  # layer 0's four experts are updated first
-    assert h2d2[0][0] >= layer0_done - 1e-12
+    assert h2d2[0][0] >= first_step_adam[0][1] - 1e-12  # layer 0's fetch waits for layer 0's update
     assert s["step_time_s"] == pytest.approx(s["device_step_s"])
-    assert s["step_time_s"] < sim.env.now  # the second step, not both
+    assert s["step_time_s"] < sim.env.now / 2  # the last step, not all three
     P = expert_params(MODEL)
-    assert s["bytes"]["d2h_grads"] == pytest.approx(MODEL.moe_layers * 4 * 2 * P)  # per step
+    assert s["bytes"]["d2h_grads"] == pytest.approx(L * 4 * 2 * P)  # per step
+
+
+def test_reference_ssd_reads_queue_behind_write_backs_on_one_io_queue():
+    """reference.offload, ssd tier without staging (depth 0): each layer's update reads its missed states
+    on demand through the one I/O queue, behind the previous layer's write-backs, which are queued and not
+    awaited; the block preparation (``ssd_write_prep``) occupies that queue before each write."""
+    run = run_of("ssd", depth=0, cache=0)
+    sim, s = sim_of(run, impl="reference")
+    reads, writes = spans(sim, "ssd_read"), spans(sim, "ssd_write")
+    assert reads and writes and not overlaps(reads, writes)  # one queue
+    # in the last step, layer 1's read starts after layer 0's write-back
+    last = [w for w in writes if w[0] >= reads[-MODEL.moe_layers][0]]
+    assert last and reads[-MODEL.moe_layers + 1][0] >= last[0][1] - 1e-12
+    _, slow = sim_of(run, impl="reference", io_rates={"ssd_write_prep": 1e9})
+    assert slow["step_time_s"] > s["step_time_s"]
 
 
 def test_loop_experts_pay_a_dense_gradient_per_expert():
@@ -214,3 +243,22 @@ def test_grad_sync_adds_bucket_copies_and_the_moe_clip_passes():
         sim, _ = sim_of(run, impl="reference", grad_sync=sync)
         (a, b), = spans(sim, "grad_clip")
         assert b - a == pytest.approx(cm.memory(per * n))
+
+
+def test_reference_pool_reuses_slots_and_ships_fp32_accumulated_grads():
+    """impl="reference": reference.offload's pool of max(2, depth + 1) slots (layer i in slot i % S) re-fetches
+    a layer only when its slot was reused since, and a step's new weights make every slot stale; with
+    gradient accumulation the D2H copies the fp32 accumulator (4 B/param), else the 16-bit gradient."""
+    P, L, E = expert_params(MODEL), MODEL.moe_layers, 4  # 3 MoE layers, 4 experts: all used at 4 x 256 tokens
+    layer_bytes = E * PARAM_BYTES * P
+    for mb, d2h in ((1, 2), (3, 4)):
+        run = run_of("cpu", depth=1, model=MODEL)
+        run = run.replace(workload=run.workload.replace(micro_batches=mb))
+        _, ref = sim_of(run, impl="reference")
+        _, ideal = sim_of(run)
+        # 3 layers, 2 slots: forward fetches 0 (slot 0), 1 (slot 1), 2 (slot 0); backward: 2 and 1 hit, 0
+        # (overwritten by 2) is fetched again -> 4; each later micro-batch: 0, 1 hit, 2 fetched, 2, 1 hit,
+        # 0 fetched -> 2
+        assert ref["bytes"]["h2d_prefetch"] == pytest.approx((4 + 2 * (mb - 1)) * layer_bytes)
+        assert ideal["bytes"]["h2d_prefetch"] == pytest.approx(2 * L * mb * layer_bytes)  # ideal: every time
+        assert ref["bytes"]["d2h_grads"] == pytest.approx(d2h * L * E * P)

@@ -4,27 +4,65 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from reference.offload.bench import COLUMNS, main
 from semoe.trace import read_csv
 
 
 def test_bench_quick_writes_rows_and_traces(tmp_path):
     out = tmp_path / "out"
-    assert main(["--out", str(out), "--quick", "--budget-s", "120", "--ssd-dir", str(tmp_path / "ssd")]) == 0
+    assert main(["--out", str(out), "--quick", "--budget-s", "120", "--ssd-dir", str(tmp_path / "ssd"), "--profile"]) == 0
+    for placement in ("gpu", "cpu", "ssd"):  # one profiled step per placement (prefetch on)
+        assert "Self CPU" in (out / f"profile_a_{placement}.txt").read_text()
+    # the contract with the simulator: every measured case's rows validate as written, with its traces
+    from simulator.validate_offload import compare
+
+    val = compare(out / "offload_train.csv", traces=out)
+    st = val[val["metric"] == "step_ms"]
+    assert len(st) == 7 and (st["status"] == "validated").all() and (st["predicted"] > 0).all()
+    assert (val["metric"] == "trace_ssd_read_gb_per_step").any()
+    assert val[val["metric"] == "ssd_block_prep_GBps"]["used_for_fitting"].all()
+    # the run probed the block preparation: its traces check the probe instead of replacing it
+    assert (val["metric"] == "trace_ssd_block_prep_GBps").sum() == 1
     with open(out / "offload_train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
-    got = {(r["config"], r["placement"], r["prefetch"], r["metric"]) for r in rows}
+    # config: the full `config_string`, label first, that the simulator's validation parses back
+    from simulator.validate_offload import parse_config
+
+    for r in rows:
+        if r["config"].split()[0] in ("a_compute_bound", "b_over_budget", "c_deepspeed"):
+            cfg = parse_config(r["config"])
+            assert cfg.preset == "tiny" and cfg.seq == 32
+            if r["config"].startswith("c_"):  # DeepSpeed child: 2 warm-up steps, 2 timed
+                assert (cfg.warmup, cfg.steps) == (2, 2)
+            else:  # the engine's counters cover one counted step + 2 timed ones
+                assert (cfg.warmup, cfg.steps) == (1, 3)
+    cfg_b = parse_config(next(r["config"] for r in rows if r["config"].startswith("b_over_budget")))
+    assert cfg_b.cache == 6 and cfg_b.experts == 8 and cfg_b.budget_gb > 0  # 0.75 of 8 experts, per layer
+    got = {(r["config"].split()[0], r["placement"], r["prefetch"], r["metric"]) for r in rows}
     for placement, pf in (("gpu", "-"), ("cpu", "on"), ("cpu", "off"), ("ssd", "on"), ("ssd", "off")):
         assert ("a_compute_bound", placement, pf, "step_ms") in got
         assert ("a_compute_bound", placement, pf, "tokens_per_s") in got
     assert ("a_compute_bound", "cpu", "on", "ratio_vs_gpu") in got
     assert ("a_compute_bound", "ssd", "on", "cache_hit_rate") in got
+    assert ("a_compute_bound", "ssd", "on", "counted_steps") in got
+    for m in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s"):
+        assert ("bandwidth", "cpu", "-", m) in got
+    assert ("bandwidth", "ssd", "-", "ssd_block_prep_GBps") in got
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["device"] == "cpu" and run["date"] == rows[0]["date"]
     assert ("b_over_budget", "ssd", "on", "cache_hit_rate") in got
     assert ("c_deepspeed", "zero_offload_cpu", "-", "skipped") in got  # no CUDA here
     for m in ("ssd_write_GBps", "ssd_read_GBps"):
         assert ("bandwidth", "ssd", "-", m) in got
-    vals = {(r["config"], r["placement"], r["prefetch"], r["metric"]): float(r["value"]) for r in rows}
+    vals = {(r["config"].split()[0], r["placement"], r["prefetch"], r["metric"]): float(r["value"]) for r in rows}
+    assert vals[("a_compute_bound", "ssd", "on", "counted_steps")] == vals[("a_compute_bound", "ssd", "on", "steps")] + 1
+    assert vals[("a_compute_bound", "ssd", "on", "cache_experts_per_layer")] == parse_config(
+        next(r["config"] for r in rows if r["config"].startswith("a_compute_bound"))).cache
     states, budget = vals[("b_over_budget", "-", "-", "states_gb")], vals[("b_over_budget", "-", "-", "budget_gb")]
     assert states >= 3 * budget * 0.999
     assert not any(r["metric"] == "error" for r in rows), [r for r in rows if r["metric"] == "error"]
@@ -43,15 +81,17 @@ def test_deepspeed_child_script_compiles_and_a_failure_becomes_a_row(tmp_path, m
 
     compile(bench.DS_CHILD, "ds_child", "exec")  # no syntax slip in the GPU-only child
 
-    class FakePopen:  # the child as it fails on a machine without ninja
-        def __init__(self, cmd, **kw):
-            assert cmd[1] == "-c" and kw["start_new_session"]
+    class FakePopen:  # the child as it fails on a machine without ninja: output goes straight to the log
+        def __init__(self, cmd, stdout=None, **kw):
+            assert cmd[1] == "-u" and cmd[2] == "-c" and kw["start_new_session"]
+            assert kw["env"]["PYTHONUNBUFFERED"] == "1"
+            stdout.write('[child 0.1 s] building\n{"metric": "cpu_adam_build_s", "value": 2.5}\n'
+                         "Traceback ...\nRuntimeError: Ninja is required to load C++ extensions\n")
             self.pid, self.returncode = 0, 1
 
-        def communicate(self, timeout=None):
+        def wait(self, timeout=None):
             assert timeout == 30
-            return ('{"metric": "cpu_adam_build_s", "value": 2.5}\n',
-                    "Traceback ...\nRuntimeError: Ninja is required to load C++ extensions")
+            return 1
 
     rows = bench.Rows(tmp_path / "rows.csv", "cpu")  # (asks git for the commit: before the patch)
     monkeypatch.setattr(bench.subprocess, "Popen", FakePopen)
@@ -62,3 +102,44 @@ def test_deepspeed_child_script_compiles_and_a_failure_becomes_a_row(tmp_path, m
         got = {(r["metric"], r["value"]) for r in csv.DictReader(f)}
     assert ("deepspeed_failed", "1") in got and ("cpu_adam_build_s", "2.5") in got
     assert "Ninja is required" in (tmp_path / "deepspeed_child.log").read_text()
+
+
+def test_deepspeed_timeout_keeps_the_childs_progress(tmp_path, monkeypatch):
+    import subprocess
+
+    from reference.offload import bench
+    from semoe.presets import load_model
+
+    class SlowPopen:  # a JIT build that outlives the cap
+        def __init__(self, cmd, stdout=None, **kw):
+            stdout.write("[child 12.0 s]   CPUAdam build still running (10 s)\n")
+            self.pid, self.waited = 10**9, 0  # no such process group: killpg must tolerate that
+
+        def wait(self, timeout=None):
+            self.waited += 1
+            if self.waited == 1:
+                raise subprocess.TimeoutExpired("child", timeout)
+            return -9
+
+    rows = bench.Rows(tmp_path / "rows.csv", "cpu")
+    monkeypatch.setattr(bench.subprocess, "Popen", SlowPopen)
+    monkeypatch.setattr(bench.os, "killpg", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
+    why = bench.run_deepspeed(rows, load_model("tiny"), 2, 16, 2, None, 30, tmp_path, "c_deepspeed L2")
+    rows.close()
+    assert why.startswith("rc=timeout: timed out after 30 s") and "CPUAdam build still running" in why
+    log_text = (tmp_path / "deepspeed_child.log").read_text()
+    assert "still running" in log_text and "rc=timeout" in log_text
+    with open(tmp_path / "rows.csv", newline="") as f:
+        assert [(r["config"], r["metric"]) for r in csv.DictReader(f)] == [("c_deepspeed L2", "deepspeed_failed")]
+
+
+def test_cache_per_layer_is_a_fraction_of_one_layers_experts():
+    from reference.offload.bench import cache_per_layer
+    from semoe.presets import load_model
+
+    m = load_model("tiny").replace(experts=16)
+    assert cache_per_layer(m, 0.75) == 12  # per MoE layer, whatever the number of layers
+    assert cache_per_layer(m.replace(layers=m.layers * 2), 0.75) == 12
+    assert cache_per_layer(m, 0.01) == 1
+    with pytest.raises(ValueError, match="cache fraction"):
+        cache_per_layer(m, 1.5)
