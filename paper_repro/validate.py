@@ -13,9 +13,12 @@ train       ``results/bench/train.csv``       one training step of the scaled pa
                                               ``config`` column on the ``h100-single`` preset (the
                                               profile is read automatically), ``impl="reference"``:
                                               the reference trainer's fp32-master / autocast / fp32
-                                              loss / clipping / foreach-AdamW HBM passes, and its
+                                              loss / clipping / AdamW HBM passes, and its
                                               aten operator count (`reference_host_ops`) as a
-                                              host-time floor (`simulator.workload.training`)
+                                              host-time floor (`simulator.workload.training`);
+                                              the config's ``moe-torch|moe-triton adamw-fused``
+                                              tokens pick the AdamW (fused / foreach) and the
+                                              expert path (`expert_options`)
 infer       ``results/bench/infer.csv``       `simulator.validate_infer.predict_all`
 offload     ``results/bench/offload_train.  `simulator.validate_offload.rows`: the reference-trainer step
             csv``                             with expert states on gpu / cpu / ssd, prefetch on / off
@@ -131,7 +134,8 @@ def kernel_rows(path: Path) -> list[dict]:
 _TRAIN = re.compile(
     r"(?P<name>\S+) L(?P<L>\d+) D(?P<D>\d+) E(?P<E>\d+) k(?P<k>\d+) F(?P<F>\d+) (?P<dtype>\w+) B(?P<B>\d+) "
     r"S(?P<S>\d+) lr\S+ steps\d+ world(?P<world>\d+) (?P<backend>\S+)"
-    r"(?: ep(?P<ep>\d+) (?P<a2a>\S+) bucket(?P<bucket>\d+) zero(?P<zero>\d+))? params(?P<params>\d+)")
+    r"(?: ep(?P<ep>\d+) (?P<a2a>\S+) bucket(?P<bucket>\d+) zero(?P<zero>\d+))? params(?P<params>\d+)"
+    r"(?: moe-(?P<moe>\S+))?(?: adamw-(?P<adamw>\S+))?$")
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ class TrainConfig:
     zero: int
     params: int
     backend: str = "single-process"  # nccl / gloo: a torchrun run (reference.parallel's GradSync, even at 1 rank)
+    moe: str = "torch"  # MoE backend of the run (reference.moe.layer): torch or triton; rows without it: torch
+    adamw: str = "foreach"  # reference.train's AdamW: fused (CUDA, since 42307ef) or foreach (rows without it)
 
 
 def parse_train_config(config: str) -> TrainConfig:
@@ -164,7 +170,35 @@ def parse_train_config(config: str) -> TrainConfig:
     return TrainConfig(preset=name, layers=int(m["L"]), hidden=int(m["D"]), experts=int(m["E"]), top_k=int(m["k"]),
                        ffn=int(m["F"]), dtype=m["dtype"], batch=int(m["B"]), seq=int(m["S"]), world=int(m["world"]),
                        ep=int(m["ep"] or 1), alltoall=m["a2a"] or "flat", bucket=int(m["bucket"] or 0),
-                       zero=int(m["zero"] or 0), params=int(m["params"]), backend=m["backend"])
+                       zero=int(m["zero"] or 0), params=int(m["params"]), backend=m["backend"],
+                       moe=m["moe"] or "torch", adamw=_ADAMW.get(m["adamw"] or "foreach", "foreach"))
+
+
+# bench label -> TrainingIteration ref_optimizer ("default" is the CPU's AdamW, foreach-like per tensor)
+_ADAMW = {"fused": "fused", "foreach": "foreach", "default": "foreach"}
+
+
+def _has_grouped_cast(commit: str, date: str) -> bool:
+    """Whether the run's commit contains 676c520 (GroupedExperts casts to the autocast dtype; before it the
+    torch MoE backend ran its experts through the fp32 loop fallback under bf16 autocast)."""
+    from simulator.validate_offload import (
+        GROUPED_CAST_COMMIT,
+        GROUPED_CAST_DATE,
+        commit_contains,
+    )
+
+    return commit_contains(GROUPED_CAST_COMMIT, commit, date, GROUPED_CAST_DATE)
+
+
+def expert_options(c: TrainConfig, commit: str, date: str) -> tuple[str, str]:
+    """``(expert_impl, expert_kernels)`` of `TrainingIteration` for a train.csv row: ``moe-triton``: grouped
+    GEMMs, our Triton kernels' profile rows; ``moe-torch`` from 676c520 on: ``torch._grouped_mm`` (the torch
+    profile rows); ``moe-torch`` before it: the fp32 loop fallback (one ``mm`` per expert, dense gradients)."""
+    if c.moe == "triton":
+        return "grouped", "triton"
+    if c.moe != "torch":
+        raise ValueError(f"validate: unknown MoE backend {c.moe!r} in train.csv")
+    return ("grouped", "torch") if _has_grouped_cast(commit, date) else ("loop", "torch")
 
 
 _HOST_OPS: dict = {}
@@ -213,8 +247,9 @@ def reference_host_ops(m) -> float:
     return _HOST_OPS[key]
 
 
-def simulate_train(c: TrainConfig) -> dict:
-    """One reference-trainer step of the config on the ``h100-single`` preset (profile read automatically)."""
+def simulate_train(c: TrainConfig, expert_impl: str = "loop", expert_kernels: str | None = "torch") -> dict:
+    """One reference-trainer step of the config on the ``h100-single`` preset (profile read automatically),
+    with the row's AdamW (``c.adamw``) and MoE expert path (`expert_options`)."""
     from semoe import Run, Workload, cluster_preset, sizing
     from semoe.plan_spec import ParallelPlan
     from semoe.presets import model_preset
@@ -234,12 +269,14 @@ def simulate_train(c: TrainConfig) -> dict:
         warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
         ops = reference_host_ops(m)
         sim = Sim(run.cluster, seed=run.workload.seed, trace=False)
-        # the reference trainer's experts see fp32 activations (fp32 masters, fp32 residual stream under
-        # autocast): GroupedExperts' torch path then loops over experts (torch._grouped_mm needs bf16); the
-        # rows of results/bench/train.csv predate the Triton MoE backend (06fa3d1), so this is what ran
-        # torchrun rows (backend nccl / gloo) run reference.parallel's GradSync even on one rank
-        s = TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl="loop",
-                              grad_sync=c.backend != "single-process").run()
+        # before 676c520 the reference trainer's torch-backend experts saw fp32 activations (fp32 masters, fp32
+        # residual stream under autocast) and GroupedExperts looped over experts (torch._grouped_mm needs
+        # bf16); from 676c520 they are cast to bf16 and run torch._grouped_mm; moe-triton runs our kernels.
+        # torchrun rows (backend nccl / gloo) run reference.parallel's GradSync even on one rank; "auto" at
+        # world 1 (reference.train._setup_distributed) makes no process group
+        s = TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl=expert_impl,
+                              expert_kernels=expert_kernels, ref_optimizer=c.adamw,
+                              grad_sync=c.backend in ("nccl", "gloo")).run()
     return s
 
 
@@ -253,13 +290,15 @@ def train_rows(path: Path) -> list[dict]:
             rows.append(_row(src, run, r.config, r.metric, r.value, status="not_modelled",
                              note="multi-GPU training rows: see source multigpu"))
             continue
+        ei, ek = expert_options(c, r.commit, r.date)
+        opts = f"experts {ei}/{ek}, AdamW {c.adamw}"
         if r.metric == "tokens_per_s":
-            s = simulate_train(c)
+            s = simulate_train(c, ei, ek)
             rows.append(_row(src, run, r.config, r.metric, r.value, s["tokens_per_s"],
                              note=f"simulated step {s['step_time_s'] * 1e3:.1f} ms (device {s['device_step_s'] * 1e3:.1f}, "
-                                  f"host floor {s['host_s'] * 1e3:.1f}), MFU {s['mfu']:.3f}"))
+                                  f"host floor {s['host_s'] * 1e3:.1f}), MFU {s['mfu']:.3f}; {opts}"))
         elif r.metric == "mfu":
-            s = simulate_train(c)
+            s = simulate_train(c, ei, ek)
             rows.append(_row(src, run, r.config, r.metric, r.value, s["mfu"], status="derived",
                              note="tokens_per_s x training FLOPs per token / peak: same error as tokens_per_s"))
         else:

@@ -281,6 +281,36 @@ def build_run(cfg: OffloadConfig, placement: str, depth: int):
 
 
 _SIM_CACHE: dict = {}
+FUSED_ADAMW_COMMIT = "42307ef"  # reference.train.make_optimizer: fused AdamW on CUDA from this commit on
+FUSED_ADAMW_DATE = "2026-11-24T06:40:00Z"  # fallback without git: its first bench rows (4efec81) are later
+GROUPED_CAST_COMMIT = "676c520"  # GroupedExperts casts to the autocast dtype (torch._grouped_mm, not the loop)
+GROUPED_CAST_DATE = "2026-11-24T06:50:00Z"  # fallback without git: 676c520's first bench rows are later
+
+
+def commit_contains(ancestor: str, commit: str, date: str, fallback_date: str) -> bool:
+    """Whether ``commit`` (a bench row's, ``+wip`` / ``-dirty`` suffixes ignored) contains ``ancestor``: git
+    ancestry when the repository knows both, else the row's date against ``fallback_date`` (ISO strings)."""
+    import re
+    import subprocess
+
+    c = re.split(r"[+-]", str(commit))[0]
+    try:
+        r = subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, c], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, timeout=10, check=False)
+        if r.returncode in (0, 1):
+            return r.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return str(date) >= fallback_date
+
+
+def run_options(commit: str, date: str) -> dict:
+    """`TrainingIteration` options of the reference code a bench run executed: ``_ref_optimizer`` (fused AdamW
+    from `FUSED_ADAMW_COMMIT`, else foreach) and ``_expert_impl`` (GPU-resident experts: torch._grouped_mm from
+    `GROUPED_CAST_COMMIT`, else the fp32 loop fallback); keys start with ``_`` to keep them apart from rates."""
+    fused = commit_contains(FUSED_ADAMW_COMMIT, commit, date, FUSED_ADAMW_DATE)
+    grouped = commit_contains(GROUPED_CAST_COMMIT, commit, date, GROUPED_CAST_DATE)
+    return {"_ref_optimizer": "fused" if fused else "foreach", "_expert_impl": "grouped" if grouped else "loop"}
 
 
 def simulate(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> dict:
@@ -290,13 +320,15 @@ def simulate(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> 
     from simulator.workload.training import TrainingIteration
 
     key = (cfg, placement, depth, io)
+    opts = {k[1:]: v for k, v in io if k.startswith("_")}
+    io = tuple((k, v) for k, v in io if not k.startswith("_"))
     if key not in _SIM_CACHE:
         run = build_run(cfg, placement, depth)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
             sim = Sim(run.cluster, seed=run.workload.seed, trace=False)
             _SIM_CACHE[key] = TrainingIteration(run, sim, impl="reference", measured_steps=max(cfg.steps, 1),
-                                                io_rates=dict(io)).run()
+                                                io_rates=dict(io), expert_kernels="torch", **opts).run()
     return _SIM_CACHE[key]
 
 
@@ -428,9 +460,11 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         if r.metric in IO_INPUTS:
             k, scale = IO_INPUTS[r.metric]
             inputs.setdefault((r.date, r.commit, r.device), {})[k] = float(r.value) * scale
+    runs = set(zip(df["date"], df["commit"], df["device"]))
+    for run in runs:  # the reference code each run executed (its GPU AdamW and expert GEMM path)
+        inputs.setdefault(run, {}).update(run_options(run[1], run[0]))
     # a run without the block-prep probe (before it existed): the same quantity measured in its own traces
     run_of_traces = trace_run(traces)
-    runs = set(zip(df["date"], df["commit"], df["device"]))
     if run_of_traces not in runs:  # traces of another run (or none): nothing to add
         run_of_traces = None
     prep_note = ""
@@ -492,8 +526,10 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                 note += f"; simulator reports OOM: {s['oom']}"
             if s["cache_enabled"]:
                 note += f"; cache hit rate {s['cache_hit_rate']:.2f}"
-            if io:
-                note += "; measured inputs: " + ", ".join(f"{k} {v:.3g}/s" for k, v in io)
+            rates = [(k, v) for k, v in io if not k.startswith("_")]
+            if rates:
+                note += "; measured inputs: " + ", ".join(f"{k} {v:.3g}/s" for k, v in rates)
+            note += "; reference: " + ", ".join(f"{k[1:]} {v}" for k, v in io if k.startswith("_"))
             if r.metric in ("cpu_adam_ms_per_step", "ssd_read_gb_per_step", "ssd_write_gb_per_step"):
                 note += ("; bench counter: its window opens at the first measured step while the last warm-up "
                          "step's host updates and I/O still run, so it over-counts (see trace_* rows)")

@@ -61,11 +61,21 @@ parameter) and its gradient cast back to fp32 in backward (``grad_cast``, 6 byte
 and layer norms in fp32 (``REF_RESIDUAL_BYTES`` per token x hidden per block instead of the ideal 16-bit
 pass); the loss over the vocabulary in fp32 (``loss_fwd`` / ``loss_bwd``: ``REF_LOSS_FWD_BYTES`` /
 ``REF_LOSS_BWD_BYTES`` per logit); the tied embedding's dense fp32 gradient (``REF_EMB_GRAD_BYTES`` per
-parameter); global-norm gradient clipping (``grad_clip``: ``REF_CLIP_BYTES`` per parameter); torch's
-foreach AdamW over fp32 states (``REF_ADAM_BYTES_PER_PARAM`` = 80 instead of 32); with
+parameter); with a capacity-limited gate, the slot ranks' one-hot cumsum (``gate_rank_scan``, latency-bound:
+``REF_RANK_SCAN_S_PER_ROW`` per routed row, from the H100 step profile); the expert activation between the
+expert GEMMs (``expert_act_fwd`` / ``expert_act_bwd``: `_expert_act_bytes` at the profile's ``gelu`` rate);
+with the torch MoE backend (``expert_kernels="torch"``) the permutes on fp32 rows (``dispatch_fp32_fwd`` /
+``_bwd``: ``REF_DISPATCH_*``) and expert backward GEMMs at ``TORCH_EXPERT_BWD_FACTOR`` x 2 forward; global-norm gradient clipping (``grad_clip``: ``REF_CLIP_BYTES`` per parameter); torch's
+AdamW over fp32 states: ``ref_optimizer="foreach"`` (the default; torch's foreach AdamW,
+``REF_ADAM_BYTES_PER_PARAM`` = 80 instead of 32) or ``"fused"`` (torch's fused AdamW, one kernel that reads
+param, grad, m, v and writes param, m, v: ``REF_FUSED_ADAM_BYTES_PER_PARAM`` = 28; what
+`reference.train.make_optimizer` uses on CUDA since 42307ef); with
 ``expert_impl="loop"`` (GroupedExperts' torch fallback, which the reference takes when its experts see fp32
 activations) a dense zero-filled gradient of the whole stacked expert weight per used expert, summed
-(``expert_grad_select``, ``REF_SELECT_*``). All are HBM passes at
+(``expert_grad_select``, ``REF_SELECT_*``), and its expert GEMMs are one dense GEMM per expert (``mm``)
+instead of a grouped GEMM. ``expert_kernels`` picks the profile rows the expert GEMMs are read from:
+``"torch"`` (``torch._grouped_mm`` / ``mm``: the reference's torch MoE backend), ``"triton"`` (this repo's
+grouped GEMM kernels: the Triton MoE backend), ``None`` (the cost model's own preference). All are HBM passes at
 the profile's achieved bandwidth (`CostModel.memory`); the byte counts are derived in the constants'
 comments from the aten ops the reference issues. With ``host_ops`` (aten operators per step, counted by
 `reference.op_count` on the reference code), the step is at least ``CostModel.host_time(host_ops)``.
@@ -109,6 +119,33 @@ REF_CAST_BYTES = 6  # fp32 weight -> bf16 copy per forward (autocast), bf16 grad
 # + mul_ (v 8) + addcmul_ (r v g, w v 12) + sqrt (r v, w s 8) + div_ (8) + add_ eps (8)
 # + addcdiv_ (r p m s, w p 16) = 80
 REF_ADAM_BYTES_PER_PARAM = 80
+# torch.optim.AdamW(fused=True) per fp32 parameter: one multi-tensor kernel reads param, grad, m, v (16 B) and
+# writes param, m, v (12 B)
+REF_FUSED_ADAM_BYTES_PER_PARAM = 28
+# capacity-limited gates (capacity_factor set): reference.moe.capacity ranks the assignments with a cumsum over
+# a one-hot [T*k, E] int64 tensor along dim 0; torch's tensor_kernel_scan_outer_dim gives each of the E columns
+# one thread that walks the T*k rows serially, so the kernel is latency-bound: time ~ rows x a per-row step.
+# Per-row step from the H100 step profile (results/profiles/train_profile_h100.csv, 058f8f5, both rows:
+# 4 calls, 5.70 / 5.81 ms per step at T*k = 8192 rows): 5.70e-3 / 4 / 8192 = 174 ns (a kernel rate, not fitted
+# to a step time)
+REF_RANK_SCAN_S_PER_ROW = 5.698e-3 / 4 / 8192
+REF_OPTIMIZERS = {"foreach": REF_ADAM_BYTES_PER_PARAM, "fused": REF_FUSED_ADAM_BYTES_PER_PARAM}
+EXPERT_KERNELS = (None, "torch", "triton")
+# expert_kernels="torch": torch._grouped_mm's (and mm's) backward runs the same CUTLASS / cuBLAS GEMMs as the
+# forward on transposed operands, so each of dX and dW costs one forward GEMM (factor 1, not the cost model's
+# BACKWARD_GEMM_FACTOR, which was calibrated on our Triton dgrad / wgrad kernels): results/bench/offload/
+# profile_a_gpu.txt has 192 _grouped_mm calls per step, 3 CUTLASS kernels x 64 calls (fwd, dgrad, wgrad of the
+# two expert weights x 4 layers x 8 micro-batches), 476 ms in all at one average rate
+TORCH_EXPERT_BWD_FACTOR = 1.0
+# reference.moe.dispatcher's torch permute / unpermute run on the fp32 residual stream, per element of the
+# [T*k, hidden] routed rows (bytes of HBM traffic, from the aten ops; the ideal model's gate term charges 8):
+# forward index_select gather fp32 (r4 w4), GroupedExperts' cast to bf16 (r4 w2), unpermute's weight mul (r2 w2),
+# zero-filled [T*k, D] buffer (w2), index_copy (r2 w2), sum over k (~r2 w1) = 27 -> 19 more than the ideal 8;
+# backward: sum / index_copy / mul backward (~r8 w6), the cast's ToCopyBackward (r2 w4), IndexSelectBackward's
+# zero-filled fp32 [T, D] (w4 / k) and index_add_ (r4 r4 w4) ~ 38 -> 17 more than the ideal 8 x 2 x 1.31 = 21.
+# Not with the Triton backend (it casts before permuting and runs our permute kernels).
+REF_DISPATCH_FWD_BYTES = 19
+REF_DISPATCH_BWD_BYTES = 17
 REF_CLIP_BYTES = 12  # clip_grad_norm_ (foreach): norm reads the fp32 grad (4), mul_ scales it (r/w 8)
 # per token x hidden per block, fp32 residual stream: 2 layer norms (r4 w4) + 2 casts to bf16 for the
 # next GEMM (r4 w2) + 2 residual adds (r4 r2 w4) = 48 B, vs the ideal model's 16 (8 x 2 B)
@@ -137,7 +174,8 @@ REF_CLIP_MOE_BYTES = 20
 class TrainingIteration:
     def __init__(self, run: Run, sim: Sim, impl: str = "ideal", host_ops: float = 0.0,
                  measured_steps: int | None = None, expert_impl: str = "grouped", grad_sync: bool = False,
-                 io_rates: dict | None = None) -> None:
+                 io_rates: dict | None = None, ref_optimizer: str = "foreach",
+                 expert_kernels: str | None = None) -> None:
         """``measured_steps``: the last steps of ``Workload.steps`` over which ``cache_hit_rate_measured``
         counts hits (a bench's counters after its warm-up; default all). ``expert_impl`` (with
         ``impl="reference"``): ``grouped`` (one GEMM per stacked weight, one gradient per stacked tensor)
@@ -148,7 +186,15 @@ class TrainingIteration:
         ``disk_read`` / ``disk_write`` (bytes/s), ``cpu_adam`` (parameters/s, 16-bit gradients),
         ``cpu_adam_fp32grad`` (parameters/s with fp32 gradients: used when ``micro_batches > 1``); ``ssd_write_prep`` (bytes/s,
         no default: 0 cost): the host work before each SSD block write on the same I/O queue (serialise +
-        crc32 in `reference.offload.ssd`)."""
+        crc32 in `reference.offload.ssd`). ``ref_optimizer`` (with ``impl="reference"``): the GPU AdamW of
+        the reference, ``foreach`` (``REF_ADAM_BYTES_PER_PARAM``) or ``fused``
+        (``REF_FUSED_ADAM_BYTES_PER_PARAM``). ``expert_kernels``: ``torch`` / ``triton`` profile rows for the
+        expert GEMMs (None: the cost model's preference)."""
+        if ref_optimizer not in REF_OPTIMIZERS:
+            raise ValueError(f"TrainingIteration: ref_optimizer must be one of {tuple(REF_OPTIMIZERS)}, got {ref_optimizer!r}")
+        if expert_kernels not in EXPERT_KERNELS:
+            raise ValueError(f"TrainingIteration: expert_kernels must be one of {EXPERT_KERNELS}, got {expert_kernels!r}")
+        self.ref_optimizer, self.expert_kernels = ref_optimizer, expert_kernels
         self.io_rates = dict(io_rates or {})
         self.grad_sync = grad_sync
         if impl not in IMPLS:
@@ -186,6 +232,9 @@ class TrainingIteration:
         self.tokens_in: dict[int, np.ndarray] = {}
         self.tokens_out: dict[int, np.ndarray] = {}
         self.recv: dict[int, np.ndarray] = {}  # [W, local experts] tokens received
+        self.t_expert_act: dict[int, tuple] = {}  # impl="reference": (fwd, bwd) activation pass per rank
+        self.t_dispatch: dict[int, tuple] = {}  # impl="reference", torch permute: (fwd, bwd) fp32 extra passes
+        self.t_experts_bwd: dict[int, np.ndarray] = {}  # expert backward GEMMs when not bwd x forward
         rng = sim.rng
         pop = routing.expert_popularity(m, w, rng) if m.moe_layers else None
         self.pop = pop  # the run's expert popularity (the cache's warm-up steps draw from it too)
@@ -199,9 +248,24 @@ class TrainingIteration:
             self.tokens_in[i] = tin
             self.tokens_out[i] = counts.sum(axis=1).astype(float)
             self.recv[i] = O.received(counts, self.EP)
-            per_exp = {x: mats * cm.matmul(x / self.local_experts, m.ffn, h, dt, groups=self.local_experts)
-                       for x in np.unique(tin)}
+            ecm = self._expert_cost(cm)
+            if impl == "reference" and expert_impl == "loop":  # one dense GEMM per local expert
+                per_exp = {x: mats * self.local_experts * ecm.matmul(x / self.local_experts, m.ffn, h, dt)
+                           for x in np.unique(tin)}
+            else:
+                per_exp = {x: mats * ecm.matmul(x / self.local_experts, m.ffn, h, dt, groups=self.local_experts)
+                           for x in np.unique(tin)}
             self.t_experts[i] = np.array([per_exp[x] for x in tin])
+            if impl == "reference" and expert_kernels == "torch":  # see TORCH_EXPERT_BWD_FACTOR
+                self.t_experts_bwd[i] = 2.0 * TORCH_EXPERT_BWD_FACTOR * self.t_experts[i]
+            if impl == "reference" and expert_kernels != "triton":  # fp32 dispatch (REF_DISPATCH_*)
+                el = self.tokens_out[i] * h  # routed rows x hidden, per rank
+                self.t_dispatch[i] = (np.array([cm.memory(REF_DISPATCH_FWD_BYTES * x) for x in el]),
+                                      np.array([cm.memory(REF_DISPATCH_BWD_BYTES * x) for x in el]))
+            if impl == "reference":  # the expert activation between the GEMMs (an HBM pass, profile's gelu rate)
+                act = {x: self._expert_act_bytes(x) for x in np.unique(tin)}
+                self.t_expert_act[i] = (np.array([cm.elementwise("gelu", act[x][0], dt) for x in tin]),
+                                        np.array([cm.elementwise("gelu", act[x][1], dt) for x in tin]))
         # ---- parameter sizes
         self.dense_layer = [block_params(m, i)["dense"] for i in range(m.layers)]
         self.embed = embedding_params(m)
@@ -216,6 +280,9 @@ class TrainingIteration:
             self.t_loss_fwd = cm.memory(REF_LOSS_FWD_BYTES * T * V)
             self.t_loss_bwd = cm.memory(REF_LOSS_BWD_BYTES * T * V)
             self.t_emb_grad = cm.memory(REF_EMB_GRAD_BYTES * self.embed)
+        # forward only, once per MoE block (the ranks are integers: no backward)
+        self.t_rank_scan = (REF_RANK_SCAN_S_PER_ROW * T * m.top_k
+                            if self.ref and m.moe_layers and m.capacity_factor is not None else 0.0)
         self._offload_setup(rng)
         self.ranks = np.arange(self.W)
         self.bwd = 2.0 * cm.backward_gemm_factor  # backward / forward time of a compute phase
@@ -258,6 +325,27 @@ class TrainingIteration:
             per_param = (REF_BUCKET_BYTES + REF_CLIP_MOE_BYTES) if grad_sync else REF_CLIP_BYTES
             self.t_clip = cm.memory(per_param * count_params(m).total / (self.W if p.zero_stage >= 2 else 1))
         self._static_memory()
+
+    def _expert_act_bytes(self, rows: float) -> tuple[float, float]:
+        """HBM bytes of the expert activation over ``rows`` routed tokens, forward and backward: gelu reads
+        and writes [rows, ffn] (2 x dtype bytes per element) and its backward reads the gradient and the
+        input and writes the gradient (3 x); swiglu reads two [rows, ffn] and writes one (3 x), backward
+        reads three and writes two (5 x)."""
+        m = self.m
+        el = rows * m.ffn * self.dtype_bytes
+        return (3 * el, 5 * el) if m.activation == "swiglu" else (2 * el, 3 * el)
+
+    def _expert_cost(self, cm):
+        """The cost model for the expert GEMMs: ``cm`` with its profile re-read preferring the
+        ``expert_kernels`` impl's rows (``cm`` itself when None or without a profile)."""
+        if self.expert_kernels is None or cm.profile is None:
+            return cm
+        from simulator.cost import CostModel, _load_profile
+
+        order = (self.expert_kernels,) + tuple(k for k in ("triton", "torch") if k != self.expert_kernels)
+        prof = _load_profile(cm.profile.source, order, cm.profile.loglog)
+        return CostModel(cm.gpu, prof, overlap_slowdown=cm.overlap_slowdown, launch_s=cm.launch_s,
+                         backward_gemm_factor=cm.backward_gemm_factor)
 
     # ------------------------------------------------------------------ offload
     def _offload_setup(self, rng) -> None:
@@ -593,13 +681,19 @@ class TrainingIteration:
                 yield from self.compute(r, i, mb, "attention_fwd", self.t_attn, self.flops_attn)
                 if i in self.a2a:
                     yield from self.compute(r, i, mb, "gate_fwd", self.t_gate)
+                    if self.t_rank_scan:
+                        yield from self.compute(r, i, mb, "gate_rank_scan", self.t_rank_scan)
                     yield from self._a2a(r, i, mb, "dispatch_a2a", False)
                     if self.offload_experts:
                         self._h2d(r, copies, ("fwd", mb, i), i, mb)  # on demand when not prefetched
                         yield from self.wait(r, copies[("fwd", mb, i)], 2)
                     elif i in self.adam_prev[r]:  # resident experts updated on the CPU (ZeRO-Offload style)
                         yield from self.wait(r, self.adam_prev[r][i], 2)
+                    if i in self.t_dispatch:
+                        yield from self.compute(r, i, mb, "dispatch_fp32_fwd", self.t_dispatch[i][0][r])
                     yield from self.compute(r, i, mb, "experts_fwd", self.t_experts[i][r])
+                    if i in self.t_expert_act:
+                        yield from self.compute(r, i, mb, "expert_act_fwd", self.t_expert_act[i][0][r])
                     yield from self._a2a(r, i, mb, "combine_a2a", True)
                 else:
                     yield from self.compute(r, i, mb, "ffn_fwd", self.t_dense_ffn)
@@ -625,7 +719,12 @@ class TrainingIteration:
                     if self.offload_experts:
                         self._h2d(r, copies, ("bwd", mb, i), i, mb)
                         yield from self.wait(r, copies[("bwd", mb, i)], 2)
-                    yield from self.compute(r, i, mb, "experts_bwd", self.bwd * self.t_experts[i][r])
+                    if i in self.t_dispatch:
+                        yield from self.compute(r, i, mb, "dispatch_fp32_bwd", self.t_dispatch[i][1][r])
+                    yield from self.compute(r, i, mb, "experts_bwd", self.t_experts_bwd[i][r] if i in self.t_experts_bwd
+                                            else self.bwd * self.t_experts[i][r])
+                    if i in self.t_expert_act:
+                        yield from self.compute(r, i, mb, "expert_act_bwd", self.t_expert_act[i][1][r])
                     yield from self._a2a(r, i, mb, "dispatch_a2a_bwd", True)
                     yield from self.compute(r, i, mb, "gate_bwd", self.bwd * self.t_gate)
                 else:
@@ -686,7 +785,7 @@ class TrainingIteration:
         gpn = c.gpus_per_node
         t_gpu = 0.0
         t_host = 0.0
-        adam = REF_ADAM_BYTES_PER_PARAM if self.ref else ADAM_BYTES_PER_PARAM
+        adam = REF_OPTIMIZERS[self.ref_optimizer] if self.ref else ADAM_BYTES_PER_PARAM
         if p.offload.dense_optimizer == "gpu":
             t_gpu += sim.cost.memory(adam * shard)
         else:

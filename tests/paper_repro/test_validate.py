@@ -69,7 +69,7 @@ def test_held_out_layer_rows_of_the_calibration_run_within_5pct(df):
 
 def test_train_rows_simulated_on_one_gpu(df):
     t = df[(df["source"] == "train") & (df["metric"] == "tokens_per_s")]
-    assert len(t) == 4 and (t["status"] == "validated").all() and (t["predicted"] > 0).all()
+    assert len(t) >= 8 and (t["status"] == "validated").all() and (t["predicted"] > 0).all()
     mfu = df[(df["source"] == "train") & (df["metric"] == "mfu")]
     assert (mfu["status"] == "derived").all()
 
@@ -99,7 +99,12 @@ def test_train_rows_use_the_reference_trainer_model(df):
     assert s["step_time_s"] > 1.5 * ideal["step_time_s"]
     ops4 = reference_host_ops(m)
     assert 100 < ops4 < reference_host_ops(m.replace(layers=8))
-    assert s["host_s"] == pytest.approx(ops4 * 8e-6)
+    from simulator.cost import CostModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        host_op_s = CostModel.auto(cluster_preset("h100-single").gpu).host_op_s  # the profile's host_op row
+    assert s["host_s"] == pytest.approx(ops4 * host_op_s)
 
 
 def test_parse_train_config_both_formats():
@@ -170,3 +175,28 @@ def test_committed_summary_is_current(df):
     c = pd.read_csv(committed)
     assert len(c) == len(df)
     assert list(c["status"]) == list(df["status"])
+
+
+def test_parse_train_config_backend_tokens_and_expert_options():
+    from paper_repro.validate import expert_options
+
+    base = ("paper-13.9b-scaled L4 D2048 E8 k1 F8192 bf16 B8 S1024 lr0.0003 steps20 world1 auto ep1 flat bucket0 "
+            "zero0 params1248151552")
+    old = parse_train_config(base)
+    assert (old.moe, old.adamw) == ("torch", "foreach")
+    c = parse_train_config(base + " moe-triton adamw-fused")
+    assert (c.moe, c.adamw, c.backend) == ("triton", "fused", "auto")
+    assert expert_options(c, "4efec81", "2026-11-24T06:48:48Z") == ("grouped", "triton")
+    t = parse_train_config(base + " moe-torch adamw-fused")
+    # before 676c520 the torch backend looped over experts in fp32; from it on, torch._grouped_mm
+    assert expert_options(t, "4efec81", "2026-11-24T06:42:10Z") == ("loop", "torch")
+    assert expert_options(t, "676c520", "2026-11-24T06:52:37Z") == ("grouped", "torch")
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_train_config(base + " junk")
+
+
+def test_new_train_rows_use_fused_adamw_notes(df):
+    t = df[(df["source"] == "train") & (df["metric"] == "tokens_per_s")]
+    new = t[t["config"].str.contains("adamw-fused")]
+    assert len(new) >= 4 and new["note"].str.contains("AdamW fused").all()
+    assert t[~t["config"].str.contains("adamw-")]["note"].str.contains("AdamW foreach").all()

@@ -220,3 +220,25 @@ def test_fp32_gradient_adam_rate_applies_with_gradient_accumulation():
         return out.loc["cpu_adam_ms_per_step", "predicted"]
     one, accumulated = adam_ms(CFG), adam_ms(CFG + " micro_batches=2")
     assert accumulated == pytest.approx(10 * one)  # fp32 gradients: the 10x slower measured rate
+
+
+def test_run_options_follow_the_reference_code_of_each_run():
+    """Fused AdamW from 42307ef on, torch._grouped_mm experts from 676c520 on (git ancestry; without git
+    history, e.g. a shallow clone or an unknown hash, the row's date)."""
+    from simulator.validate_offload import commit_contains, run_options
+
+    assert run_options("4ceddea", "2026-11-24T06:27:20Z") == {"_ref_optimizer": "foreach", "_expert_impl": "loop"}
+    assert run_options("3bd5bc4", "2026-11-24T07:04:17Z") == {"_ref_optimizer": "fused", "_expert_impl": "grouped"}
+    # an unknown commit falls back to the date
+    assert commit_contains("676c520", "0000000", "2026-11-24T06:52:37Z", "2026-11-24T06:50:00Z")
+    assert not commit_contains("676c520", "0000000", "2026-11-24T06:42:10Z", "2026-11-24T06:50:00Z")
+
+
+def test_fused_optimizer_shortens_the_all_in_hbm_step():
+    from simulator.validate_offload import parse_config, simulate
+
+    cfg = parse_config("a_compute_bound preset=tiny L4 D1024 F4096 E8 k2 H16 V256 bf16 B48 S2048 max_seq=2048 "
+                       "steps=4 warmup=2 cache=6 micro_batches=8")
+    fo = simulate(cfg, "gpu", 0, (("_expert_impl", "grouped"), ("_ref_optimizer", "foreach")))
+    fu = simulate(cfg, "gpu", 0, (("_expert_impl", "grouped"), ("_ref_optimizer", "fused")))
+    assert 0 < fo["step_time_s"] - fu["step_time_s"] < 0.05
