@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         c[1] += ms
 
     dev_name = torch.cuda.get_device_name() if cuda else "cpu"
+    from reference.moe.layer import resolve_backend
+
+    fused = any(g.get("fused") for g in opt.param_groups) or bool(getattr(opt, "defaults", {}).get("fused"))
     config = (f"{spec.name} L{spec.layers} D{spec.hidden} E{spec.experts} k{spec.top_k} F{spec.ffn} {spec.dtype} "
-              f"B{a.batch_size} S{a.seq_len}")
+              f"B{a.batch_size} S{a.seq_len} moe-{resolve_backend('auto')} adamw-{'fused' if fused else 'default'}")
     base = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
             "device": dev_name, "config": config}
     rows = [dict(base, part="step", name="wall_median", count_per_step=1, ms_per_step=statistics.median(times) * 1e3),

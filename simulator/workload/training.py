@@ -125,7 +125,7 @@ REF_FUSED_ADAM_BYTES_PER_PARAM = 28
 # capacity-limited gates (capacity_factor set): reference.moe.capacity ranks the assignments with a cumsum over
 # a one-hot [T*k, E] int64 tensor along dim 0; torch's tensor_kernel_scan_outer_dim gives each of the E columns
 # one thread that walks the T*k rows serially, so the kernel is latency-bound: time ~ rows x a per-row step.
-# Per-row step from the H100 step profile (results/profiles/train_profile_h100.csv, 058f8f5, both rows:
+# Per-row step from the H100 step profile (results/profiles/train_profile_h100.csv, runs 4ceddea and 4efec81:
 # 4 calls, 5.70 / 5.81 ms per step at T*k = 8192 rows): 5.70e-3 / 4 / 8192 = 174 ns (a kernel rate, not fitted
 # to a step time)
 REF_RANK_SCAN_S_PER_ROW = 5.698e-3 / 4 / 8192
