@@ -321,7 +321,13 @@ def infer_rows(path: Path) -> list[dict]:
         metric = f"{m['mode']} B{int(m['batch'])} {m['metric']}"
         kind, note = p["kind"], p["note"] if isinstance(p["note"], str) else ""
         k = "time" if kind == "throughput" else kind
-        if kind == "not_modelled":
+        status = p.get("status", "validated") if isinstance(p.get("status", None), str) else "validated"
+        if status in ("superseded_code", "measurement_bug", "by_definition"):
+            # simulator.validate_infer's verdict: measured with engine code that no longer exists, a known
+            # measurement bug, or true by definition: shown, not scored
+            rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="not_modelled",
+                             note=f"{status}: {note}" if note else status))
+        elif kind == "not_modelled":
             rows.append(_row(src, run, m["config"], metric, m["value"], status="not_modelled",
                              note=note or "no simulator model of this metric"))
         elif kind == "input":
