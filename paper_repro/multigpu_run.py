@@ -71,8 +71,11 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import dataclasses  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from semoe.moe_layer_configs import MOE_LAYER_CONFIGS, MoELayerConfig  # noqa: E402
 
 COLUMNS = ("date", "commit", "device", "backend", "world", "part", "config", "impl", "size_bytes", "tokens",
            "rank", "metric", "value")
@@ -104,36 +107,12 @@ def uneven_splits(n: int, elems: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------ configs
-@dataclass(frozen=True)
-class MoEConfig:
-    """One MoE layer of the kernels issue (``kernels/bench/moe_layer.py``); ``tokens`` per rank."""
-
-    name: str
-    experts: int
-    top_k: int
-    hidden: int
-    ffn: int
-    tokens: int
-    gate: str = "topk"
-    renormalize: bool = True
-
-    def label(self, dtype: str) -> str:
-        return (f"{self.name} E{self.experts} k{self.top_k} H{self.hidden} F{self.ffn} T{self.tokens}/rank "
-                f"{self.gate} {dtype}")
-
-    def routed_flops_fwd_bwd(self) -> float:
-        return 3 * 4.0 * self.tokens * self.top_k * self.hidden * self.ffn
-
-
-MOE_CONFIGS = {
-    "mixtral_like": MoEConfig("mixtral_like", 8, 2, 4096, 14336, 16384),
-    "hetu_switch_b32": MoEConfig("hetu_switch_b32", 8, 1, 2048, 2048, 32 * 1024, gate="switch", renormalize=False),
-    "fine_grained": MoEConfig("fine_grained", 64, 8, 2048, 1408, 16384),
-}
+MoEConfig = MoELayerConfig  # the kernels issue's layers (semoe/moe_layer_configs.py); tokens per rank
+MOE_CONFIGS = MOE_LAYER_CONFIGS
 
 
 def quick_moe(c: MoEConfig) -> MoEConfig:
-    return MoEConfig(c.name, c.experts, c.top_k, 32, 64, 64, c.gate, c.renormalize)
+    return dataclasses.replace(c, hidden=32, ffn=64, tokens=64)
 
 
 @dataclass(frozen=True)
@@ -217,8 +196,7 @@ def make_settings(a: argparse.Namespace, world: int) -> Settings:
         raise RunError(f"--moe-configs: {','.join(bad)} not among {','.join(MOE_CONFIGS)}")
     configs = tuple(quick_moe(MOE_CONFIGS[n]) if q else MOE_CONFIGS[n] for n in names)
     if a.moe_tokens:
-        configs = tuple(MoEConfig(c.name, c.experts, c.top_k, c.hidden, c.ffn, a.moe_tokens, c.gate, c.renormalize)
-                        for c in configs)
+        configs = tuple(dataclasses.replace(c, tokens=a.moe_tokens) for c in configs)
     node_sizes = _int_list(a.node_sizes, "--node-sizes")
     if any(p < 2 for p in node_sizes):
         raise RunError(f"--node-sizes: a fake node holds at least 2 ranks, got {a.node_sizes!r}")
@@ -608,7 +586,7 @@ def run_moe(c: Ctx) -> None:
                 mean, tmax = float(t.mean()), float(t.max())
                 tps = cfg.tokens * W / tmax
                 for metric, v in (("fwd_bwd_ms", mean * 1e3), ("fwd_bwd_ms_max", tmax * 1e3), ("tokens_per_s", tps),
-                                  ("tflops_per_rank", cfg.routed_flops_fwd_bwd() / mean / 1e12)):
+                                  ("tflops_per_rank", cfg.flops("fwd_bwd") / mean / 1e12)):
                     c.add("moe", config, label, metric, v, tokens=cfg.tokens)
                 c.flush("moe")
                 c.log(f"moe {config:60s} {label:8s} {mean * 1e3:9.2f} ms  {tps:12,.0f} tokens/s")

@@ -26,27 +26,13 @@ GEMM factor was calibrated on ``mixtral_like`` alone; the two held-out configs a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from semoe import ClusterSpec
+from semoe.moe_layer_configs import MOE_LAYER_CONFIGS, MoELayerConfig
 from simulator.cost import CostModel
 
 
-@dataclass(frozen=True)
-class MoELayerConfig:
-    name: str
-    experts: int
-    top_k: int
-    hidden: int
-    ffn: int
-    tokens: int
-
-
-CONFIGS = {  # issue 3, kernels/bench
-    "mixtral_like": MoELayerConfig("mixtral_like", 8, 2, 4096, 14336, 16384),
-    "hetu_switch_b32": MoELayerConfig("hetu_switch_b32", 8, 1, 2048, 2048, 32 * 1024),
-    "fine_grained": MoELayerConfig("fine_grained", 64, 8, 2048, 1408, 16384),
-}
+CONFIGS = MOE_LAYER_CONFIGS  # issue 3, kernels/bench
 
 
 def predict_moe_layer(cluster: ClusterSpec, cfg: MoELayerConfig, cost: CostModel | None = None) -> dict[str, float]:

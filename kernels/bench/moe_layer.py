@@ -27,7 +27,6 @@ import gc
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,30 +35,13 @@ import torch.nn.functional as F
 
 from kernels import reference as ref  # noqa: F401  (the oracle the tests use; imported for parity)
 from semoe.io import git_commit  # noqa: F401 (re-exported)
+from semoe.moe_layer_configs import MOE_LAYER_CONFIGS, MoELayerConfig
 
 CSV_HEADER = ["date", "commit", "device", "config", "impl", "mode", "metric", "value"]
 
 
-@dataclass(frozen=True)
-class Config:
-    name: str
-    experts: int
-    top_k: int
-    hidden: int
-    ffn: int
-    tokens: int
-    renormalize: bool = True  # switch (top-1) keeps the raw probability
-
-    def flops(self, mode: str) -> float:
-        f = 4.0 * self.tokens * self.top_k * self.hidden * self.ffn
-        return f if mode == "fwd" else 3 * f
-
-
-CONFIGS = {
-    "mixtral_like": Config("mixtral_like", 8, 2, 4096, 14336, 16384),
-    "hetu_switch_b32": Config("hetu_switch_b32", 8, 1, 2048, 2048, 32 * 1024, renormalize=False),
-    "fine_grained": Config("fine_grained", 64, 8, 2048, 1408, 16384),
-}
+Config = MoELayerConfig  # the shared description (semoe/moe_layer_configs.py)
+CONFIGS = MOE_LAYER_CONFIGS
 IMPLS = ["dense", "ours", "ours_notma", "ours_torchgmm", "torch_grouped", "naive", "deepspeed"]
 
 
