@@ -100,23 +100,17 @@ class EmbeddingPartitionIteration(TrainingIteration):
             self.t_lookup = sim.cost.memory(2.0 * self.W * T * h * b)  # gather rows for all ranks' ids
 
     # ------------------------------------------------------------------ memory
-    def _static_memory(self) -> None:
+    def _state_tiers(self) -> dict[str, float]:
         """The parent's static states with the table's replicated states replaced by its 1/W slice
         (before the allocation, so that the peak never sees the replicated table)."""
-        tiers = state_bytes_per_tier(self.m, self.p)
+        tiers = dict(super()._state_tiers())
         if self.p.embedding_partition and self.c.world_size > 1:
             rep = embedding_state_bytes(self.m, self.p, partition=False)
             part = embedding_state_bytes(self.m, self.p, partition=True)
             pl = self.p.offload
             tiers[pl.dense_params] -= sum(rep[k] - part[k] for k in ("params", "grads"))
             tiers[pl.dense_optimizer] -= rep["optimizer"] - part["optimizer"]
-        mem, t = self.sim.memory, 0.0
-        mem.alloc_all(t, "hbm", "model_states", tiers["gpu"])
-        mem.alloc_all(t, "dram", "model_states", tiers["cpu"])
-        mem.alloc_all(t, "ssd", "model_states", tiers["ssd"])
-        self.state_tiers = tiers
-        if self.p.fusion_bucket_bytes:
-            mem.alloc_all(t, "hbm", "comm_buffers", 2 * self.p.fusion_bucket_bytes)
+        return tiers
 
     # ------------------------------------------------------------------ phases
     def _emb_a2a(self, r, mb, phase, M):

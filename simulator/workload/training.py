@@ -531,8 +531,12 @@ class TrainingIteration:
         return self.sim.cost.memory(mats * per * pm) if u else 0.0
 
     # ------------------------------------------------------------------ memory
+    def _state_tiers(self) -> dict[str, float]:
+        """Model-state bytes per tier (``gpu`` / ``cpu`` / ``ssd``) of one rank; subclasses adjust them."""
+        return state_bytes_per_tier(self.m, self.p)
+
     def _static_memory(self) -> None:
-        tiers = state_bytes_per_tier(self.m, self.p)
+        tiers = self._state_tiers()
         mem, t = self.sim.memory, 0.0
         mem.alloc_all(t, "hbm", "model_states", tiers["gpu"])
         mem.alloc_all(t, "dram", "model_states", tiers["cpu"])
