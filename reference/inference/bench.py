@@ -120,11 +120,17 @@ def accelerate_prefill_s(store: ModelStore, idx: torch.Tensor, reps: int) -> tup
     model.load_state_dict(sd, strict=True)  # copies into pageable memory
     del sd
     model.eval()
-    gate_cls = type(model.blocks[store.moe_blocks[0]].ffn.gate).__name__  # the gate reads router.weight itself
-    cpu_offload(model, execution_device=torch.device(DEV), preload_module_classes=[gate_cls])
+    # accelerate moves a module's weights in its own forward hook. The gate reads router.weight and the fused
+    # Triton MoE path reads the experts' stacked weights without calling their modules, so the whole MoE layer
+    # is loaded in the layer's hook (accelerate's preload_module_classes), else those weights stay on "meta"
+    moe_cls = type(model.blocks[store.moe_blocks[0]].ffn).__name__
+    cpu_offload(model, execution_device=torch.device(DEV), preload_module_classes=[moe_cls])
     x = idx.to(DEV)
     with torch.no_grad():
         out = model(x).logits_BSV[:, -1].float().cpu()
+    if not torch.isfinite(out).all():
+        raise RuntimeError("accelerate baseline produced non-finite logits (weights not loaded by its hooks?)")
+    with torch.no_grad():
         t = timed(lambda: model(x), reps)
     del model
     free_cuda()
