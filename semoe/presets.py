@@ -201,6 +201,20 @@ def _single(gpu: GPUSpec, name: str, h2d_GBps: float) -> ClusterSpec:
     )
 
 
+def _h200_host(nodes: int, gpus_per_node: int) -> ClusterSpec:
+    # The device tool's nvidia-h200-x2 / -x4 / -x8 machines: H200 SXM GPUs of one host joined by NVLink4
+    # (`nvidia-smi topo -m` in results/multigpu/h200x2/run_info.json: NV18 between the GPUs). HARDWARE.md: NVLink4,
+    # 18 links, 450 GB/s each way per GPU; per-hop latency 2 us as the other NVLink presets (NCCL's 0.5-3.4 us,
+    # not measured here); pinned host-to-device 55.4 GB/s and the disk as measured on the single H200 machine;
+    # host RAM of the device tool's descriptions (256 / 512 / 560 GiB). More than one node is a what-if: one
+    # 400 Gb/s NDR NIC per GPU as the DGX H100 (HARDWARE.md, ~49 GB/s usable).
+    base = _single(GPUSpec(name="H200-141G", memory_bytes=141 * GB, bf16_tflops=989.0, hbm_GBps=4800.0),
+                   f"h200-x{gpus_per_node}", 55.4)
+    return base.replace(nodes=nodes, gpus_per_node=gpus_per_node, nvlink=LinkSpec(bandwidth_GBps=450.0, latency_s=2e-6),
+                        nics_per_node=gpus_per_node, nic=LinkSpec(bandwidth_GBps=49.0, latency_s=5e-6),
+                        host_memory_bytes={2: 256, 4: 512, 8: 560}[gpus_per_node] * GiB)
+
+
 CLUSTER_PRESETS: dict[str, Callable[[int], ClusterSpec]] = {
     "dgx-a100-80g": lambda nodes: _dgx_a100(nodes, 80),
     "dgx-a100-40g": lambda nodes: _dgx_a100(nodes, 40),
@@ -217,6 +231,10 @@ CLUSTER_PRESETS: dict[str, Callable[[int], ClusterSpec]] = {
         "h200-single",
         55.4,
     ),
+    # one host of 2 / 4 / 8 H200 on NVLink (the device tool's nvidia-h200-x2 / -x4 / -x8), see _h200_host
+    "h200-x2": lambda nodes: _h200_host(nodes, 2),
+    "h200-x4": lambda nodes: _h200_host(nodes, 4),
+    "h200-x8": lambda nodes: _h200_host(nodes, 8),
 }
 
 PLAN_PRESETS: dict[str, Callable[[int, int], ParallelPlan]] = {

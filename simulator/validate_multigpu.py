@@ -1,0 +1,482 @@
+"""The committed multi-GPU measurements (``results/multigpu/<kind>/``, `paper_repro.multigpu_run`) beside the
+simulator: rows in `paper_repro.validate`'s format, ``source="multigpu"``.
+
+Cluster: the preset of the device the run names (``device`` column NVIDIA H200, ``world`` column ``n``:
+``h200-x<n>``, one host of ``n`` H200 on NVLink4, `semoe.presets`). Nothing below is fitted to these rows.
+
+=========== ============================================== ==================================================
+part        measured (what `paper_repro.multigpu_run`      predicted with
+            times)
+=========== ============================================== ==================================================
+collectives ``time_us``: mean over ranks of 20 back-to-back the collective's `CommOp` (`simulator.collectives`,
+            calls in one CUDA-event interval, fp32;         ring / flat all-to-all; the uneven all-to-all with
+            ``size_bytes`` = all-reduce buffer, all-gather the run's split matrix `uneven_splits`) on the
+            output, reduce-scatter input, all-to-all send  analytic network, NCCL protocol chosen per size
+            buffer                                         (`simulator.hardware`): status ``validated``
+moe         ``fwd_bwd_ms``: the reference `MoELayer`       `moe_prediction`: `calibration.predict_moe_layer`'s
+            (torch backend, `EPDispatcher`) forward +      terms per rank with the rank's local experts
+            backward, EP = world, flat or ``hetu_p<p>``    (E / EP groups of T k / (E / EP) rows) plus four
+                                                           all-to-alls (dispatch, combine and their
+                                                           backward) and the count all-gather: ``extrapolated``
+train       ``tokens_per_s`` of `reference.train` (median  `simulator.workload.training.TrainingIteration`
+            of steps 5-12), DP = EP = world, ZeRO-0/3 x    (``impl="reference"``, GradSync, fused AdamW, torch
+            fused buckets off / on                         grouped experts) on the cluster: ``extrapolated``
+=========== ============================================== ==================================================
+
+**Extrapolation to the H200** (the ``extrapolated`` status: a prediction of a measured quantity with a kernel
+profile measured on another GPU; scored, but reported in its own group). The only kernel profile is the H100's
+(``results/profiles/h100_80gb_hbm3.csv``). The H200 has the same SMs, clocks and bf16 peak (989 TFLOP/s) and
+4.8 instead of 3.35 TB/s HBM (HARDWARE.md). `h200_cost_model` therefore keeps every FLOP curve of the profile
+as measured (`CostModel` scales profile GEMM times by the ratio of compute peaks: 1 here), charges the
+roofline memory passes (`CostModel.memory`) at the H200's datasheet bandwidth with the H100's achieved fraction
+(0.925: 4.44 TB/s; HARDWARE.md measures 4.46 TB/s read on the H200), and scales the profile's measured
+row-wise curves (gelu, layernorm, permute, ...: achieved HBM GB/s) by the same ratio 4.8 / 3.35. Memory-bound
+GEMMs at small ``m`` keep the H100's time (not scaled: a mild overestimate). The host time per eager operator
+is the H100 machine's (the H200 machine's host was not profiled).
+
+**Latency** (collectives below ~4 MiB): the simulator's terms are NCCL 2.10's tuning-model constants
+(`simulator.hardware`: LL / LL128 / Simple base 6.6 / 14 / 8.4 us) and the preset's per-hop NVLink latency
+(2 us); none of them was measured on this machine, and none is tuned to these rows. The measured floor is
+33-41 us for every collective up to 4 MiB (two outliers), which is most likely the host's dispatch rate of back-to-back
+``torch.distributed`` calls (the script times 20 calls as one interval, so the GPU waits for launches), a cost
+the simulator does not model for a single collective: those rows show the error as it is.
+
+**Link calibration** (issue 10) is kept apart: `fit_alpha_beta` fits ``t = alpha + wire_bytes / B`` on every other
+size of ``collectives.csv`` and reports the error on the held-out half; nothing in the simulator or in `rows`
+uses the result (``results/multigpu/README.md`` lists it).
+
+**HetuMoE on one node** (``hetu_p2`` with world 2: one fake node of 2 GPUs): `simulator.collectives.all_to_all`
+falls back to flat there (nothing to aggregate); the prediction instead runs the simulator's HetuMoE schedule
+`all_to_all_hetu` on that one node (gather on local rank 0, scatter back), which is what the reference ran. The
+simulator's schedule moves only the off-rank bytes; `reference.comm.alltoall.AllToAll._hetu` also ships the
+non-leader's rows for itself through the leader and regroups the whole node's rows on it (memory passes), so
+the predicted gap between ``hetu_p2`` and ``flat`` is smaller than the measured one (see the row notes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SOURCE = "multigpu"
+STATUSES = ("validated", "extrapolated", "derived", "not_modelled", "fitted")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "all_to_all_uneven")
+PROFILE_GPU = "h100_80gb_hbm3.csv"  # the kernel profile the H200 rows are extrapolated from
+LATENCY_BOUND_BYTES = 4 * 1024 * 1024  # below: the measured times are at the ~35 us per-call floor
+_MOE = re.compile(r"(?P<name>\S+) E(?P<E>\d+) k(?P<k>\d+) H(?P<H>\d+) F(?P<F>\d+) T(?P<T>\d+)/rank (?P<gate>\S+) "
+                  r"(?P<dtype>\w+) ep(?P<ep>\d+)$")
+_TRAIN = re.compile(r"(?P<name>\S+) L(?P<L>\d+) D(?P<D>\d+) E(?P<E>\d+) k(?P<k>\d+) F(?P<F>\d+) (?P<dtype>\w+) "
+                    r"B(?P<B>\d+) S(?P<S>\d+) ep(?P<ep>\d+) (?P<a2a>\S+) gpn(?P<gpn>\S+) params(?P<params>\d+) "
+                    r"steps(?P<steps>\d+)(?P<traced> traced)?$")
+_TRAIN_IMPL = re.compile(r"zero(?P<zero>\d+)_bucket(?P<bucket>\d+)$")
+_HETU = re.compile(r"hetu_p(?P<p>\d+)$")
+_RAIL = re.compile(r"rail_p(?P<p>\d+)$")
+
+
+def _row(config, metric, measured, predicted=float("nan"), status="validated", note="", fitted=False, kind="time",
+         run=""):
+    """`paper_repro.validate._row`'s dict (same keys), ``source="multigpu"``."""
+    from paper_repro.validate import _row as vrow
+
+    return vrow(SOURCE, run, config, metric, measured, predicted, status=status, note=note, fitted=fitted, kind=kind)
+
+
+# ------------------------------------------------------------------------------------ cluster, cost
+def cluster_for(device: str, world: int):
+    """The preset of a run's device and world size: NVIDIA H200 -> ``h200-x<world>``; None when there is none."""
+    from semoe import CLUSTER_PRESETS, cluster_preset
+
+    name = f"h200-x{world}" if "H200" in str(device).upper() else None
+    return cluster_preset(name) if name in CLUSTER_PRESETS else None
+
+
+def h200_cost_model(gpu, impl: tuple[str, ...] = ("torch", "triton")):
+    """`CostModel` of ``gpu`` (an H200) from the H100 profile: FLOP curves as measured, memory-bound terms at
+    the H200's bandwidth (module docstring). ``impl``: which implementation's profile rows win."""
+    from simulator.cost import PROFILES_DIR, CostModel, _load_profile
+
+    prof = copy.copy(_load_profile(str(PROFILES_DIR / PROFILE_GPU), impl))
+    h100_hbm = 3350.0  # the h100-single preset's datasheet HBM (HARDWARE.md)
+    ratio = gpu.hbm_GBps / h100_hbm
+    prof.mem_curves = {k: (xs, bs * ratio) for k, (xs, bs) in prof.mem_curves.items()}
+    return CostModel(gpu, prof)
+
+
+def _sim(cluster, cost=None):
+    from simulator.engine import Sim
+
+    sim = Sim(cluster, trace=False, profile=None)
+    if cost is not None:
+        sim.cost = cost
+    return sim
+
+
+def op_time(sim, op) -> float:
+    """Seconds until the last rank of ``op`` finishes (analytic backend, NCCL-style protocol choice)."""
+    return float(sim.net.op_offsets(op).max()) if op.steps else 0.0
+
+
+# ------------------------------------------------------------------------------------- collectives
+def uneven_matrix(n: int, nbytes: int) -> np.ndarray:
+    """Bytes rank s sends to rank d in the run's ``all_to_all_uneven`` of ``nbytes`` per rank (fp32)."""
+    from paper_repro.multigpu_run import uneven_splits
+
+    return 4.0 * np.array(uneven_splits(n, nbytes // 4), dtype=float)
+
+
+def collective_op(sim, name: str, nbytes: float, world: int):
+    """The simulator's `CommOp` for the run's collective ``name`` of ``nbytes`` (its ``size_bytes``) over
+    ``world`` ranks: ring all-reduce / all-gather / reduce-scatter, flat all-to-all (even: ``nbytes / world``
+    to every rank; uneven: the run's split matrix)."""
+    from simulator import collectives as C
+
+    ranks = np.arange(world)
+    if name in ("all_reduce", "all_gather", "reduce_scatter"):
+        return getattr(C, name)(sim.topo, ranks, nbytes)
+    if name == "all_to_all":
+        return C.all_to_all(sim.topo, ranks, np.full((world, world), nbytes / world), "flat")
+    if name == "all_to_all_uneven":
+        return C.all_to_all(sim.topo, ranks, uneven_matrix(world, int(nbytes)), "flat")
+    raise ValueError(f"validate_multigpu: unknown collective {name!r}")
+
+
+def predict_collective(sim, name: str, nbytes: float, world: int) -> float:
+    """Predicted seconds of one ``name`` collective of ``nbytes`` over ``world`` ranks."""
+    return op_time(sim, collective_op(sim, name, nbytes, world))
+
+
+def collective_rows(path: Path) -> list[dict]:
+    df = pd.read_csv(path, dtype={"commit": str})
+    rows: list[dict] = []
+    sims: dict = {}
+    for r in df.itertuples():
+        run = f"{path.parent.name} {r.commit}"
+        cfg = f"{r.config} {int(r.size_bytes)} B world{int(r.world)}"
+        if r.metric in ("check_ok", "iters"):
+            rows.append(_row(cfg, r.metric, r.value, status="not_modelled", kind="count", run=run,
+                             note="correctness check / iteration count of the measurement, not a simulated quantity"))
+            continue
+        key = (r.device, int(r.world))
+        if key not in sims:
+            c = cluster_for(r.device, int(r.world))
+            sims[key] = _sim(c) if c is not None else None
+        sim = sims[key]
+        if sim is None:
+            rows.append(_row(cfg, r.metric, r.value, status="not_modelled", run=run,
+                             note=f"no cluster preset for {r.device} x {r.world}"))
+            continue
+        t = predict_collective(sim, r.config, float(r.size_bytes), int(r.world))
+        proto = sim.net.choose_protocol(collective_op(sim, r.config, float(r.size_bytes), int(r.world))).name
+        if r.metric == "time_us":
+            note = f"{proto} protocol"
+            if r.size_bytes <= LATENCY_BOUND_BYTES:
+                note += ("; latency-bound: simulator latencies are NCCL 2.10 tuning-model constants and the preset's"
+                         " 2 us NVLink hop (not measured here); the measured ~35 us floor is the per-call dispatch of"
+                         " back-to-back torch.distributed calls, not modelled")
+            if r.config == "all_to_all_uneven":
+                note += "; torch's uneven all_to_all_single runs ~3x slower than the even one on the same bytes"
+            rows.append(_row(cfg, r.metric, r.value, t * 1e6, note=note, run=run))
+        elif r.metric == "time_us_max":
+            rows.append(_row(cfg, r.metric, r.value, t * 1e6, status="derived", run=run,
+                             note="max over ranks of the same calls; ranks are symmetric in the model: scored once, as time_us"))
+        elif r.metric in ("algbw_GBps", "busbw_GBps"):
+            from paper_repro.multigpu_run import bus_factor
+
+            bw = float(r.size_bytes) / t / 1e9 * (bus_factor(r.config, int(r.world)) if r.metric == "busbw_GBps" else 1)
+            rows.append(_row(cfg, r.metric, r.value, bw, status="derived", kind="bandwidth", run=run,
+                             note="size / time_us (x bus factor): same error as the inverse of time_us"))
+        else:
+            rows.append(_row(cfg, r.metric, r.value, status="not_modelled", run=run, note="unknown metric"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ MoE layer
+def parse_moe_config(config: str):
+    """'mixtral_like E8 k2 H4096 F14336 T16384/rank topk bf16 ep2' -> (MoELayerConfig, dtype, ep)."""
+    from semoe.moe_layer_configs import MoELayerConfig
+
+    m = _MOE.match(str(config))
+    if m is None:
+        raise ValueError(f"validate_multigpu: cannot parse moe.csv config {config!r}")
+    cfg = MoELayerConfig(m["name"], int(m["E"]), int(m["k"]), int(m["H"]), int(m["F"]), int(m["T"]), gate=m["gate"])
+    return cfg, m["dtype"], int(m["ep"])
+
+
+def moe_prediction(sim, cfg, ep: int, impl: str, world: int) -> dict:
+    """Forward + backward seconds per rank of one EP MoE layer (weak scaling: ``cfg.tokens`` per rank).
+
+    Compute: `calibration.predict_moe_layer` with the expert term for the rank's ``E / ep`` local experts,
+    each receiving ``T k ep / E`` rows (balanced routing: the run measured 1.002-1.004 max/mean received rows).
+    Backward GEMMs at ``TORCH_EXPERT_BWD_FACTOR`` (the reference's torch backend runs ``torch._grouped_mm``,
+    whose dX / dW cost one forward GEMM each; `simulator.workload.training`). Communication: the count
+    all-gather (``E`` int64 per rank) and four all-to-alls of ``T k H`` bytes per rank (dispatch, combine, and
+    their backward), the reference's blocking `EPDispatcher` (no overlap). Not modelled: `EPDispatcher`'s two
+    regroups of the received rows (forward and backward), the torch backend's index / argsort passes beyond
+    `predict_moe_layer`'s memory terms (that model was calibrated on the project's Triton layer), and the
+    host-side count synchronisation."""
+    from simulator import collectives as C
+    from simulator.calibration import predict_moe_layer
+    from simulator.workload.training import TORCH_EXPERT_BWD_FACTOR
+
+    cm = sim.cost
+    bgf = cm.backward_gemm_factor
+    cm.backward_gemm_factor = TORCH_EXPERT_BWD_FACTOR
+    try:
+        base = predict_moe_layer(sim.cluster, cfg, cm)
+        T, E, k, H, F = cfg.tokens, cfg.experts, cfg.top_k, cfg.hidden, cfg.ffn
+        TK = T * k
+        one = 2 * cm.matmul(TK / E, F, H, groups=E)
+        local = E // ep
+        mine = 2 * cm.matmul(TK * ep / E, F, H, groups=local)
+        fwd = base["fwd"] - one + mine
+        bwd = (base["fwd_bwd"] - base["fwd"]) + 2 * cm.backward_gemm_factor * (mine - one)
+    finally:
+        cm.backward_gemm_factor = bgf
+    ranks = np.arange(ep)
+    row_bytes = H * 2  # bf16 rows
+    M = np.full((ep, ep), TK * row_bytes / ep)
+    if impl == "flat" or (_RAIL.match(impl) and int(_RAIL.match(impl)["p"]) >= ep):
+        a2a = C.all_to_all(sim.topo, ranks, M, "flat")
+        algo = "flat"
+    elif (h := _HETU.match(impl)) or _RAIL.match(impl):
+        algo = "hetu" if h else "rail"
+        fn = C.all_to_all_hetu if h else C.all_to_all_rail
+        a2a = fn(sim.topo, ranks, M)
+    else:
+        raise ValueError(f"validate_multigpu: unknown all-to-all variant {impl!r}")
+    t_a2a = op_time(sim, a2a)
+    t_counts = op_time(sim, C.all_gather(sim.topo, ranks, 8.0 * E * ep))  # gather_counts: [G, E] int64
+    comm = 4 * t_a2a + t_counts
+    return {"fwd_bwd_s": fwd + bwd + comm, "compute_s": fwd + bwd, "a2a_s": t_a2a, "comm_s": comm, "algo": algo}
+
+
+def moe_rows(path: Path) -> list[dict]:
+    df = pd.read_csv(path, dtype={"commit": str})
+    rows: list[dict] = []
+    cache: dict = {}
+    for r in df.itertuples():
+        run = f"{path.parent.name} {r.commit}"
+        cfg_s = f"{r.config} {r.impl}"
+        if r.metric in ("recv_rows_max_over_mean", "max_rel_diff_vs_flat", "agree_with_flat"):
+            rows.append(_row(cfg_s, r.metric, r.value, status="not_modelled", kind="ratio", run=run,
+                             note="routing balance / correctness vs flat, not a simulated quantity"))
+            continue
+        cfg, _dtype, ep = parse_moe_config(r.config)
+        key = (r.config, r.impl, r.device, int(r.world))
+        if key not in cache:
+            c = cluster_for(r.device, int(r.world))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # profile borrowing / roofline fallbacks (router GEMM)
+                cache[key] = None if c is None else moe_prediction(_sim(c, h200_cost_model(c.gpu)), cfg, ep, r.impl,
+                                                                    int(r.world))
+        p = cache[key]
+        if p is None:
+            rows.append(_row(cfg_s, r.metric, r.value, status="not_modelled", run=run,
+                             note=f"no cluster preset for {r.device} x {r.world}"))
+            continue
+        ms = p["fwd_bwd_s"] * 1e3
+        parts = (f"compute {p['compute_s'] * 1e3:.2f} ms + 4 all-to-alls x {p['a2a_s'] * 1e3:.3f} ms ({p['algo']})"
+                 f" + counts; H100 profile extrapolated to the H200")
+        if r.metric == "fwd_bwd_ms":
+            note = parts
+            if p["algo"] == "hetu":
+                note += ("; the simulator's HetuMoE moves only off-rank bytes, the reference also routes the "
+                         "non-leader's own rows through the leader and regroups them there (not modelled)")
+            rows.append(_row(cfg_s, r.metric, r.value, ms, status="extrapolated", note=note, run=run))
+        elif r.metric == "fwd_bwd_ms_max":
+            rows.append(_row(cfg_s, r.metric, r.value, ms, status="derived", run=run,
+                             note="max over ranks; symmetric ranks in the model: scored once, as fwd_bwd_ms"))
+        elif r.metric == "tokens_per_s":
+            rows.append(_row(cfg_s, r.metric, r.value, cfg.tokens * int(r.world) / p["fwd_bwd_s"], status="derived",
+                             run=run, note="global tokens / fwd_bwd_ms_max: same error as its inverse"))
+        elif r.metric == "tflops_per_rank":
+            rows.append(_row(cfg_s, r.metric, r.value, cfg.flops("fwd_bwd") / p["fwd_bwd_s"] / 1e12, status="derived",
+                             kind="throughput", run=run, note="routed FLOPs / fwd_bwd_ms"))
+        else:
+            rows.append(_row(cfg_s, r.metric, r.value, status="not_modelled", run=run, note="unknown metric"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- training
+def parse_train(config: str, impl: str) -> dict:
+    m = _TRAIN.match(str(config))
+    z = _TRAIN_IMPL.match(str(impl))
+    if m is None or z is None:
+        raise ValueError(f"validate_multigpu: cannot parse train.csv config {config!r} / impl {impl!r}")
+    return {"preset": m["name"].removesuffix("-scaled"), "layers": int(m["L"]), "hidden": int(m["D"]),
+            "experts": int(m["E"]), "top_k": int(m["k"]), "ffn": int(m["F"]), "dtype": m["dtype"],
+            "batch": int(m["B"]), "seq": int(m["S"]), "ep": int(m["ep"]), "a2a": m["a2a"], "params": int(m["params"]),
+            "traced": bool(m["traced"]), "zero": int(z["zero"]), "bucket": int(z["bucket"])}
+
+
+def simulate_train(t: dict, cluster) -> dict:
+    """One `reference.train` step of the parsed config on ``cluster`` (DP = world, EP as parsed), the way
+    `paper_repro.validate.simulate_train` does it for the single GPU: ``impl="reference"``, torch MoE backend
+    with grouped experts (the run's commit contains 676c520), fused AdamW (42307ef), GradSync (torchrun), the
+    reference's aten operator count as the host floor; the H100 profile extrapolated to the H200."""
+    from paper_repro.validate import TRAIN_HEADS, reference_host_ops
+    from semoe import Run, Workload, sizing
+    from semoe.plan_spec import ParallelPlan
+    from semoe.presets import model_preset
+    from simulator.workload.training import TrainingIteration
+
+    W = cluster.world_size
+    m = model_preset(t["preset"]).replace(layers=t["layers"], hidden=t["hidden"], heads=TRAIN_HEADS, ffn=t["ffn"],
+                                          experts=t["experts"], top_k=t["top_k"], dtype=t["dtype"],
+                                          name=f"{t['preset']}-scaled")
+    n = sizing.count_params(m).total
+    if n != t["params"]:
+        raise ValueError(f"validate_multigpu: rebuilt model has {n} parameters, train.csv says {t['params']}")
+    if t["batch"] % W:
+        raise ValueError(f"validate_multigpu: global batch {t['batch']} not divisible by world {W}")
+    plan = ParallelPlan(data_parallel=W, expert_parallel=t["ep"], alltoall=t["a2a"], fusion_bucket_bytes=t["bucket"],
+                        zero_stage=t["zero"])
+    run = Run(model=m, cluster=cluster, plan=plan, workload=Workload(micro_batch=t["batch"] // W, seq_len=t["seq"],
+                                                                     steps=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ops = reference_host_ops(m)
+        sim = _sim(cluster, h200_cost_model(cluster.gpu, ("triton", "torch")))
+        return TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl="grouped",
+                                 expert_kernels="torch", ref_optimizer="fused", grad_sync=True).run()
+
+
+def train_rows(path: Path) -> list[dict]:
+    df = pd.read_csv(path, dtype={"commit": str, "rank": str})
+    rows: list[dict] = []
+    cache: dict = {}
+    for r in df.itertuples():
+        run = f"{path.parent.name} {r.commit}"
+        cfg_s = f"{r.config} {r.impl}"
+        metric = r.metric if r.rank == "all" else f"{r.metric} rank{r.rank}"
+        t = parse_train(r.config, r.impl)
+        if t["traced"]:
+            rows.append(_row(cfg_s, metric, r.value, status="not_modelled", run=run,
+                             note="traced run (every phase boundary synchronises): not simulated"))
+            continue
+        key = (r.config, r.impl, r.device, int(r.world))
+        if key not in cache:
+            c = cluster_for(r.device, int(r.world))
+            cache[key] = None if c is None else simulate_train(t, c)
+        s = cache[key]
+        if s is None:
+            rows.append(_row(cfg_s, metric, r.value, status="not_modelled", run=run,
+                             note=f"no cluster preset for {r.device} x {r.world}"))
+            continue
+        desc = (f"simulated step {s['step_time_s'] * 1e3:.1f} ms (device {s['device_step_s'] * 1e3:.1f}, host floor "
+                f"{s['host_s'] * 1e3:.1f}); H100 profile extrapolated to the H200")
+        if r.metric == "tokens_per_s":
+            rows.append(_row(cfg_s, metric, r.value, s["tokens_per_s"], status="extrapolated", note=desc, run=run))
+        elif r.metric == "step_s":
+            rows.append(_row(cfg_s, metric, r.value, s["step_time_s"], status="derived", run=run,
+                             note="tokens per step / tokens_per_s: same error as its inverse"))
+        elif r.metric == "mfu":
+            rows.append(_row(cfg_s, metric, r.value, s["mfu"], status="derived", kind="ratio", run=run,
+                             note="tokens_per_s x training FLOPs per token / peak: same error as tokens_per_s"))
+        elif r.metric.startswith("peak_mem"):
+            rows.append(_row(cfg_s, metric, r.value, s["peak_hbm_bytes"], status="not_modelled", kind="memory",
+                             run=run, note="the simulator's peak HBM (model states, activations) is shown; the "
+                                           "reference's allocator peak also holds NCCL / autograd workspaces: not scored"))
+        else:
+            rows.append(_row(cfg_s, metric, r.value, status="not_modelled", run=run,
+                             note="loss values and wall time with the model build: not simulated"))
+    return rows
+
+
+# ------------------------------------------------------------------- link calibration (issue 10, apart)
+def wire_bytes(name: str, nbytes: float, world: int) -> float:
+    """Bytes one rank puts on its NVLink port in the simulator's schedule of the collective (ring: 2(n-1)
+    chunks of S/n for all-reduce, n-1 for the halves; flat all-to-all: the off-rank part of the buffer)."""
+    n = world
+    if name == "all_reduce":
+        return 2 * (n - 1) * nbytes / n
+    if name in ("all_gather", "reduce_scatter"):
+        return (n - 1) * nbytes / n
+    if name == "all_to_all":
+        return (n - 1) * nbytes / n
+    if name == "all_to_all_uneven":
+        M = uneven_matrix(n, int(nbytes))
+        return float((M.sum(axis=1) - np.diag(M)).max())
+    raise ValueError(f"validate_multigpu: unknown collective {name!r}")
+
+
+def fit_alpha_beta(path: Path, collectives=COLLECTIVES, fit_every: int = 2) -> dict:
+    """A calibration experiment, kept out of `rows` (nothing in the simulator uses it): fit ``t = alpha +
+    wire_bytes / B`` (relative least squares) on every ``fit_every``-th size of the ``collectives`` measured in
+    ``collectives.csv`` (sizes 0, 2, 4, ...), and report the error on the held-out sizes (1, 3, 5, ...).
+    Returns ``alpha_s``, ``B_GBps``, the fitted and held-out sizes, and the held-out ``mape`` / ``max_error``."""
+    df = pd.read_csv(path, dtype={"commit": str})
+    df = df[(df["metric"] == "time_us") & df["config"].isin(collectives)]
+    world = int(df["world"].iloc[0])
+    sizes = sorted(df["size_bytes"].unique())
+    fit_sizes = set(sizes[::fit_every])
+    x = np.array([wire_bytes(c, s, world) for c, s in zip(df["config"], df["size_bytes"])])
+    t = df["value"].to_numpy() * 1e-6
+    fit = df["size_bytes"].isin(fit_sizes).to_numpy()
+    A = np.stack([1 / t[fit], x[fit] / t[fit]], axis=1)
+    (alpha, inv_b), *_ = np.linalg.lstsq(A, np.ones(fit.sum()), rcond=None)
+    pred = alpha + x * inv_b
+    err = pred[~fit] / t[~fit] - 1
+    return {"alpha_s": float(alpha), "B_GBps": float(1 / inv_b / 1e9), "fit_sizes": sorted(fit_sizes),
+            "held_out": int((~fit).sum()), "fitted": int(fit.sum()), "mape": float(np.abs(err).mean()),
+            "max_error": float(np.abs(err).max())}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+PARTS = {"collectives.csv": collective_rows, "moe.csv": moe_rows, "train.csv": train_rows}
+
+
+def rows(folder: Path) -> list[dict]:
+    """Every row of every ``collectives.csv`` / ``moe.csv`` / ``train.csv`` under ``folder`` (the folder itself
+    and its run subfolders, e.g. ``results/multigpu/h200x2/``) beside its simulation."""
+    folder = Path(folder)
+    out: list[dict] = []
+    if not folder.is_dir():
+        return out
+    for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        for name, fn in PARTS.items():
+            if (d / name).is_file():
+                out += fn(d / name)
+    return out
+
+
+def summary(rs: list[dict]) -> pd.DataFrame:
+    """Per part and status: rows, MAPE and max |error| of the scored rows (``validated`` / ``extrapolated``)."""
+    df = pd.DataFrame(rs)
+    if df.empty:
+        return df
+    df["part"] = df["config"].map(_part)
+    s = df[df["status"].isin(["validated", "extrapolated"])]
+    g = s.groupby(["part", "status"])["error"]
+    return pd.DataFrame({"rows": g.size(), "mape": g.apply(lambda e: e.abs().mean()),
+                         "max_error": g.apply(lambda e: e.abs().max())}).reset_index()
+
+
+def _part(config: str) -> str:
+    c = str(config)
+    if c.split(" ")[0] in COLLECTIVES:
+        return "collectives"
+    return "train" if " params" in c else "moe"
+
+
+def main() -> None:  # pragma: no cover - a convenience printout
+    root = Path(__file__).resolve().parent.parent / "results" / "multigpu"
+    rs = rows(root)
+    df = pd.DataFrame(rs)
+    pd.set_option("display.width", 250)
+    sc = df[df["status"].isin(["validated", "extrapolated"])]
+    print(sc[["config", "metric", "measured", "predicted", "error", "status"]].to_string(
+        index=False, max_colwidth=70, float_format=lambda x: f"{x:.4g}"))
+    print(summary(rs).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if not math.isfinite(sc["error"].abs().max()):
+        print("some scored rows have no prediction")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
