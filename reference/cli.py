@@ -1,6 +1,8 @@
 """`semoe train`: the reference's command (registered into the `semoe` app by semoe/cli.py).
 
-One process by default; with ``--nproc N`` (or ``--nnodes``) it starts
+``--offload-experts cpu|ssd`` works on one process and on N ranks, also with ``--zero-stage 3`` (each
+rank offloads its local experts; ZeRO-3 gathers the dense blocks one ahead: the 2D prefetch); with one
+process ``--zero-stage 3`` shards over a node group of one. One process by default; with ``--nproc N`` (or ``--nnodes``) it starts
 ``python -m torch.distributed.run ... -m reference.train ...`` itself and waits for it
 (``--dry-run`` prints that line instead), so ``semoe train`` and ``torchrun -m reference.train``
 run the same code with the same arguments.
@@ -63,6 +65,15 @@ def train(
         raise ValueError(f"--zero-stage: {zero_stage} is not one of 0, 3")
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"--backend: {backend!r} is not one of auto, gloo, nccl")
+    if offload_experts not in ("gpu", "cpu", "ssd"):
+        raise ValueError(f"--offload-experts: {offload_experts!r} is not one of gpu, cpu, ssd")
+    if offload_experts != "gpu" and (checkpoint_every or resume):
+        raise ValueError("--offload-experts cpu|ssd: checkpointing (--checkpoint-every, --resume) is not supported "
+                         "together with expert offload")
+    if offload_experts != "gpu" and embedding_partition:
+        raise ValueError("--offload-experts cpu|ssd is not combined with --embedding-partition")
+    if cpu_cache_experts and offload_experts != "ssd":
+        raise ValueError("--cpu-cache-experts needs --offload-experts ssd")
     world = nproc * nnodes
     if (dp or world) != world:
         raise ValueError(f"--dp ({dp}) must equal --nproc x --nnodes ({world})")
@@ -120,9 +131,9 @@ def train(
         checkpoint_every=checkpoint_every,
         resume=resume,
         trace=trace,
-        plan=None if (ep, a2a, gpus_per_node, bucket_bytes, offload) == (1, "flat", None, 0, {}) else ParallelPlan(
-            expert_parallel=ep, alltoall=a2a, gpus_per_node=gpus_per_node, fusion_bucket_bytes=bucket_bytes,
-            **offload),
+        plan=None if (ep, a2a, gpus_per_node, bucket_bytes, zero_stage, offload) == (1, "flat", None, 0, 0, {})
+        else ParallelPlan(expert_parallel=ep, alltoall=a2a, gpus_per_node=gpus_per_node, fusion_bucket_bytes=bucket_bytes,
+                          zero_stage=zero_stage, **offload),
         ssd_dir=ssd_dir,
     )
     result = run_train(spec, cfg)

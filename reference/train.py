@@ -15,6 +15,11 @@ by tests inside an initialised gloo group)::
                 the shared data generator; rank r trains on rows [r*b/W, (r+1)*b/W)
                 forward -> backward (buckets launch) -> sync.finish() -> MoE-aware clip -> AdamW
                 logged losses are means over ranks (equal token counts: the global mean)
+    offload:    plan.offload moves expert states to cpu / ssd (reference.offload.ExpertOffload): built after
+                parallelize on this rank's local experts; sync.finish() reduces its gradient accumulators
+                over EDP, sync.clip() takes them into the global norm, then engine.step(lr) (2D prefetch
+                with zero_stage 3; out/offload_{stats,trace}_rank<r>.*, SSD tier in ssd_dir/rank<r>);
+                zero_stage 3 also shards at world size 1 (a node group of one)
     checkpoint: every cfg.checkpoint_every steps (reference.checkpoint: sharded, atomic, manifest);
                 cfg.resume continues from the latest complete one exactly (same world size), or
                 reshards the experts (other EP sizes)
@@ -235,6 +240,7 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
     if cfg.batch_size % w.world:
         raise ValueError(f"TrainConfig.batch_size ({cfg.batch_size}) must be divisible by the world size ({w.world})")
     distributed = w.world > 1 or w.owns_group
+    parallel = distributed or plan.zero_stage == 3  # ZeRO-3 at world size 1: groups of one, still sharded
     if distributed and _backend_name() == "nccl":
         device = torch.device("cuda", w.local_rank)
     else:
@@ -257,11 +263,13 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
 
         tracer = Tracer(w.rank, cuda=device.type == "cuda")
     sync = groups = None
-    if distributed:
+    span_sinks: list = []  # ZeRO-3 gather spans -> the offload engine's trace (one timeline with its copies)
+    if parallel:
         from reference.parallel.parallelize import parallelize
 
         model, sync = parallelize(model, plan, on_bucket=tracer.bucket_hook if tracer else None,
-                                  on_gather=tracer.gather_hook if tracer else None)
+                                  on_gather=tracer.gather_hook if tracer else None,
+                                  on_span=(lambda *a: [f(*a) for f in span_sinks]) if tracer else None)
         groups = sync.groups
         if plan.embedding_partition:  # SE-MoE embedding partition: rank k keeps hidden columns k/N
             from reference.parallel.embedding import partition_embedding
@@ -269,7 +277,11 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
             sync = partition_embedding(model, groups, sync)
     if tracer is not None:
         instrument_moe(model, tracer)
-    offload = _make_offload(model, plan, cfg, device, autocast_dtype, distributed)
+    offload = _make_offload(model, plan, cfg, device, autocast_dtype, w.rank if parallel else None)
+    if offload is not None and sync is not None:
+        sync.attach_offload(offload)  # expert grads: reduced over EDP and clipped from the engine's accumulators
+        if cfg.trace:
+            span_sinks.append(offload.span)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -323,6 +335,8 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
             if sync is not None:
                 sync.finish()
                 grad_norm = sync.clip(cfg.grad_clip or float("inf"))
+                if offload is not None:
+                    offload.step(lr_at(step, cfg))
             elif offload is not None:  # dense and expert gradients clipped together, then the CPU update queued
                 grad_norm = offload.clip_grad_norm_(model, cfg.grad_clip or float("inf"))
                 offload.step(lr_at(step, cfg))
@@ -370,7 +384,7 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
         if offload is not None:
             offload.close()
     if offload is not None:
-        _finish_offload(offload, cfg)
+        _finish_offload(offload, cfg, w.rank if parallel else None)
     if tracer is not None and cfg.out is not None:
         from semoe.trace import write_chrome_trace, write_csv
 
@@ -380,23 +394,32 @@ def _train(spec: ModelSpec, cfg: TrainConfig, w: _World) -> TrainResult:
     return TrainResult(losses=losses, tokens_per_s=tokens_per_s, metrics_path=metrics_path)
 
 
-def _make_offload(model, plan: ParallelPlan, cfg: TrainConfig, device, autocast_dtype, distributed: bool):
-    """The expert offload engine when plan.offload moves expert states off the GPU (else None)."""
+def _make_offload(model, plan: ParallelPlan, cfg: TrainConfig, device, autocast_dtype, rank: int | None):
+    """The expert offload engine when plan.offload moves expert states off the GPU (else None).
+
+    ``rank`` is None for a plain single process; in a parallelized run (``parallelize`` already applied:
+    this rank's local experts, ZeRO-3 shards) it is the global rank: the engine takes this rank's experts
+    and its SSD tier lives in ``ssd_dir/rank<r>``."""
     if {plan.offload.expert_params, plan.offload.expert_optimizer} == {"gpu"}:
         return None
-    if distributed:
-        raise ValueError("expert offload (plan.offload.expert_*) runs on one process; use one rank")
     if cfg.checkpoint_every or cfg.resume:
         raise ValueError("checkpointing is not supported together with expert offload")
+    if plan.embedding_partition:
+        raise ValueError("expert offload is not combined with embedding_partition (use one or the other)")
     from reference.offload import ExpertOffload
 
     ssd_dir = cfg.ssd_dir or (cfg.out / "ssd" if cfg.out is not None else None)
+    if rank is not None and ssd_dir is not None:
+        ssd_dir = Path(ssd_dir) / f"rank{rank}"  # block names are per local expert: one directory per rank
     return ExpertOffload(model, plan, device=device, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
-                         compute_dtype=autocast_dtype, ssd_dir=ssd_dir, trace=cfg.trace)
+                         compute_dtype=autocast_dtype, ssd_dir=ssd_dir, trace=cfg.trace, rank=rank or 0,
+                         compute_spans=rank is not None)
 
 
-def _finish_offload(offload, cfg: TrainConfig) -> None:
-    """Flush the SSD tier; write offload_stats.json (and offload_trace.csv with cfg.trace) into out/."""
+def _finish_offload(offload, cfg: TrainConfig, rank: int | None = None) -> None:
+    """Flush the SSD tier; write offload_stats.json (and offload_trace.csv with cfg.trace: the engine's copies,
+    SSD I/O, CPU AdamW and compute spans, plus the ZeRO-3 gathers) into out/ (``_rank<r>`` suffix when
+    parallelized)."""
     offload.flush()
     if cfg.out is None:
         return
@@ -405,9 +428,10 @@ def _finish_offload(offload, cfg: TrainConfig) -> None:
     from semoe.io import atomic_write_text
     from semoe.trace import write_csv
 
-    atomic_write_text(cfg.out / "offload_stats.json", json.dumps(offload.stats(), indent=1, sort_keys=True))
+    sfx = "" if rank is None else f"_rank{rank}"
+    atomic_write_text(cfg.out / f"offload_stats{sfx}.json", json.dumps(offload.stats(), indent=1, sort_keys=True))
     if cfg.trace:
-        write_csv(offload.trace_rows(), cfg.out / "offload_trace.csv")
+        write_csv(offload.trace_rows(), cfg.out / f"offload_trace{sfx}.csv")
 
 
 def _backend_name() -> str:

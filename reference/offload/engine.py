@@ -41,8 +41,17 @@ One step (module forward wrappers + saved-tensor hooks, no change to the model's
     vertical prefetch SSD -> host: when layer l's forward starts, its states' reads are queued behind
                       the previous step's writes, so they overlap forward and backward
                       (``prefetch_depth`` > 0; with 0 every read is on demand inside the update).
-    horizontal        dense ZeRO-3 gathers belong to reference.parallel.zero3 (multi-rank); the
-                      offload engine runs on one process and leaves dense parameters alone.
+    horizontal        dense ZeRO-3 gathers belong to reference.parallel.zero3: its block pre-hook
+                      issues block l+1's gather before block l computes, and this engine's forward
+                      issues layer l+1's expert copies while layer l's experts run; the engine leaves
+                      dense parameters alone. In a multi-rank run (reference.train with
+                      parallelize) each rank builds the engine on ITS local experts after
+                      parallelize(); GradSync.attach_offload makes sync.finish() call
+                      :meth:`reduce_grads` (the accumulators all-reduced over the expert-data-parallel
+                      group, scaled by 1 / data_parallel like the expert buckets) before clipping and
+                      :meth:`step`; :meth:`span` takes ZeRO-3's gather spans into this engine's trace,
+                      next to "block_forward" / "expert_compute" rows, so one timeline shows gather
+                      l+1 and fetch l+1 issued while block l computes.
 
 On CUDA, copies run on a side stream ordered by events (the host only blocks on a layer's own CPU
 update, never on ``torch.cuda.synchronize``); host tasks run on two worker threads (optimizer, SSD
@@ -144,7 +153,8 @@ class ExpertOffload:
     def __init__(self, model: nn.Module, plan: ParallelPlan, *, device: torch.device | str = "cpu",
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.01,
                  compute_dtype: torch.dtype | None = None, ssd_dir: str | Path | None = None,
-                 adam_impl: str | None = None, trace: bool = False, write_hook=None) -> None:
+                 adam_impl: str | None = None, trace: bool = False, write_hook=None, rank: int = 0,
+                 compute_spans: bool = False) -> None:
         off = plan.offload
         placements = {off.expert_params, off.expert_optimizer}
         if placements == {"gpu"}:
@@ -160,6 +170,8 @@ class ExpertOffload:
         self.eps, self.weight_decay = eps, weight_decay
         self.adam_impl = adam_impl or ("fused" if self.cuda else "exact")
         self.trace = trace
+        self.compute_spans = trace and compute_spans  # block_forward / expert_compute rows (2D-prefetch timeline)
+        self.rank = rank  # the trace rows' rank column
         self.rows: list[TraceRow] = []
         self._gpu_rows: list[tuple] = []
         self._rows_lock = threading.Lock()
@@ -258,6 +270,12 @@ class ExpertOffload:
             self._worker = self._io = _Inline()
         self._in_backward: set[int] = set()
         self._writes: list[Future] = []
+        if self.compute_spans:  # compute spans of every block (forward), for the 2D-prefetch timeline
+            for blk in getattr(model, "blocks", []):
+                marks: list = []
+                blk.register_forward_pre_hook(lambda m, a, marks=marks: marks.append(self._compute_mark()))
+                blk.register_forward_hook(lambda m, a, o, marks=marks, b=blk.index: self._gpu_span_end(
+                    "block_forward", b, marks.pop(), 0, "compute", self._compute_stream()))
 
     # ------------------------------------------------------------------------------ tracing
     def _now(self) -> float:
@@ -266,8 +284,8 @@ class ExpertOffload:
     def _row(self, phase: str, layer: int, start: float, end: float, nbytes: int = 0, resource: str = "cpu") -> None:
         if self.trace:
             with self._rows_lock:
-                self.rows.append(TraceRow(0, layer, self.micro_batch, phase, start, max(start, end), int(nbytes), 0,
-                                          resource))
+                self.rows.append(TraceRow(self.rank, layer, self.micro_batch, phase, start, max(start, end),
+                                          int(nbytes), 0, resource))
 
     def _host_io(self, kind: str, key, nbytes: int, t0: float, t1: float) -> None:
         self._row(kind, self.layers[key[0]].block, t0 - self.t0, t1 - self.t0, nbytes, "ssd")
@@ -290,6 +308,23 @@ class ExpertOffload:
         with self._rows_lock:
             self._gpu_rows.append((phase, layer, start, ev, nbytes, resource, self.micro_batch))
 
+    def _compute_stream(self):
+        return torch.cuda.current_stream(self.device) if self.cuda else None
+
+    def _compute_mark(self):
+        return self._gpu_span_start(self._compute_stream())
+
+    def span(self, phase: str, layer: int, nbytes: int, start, end, resource: str = "network") -> None:
+        """A span from outside the engine (ZeRO-3's ``on_span``: gathers and their exposed waits) in this
+        engine's trace: ``start``/``end`` are ``time.perf_counter()`` floats or timing CUDA events."""
+        if not self.trace:
+            return
+        if isinstance(start, float):
+            self._row(phase, layer, start - self.t0, end - self.t0, nbytes, resource)
+            return
+        with self._rows_lock:
+            self._gpu_rows.append((phase, layer, start, end, nbytes, resource, self.micro_batch))
+
     def trace_rows(self) -> list[TraceRow]:
         """All rows so far (resolves the CUDA event timings: call after a synchronising point)."""
         if self._gpu_rows:
@@ -297,7 +332,7 @@ class ExpertOffload:
             for phase, layer, e0, e1, nbytes, res, mb in self._gpu_rows:
                 s = self._base_event.elapsed_time(e0) / 1e3
                 e = self._base_event.elapsed_time(e1) / 1e3
-                self.rows.append(TraceRow(0, layer, mb, phase, s, max(s, e), int(nbytes), 0, res))
+                self.rows.append(TraceRow(self.rank, layer, mb, phase, s, max(s, e), int(nbytes), 0, res))
             self._gpu_rows.clear()
         return sorted(self.rows, key=lambda r: (r.start_s, r.phase))
 
@@ -432,8 +467,11 @@ class ExpertOffload:
                 L.leaves[n] = leaf
             if x.dtype != self.compute_dtype and torch.is_autocast_enabled(x.device.type):
                 x = x.to(self.compute_dtype)
+            t = self._compute_mark() if self.compute_spans else None
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 y = orig(x, tokens_per_expert_E)
+            if self.compute_spans:
+                self._gpu_span_end("expert_compute", L.block, t, 0, "compute", self._compute_stream())
             prefetch()  # after L's kernels are queued (see _acquire)
             return y
 
@@ -472,6 +510,37 @@ class ExpertOffload:
         return slot.tensors[obj.name].as_strided(obj.size, obj.stride, obj.offset)
 
     # ------------------------------------------------------------------------------ gradients and the step
+    def expert_grads(self) -> list[Tensor]:
+        """This step's expert gradients (the accumulators) in the model's original parameter order."""
+        out = []
+        for name in self._orig_order:
+            if name in self._removed:
+                li, n = self._removed[name]
+                g = self.layers[li].acc.get(n)
+                if g is not None:
+                    out.append(g)
+        return out
+
+    def reduce_grads(self, group, scale: float) -> None:
+        """Multi-rank: scale every accumulator by ``scale`` (1 / data_parallel) and all-reduce it (sum) over
+        ``group`` (a reference.parallel.groups.Group: the ranks holding replicas of these experts), in place,
+        before clipping and the D2H copy of :meth:`step`: what the trainer's expert GradBuckets do for
+        experts on the GPU tier. Low-precision accumulators are reduced in fp32 when the group has more
+        than one rank (the host update then reads fp32 gradients)."""
+        for L in self.layers:
+            if len(L.acc) != len(L.names):
+                raise RuntimeError(f"ExpertOffload.reduce_grads: MoE layer {L.index} has no gradients (no backward)")
+            for n in L.names:
+                g = L.acc[n]
+                if group.size > 1 and g.dtype in (torch.bfloat16, torch.float16):
+                    g = L.acc[n] = g.float()
+                if scale != 1.0:
+                    g.mul_(scale)
+                if group.size > 1:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(g, group=group.pg)
+
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over dense and expert gradients, in the original parameter
         order (the same total norm, clip factor and in-place scaling, so the same bits)."""

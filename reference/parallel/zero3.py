@@ -31,6 +31,18 @@ buffer by a tag (unit, flat, shape, stride, offset), so the full buffers die whe
 forward ends; in backward the first unpack of a unit re-gathers it (and starts the gather of the
 block before it: backward prefetch); the unit's gather-backward (reduce-scatter) drops it again.
 
+One rank on CUDA (a node group of size 1): the "gather" is a copy of the shard into the full buffer;
+it runs on a side CUDA stream after an event on the compute stream, and the compute stream waits on
+the copy's event (what an NCCL all-gather on its own stream does), so the one-ahead prefetch has the
+same structure at world size 1 and its overlap can be measured on one GPU.
+
+Traces: ``on_gather(phase, unit, nbytes, start_s, end_s)`` gets host times (issue to ready);
+``on_span(phase, unit, nbytes, start, end)`` gets spans that one timeline can hold next to the offload
+engine's copies: perf_counter floats on the CPU, ``torch.cuda.Event`` pairs on CUDA (enable_timing):
+``gather_fwd`` / ``gather_bwd`` (issue to ready; with one rank on CUDA the side-stream copy itself) and
+``gather_wait_fwd`` / ``gather_wait_bwd`` (how long compute waited for it at the point of use: the
+exposed part; gather minus wait is the part hidden behind compute).
+
 Checkpoints store the gathered per-name parameters and AdamW states (:meth:`full_state`,
 :meth:`full_optim_state`, :meth:`load_full`), so they load with or without ZeRO-3, at any EP.
 """
@@ -60,15 +72,30 @@ def _reduce_scatter(out: Tensor, inp: Tensor, pg):
 
 class _Box:
     work = None
+    span = None  # (start, end) CUDA events of a single rank's side-stream copy (marks of an inline one)
+    inline = None  # a single rank's synchronous copy (no CUDA): its marks, all of it on the critical path
+
+
+class _StreamWork:
+    """A single rank's gather on CUDA: a copy on a side stream; ``wait()`` orders the current stream after it."""
+
+    def __init__(self, done, device) -> None:
+        self.done, self.device = done, device
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.done)
 
 
 class _GatherStart(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard: Tensor, group: Group, box: _Box, on_backward=None) -> Tensor:
+    def forward(ctx, shard: Tensor, group: Group, box: _Box, on_backward=None, local_copy=None) -> Tensor:
         ctx.group, ctx.on_backward = group, on_backward
         full = shard.new_empty(shard.numel() * group.size)
         if group.size == 1:
-            full.copy_(shard)
+            if local_copy is not None:
+                box.work, box.span = local_copy(full, shard)
+            else:
+                full.copy_(shard)
         else:
             box.work = _all_gather(full, shard.detach().contiguous(), group.pg, async_op=True)
         return full
@@ -79,10 +106,10 @@ class _GatherStart(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward()  # every use of the unit is done: drop its re-gathered buffer
         if group.size == 1:
-            return g, None, None, None
+            return g, None, None, None, None
         out = g.new_empty(g.numel() // group.size)
         _reduce_scatter(out, g.contiguous(), group.pg)
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 class _GatherWait(torch.autograd.Function):
@@ -110,6 +137,8 @@ class _Flat:
     regathered: Tensor | None = None  # backward: the full buffer gathered again (or in flight)
     regather_work: object = None
     started_s: float = 0.0  # perf_counter when the (re)gather was issued (traces)
+    issued: object = None  # on_span: issue mark (perf_counter float, or CUDA event)
+    regather_span: object = None  # on_span: (start, end) events of a single rank's side-stream re-copy
 
 
 @dataclass
@@ -129,11 +158,13 @@ class Zero3:
     """
 
     def __init__(self, model: nn.Module, groups: ParallelGroups, expert_ids: set[int], *, prefetch: int = 1,
-                 reshard_after_forward: bool = True, on_gather=None) -> None:
+                 reshard_after_forward: bool = True, on_gather=None, on_span=None) -> None:
         """``on_gather(phase, unit_index, nbytes, start_s, end_s)`` (perf_counter times) receives every
-        gather: phase ``"gather_fwd"`` or ``"gather_bwd"``, unit index -1 for the root."""
+        gather: phase ``"gather_fwd"`` or ``"gather_bwd"``, unit index -1 for the root. ``on_span``: the
+        same gathers and their exposed waits as spans for a shared timeline (see the module doc)."""
         self.groups, self.prefetch, self.reshard_after_forward = groups, prefetch, reshard_after_forward
-        self.on_gather = on_gather
+        self.on_gather, self.on_span = on_gather, on_span
+        self._side_stream = None
         self._live_ptrs: dict[int, tuple[_Unit, int]] = {}  # storage pointer of a gathered buffer -> (unit, flat)
         self._hooks_ctx = None
         parts = _partitions(groups.world_size, groups.ep.size, groups.gpus_per_node)
@@ -192,15 +223,21 @@ class Zero3:
                 box = _Box()
                 done = (lambda f=f: self._drop_regathered(f)) if self.reshard_after_forward else None
                 f.started_s = time.perf_counter()
-                f.pending = (_GatherStart.apply(f.shard, self.node, box, done), box)
+                f.issued = self._mark(f.shard)
+                f.pending = (_GatherStart.apply(f.shard, self.node, box, done, self._local_copy_fn(f.shard)), box)
+                if self.node.size == 1 and box.span is None and f.issued is not None:
+                    box.span = box.inline = (f.issued, self._mark(f.shard))  # copied inline: all of it exposed
 
     def _materialise(self, unit: _Unit) -> None:
         self._start(unit)
         for k, f in enumerate(unit.flats):
             full, box = f.pending
             f.pending = None
+            w0 = self._mark(f.shard)
             full = _GatherWait.apply(full, box)
+            w1 = self._mark(f.shard)
             self._report("gather_fwd", unit, f)
+            self._spans("gather_fwd", unit, f, box.span or (f.issued, w1), box.inline or (w0, w1))
             self._live_ptrs[full.untyped_storage().data_ptr()] = (unit, k)
             off = 0
             for m, pname, shape in f.slots:
@@ -262,21 +299,74 @@ class Zero3:
         f = unit.flats[k]
         if f.regathered is None:
             f.started_s = time.perf_counter()
+            f.issued, f.regather_span = self._mark(f.shard), None
             f.regathered = f.shard.detach().new_empty(f.shard.numel() * self.node.size)
+            copy = self._local_copy_fn(f.shard)
             if self.node.size > 1:
                 f.regather_work = _all_gather(f.regathered, f.shard.detach(), self.node.pg, async_op=True)
-            else:
+            elif copy is not None:
+                f.regather_work, f.regather_span = copy(f.regathered, f.shard.detach())
+            else:  # one rank, synchronous copy: ready at once
                 f.regathered.copy_(f.shard.detach())
+                now = self._mark(f.shard)
+                self._report("gather_bwd", unit, f)
+                self._spans("gather_bwd", unit, f, (f.issued, now), (f.issued, now))  # inline: exposed
         if wait and f.regather_work is not None:
+            w0 = self._mark(f.shard)
             f.regather_work.wait()
             f.regather_work = None
+            w1 = self._mark(f.shard)
             self._report("gather_bwd", unit, f)
+            self._spans("gather_bwd", unit, f, f.regather_span or (f.issued, w1), (w0, w1))
         return f.regathered
 
     def _report(self, phase: str, unit: _Unit, f: _Flat) -> None:
         if self.on_gather is not None:
             nbytes = f.shard.numel() * f.shard.element_size() * self.node.size
             self.on_gather(phase, unit.index, nbytes, f.started_s, time.perf_counter())
+
+    # ------------------------------------------------------------------ one rank on CUDA, span marks
+    def _local_copy_fn(self, shard: Tensor):
+        """With one rank on CUDA: a function (full, shard) -> (work, span) that copies on the side stream."""
+        if self.node.size != 1 or not shard.is_cuda:
+            return None
+        return self._side_copy
+
+    def _side_copy(self, full: Tensor, shard: Tensor):
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(shard.device)
+        s, timing = self._side_stream, self.on_span is not None
+        after = torch.cuda.Event()
+        after.record(torch.cuda.current_stream(shard.device))  # the shard's latest value, full's memory free
+        span = None
+        with torch.cuda.stream(s):
+            s.wait_event(after)
+            if timing:
+                span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                span[0].record(s)
+            full.copy_(shard.detach(), non_blocking=True)
+            if timing:
+                span[1].record(s)
+            done = torch.cuda.Event()
+            done.record(s)
+        return _StreamWork(done, shard.device), span
+
+    def _mark(self, like: Tensor):
+        """A point on the timeline of ``on_span``: None (no span hook), a CUDA event, or perf_counter."""
+        if self.on_span is None:
+            return None
+        if like.is_cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(torch.cuda.current_stream(like.device))
+            return ev
+        return time.perf_counter()
+
+    def _spans(self, phase: str, unit: _Unit, f: _Flat, gather, wait) -> None:
+        if self.on_span is None:
+            return
+        nbytes = f.shard.numel() * f.shard.element_size() * self.node.size
+        self.on_span(phase, unit.index, nbytes, gather[0], gather[1])
+        self.on_span(phase.replace("gather_", "gather_wait_"), unit.index, 0, wait[0], wait[1])
 
     def _drop_regathered(self, f: _Flat) -> None:
         if f.regather_work is not None:
