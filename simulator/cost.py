@@ -52,7 +52,11 @@ cannot finish in less than ``n * host_op_s`` (`CostModel.host_time`). ``host_op_
 ``host_op`` row of impl ``reference`` (time per aten operator of the reference model's forward at batch 1,
 sequence 1, measured by ``kernels/profile.py``; the operator count comes from `reference.op_count`), else
 ``HOST_OP_S`` = 8 us, HARDWARE.md's "PyTorch eager op overhead ~8 us per small op". Workloads count their
-operators from the reference code (`reference.op_count`), never from a validation row.
+operators from the reference code (`reference.op_count`), never from a validation row. `CostModel.host_op_impl`
+reads one impl's row (``reference_triton``: the forward with the Triton MoE backend; ``torch``: a bare op);
+the training workload's host program (`simulator.train_host`) issues its forward segments at the backend's
+``reference`` / ``reference_triton`` rate and its backward and optimizer segments (dispatched by the C++
+autograd engine or as single multi-tensor ops, without the forward's Python module code) at the bare-op rate.
 
 Host transfers (``TRANSFER_OPS``): ``disk_read`` / ``disk_write`` / ``copy_{h2d,d2h}_{pinned,pageable}``
 rows (``io_bytes`` moved in ``time_s``) give achieved bytes/s over the size, used by `CostModel.transfer_time`
@@ -274,6 +278,14 @@ class CostModel:
                 if impl in self.profile.host_op:
                     return self.profile.host_op[impl]
         return HOST_OP_S
+
+    def host_op_impl(self, impl: str) -> float | None:
+        """Host seconds per operator of the profile's ``host_op`` row of ``impl`` (``reference``: the reference
+        model's eager forward with the torch MoE backend; ``reference_triton``: with the Triton backend;
+        ``torch``: a bare op from a Python loop), or None when the profile has no such row."""
+        if self.profile is None:
+            return None
+        return self.profile.host_op.get(impl)
 
     def host_time(self, n_ops: float) -> float:
         """Host time to dispatch ``n_ops`` eager operators (a lower bound on a host-bound step)."""

@@ -16,31 +16,22 @@ The counts are measured tables of the reference code (never fitted): they depend
 
 Each kernel costs ``CostModel.host_op_s`` of host time (the profile's ``host_op`` row, else
 HARDWARE.md's 8 us); a segment ending with a sync makes the host wait until the compute stream has
-run it.
+run it. `Segment` and the table reading are shared with the training workload (`simulator.workload.host`).
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from semoe import SpecError
+from simulator.workload.host import Segment, read_table
 
 PROFILES = Path(__file__).resolve().parent.parent.parent / "results" / "profiles"
 OP_COUNTS = PROFILES / "op_counts.csv"  # counted on the CPU (CI checks it against the code)
 OP_COUNTS_CUDA = PROFILES / "op_counts_cuda.csv"  # counted on the H100 (``--device cuda``)
 DEVICES = ("cuda", "cpu")
 PER_UNIT = ("copy_block", "copy_expert", "dequant_block", "dequant_expert", "predict")
-
-
-@dataclass(frozen=True)
-class Segment:
-    name: str  # attention, moe_<i>, post
-    kernels: int
-    sync: bool  # the host waits for the device at the end of the segment
-    marker: str = ""  # engine call right after it: acquire, release, fetch (or "")
 
 
 @dataclass(frozen=True)
@@ -69,18 +60,14 @@ class HostProgram:
         return int(self.per_unit.get(name, 0))
 
 
-@cache
+KEY_COLS = ("quant", "mode", "phase")
+__all__ = ["HostProgram", "Segment", "host_program", "program_rows"]
+
+
 def _table(path: str, required: bool = True) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        if not required:
-            return {}
-        raise SpecError(f"op_counts: {p} not found (python -m simulator.op_counts writes it)")
-    out: dict = {}
-    with p.open(newline="") as f:
-        for r in csv.DictReader(f):
-            out.setdefault((r["quant"], r["mode"], r["phase"]), []).append(r)
-    return out
+    if required and not Path(path).is_file():
+        raise SpecError(f"op_counts: {path} not found (python -m simulator.op_counts writes it)")
+    return read_table(path, KEY_COLS, required)
 
 
 def program_rows(quant: str | None, mode: str, phase: str, path: str | Path | None = None,

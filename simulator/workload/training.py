@@ -80,6 +80,26 @@ the profile's achieved bandwidth (`CostModel.memory`); the byte counts are deriv
 comments from the aten ops the reference issues. With ``host_ops`` (aten operators per step, counted by
 `reference.op_count` on the reference code), the step is at least ``CostModel.host_time(host_ops)``.
 
+Host program (``host_program``, `simulator.train_host`; replaces the ``host_ops`` floor): the reference
+trainer's step as the host issues it, counted on the reference code per segment (`simulator.train_op_counts`:
+embedding; per block the attention part, the FFN split at its host syncs, the residual; head and loss; the
+backward per block; clipping; AdamW; the bias update; the loss read-back). Each rank has a host thread
+(`simulator.workload.host.HostClock`) that issues the segments in program order at ``host_rates`` seconds
+per kernel (forward / backward / optimizer parts: measured on the GPU by ``train_op_counts --device cuda``,
+else the profile's ``host_op`` rows) and waits only at syncs. The device (this rank's process) starts a
+segment's work no earlier than the host has issued the kernels before its first GEMM-class kernel
+(``lead``), cannot finish the segment before its last kernel is issued, and at a sync the host waits until
+the device has drained. So a stretch between syncs takes max(device, host), and after each sync (the torch
+MoE backend's ``bincount``s and routed-row count in every MoE layer, the loss read-back) the GPU idles while
+the host issues the next kernels (``host_wait`` trace rows). The MoE layer's pieces: the router's device work
+in the first, the capacity ranks in the second (when there are more than two), dispatch, experts and
+combine in the last. With ``act_casts`` (default with a program) the activation casts between the fp32
+residual stream and the bf16 GEMMs (and back, and in the backward) that the program counted (``cast_D`` ...
+bytes per token per unit width) are HBM passes at each segment's start (``act_cast``), and the cast parts
+of the constants above (``REF_*_CAST_BYTES``) are taken out so nothing is counted twice. Expert-parallel
+routed rows are taken as the rank's ``T`` tokens (the program was counted on one rank); micro-batches repeat
+the forward and backward segments, the optimizer part and the read-back run once per step.
+
 Backward costs 2 x forward for every matmul (`semoe.sizing`) times the cost model's calibrated
 ``backward_gemm_factor`` (applied to the whole backward phase). Activations kept for backward
 (estimate after Korthikanti et al. 2022, 16-bit, flash attention): ``15 T h`` bytes per block for
@@ -169,13 +189,21 @@ EXPERT_IMPLS = ("grouped", "loop")
 # (pow: r4 w4, sum: r4) then scales it (r4 w4)
 REF_BUCKET_BYTES = 16
 REF_CLIP_MOE_BYTES = 20
+# the activation-cast parts of the constants above (bytes per element): with a host program that counts the
+# casts (``act_casts``), these are taken out and the program's measured casts priced instead
+REF_RESIDUAL_CAST_BYTES = 12  # 2 casts to bf16 for the next GEMM (r4 w2), in REF_RESIDUAL_BYTES
+REF_DISPATCH_FWD_CAST_BYTES = 6  # GroupedExperts' cast to bf16 (r4 w2), in REF_DISPATCH_FWD_BYTES
+REF_DISPATCH_BWD_CAST_BYTES = 6  # its ToCopyBackward (r2 w4), in REF_DISPATCH_BWD_BYTES
+REF_LOSS_FWD_CAST_BYTES = 6  # logits.float() (r2 w4), in REF_LOSS_FWD_BYTES
+REF_LOSS_BWD_CAST_BYTES = 6  # the gradient's cast to bf16 (r4 w2), in REF_LOSS_BWD_BYTES
 
 
 class TrainingIteration:
     def __init__(self, run: Run, sim: Sim, impl: str = "ideal", host_ops: float = 0.0,
                  measured_steps: int | None = None, expert_impl: str = "grouped", grad_sync: bool = False,
                  io_rates: dict | None = None, ref_optimizer: str = "foreach",
-                 expert_kernels: str | None = None) -> None:
+                 expert_kernels: str | None = None, host_program=None, host_rates: dict | None = None,
+                 act_casts: bool | None = None) -> None:
         """``measured_steps``: the last steps of ``Workload.steps`` over which ``cache_hit_rate_measured``
         counts hits (a bench's counters after its warm-up; default all). ``expert_impl`` (with
         ``impl="reference"``): ``grouped`` (one GEMM per stacked weight, one gradient per stacked tensor)
@@ -189,7 +217,12 @@ class TrainingIteration:
         crc32 in `reference.offload.ssd`). ``ref_optimizer`` (with ``impl="reference"``): the GPU AdamW of
         the reference, ``foreach`` (``REF_ADAM_BYTES_PER_PARAM``) or ``fused``
         (``REF_FUSED_ADAM_BYTES_PER_PARAM``). ``expert_kernels``: ``torch`` / ``triton`` profile rows for the
-        expert GEMMs (None: the cost model's preference)."""
+        expert GEMMs (None: the cost model's preference). ``host_program`` (`simulator.train_host.TrainProgram`,
+        with ``impl="reference"``): the host issues the step's segments and syncs (see "Host program" in the
+        module docstring; it replaces the ``host_ops`` floor); ``host_rates``: ``{"fwd", "bwd", "opt"}`` host
+        seconds per kernel of the step's parts (default: `simulator.train_host.host_rates`, measured on the
+        GPU, else the profile's ``host_op`` rows); ``act_casts`` (default: with a host
+        program): price the program's counted activation casts instead of the constants' cast parts."""
         if ref_optimizer not in REF_OPTIMIZERS:
             raise ValueError(f"TrainingIteration: ref_optimizer must be one of {tuple(REF_OPTIMIZERS)}, got {ref_optimizer!r}")
         if expert_kernels not in EXPERT_KERNELS:
@@ -260,8 +293,11 @@ class TrainingIteration:
                 self.t_experts_bwd[i] = 2.0 * TORCH_EXPERT_BWD_FACTOR * self.t_experts[i]
             if impl == "reference" and expert_kernels != "triton":  # fp32 dispatch (REF_DISPATCH_*)
                 el = self.tokens_out[i] * h  # routed rows x hidden, per rank
-                self.t_dispatch[i] = (np.array([cm.memory(REF_DISPATCH_FWD_BYTES * x) for x in el]),
-                                      np.array([cm.memory(REF_DISPATCH_BWD_BYTES * x) for x in el]))
+                cf = int(bool(host_program is not None if act_casts is None else act_casts))
+                fb = REF_DISPATCH_FWD_BYTES - REF_DISPATCH_FWD_CAST_BYTES * cf
+                bb = REF_DISPATCH_BWD_BYTES - REF_DISPATCH_BWD_CAST_BYTES * cf
+                self.t_dispatch[i] = (np.array([cm.memory(fb * x) for x in el]),
+                                      np.array([cm.memory(bb * x) for x in el]))
             if impl == "reference":  # the expert activation between the GEMMs (an HBM pass, profile's gelu rate)
                 act = {x: self._expert_act_bytes(x) for x in np.unique(tin)}
                 self.t_expert_act[i] = (np.array([cm.elementwise("gelu", act[x][0], dt) for x in tin]),
@@ -274,11 +310,13 @@ class TrainingIteration:
         self.offload_experts = p.offload.expert_params != "gpu"
         self.offload_opt = p.offload.expert_optimizer != "gpu" and bool(self.a2a)
         self.ref = impl == "reference"
+        self._host_setup(host_program, host_rates, act_casts)
+        cast_off = self.act_casts  # the constants' cast parts are replaced by the program's counted casts
         if self.ref:
-            self.t_attn += cm.memory(REF_RESIDUAL_BYTES * T * h)
+            self.t_attn += cm.memory((REF_RESIDUAL_BYTES - REF_RESIDUAL_CAST_BYTES * cast_off) * T * h)
             V = m.vocab
-            self.t_loss_fwd = cm.memory(REF_LOSS_FWD_BYTES * T * V)
-            self.t_loss_bwd = cm.memory(REF_LOSS_BWD_BYTES * T * V)
+            self.t_loss_fwd = cm.memory((REF_LOSS_FWD_BYTES - REF_LOSS_FWD_CAST_BYTES * cast_off) * T * V)
+            self.t_loss_bwd = cm.memory((REF_LOSS_BWD_BYTES - REF_LOSS_BWD_CAST_BYTES * cast_off) * T * V)
             self.t_emb_grad = cm.memory(REF_EMB_GRAD_BYTES * self.embed)
         # forward only, once per MoE block (the ranks are integers: no backward)
         self.t_rank_scan = (REF_RANK_SCAN_S_PER_ROW * T * m.top_k
@@ -346,6 +384,84 @@ class TrainingIteration:
         prof = _load_profile(cm.profile.source, order, cm.profile.loglog)
         return CostModel(cm.gpu, prof, overlap_slowdown=cm.overlap_slowdown, launch_s=cm.launch_s,
                          backward_gemm_factor=cm.backward_gemm_factor)
+
+    # ------------------------------------------------------------------ host program
+    def _host_setup(self, prog, rates: dict | None, act_casts: bool | None) -> None:
+        """The host side (``host_program``): one `HostClock` per rank, the host seconds per kernel of the
+        forward and of the backward / optimizer segments, and the activation-cast time of each segment."""
+        from simulator.workload.host import HostClock
+
+        if prog is not None and not self.ref:
+            raise ValueError("TrainingIteration: host_program models the reference trainer: it needs impl='reference'")
+        if act_casts and prog is None:
+            raise ValueError("TrainingIteration: act_casts needs a host_program (the casts are counted there)")
+        self.prog = prog
+        self.act_casts = bool(prog is not None and (True if act_casts is None else act_casts))
+        cm, m = self.sim.cost, self.m
+        fwd = cm.host_op_impl("reference_triton" if self.expert_kernels == "triton" else "reference") or cm.host_op_s
+        bwd = cm.host_op_impl("torch") or fwd
+        if rates is None and prog is not None:  # measured beside the CUDA table, when it has been
+            from simulator.train_host import host_rates
+
+            rates = host_rates("triton" if self.expert_kernels == "triton" else "torch", self.ref_optimizer)
+        rates = dict(rates or {})
+        unknown = set(rates) - {"fwd", "bwd", "opt"}
+        if unknown:
+            raise ValueError(f"TrainingIteration: host_rates keys are fwd, bwd and opt, got {sorted(unknown)}")
+        self.host_rate = {"fwd": float(rates.get("fwd", fwd)), "bwd": float(rates.get("bwd", bwd)),
+                          "opt": float(rates.get("opt", bwd))}
+        self.hc = [HostClock() for _ in range(self.W)]
+        self.h_cur: list = [None] * self.W
+        self.cast_s = np.zeros(self.W)
+        self.h_mark = [(0.0, 0, 0.0) for _ in range(self.W)]  # host busy, syncs, sync wait at the last step's start
+        self.segs = {sg.name: sg for sg in prog.segments} if prog is not None else {}
+        widths = (m.hidden, m.ffn, m.vocab, m.experts)
+        self.t_seg_cast = {n: cm.memory(sg.cast_bytes(self.T, widths)) for n, sg in self.segs.items()
+                           if self.act_casts and any(sg.casts)}
+
+    def _hgroup(self, base: str) -> list[str]:
+        """Names of segment ``base`` and its pieces (split at syncs) in the host program; [] without one."""
+        return [sg.name for sg in self.prog.group(base)] if self.prog is not None else []
+
+    def _hseg(self, r, name, layer, mb):
+        """The host issues segment ``name`` after everything before it; the device starts it no earlier than
+        its first kernel is issued, beginning with the segment's activation casts (``act_cast``)."""
+        if self.prog is None or name not in self.segs:
+            return
+        from simulator.train_host import TrainProgram
+
+        sg = self.segs[name]
+        op = self.host_rate[TrainProgram.part(name)]
+        start, end = self.hc[r].issue(sg.kernels, op)
+        self.h_cur[r] = (sg, end)
+        # the segment's work starts once its first GEMM-class kernel is issued (its first kernel without one)
+        yield from self._host_wait(r, layer, mb, start + min(sg.lead + 1, sg.kernels) * op)
+        if name in self.t_seg_cast:
+            self.cast_s[r] += self.t_seg_cast[name]
+            yield from self.compute(r, layer, mb, "act_cast", self.t_seg_cast[name])
+
+    def _hend(self, r, layer, mb):
+        """End of the current segment: the device cannot finish before its last kernel is issued; a sync
+        makes the host wait until the device has drained."""
+        if self.prog is None or self.h_cur[r] is None:
+            return
+        sg, end = self.h_cur[r]
+        self.h_cur[r] = None
+        yield from self._host_wait(r, layer, mb, end)
+        if sg.sync:
+            self.hc[r].sync(self.env.now)
+
+    def _hrun(self, r, names, layer, mb):
+        """Segments with no device work of their own (issued and, at syncs, waited for)."""
+        for n in names:
+            yield from self._hseg(r, n, layer, mb)
+            yield from self._hend(r, layer, mb)
+
+    def _host_wait(self, r, layer, mb, t):
+        now = self.env.now
+        if t > now:
+            yield self.env.timeout(t - now)
+            self.sim.record(r, layer, mb, "host_wait", now, t, 0, 0, "host")
 
     # ------------------------------------------------------------------ offload
     def _offload_setup(self, rng) -> None:
@@ -625,6 +741,9 @@ class TrainingIteration:
             if it == self.n_iter - 1:
                 self.t0[r] = self.env.now
                 self.acc[r] = 0.0
+                hc = self.hc[r]
+                self.h_mark[r] = (hc.busy_s, hc.syncs, hc.sync_wait_s)
+                self.cast_s[r] = 0.0
             self.adam_prev[r], self.adam_cur[r] = self.adam_cur[r], {}
             yield from self.step(r)
         self.end[r] = self.env.now
@@ -667,8 +786,12 @@ class TrainingIteration:
             if self.zero3:
                 self._gather(r, gathered, ("emb", mb), -1, mb)
                 yield from self.wait(r, gathered[("emb", mb)], 1)
+            yield from self._hseg(r, "embedding", -1, mb)
             yield from self.compute(r, -1, mb, "embedding_fwd", self.t_embed)
+            yield from self._hend(r, -1, mb)
             for i in range(L):
+                kind = "moe" if i in self.a2a else "dense"
+                ffn_segs = self._hgroup(f"{kind}.ffn")
                 if self.zero3:
                     for j in range(i, min(L, i + d + 1)):
                         self._gather(r, gathered, ("fwd", mb, j), j, mb)
@@ -680,13 +803,27 @@ class TrainingIteration:
                     self.state_reads[r][i] = env.process(self._read_states(r, i))
                 if self.zero3:
                     yield from self.wait(r, gathered[("fwd", mb, i)], 1)
+                yield from self._hseg(r, f"{kind}.attn", i, mb)
                 if self.ref:
                     yield from self.compute(r, i, mb, "weight_cast", self.t_cast[i])
                 yield from self.compute(r, i, mb, "attention_fwd", self.t_attn, self.flops_attn)
+                yield from self._hend(r, i, mb)
+                # the FFN's pieces (split at the host syncs): the router in the first, the capacity ranks in the
+                # second when there are more than two, dispatch / experts / combine in the last
+                if ffn_segs:
+                    yield from self._hseg(r, ffn_segs[0], i, mb)
                 if i in self.a2a:
                     yield from self.compute(r, i, mb, "gate_fwd", self.t_gate)
+                    if len(ffn_segs) > 2:
+                        yield from self._hend(r, i, mb)
+                        yield from self._hseg(r, ffn_segs[1], i, mb)
                     if self.t_rank_scan:
                         yield from self.compute(r, i, mb, "gate_rank_scan", self.t_rank_scan)
+                if len(ffn_segs) > 1:
+                    yield from self._hend(r, i, mb)
+                    yield from self._hrun(r, ffn_segs[2 if len(ffn_segs) > 2 else 1:-1], i, mb)
+                    yield from self._hseg(r, ffn_segs[-1], i, mb)
+                if i in self.a2a:
                     yield from self._a2a(r, i, mb, "dispatch_a2a", False)
                     if self.offload_experts:
                         self._h2d(r, copies, ("fwd", mb, i), i, mb)  # on demand when not prefetched
@@ -701,15 +838,26 @@ class TrainingIteration:
                     yield from self._a2a(r, i, mb, "combine_a2a", True)
                 else:
                     yield from self.compute(r, i, mb, "ffn_fwd", self.t_dense_ffn)
+                yield from self._hend(r, i, mb)
+                yield from self._hrun(r, self._hgroup(f"{kind}.post"), i, mb)
                 mem.alloc(env.now, r, "hbm", "activations", self._act_bytes(r, i))
                 if self.zero3:
                     mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.dense_layer[i] * (self.W - 1) / self.W)
+            yield from self._hseg(r, "head", -1, mb)
             yield from self.compute(r, -1, mb, "head_fwd", self.t_head)
             if self.ref:
                 yield from self.compute(r, -1, mb, "loss_fwd", self.t_loss_fwd)
+            yield from self._hend(r, -1, mb)
+            yield from self._hrun(r, self._hgroup("zero_grad") if mb == 0 else [], -1, mb)
+            yield from self._hseg(r, "bwd_head", -1, mb)
+            if self.ref:
                 yield from self.compute(r, -1, mb, "loss_bwd", self.t_loss_bwd)
             yield from self.compute(r, -1, mb, "head_bwd", self.bwd * self.t_head)
+            yield from self._hend(r, -1, mb)
             for i in reversed(range(L)):
+                bwd_segs = self._hgroup(f"{'moe' if i in self.a2a else 'dense'}.bwd")
+                if bwd_segs:  # the block's backward work in the first piece (the table has no syncs there)
+                    yield from self._hseg(r, bwd_segs[0], i, mb)
                 if self.zero3:
                     for j in range(i, max(-1, i - d - 1), -1):
                         self._gather(r, gathered, ("bwd", mb, j), j, mb)
@@ -738,6 +886,8 @@ class TrainingIteration:
                     yield from self.compute(r, i, mb, "grad_cast", self.t_cast[i])
                     if self.expert_impl == "loop" and i in self.a2a and not self.offload_experts:
                         yield from self.compute(r, i, mb, "expert_grad_select", self._select_time(r, i))
+                yield from self._hend(r, i, mb)
+                yield from self._hrun(r, bwd_segs[1:], i, mb)
                 mem.free(env.now, r, "hbm", "activations", self._act_bytes(r, i))
                 if self.zero3:
                     mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.dense_layer[i] * (self.W - 1) / self.W)
@@ -756,7 +906,9 @@ class TrainingIteration:
                             copies_out.append(ev)
                             if self.offload_opt:
                                 self.opt_procs[r].append(self.env.process(self._expert_optimizer(r, i, ev)))
+            yield from self._hseg(r, "bwd_embedding", -1, mb)
             yield from self.compute(r, -1, mb, "embedding_bwd", 2 * self.t_embed + (self.t_emb_grad if self.ref else 0.0))
+            yield from self._hend(r, -1, mb)
             if self.zero3:
                 mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.embed * (self.W - 1) / self.W)
             if last:
@@ -767,7 +919,9 @@ class TrainingIteration:
         for ev in copies_out:
             yield from self.wait(r, ev, 2)
         if self.ref:
+            yield from self._hseg(r, "clip", -1, -1)
             yield from self.compute(r, -1, -1, "grad_clip", self.t_clip)
+            yield from self._hend(r, -1, -1)
         if self.ref_sched:  # reference.offload: D2H of every layer's gradients, then one CPU task per layer
             for i in sorted(self.a2a):
                 # the layer's gradient buffer: 16-bit, or the fp32 accumulator with gradient accumulation
@@ -776,10 +930,14 @@ class TrainingIteration:
                 ev = self.copy(r, "d2h", ng, i, -1, "d2h_grads")
                 self._count("d2h_grads", ng)
                 self.adam_cur[r][i] = env.process(self._expert_optimizer(r, i, ev, self.state_reads[r].pop(i, None)))
+        yield from self._hseg(r, "optimizer", -1, -1)
         yield from self.optimizer(r)
+        yield from self._hend(r, -1, -1)
         for ev in self.opt_procs[r]:  # the CPU expert optimizer, started during the backward
             yield from self.wait(r, ev, 3)
         self.opt_procs[r] = []
+        # the gate's bias update and the loss read-back (a sync: the host waits for the whole step)
+        yield from self._hrun(r, self._hgroup("after_step") + self._hgroup("readback"), -1, -1)
 
     def optimizer(self, r):
         env, p, c = self.env, self.p, self.c
@@ -821,7 +979,10 @@ class TrainingIteration:
 
     def summary(self) -> dict:
         device_step = float((self.end - self.t0).max())
-        host_s = self.sim.cost.host_time(self.host_ops)
+        if self.prog is not None:  # the host program's issue time of the reported step (its waits are in the step)
+            host_s = float(max(hc.busy_s - mk[0] for hc, mk in zip(self.hc, self.h_mark)))
+        else:
+            host_s = self.sim.cost.host_time(self.host_ops)
         step = max(device_step, host_s)
         tokens = self.W * self.w.tokens_per_rank_step
         from semoe.sizing import training_flops_per_token
@@ -842,6 +1003,11 @@ class TrainingIteration:
             "breakdown": per_rank,
             "device_step_s": device_step,
             "host_s": host_s,
+            "host_program": self.prog.source if self.prog is not None else "",
+            "host_syncs": int(max(hc.syncs - mk[1] for hc, mk in zip(self.hc, self.h_mark))) if self.prog else 0,
+            "host_sync_wait_s": float(max(hc.sync_wait_s - mk[2] for hc, mk in zip(self.hc, self.h_mark)))
+            if self.prog else 0.0,
+            "act_cast_s": float(self.cast_s.max()),  # per step, the program's activation casts
             "cache_enabled": self.cache is not None,
             "cache_hit_rate": self.cache.last_hit_rate if self.cache is not None else float("nan"),
             "cache_hit_rate_all_steps": self.cache.hit_rate if self.cache is not None else float("nan"),
