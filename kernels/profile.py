@@ -40,6 +40,23 @@ Ops
   model's eager forward with the torch (Triton) MoE backend at batch 1, sequence 1 (bf16 autocast, no grad), 200 calls timed as one interval after
   warm-up, divided by its operator count (m = operators per forward). The GPU work of both is negligible,
   so the time is the host's.
+- ``dequant`` / ``qgemm_fwd`` / ``grouped_gemm_fwd_routed`` / ``host_call_gating`` / ``host_call_permute``
+  (sweep ``infer``, what the simulator's inference workload and ``semoe validate`` read besides the
+  rows above; `sweep_infer`):
+  ``dequant`` (impl ``torch``, dtype ``int8`` / ``fp8``): ``reference.inference.quantize.dequantize_into``
+  of m = E experts' quantised ``[E, k=I, n=O]`` weight (k-major 1-byte data, the reference pool's
+  layout) into a bf16 workspace, exactly the ring's workspace dequant (a strided copy then a scale
+  pass); io_bytes = read 1 byte + write 2 per weight + the fp32 scales.
+  ``qgemm_fwd`` (impl = the implementation ``reference.inference.qmatmul.quant_mm`` ran: ``scaled_grouped_mm``
+  for fp8 on the H100, ``triton_dequant_gemm`` for int8): the fused quantised grouped GEMM of m rows
+  per expert, as the ring's fused groups call it (fp8 includes the per-row activation quantisation);
+  flop = 2*E*m*K*N.
+  ``grouped_gemm_fwd_routed`` (impl ``torch``): ``torch._grouped_mm`` with the per-expert rows of
+  seeded uniform top-``k`` routing (m = mean rows per expert, so the groups are uneven and not tile
+  aligned, as in the reference's prefill), beside the aligned ``grouped_gemm_fwd`` rows.
+  ``host_call_gating`` / ``host_call_permute`` (impl ``triton``): host seconds per call of
+  ``kernels.gating.gating`` / ``permute_fwd`` + ``unpermute_fwd`` issued back to back (200 calls, one
+  sync; the GPU work is shorter than the host's, so the time is the host's launch chain).
 - ``disk_write`` / ``disk_read``: a file of m bytes in the temporary directory (write ends with fsync;
   read after posix_fadvise DONTNEED, which the page cache may still serve).
 
@@ -352,6 +369,151 @@ def _host_reference(p: Profile, device: str, impl: str, sync) -> None:
           f"for {ops.kernels} kernels ({ops.syncs} syncs)", flush=True)
 
 
+# sweep infer: the expert matrices of the inference bench's model (mixtral: w1 / w3 D->F, w2 F->D) for all
+# E experts of a block (ring / resident groups) and for one expert (expert-aware fetches)
+INFER_DEQUANT_SHAPES = [(8, 4096, 14336), (8, 14336, 4096), (1, 4096, 14336), (1, 14336, 4096)]
+INFER_QGEMM_ROWS = [16, 64, 256, 512, 1024, 4096]  # rows per expert (decode .. prefill of B x 256 tokens)
+INFER_ROUTED_ROWS = [256, 512, 1024, 2048]  # mean rows per expert of the routed grouped GEMMs
+INFER_TOP_K = 2  # routing of the routed rows (the bench model's top-2)
+INFER_QUICK = {"shapes": [(2, 64, 96), (2, 96, 64)], "rows": [8], "routed": [8, 24]}
+
+
+def _timer(device: str):
+    """Seconds per call: do_bench (CUDA events, L2 flushed) on a GPU, else the median wall time of a few
+    calls (the CPU --quick path, which only checks the plumbing)."""
+    if device == "cuda":
+        return lambda fn: _ms(fn) / 1e3
+
+    def wall(fn, reps: int = 3) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    return wall
+
+
+def _host_per_call(fn, sync, calls: int) -> float:
+    """Host seconds per call of ``fn`` issued back to back (one sync at the end)."""
+    for _ in range(5):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / calls
+
+
+def routed_counts(experts: int, rows_per_expert: int, top_k: int, device, seed: int = 0) -> torch.Tensor:
+    """Per-expert rows of seeded uniform top-``k`` routing of ``experts * rows_per_expert / top_k`` tokens
+    (each token picks ``top_k`` distinct experts): uneven, not tile-aligned groups summing to E*m."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = experts * rows_per_expert // top_k
+    ids = torch.rand(tokens, experts, generator=g).topk(top_k, dim=-1).indices
+    counts = torch.bincount(ids.flatten(), minlength=experts)
+    counts[0] += experts * rows_per_expert - int(counts.sum())  # E*m rows exactly (top_k divides E*m here)
+    return counts.to(device=device, dtype=torch.int32)
+
+
+def _add_row(p: Profile, *args, **kw) -> None:
+    """``p.add`` and the row printed at once (``ROW`` + CSV), so a run stopped by its time limit still
+    shows every measurement it made."""
+    p.add(*args, **kw)
+    print("ROW " + ",".join(str(p.rows[-1][c]) for c in COLUMNS), flush=True)
+
+
+def sweep_infer(p: Profile, device: str = "cuda", quick: bool = False) -> None:
+    """Rows the inference workload needs beyond the training sweeps (module docstring: ``host_call_gating``,
+    ``host_call_permute``, ``dequant``, ``qgemm_fwd``, ``grouped_gemm_fwd_routed``, in that order of
+    priority), each call exactly as ``reference/inference`` and ``kernels/bench/moe_layer.py`` make it.
+    ``quick``: tiny shapes (a CPU test of the plumbing; its times mean nothing)."""
+    from reference.inference import qmatmul
+    from reference.inference.quantize import dequantize_into, quantize
+
+    timed = _timer(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    _host_calls(p, device, sync, quick)
+    shapes = INFER_QUICK["shapes"] if quick else INFER_DEQUANT_SHAPES
+    act = torch.bfloat16 if device == "cuda" else torch.float32  # the Triton interpreter computes fp32 only
+
+    def quantised(E, In, Out, fmt):
+        w = torch.randn(E, In, Out, device=device, dtype=torch.bfloat16) * 0.02
+        return quantize(w, fmt)  # k-major 1-byte data + fp32 scales [E, 1, O]: the pool's layout
+
+    for fmt in ("int8", "fp8"):  # the workspace dequant (ring / resident groups: E = 8; expert-aware: 1)
+        for E, In, Out in shapes:
+            if p.over_budget():
+                return
+            q = quantised(E, In, Out, fmt)
+            out = torch.empty(E, In, Out, device=device, dtype=torch.bfloat16)
+            _add_row(p, "dequant", "torch", fmt, m=E, n=Out, k=In, groups=E, io_bytes=E * In * Out * 3 + 4 * E * Out,
+                     time_s=timed(lambda: dequantize_into(out, q)))
+            del q, out
+        print(f"  infer: dequant {fmt} done ({time.time() - p.t0:.0f} s)", flush=True)
+    for fmt in ("int8", "fp8"):  # fused GEMMs from the quantised bytes (ring / resident groups)
+        for E, In, Out in shapes:
+            if E == 1:
+                continue
+            q = quantised(E, In, Out, fmt)
+            for m in INFER_QUICK["rows"] if quick else INFER_QGEMM_ROWS:
+                if p.over_budget():
+                    return
+                x = torch.randn(E * m, In, device=device, dtype=act)
+                counts = torch.full((E,), m, device=device, dtype=torch.int64)
+                call = lambda: qmatmul.quant_mm(x, q.data, q.scale, counts, fmt)
+                call()  # first call: the implementation is chosen and checked (qmatmul._try)
+                _add_row(p, "qgemm_fwd", qmatmul.IMPL_USED.get(fmt, "unknown"), fmt, m=m, n=Out, k=In, groups=E,
+                         io_bytes=E * m * (In + Out) * 2 + E * In * Out, flop=2 * E * m * In * Out, time_s=timed(call))
+                del x
+            del q
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        print(f"  infer: qgemm {fmt} done ({time.time() - p.t0:.0f} s)", flush=True)
+    if hasattr(torch, "_grouped_mm"):
+        for E, K, N in shapes[:2]:
+            for m in INFER_QUICK["routed"] if quick else INFER_ROUTED_ROWS:
+                if p.over_budget():
+                    return
+                counts = routed_counts(E, m, min(INFER_TOP_K, E), device, seed=m)
+                offs = torch.cumsum(counts, 0, dtype=torch.int32)
+                a = torch.randn(E * m, K, device=device, dtype=torch.bfloat16)
+                b = torch.randn(E, K, N, device=device, dtype=torch.bfloat16) / K**0.5
+                try:
+                    t = timed(lambda: torch._grouped_mm(a, b, offs=offs))
+                except Exception as exc:  # noqa: BLE001 - e.g. a CPU build without the grouped GEMM
+                    print(f"  infer: routed torch._grouped_mm failed: {str(exc).splitlines()[0][:200]}", flush=True)
+                    return
+                _add_row(p, "grouped_gemm_fwd_routed", "torch", "bf16", m=m, n=N, k=K, groups=E,
+                         io_bytes=(E * m * K + E * K * N + E * m * N) * 2, flop=2 * E * m * K * N, time_s=t)
+                del a, b
+        print(f"  infer: routed grouped GEMMs done ({time.time() - p.t0:.0f} s)", flush=True)
+
+
+def _host_calls(p: Profile, device: str, sync, quick: bool) -> None:
+    from kernels.gating import gating
+    from kernels.permute import build_permutation, permute_fwd, unpermute_fwd
+
+    T, E, k = (64, 8, 2) if quick else (16384, 64, 8)  # the kernels bench's gating_T16384_E64_k8 call
+    logits = torch.randn(T, E, device=device, dtype=torch.bfloat16)
+    calls = 2 if quick else 200
+    _add_row(p, "host_call_gating", "triton", "bf16", m=T, n=E, k=k, time_s=_host_per_call(lambda: gating(logits, k), sync, calls))
+    T, D = (64, 32) if quick else (512, 2048)  # small: the GPU work stays below the host's
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, E, (T, k), device=device)
+    wts = torch.rand(T, k, device=device)
+    perm = build_permutation(ids, E)
+
+    def both():
+        unpermute_fwd(permute_fwd(x, perm.dest_TK, perm.src_M), perm.dest_TK, wts)
+
+    _add_row(p, "host_call_permute", "triton", "bf16", m=T, n=D, k=k, time_s=_host_per_call(both, sync, calls))
+    print(f"  infer: host calls done ({time.time() - p.t0:.0f} s)", flush=True)
+
+
 SWEEPS = {
     "grouped_gemm": sweep_grouped_gemm,
     "gemm": sweep_gemm,
@@ -361,6 +523,7 @@ SWEEPS = {
     "copies": sweep_copies,
     "disk": sweep_disk,
     "host": sweep_host,
+    "infer": sweep_infer,
 }
 
 

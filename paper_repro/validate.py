@@ -7,8 +7,8 @@ source      measured file                     simulated with
 =========== ================================= ==========================================================
 moe_layer   ``results/bench/moe_layer.csv``   `simulator.calibration.compare` per benchmark run
             (impl ``ours``, metric ``ms``)    (``commit`` column); the standalone gating / permute
-                                              kernels with the same memory-pass terms that
-                                              `simulator.calibration.predict_moe_layer` charges them
+                                              kernels as max(device time, host launch chain)
+                                              (`standalone_wall_ms`: events around one call)
 train       ``results/bench/train.csv``       one training step of the scaled paper model in the
                                               ``config`` column on the ``h100-single`` preset (the
                                               profile is read automatically), ``impl="reference"``:
@@ -22,7 +22,9 @@ train       ``results/bench/train.csv``       one training step of the scaled pa
 infer       ``results/bench/infer.csv``       `simulator.validate_infer.predict_all`
 offload     ``results/bench/offload_train.  `simulator.validate_offload.rows`: the reference-trainer step
             csv``                             with expert states on gpu / cpu / ssd, prefetch on / off
-multigpu    ``results/multigpu/*.csv``        not yet: no multi-GPU measurement is committed
+multigpu    ``results/multigpu/<kind>/        `simulator.validate_multigpu.rows`: collectives on the run's
+            {collectives,moe,train}.csv``     cluster preset (``h200-x2``), the EP MoE layer and training
+                                              with the H100 kernel profile extrapolated to the H200
 =========== ================================= ==========================================================
 
 Columns: ``source, run, config, metric, measured, predicted, error, used_for_fitting, status, note``
@@ -34,6 +36,9 @@ with ``error = predicted / measured - 1``. ``status`` is
   (``simulator.cost.BACKWARD_GEMM_FACTOR``) and the measured pinned H2D bandwidth (the preset's
   PCIe bandwidth is HARDWARE.md's measurement of the same link), and the offload bench's bandwidth /
   CPU-AdamW probes (model inputs of that run's simulations, `simulator.validate_offload`);
+- ``extrapolated``: a prediction of a measured quantity made with a kernel profile of another GPU (the
+  multi-GPU H200 rows use the H100's, `simulator.validate_multigpu`): scored in its own group, not in the
+  validated statistics;
 - ``derived``: a value computed from another row of the same run (``tflops``/``gbps`` from ``ms``,
   ``mfu`` from ``tokens_per_s``): same error as that row, so not counted twice;
 - ``not_modelled``: the simulator has no model of the quantity, or the measurement shows an effect
@@ -79,6 +84,37 @@ def _row(source, run, config, metric, measured, predicted=float("nan"), status="
 
 
 # ---------------------------------------------------------------------------------------- kernels
+# rows that measured something else than the code they name (shown with the reason, not scored)
+OUTLIER_LAYER_ROWS = {
+    ("65fffb4+wip4", "hetu_switch_b32", "fwd"): (
+        "forward alone 2.20 ms (run 3: 1.21 ms), but the same run's forward+backward took 4.46 ms (run 3: 3.83): "
+        "the forward rose 0.99 ms while forward+backward, which contains the same forward, rose 0.62 ms; "
+        "mixtral_like and fine_grained forwards of the run stayed within 8% of run 3"),
+}
+
+
+def standalone_wall_ms(device_s: float, wrapper: str, launches: int, cm) -> tuple[float, str]:
+    """What ``kernels/bench/moe_layer.py`` measures for a standalone kernel call: ``do_bench`` records CUDA
+    events around one call, so when the GPU work is shorter than the host's launch chain the interval
+    holds the host time (the GPU waits for the launch): ``max(device, host)``. Host: the profile's
+    ``host_call_<wrapper>`` row (`simulator.workload.inference_profile`, sweep ``infer``: host seconds per
+    call issued back to back) when measured, else ``launches`` x the CostModel's host seconds per kernel
+    of the Triton backend (the ``host_op`` row of impl ``reference_triton``, else ``host_op_s``)."""
+    from simulator.workload.inference_profile import InferProfile
+
+    host = InferProfile.of(cm).host_call_s(wrapper)
+    if host is not None:
+        src = f"the profile's host_call_{wrapper} row"
+    else:
+        per = cm.profile.host_op.get("reference_triton") if cm.profile is not None else None
+        src = "the profile's host_op reference_triton row" if per else "CostModel.host_op_s"
+        host = launches * (per or cm.host_op_s)
+        src = f"{launches} launch(es) x {host / launches * 1e6:.1f} us ({src})"
+    wall = max(device_s, host)
+    which = "host-bound" if host > device_s else "device-bound"
+    return wall * 1e3, (f"wall = max(device {device_s * 1e6:.1f} us, host {host * 1e6:.1f} us: {src}), {which}")
+
+
 _GATING = re.compile(r"gating_T(?P<T>\d+)_E(?P<E>\d+)_k(?P<k>\d+)$")
 _PERMUTE = re.compile(r"permute_T(?P<T>\d+)_k(?P<k>\d+)_D(?P<D>\d+)$")
 
@@ -100,6 +136,7 @@ def kernel_rows(path: Path) -> list[dict]:
             cmp = compare(str(path), cluster, impl="ours", commit=str(run))
         pred = {(r.config, r.mode): r.predicted_ms for r in cmp.itertuples()}
         cm = CostModel(cluster.gpu)  # what calibration.predict_moe_layer uses: roofline, no profile
+        cm_prof = CostModel.auto(cluster.gpu, impl=("triton", "torch"))  # the profile (ours: impl triton)
         for r in d.itertuples():
             src = "moe_layer"
             if r.metric != "ms":
@@ -107,7 +144,11 @@ def kernel_rows(path: Path) -> list[dict]:
                                  note=f"computed from the {r.mode} ms row of the same run"))
                 continue
             metric = f"{r.mode}_ms"
-            if (r.config, r.mode) in pred:
+            if (str(run), r.config, r.mode) in OUTLIER_LAYER_ROWS:
+                rows.append(_row(src, run, r.config, metric, r.value, pred.get((r.config, r.mode), float("nan")),
+                                 status="not_modelled",
+                                 note="measurement_outlier: " + OUTLIER_LAYER_ROWS[(str(run), r.config, r.mode)]))
+            elif (r.config, r.mode) in pred:
                 fitted = (str(run), r.config, r.mode) in FITTED_LAYER_ROWS
                 note = "BACKWARD_GEMM_FACTOR fitted on this row" if fitted else ""
                 if not fitted and r.config == "mixtral_like" and r.mode == "fwd_bwd":
@@ -116,14 +157,17 @@ def kernel_rows(path: Path) -> list[dict]:
                                  status="fitted" if fitted else "validated", note=note, fitted=fitted))
             elif (m := _GATING.match(r.config)) and r.mode == "fwd":
                 T, E = int(m["T"]), int(m["E"])
-                p = cm.memory(3 * 4 * T * E) * 1e3
+                p, note = standalone_wall_ms(cm.memory(3 * 4 * T * E), "gating", 1, cm_prof)
                 rows.append(_row(src, run, r.config, metric, r.value, p,
-                                 note="gating term of calibration.predict_moe_layer (fp32 logits, memory pass)"))
+                                 note="device: gating term of calibration.predict_moe_layer (fp32 logits, memory "
+                                      "pass); " + note))
             elif (m := _PERMUTE.match(r.config)) and r.mode == "fwd":
-                TK, D = int(m["T"]) * int(m["k"]), int(m["D"])
-                p = cm.memory(2 * 2 * TK * D) * 1e3
+                T, k, D = int(m["T"]), int(m["k"]), int(m["D"])
+                io = (T + T * k) * D * 2  # kernels/profile.py's byte count of one permute (or unpermute)
+                dev = cm_prof.elementwise("permute", io) + cm_prof.elementwise("unpermute", io)
+                p, note = standalone_wall_ms(dev, "permute", 2, cm_prof)
                 rows.append(_row(src, run, r.config, metric, r.value, p,
-                                 note="permute term of calibration.predict_moe_layer (bf16 read + write)"))
+                                 note="device: the profile's permute + unpermute rows (achieved GB/s); " + note))
             else:
                 rows.append(_row(src, run, r.config, metric, r.value, status="not_modelled",
                                  note="no simulator model of this kernel config"))
@@ -361,13 +405,13 @@ def offload_rows(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- multi-GPU
 def multigpu_rows(folder: Path) -> list[dict]:
-    """No multi-GPU measurement is committed yet (``results/multigpu/README.md`` has the command); when
-    CSVs appear there this returns one ``not_modelled`` row per file until a comparison is written."""
-    rows = []
-    for f in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
-        rows.append(_row("multigpu", "", f.name, "file", float("nan"), status="not_modelled",
-                         note="multi-GPU comparison not written yet"))
-    return rows
+    """Every ``collectives.csv`` / ``moe.csv`` / ``train.csv`` under ``results/multigpu`` (and its run folders)
+    beside the simulator: `simulator.validate_multigpu.rows`."""
+    from simulator.validate_multigpu import rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
+        return rows(folder)
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -401,13 +445,16 @@ def summarise(df: pd.DataFrame) -> dict:
     out["by_kind"] = {k: _stats(g) for k, g in v.groupby("kind")}
     f = df[df["used_for_fitting"].astype(bool)]
     out["fitted"] = _stats(f)
+    e = df[df["status"] == "extrapolated"]
+    out["extrapolated"] = _stats(e)
+    out["extrapolated_by_source"] = {s: _stats(g) for s, g in e.groupby("source")}
     out["not_modelled"] = int((df["status"] == "not_modelled").sum())
     out["derived"] = int((df["status"] == "derived").sum())
     return out
 
 
 def format_table(df: pd.DataFrame, s: dict) -> str:
-    v = df[df["status"].isin(["validated", "fitted"])].copy()
+    v = df[df["status"].isin(["validated", "fitted", "extrapolated"])].copy()
     v["error"] = v["error"].map(lambda e: f"{e:+.1%}")
     cols = ["source", "config", "metric", "measured", "predicted", "error", "used_for_fitting"]
     lines = [v[cols].to_string(index=False, max_colwidth=40, float_format=lambda x: f"{x:.4g}")]
@@ -421,6 +468,10 @@ def format_table(df: pd.DataFrame, s: dict) -> str:
     for k, t in s["by_kind"].items():
         lines.append(f"  kind {k:7s} rows {t['rows']:3d}   MAPE {t['mape']:.1%}   max {t['max_error']:.1%}   "
                      f"Spearman {t['spearman']:.3f}")
+    x = s["extrapolated"]
+    if x["rows"]:
+        lines.append(f"extrapolated rows (kernel profile of another GPU; not in the statistics above): {x['rows']}   "
+                     f"MAPE {x['mape']:.1%}   max {x['max_error']:.1%}")
     lines.append(f"fitted rows: {s['fitted']['rows']} (MAPE {s['fitted']['mape']:.1%});  "
                  f"derived rows: {s['derived']};  not modelled: {s['not_modelled']} (listed with reasons in the CSV)")
     goal = f"MAPE <= {GOAL_MAPE:.0%} and max <= {GOAL_MAX:.0%} over >= {GOAL_ROWS} unfitted rows"
@@ -436,7 +487,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    d = df[df["status"].isin(["validated", "fitted"]) & (df["measured"] > 0) & (df["predicted"] > 0)]
+    d = df[df["status"].isin(["validated", "fitted", "extrapolated"]) & (df["measured"] > 0) & (df["predicted"] > 0)]
     fig, ax = plt.subplots(figsize=(6.5, 6))
     lo = min(d["measured"].min(), d["predicted"].min()) * 0.5
     hi = max(d["measured"].max(), d["predicted"].max()) * 2

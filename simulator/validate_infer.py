@@ -26,7 +26,10 @@ is the eager device time plus one graph launch per step; compiled prefill is not
 Quantised experts (issue 11): modes ``ring_int8`` / ``ring_fp8`` (and ``ring_K<k>_int8``,
 ``expert_int8``, ``resident_fp8``...) are simulated with the quantised bytes per expert and the
 reference's dequantisation into a workspace (`simulator.workload.inference_quant`); metrics
-``speedup_vs_*`` compare with the simulated bf16 ring of the same batch.
+``speedup_vs_*`` compare with the simulated bf16 ring of the same batch. The workspace dequantisation
+and the fused quantised GEMMs take the profile's ``dequant`` / ``qgemm_fwd`` rows when it has them
+(``kernels/profile.py --sweeps infer``: the reference's own ``dequantize_into`` / ``quant_mm`` calls,
+`simulator.workload.inference_profile`), else the analytic pass / assumed rate.
 
 ``--host-op-us X`` is a what-if (host seconds per kernel replaced), never used for the committed table.
 """
@@ -74,6 +77,9 @@ def parse_config(config: str) -> dict:
 MODE_RE = re.compile(r"^(?P<base>ring|expert_nopred|expert|resident)(?:_K(?P<K>\d+))?(?:_(?P<quant>int8|fp8))?"
                      r"(?P<fused>_fused)?$")
 HOST_OP_S: float | None = None  # None: CostModel.host_op_s (the profile's host_op row, else 8 us); --host-op-us
+# a run's own host probe (mode "-", microseconds per kernel of the reference's eager forward, measured in the
+# bench run like h2d_pinned_GBps): a model input of that run's simulations, as the PCIe bandwidth is
+RUN_HOST_METRIC = "host_op_us"
 
 
 def parse_mode(mode: str) -> tuple[str, int | None, str | None, str]:
@@ -112,10 +118,12 @@ def _timing(metric: str, res, B: int, P: int, G: int, L: int):
             "decode_ms_per_step": 1e3 * res.decode_s / max(1, G - 1)}.get(metric)
 
 
-def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple[float, str, str]:
+def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: float | None = None
+                ) -> tuple[float, str, str]:
     """(predicted value, kind, note) for one measured row. ``predicting_runs``: dates of the runs whose
     ``expert`` mode prefetched one block ahead (the bench wrote ``prefetched_used_frac`` rows; run 1 of
-    2026-11-24 predates the predictor, so its ``expert`` rows ran without it)."""
+    2026-11-24 predates the predictor, so its ``expert`` rows ran without it). ``host_s``: the run's own
+    host seconds per kernel (its ``host_op_us`` probe row, `RUN_HOST_METRIC`), else the profile's."""
     mode, B, metric, config = r["mode"], int(r["batch"]), r["metric"], r["config"]
     c = parse_config(config)
     P, G = c["P"], c["G"]
@@ -125,7 +133,7 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple
     if mode == "accelerate":
         return nan, "not_modelled", "accelerate cpu_offload is not simulated"
     if mode in COMPILED:
-        return _predict_compiled(r, mode, B, metric, config, bmax)
+        return _predict_compiled(r, mode, B, metric, config, bmax, host_s)
     if mode == "-":
         m = _model(c)
         if metric == "expert_GB_total":
@@ -134,20 +142,22 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple
             return cluster_preset("h100-single").pcie.bandwidth_GBps, "input", "h100-single preset (HARDWARE.md)"
         if metric == "moe_blocks":
             return m.moe_layers, "count", "ModelSpec"
+        if metric == RUN_HOST_METRIC:
+            return _host_op_s() * 1e6, "input", "the profile's host_op row (this run's probe replaces it for the run)"
         return nan, "not_modelled", ""
     base, slots, quant, dequant = parse_mode(mode)
     qnote = (f"{quant} experts ({'fused GEMMs' if dequant == 'fused' else 'dequantised into a workspace'})"
              if quant else "")
     if base == "resident" or (base == "ring" and metric == "block_compute_ms"):
         # ring rows' block_compute_ms: the bench times the same experts resident (K = L)
-        model, res = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant)
+        model, res = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant, launch_s=host_s)
         L = model.moe_layers
         if metric == "block_compute_ms":
             return 1e3 * res.prefill_s / L, "throughput", qnote
         v = _timing(metric, res, B, P, G, L)
         return (nan, "not_modelled", "") if v is None else (v, "throughput", qnote)
     if base == "ring":
-        model, res = _sim(config, "ring", B, slots, bmax, False, quant=quant, dequant=dequant)
+        model, res = _sim(config, "ring", B, slots, bmax, False, quant=quant, dequant=dequant, launch_s=host_s)
         L, E, eb = model.moe_layers, model.experts, res.plan.expert_bytes
         bw = cluster_preset("h100-single").pcie.bandwidth_GBps * 1e9
         if metric in ("budget_K", "ring_K"):
@@ -171,11 +181,11 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple
         if metric == "decode_GB_copied_per_step":
             return res.bytes_copied_decode / max(1, G - 1) / 1e9, "bytes", qnote
         if "speedup_vs" in metric and quant:  # the quantised ring over the bf16 ring, same batch and slots
-            _, bf = _sim(config, "ring", B, slots, bmax, False)
+            _, bf = _sim(config, "ring", B, slots, bmax, False, launch_s=host_s)
             which = "decode" if "decode" in metric else "prefill"
             v = getattr(res, f"{which}_tokens_per_s") / getattr(bf, f"{which}_tokens_per_s")
             return v, "ratio", f"{which} tokens/s of the {quant} ring over the simulated bf16 ring"
-        _, resident = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant)
+        _, resident = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant, launch_s=host_s)
         bound_s = L * max(resident.prefill_s / L, E * eb / bw)
         if metric == "bound_prefill_tokens_per_s":
             return B * P / bound_s, "throughput", "issue 7's bound from simulated compute and the preset's PCIe"
@@ -184,7 +194,7 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple
         return nan, "not_modelled", ""
     if base in ("expert", "expert_nopred"):
         predict = base == "expert" and r["date"] in predicting_runs
-        model, res = _sim(config, "expert", B, None, B, predict, quant=quant, dequant=dequant)
+        model, res = _sim(config, "expert", B, None, B, predict, quant=quant, dequant=dequant, launch_s=host_s)
         v = _timing(metric, res, B, P, G, model.moe_layers)
         if v is not None and metric.startswith("decode"):
             v = (v, "throughput")
@@ -201,7 +211,8 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset()) -> tuple
     return nan, "not_modelled", ""
 
 
-def _predict_compiled(r, mode: str, B: int, metric: str, config: str, bmax: int) -> tuple[float, str, str]:
+def _predict_compiled(r, mode: str, B: int, metric: str, config: str, bmax: int, host_s: float | None = None
+                      ) -> tuple[float, str, str]:
     """``compiled`` (resident, `reference/inference/static.py`): decode replays one CUDA graph per step,
     so its host cost is one graph launch (``host_op_s``) per step and its device time is the eager
     step's (the same GEMMs, attention and dispatch); prefill runs inductor's fused kernels without CUDA
@@ -215,10 +226,10 @@ def _predict_compiled(r, mode: str, B: int, metric: str, config: str, bmax: int)
         if metric not in ("decode_tokens_per_s", "decode_ms_per_step"):
             return nan, "not_modelled", "compiled prefill: inductor's fused kernels are not counted"
         model, res = _sim(config, "resident", B, None, bmax, False, budget=False, launch_s=0.0)
-        step_s = res.decode_s / max(1, G - 1) + _host_op_s()  # + one graph launch per step
+        step_s = res.decode_s / max(1, G - 1) + (host_s if host_s is not None else _host_op_s())  # + one graph launch
         v = B / step_s if metric == "decode_tokens_per_s" else 1e3 * step_s
         return v, "throughput", "CUDA-graph decode: eager device time + one graph launch per step"
-    model, res = _sim(config, "ring", B, None, bmax, False)
+    model, res = _sim(config, "ring", B, None, bmax, False, launch_s=host_s)
     v = _timing(metric, res, B, c["P"], G, model.moe_layers)
     if v is None:
         return nan, "not_modelled", ""
@@ -254,25 +265,39 @@ def explain(r) -> str:
         return (f"host-bound: the counted kernels per step (results/profiles/op_counts.csv) x {host}; the reference "
                 "measured ~26 ms/step (NOTES.md), i.e. ~35 us per kernel in this code path")
     if mode == "resident" and metric in ("prefill_tokens_per_s", "block_compute_ms"):
-        return (f"compute + host: ~70 counted kernels per block x {host} and 4 host syncs per block; ~35 us/kernel "
-                "is implied by NOTES.md")
+        return (f"compute + host: ~70 counted kernels per block x {host} and 4 host syncs per block; expert GEMMs "
+                "at the profile's torch._grouped_mm rate on tile-padded uneven routed groups (inference_costs."
+                "padded_rows); NOTES.md measured 4.4-5.0 ms per block across runs")
     if mode.startswith("expert") and metric == "decode_tokens_per_s":
         return ("copies and host work serialised per block (the remap's bincount sync waits for the copy); "
                 f"~75 counted kernels per block x {host}"
                 + ("; the predictor is modelled as perfect (the reference's wasted 1-8% of prefetched bytes and "
                    "measured slower than without it)" if mode == "expert" else ""))
     if metric in ("block_compute_ms", "dequant_ms_per_block") and parse_mode(mode)[2]:
-        if parse_mode(mode)[3] == "fused":
+        quant, path = parse_mode(mode)[2], parse_mode(mode)[3]
+        ip = _infer_profile()
+        if path == "fused":
+            if any(r["op"] == "qgemm_fwd" and r["dtype"] == quant for r in ip.rows):
+                return "fused quantised GEMMs at the profile's qgemm_fwd rate (equal groups; uneven routing not applied)"
             return ("fused quantised GEMMs (int8 Triton dequant GEMM, fp8 _scaled_grouped_mm with per-row activation "
-                    "quantisation) run at rates no profile row measures (bf16 / datasheet fp8 assumed); copy-bound "
-                    "ring rows are unaffected")
+                    "quantisation): no qgemm_fwd row in the profile yet (kernels/profile.py --sweeps infer), so the "
+                    "bf16 rate (int8) / datasheet fp8 ratio is assumed; copy-bound ring rows are unaffected")
+        if any(r["op"] == "dequant" and r["dtype"] == quant for r in ip.rows):
+            return "workspace dequant at the profile's dequant rows (the reference's dequantize_into call)"
         return ("workspace dequant: the reference's dequantize_into is copy_ from the k-major (transposed) 1-byte view "
-                "into the bf16 workspace, a strided copy, then mul_ by the scales (~7 bytes per weight); the simulator "
-                "charges one contiguous memory-bound pass (3 bytes per weight) and no profile row measures strided "
-                "copies; copy-bound ring rows are unaffected")
+                "into the bf16 workspace, a strided copy, then mul_ by the scales (~7 bytes per weight); no dequant "
+                "row in the profile yet (kernels/profile.py --sweeps infer), so one contiguous memory-bound pass "
+                "(3 bytes per weight) is charged; copy-bound ring rows are unaffected")
     if metric == "bound_prefill_tokens_per_s":
         return "bound uses the simulated resident compute; see resident prefill"
     return ""
+
+
+def _infer_profile():
+    from simulator.cost import CostModel
+    from simulator.workload.inference_profile import InferProfile
+
+    return InferProfile.of(CostModel.auto(cluster_preset("h100-single").gpu, impl=("torch", "triton"), loglog=True))
 
 
 def _host_note() -> str:
@@ -290,8 +315,12 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
     # the bench plans the engine's memory for the largest batch of its run
     bmax_run = measured.groupby("date")["batch"].max().to_dict()
     predicting = frozenset(measured.loc[measured["metric"] == "prefetched_used_frac", "date"])
+    probe = measured[(measured["mode"] == "-") & (measured["metric"] == RUN_HOST_METRIC)]
+    host_run = {d: float(v) * 1e-6 for d, v in zip(probe["date"], probe["value"])} if HOST_OP_S is None else {}
     for _, r in measured.iterrows():
-        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting)
+        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]))
+        if r["date"] in host_run and kind == "throughput":
+            note = "; ".join(x for x in (note, f"host {host_run[r['date']] * 1e6:.1f} us/kernel: this run's probe") if x)
         meas = float(r["value"])
         if not math.isnan(pred) and meas == 0:
             err = 0.0 if pred == 0 else float("inf")

@@ -294,7 +294,6 @@ class InferenceRun:
         self.max_len = cfg.prompt_len + cfg.gen_len
         self.plan = plan_memory(model, cfg.mode, budget, pb, self.max_len, pb * cfg.prompt_len, cfg.slots,
                                 cfg.quant, cfg.dequant)
-        self.costs = costs if costs is not None else BlockCosts(model, sim.cost, cfg.quant, cfg.dequant)
         self.host_op_s = cfg.launch_s if cfg.launch_s is not None else sim.cost.host_op_s
         # op_counts: one table's path; else the CUDA-measured counts (the simulated GPU is a CUDA GPU),
         # the CPU table for paths not measured there; counts_device "cpu": the CPU table only
@@ -311,6 +310,8 @@ class InferenceRun:
         self.workload = workload or Workload(kind="infer", seq_len=cfg.prompt_len, gen_len=cfg.gen_len)
         self.rng = np.random.default_rng(self.workload.seed)
         self.popularity = routing.expert_popularity(model, self.workload, self.rng)
+        self.costs = costs if costs is not None else BlockCosts(model, sim.cost, cfg.quant, cfg.dequant,
+                                                                popularity=self.popularity)
         self.compute = _Stream(self.env, "compute", self._record)
         self.copy = _Stream(self.env, "pcie_h2d", self._record)
         # ring state (Ring in the reference): global block counters, per-slot events

@@ -1,29 +1,104 @@
 """GPU work of the phases of one block of the simulated inference engine (`BlockCosts`, from a
-`CostModel`), and constant phase times for tests (`FixedCosts`)."""
+`CostModel`), and constant phase times for tests (`FixedCosts`).
+
+Expert GEMMs (bf16, and the quantised workspace path): ``torch._grouped_mm`` at the profile's rate for
+the mean rows per expert, on the rows the kernel really computes: CUTLASS tiles each group's rows in
+tiles of ``grouped_mm_tile_m`` rows, so uneven routed groups (random routing: per-expert loads
+``~ Binomial(T, k p_e)``, never tile multiples) cost ``sum_e E[ceil(X_e / tile) * tile]`` rows
+(`padded_rows`), while the profile's rows are measured at tile-aligned equal groups. The SwiGLU
+activation is the reference's ``F.silu(h1) * h3``: two kernels, 5 passes over ``rows x F``.
+
+Quantised experts (`simulator.workload.inference_quant`): the workspace dequantisation and the fused
+quantised GEMMs use the profile's ``dequant`` / ``qgemm_fwd`` rows when the profile has them
+(`simulator.workload.inference_profile`, sweep ``infer`` of ``kernels/profile.py``: the reference's
+own calls), else the analytic memory pass / bf16-rate assumption.
+"""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from semoe import ModelSpec
 from simulator.cost import CostModel
-from simulator.workload.inference_quant import dequant_bytes, gemm_factor
+from simulator.workload.inference_profile import InferProfile
+from simulator.workload.inference_quant import dequant_bytes, gemm_factor, weight_shapes
 
 # results/bench/moe_layer.csv, permute_T16384_k8_D2048 impl torch (H100, 2026-11-24): argsort + gather +
 # index_add round trip, 351.4 GB/s (our Triton permute: 2695 GB/s); reference/inference dispatches with torch
 TORCH_PERMUTE_GBPS = 351.4
 
 
-class BlockCosts:
-    """GPU work (seconds) of the phases of one block, from a `CostModel` (see the module docstring)."""
+def grouped_mm_tile_m(rows_per_group: float, n: int) -> int:
+    """Rows per CUTLASS tile of ``torch._grouped_mm`` (bf16, SM90): PyTorch's GroupMM.cu picks 64 x 128
+    tiles when the mean rows per group or N is <= 128, else 128 x 256 (or 128 x 128): 128 rows."""
+    return 64 if rows_per_group <= 128 or n <= 128 else 128
 
-    def __init__(self, m: ModelSpec, cost: CostModel, quant: str | None = None, dequant: str = "workspace") -> None:
+
+def padded_rows(tokens: int, top_k: int, popularity, tile: int) -> float:
+    """Expected rows a grouped GEMM computes when each group's rows are rounded up to ``tile``: expert
+    ``e`` gets ``X_e ~ Binomial(tokens, min(1, top_k p_e))`` rows (``popularity`` p, uniform if None)
+    and costs ``ceil(X_e / tile) * tile``."""
+    if tokens <= 0:
+        return 0.0
+    p = np.full(top_k, 1.0 / top_k) if popularity is None else np.asarray(popularity, dtype=float)
+    total = 0.0
+    for q in np.minimum(1.0, top_k * p):
+        if q <= 0:
+            continue
+        mu, sd = tokens * q, math.sqrt(tokens * q * (1 - q))
+        lo, hi = max(0, int(mu - 10 * sd - 1)), min(tokens, int(mu + 10 * sd + 2))
+        x = np.arange(lo, hi + 1, dtype=float)
+        if q >= 1.0:
+            pmf = (x == tokens).astype(float)
+        else:
+            lg = (math.lgamma(tokens + 1) - np.array([math.lgamma(v + 1) + math.lgamma(tokens - v + 1) for v in x])
+                  + x * math.log(q) + (tokens - x) * math.log1p(-q))
+            pmf = np.exp(lg)
+        total += float(np.sum(pmf * np.ceil(x / tile) * tile) / max(np.sum(pmf), 1e-300))
+    return total
+
+
+class BlockCosts:
+    """GPU work (seconds) of the phases of one block, from a `CostModel` (see the module docstring).
+    ``popularity``: per-expert routing probabilities (uniform if None), for the uneven group loads."""
+
+    def __init__(self, m: ModelSpec, cost: CostModel, quant: str | None = None, dequant: str = "workspace",
+                 popularity=None) -> None:
         self.m, self.cm = m, cost
+        self.quant, self.dequant_path = quant, dequant
         self.gemm_factor = gemm_factor(quant, dequant)
+        self.popularity = None if popularity is None else np.asarray(popularity, dtype=float)
+        self.prof = InferProfile.of(cost)
 
     def dequant(self, experts: int, kernels: int = 1) -> float:
-        """Dequantising ``experts`` experts into the workspace: memory-bound, ``kernels`` launches."""
+        """Dequantising ``experts`` experts into the workspace: the profile's ``dequant`` rows (the
+        reference's strided copy + scale pass) for every weight matrix when present, else one memory-bound
+        pass; ``kernels`` launches."""
         if experts <= 0:
             return 0.0
+        if self.quant is not None:
+            ts = [self.prof.dequant_s(self.quant, i, o, experts) for i, o in weight_shapes(self.m)]
+            if all(t is not None for t in ts):
+                return float(sum(ts))
         return self.cm.memory(dequant_bytes(self.m, experts)) + max(0, kernels - 1) * self.cm.launch_s
+
+    def fused_gemms(self, rows_per_expert: float, groups: int) -> float | None:
+        """The fused quantised GEMMs (w1, w3, w2) from the profile's ``qgemm_fwd`` rows, None if any is
+        not measured."""
+        if self.quant is None or self.dequant_path != "fused":
+            return None
+        ts = [self.prof.qgemm_s(self.quant, rows_per_expert, i, o, groups) for i, o in weight_shapes(self.m)]
+        return float(sum(ts)) if all(t is not None for t in ts) else None
+
+    def grouped_rows(self, tokens: int, groups: int, n: int) -> float:
+        """Rows per group the bf16 grouped GEMM computes for ``tokens`` routed tokens: the routed rows
+        padded to the kernel's tiles (`padded_rows`), over the groups with rows."""
+        m = self.m
+        per = tokens * m.top_k / groups
+        pop = self.popularity if self.popularity is not None else np.full(m.experts, 1.0 / m.experts)
+        return max(per, padded_rows(tokens, m.top_k, pop, grouped_mm_tile_m(per, n)) / groups)
 
     def attention(self, batch: int, q_len: int, kv_len: int) -> float:
         m, cm, dt = self.m, self.cm, self.m.dtype
@@ -64,10 +139,16 @@ class BlockCosts:
             return 0.0
         per = rows / groups
         mats = 3 if m.activation == "swiglu" else 2
-        t = (mats - 1) * cm.matmul(per, m.ffn, m.hidden, dt, groups=groups)  # w1 (and w3)
-        t += cm.matmul(per, m.hidden, m.ffn, dt, groups=groups)  # w2
-        t *= self.gemm_factor if fused else 1.0  # fused quantised GEMMs (ring / resident groups only)
-        t += cm.elementwise("add", (mats) * rows * m.ffn * m.dtype_bytes, dt)  # act (* gate)
+        q = self.fused_gemms(per, groups) if fused else None
+        if q is not None:  # measured fused quantised GEMMs (ring / resident groups)
+            t = q
+        else:
+            r1, r2 = self.grouped_rows(tokens, groups, m.ffn), self.grouped_rows(tokens, groups, m.hidden)
+            t = (mats - 1) * cm.matmul(r1, m.ffn, m.hidden, dt, groups=groups)  # w1 (and w3)
+            t += cm.matmul(r2, m.hidden, m.ffn, dt, groups=groups)  # w2
+            t *= self.gemm_factor if fused else 1.0  # fused quantised GEMMs, no profile row (assumed rate)
+        # activation: SwiGLU F.silu(h1) * h3 (silu: read + write; mul: 2 reads + write), GELU read + write
+        t += cm.elementwise("add", (5 if m.activation == "swiglu" else 2) * rows * m.ffn * m.dtype_bytes, dt)
         t += self.dispatch_combine(tokens) / 2  # combine
         t += cm.elementwise("add", 3 * tokens * m.hidden * m.dtype_bytes, dt)  # residual
         return t

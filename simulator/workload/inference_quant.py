@@ -9,14 +9,16 @@ Dequantisation (``DEQUANT`` paths, ``InferConfig.dequant``; the reference's ``qu
 "dequant" / "fused"):
 
 * ``workspace``: before the grouped FFN the block's (ring, resident) or the fetched (expert-aware)
-  experts are dequantised into a dtype workspace of one block's experts on the compute stream, a
-  memory-bound pass reading 1 byte + scales and writing ``dtype_bytes`` per weight
-  (`CostModel.memory`); the GEMMs then run in bf16.
+  experts are dequantised into a dtype workspace of one block's experts on the compute stream (the
+  reference's strided ``copy_`` then in-place ``mul_`` by the scales): the profile's ``dequant`` rows
+  when measured, else memory-bound passes of ``1 + 3 dtype_bytes`` per weight (`dequant_bytes`,
+  `CostModel.memory`); the GEMMs then run in bf16.
 * ``fused``: ring and resident groups compute from the quantised bytes (the reference's
   ``reference/inference/qmatmul.py``: fp8 ``torch._scaled_grouped_mm``, int8 a Triton GEMM with the
-  scale in the epilogue): no dequant pass; fp8 GEMMs at ``FP8_GEMM_SPEEDUP`` x the bf16 rate (H100
-  datasheet: 1979 vs 989 dense TFLOP/s; an assumption until a profile row measures it), int8
-  weight-only GEMMs at the bf16 rate (the weights are widened in registers). Expert-aware passes
+  scale in the epilogue): no dequant pass; the GEMMs at the profile's ``qgemm_fwd`` rate (the
+  reference's ``quant_mm`` call, fp8 including the per-row activation quantisation) when measured,
+  else fp8 at ``FP8_GEMM_SPEEDUP`` x the bf16 rate (H100 datasheet: 1979 vs 989 dense TFLOP/s, an
+  assumption) and int8 weight-only at the bf16 rate (the weights are widened in registers). Expert-aware passes
   still dequantise their fetched experts, as the reference does.
 Either way the plan reserves the workspace (E experts in the model dtype), as the reference's
 ``plan_memory`` does.
@@ -70,9 +72,13 @@ def workspace_bytes(m: ModelSpec, quant: str | None, dequant: str = "workspace")
 
 
 def dequant_bytes(m: ModelSpec, experts: int) -> float:
-    """HBM bytes of dequantising ``experts`` experts: read 1 byte + the scale, write ``dtype_bytes``."""
+    """HBM bytes of the reference's dequantisation of ``experts`` experts (``dequantize_into``: ``copy_`` of
+    the 1-byte data into the workspace, read 1 + write ``dtype_bytes``; then ``mul_`` by the scales in
+    place, read ``dtype_bytes`` + the scale, write ``dtype_bytes``): ``1 + 3 dtype_bytes`` per weight. A
+    lower bound: the copy reads the k-major data transposed (strided), which the profile's ``dequant``
+    rows measure (`simulator.workload.inference_costs.BlockCosts.dequant`)."""
     shapes = weight_shapes(m)
-    return experts * sum(i * o * (1 + m.dtype_bytes) + 4 * o for i, o in shapes)
+    return experts * sum(i * o * (1 + 3 * m.dtype_bytes) + 4 * o for i, o in shapes)
 
 
 def gemm_factor(quant: str | None, dequant: str) -> float:

@@ -22,7 +22,7 @@ from paper_repro.validate import (
 )
 from paper_repro.validate_cli import register
 
-STATUSES = {"validated", "fitted", "derived", "not_modelled"}
+STATUSES = {"validated", "fitted", "derived", "not_modelled", "extrapolated"}
 
 
 @pytest.fixture(scope="module")

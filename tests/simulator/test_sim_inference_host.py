@@ -119,7 +119,7 @@ def test_dequant_path_is_a_parameter():
     # the plan reserves the workspace either way (reference plan_memory)
     pl = plan_memory(m, "ring", 1e9, 1, 32, 16, quant="int8", dequant="fused")
     assert pl.workspace_bytes == m.experts * expert_params(m) * 2
-    assert dequant_bytes(m, 2) == pytest.approx(2 * (3 * 64 * 128 * 3 + 4 * (2 * 128 + 64)))
+    assert dequant_bytes(m, 2) == pytest.approx(2 * (3 * 64 * 128 * 7 + 4 * (2 * 128 + 64)))  # copy_ + mul_
 
 
 def test_fewer_experts_student_copies_less():

@@ -126,3 +126,19 @@ def test_quick_bench_config_without_budget():
     d = V.predict_all(m)
     assert (d["status"] == "validated").all() and (d["predicted"] > 0).all()
     assert d.loc[d["metric"] == "ring_K", "predicted"].item() == 1
+
+
+def test_run_host_probe_is_an_input_of_that_run_only():
+    """A run's own host_op_us probe row replaces the profile's host seconds per kernel for that run's
+    host-bound rows (status input, like the pinned H2D bandwidth); other runs keep the profile's."""
+    spec = [("resident", 1, "decode_ms_per_step", 20.0), ("-", 0, "host_op_us", 60.0)]
+    probed = V.predict_all(rows(*spec))
+    other = rows(spec[0]).assign(date="2026-12-02T00:00:00Z")
+    plain = V.predict_all(pd.concat([rows(*spec), other], ignore_index=True))
+    p = probed.set_index(["mode", "metric"])
+    assert p.loc[("-", "host_op_us"), "status"] == "input"
+    assert p.loc[("-", "host_op_us"), "predicted"] == pytest.approx(V._host_op_s() * 1e6)
+    fast = plain[plain["date"] == "2026-12-02T00:00:00Z"].iloc[0]["predicted"]
+    slow = p.loc[("resident", "decode_ms_per_step"), "predicted"]
+    assert slow > 1.5 * fast  # host-bound decode: ~60 vs ~31 us per kernel
+    assert "this run's probe" in p.loc[("resident", "decode_ms_per_step"), "note"]

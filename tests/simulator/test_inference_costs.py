@@ -1,0 +1,108 @@
+"""simulator.workload.inference_costs: tile padding of uneven routed groups, and the profile's inference
+rows (dequant, fused quantised GEMMs) used when present, the analytic model otherwise."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from semoe.presets import cluster_preset, model_preset
+from simulator.cost import CostModel, Profile
+from simulator.workload.inference_costs import (
+    BlockCosts,
+    grouped_mm_tile_m,
+    padded_rows,
+)
+from simulator.workload.inference_profile import InferProfile
+from simulator.workload.inference_quant import weight_shapes
+
+GPU = cluster_preset("h100-single").gpu
+U8 = np.full(8, 1 / 8)
+
+
+def test_padded_rows_hand_cases():
+    assert padded_rows(2048, 2, U8, 1) == pytest.approx(4096)  # no padding: E[sum X_e] = T k
+    # one token, top-2 of 8: each expert has 0 or 1 row (p = 1/4) -> a full tile with prob 1/4
+    assert padded_rows(1, 2, U8, 64) == pytest.approx(8 * 0.25 * 64)
+    # every expert always routed: X_e = T exactly (q = 1), 100 rows -> 2 tiles of 64
+    assert padded_rows(100, 2, np.full(2, 0.5), 64) == pytest.approx(2 * 128)
+    p = padded_rows(2048, 2, U8, 128)
+    assert 4096 < p < 4096 + 8 * 127  # mean 512 per expert sits on a tile boundary: ~half the groups round up
+    assert p == pytest.approx(4096 + 8 * 64, rel=0.03)
+
+
+def test_tile_choice():
+    assert grouped_mm_tile_m(2.0, 14336) == 64 and grouped_mm_tile_m(128, 14336) == 64
+    assert grouped_mm_tile_m(512, 14336) == 128 and grouped_mm_tile_m(512, 64) == 64
+
+
+def _mixtral():
+    return model_preset("mixtral-8x7b").replace(layers=2, dtype="bf16")
+
+
+def test_uneven_groups_cost_more_than_aligned_ones():
+    m = _mixtral()
+    cm = CostModel(GPU)  # roofline: the padding effect alone
+    c = BlockCosts(m, cm, popularity=U8)
+    T = 2048
+    assert c.grouped_rows(T, 8, m.ffn) == pytest.approx(padded_rows(T, 2, U8, 128) / 8)
+    aligned = 2 * cm.matmul(512, m.ffn, m.hidden, groups=8) + cm.matmul(512, m.hidden, m.ffn, groups=8)
+    padded = 2 * cm.matmul(c.grouped_rows(T, 8, m.ffn), m.ffn, m.hidden, groups=8) + cm.matmul(
+        c.grouped_rows(T, 8, m.hidden), m.hidden, m.ffn, groups=8)
+    assert padded > 1.08 * aligned
+    rest = c.experts(T, 8) - padded
+    assert rest > 0  # activation, combine, residual
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["gpu", "op", "impl", "dtype", "m", "n", "k", "groups", "flop", "time_s"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({"gpu": "NVIDIA H100 80GB HBM3", "flop": 0, "groups": r.get("groups", 1), **r})
+
+
+def test_dequant_and_fused_rows_replace_the_analytic_model(tmp_path):
+    m = _mixtral()
+    E = m.experts
+    shapes = weight_shapes(m)
+    rows = [{"op": "dequant", "impl": "torch", "dtype": "int8", "m": E, "k": i, "n": o, "groups": E, "time_s": 0.005}
+            for i, o in shapes]
+    for i, o in set(shapes):
+        for mm, tf in ((256, 300e12), (1024, 600e12)):
+            rows.append({"op": "qgemm_fwd", "impl": "triton_dequant_gemm", "dtype": "int8", "m": mm, "k": i, "n": o,
+                         "groups": E, "time_s": 2 * mm * i * o * E / tf})
+    path = tmp_path / "prof.csv"
+    _write(path, rows)
+    cm = CostModel(GPU, Profile.from_csv(path))
+    ws = BlockCosts(m, cm, "int8", "workspace")
+    assert ws.dequant(E) == pytest.approx(0.005 * len(shapes))
+    assert ws.dequant(1) == pytest.approx(0.005 * len(shapes) / E)  # linear in the experts
+    fused = BlockCosts(m, cm, "int8", "fused")
+    tf512 = math.exp((math.log(300e12) + math.log(600e12)) / 2)  # power law halfway in log m
+    want = sum(2 * 512 * i * o * E / tf512 for i, o in shapes)
+    assert fused.fused_gemms(512, E) == pytest.approx(want)
+    assert fused.experts(2048, E) > want  # + activation, combine, residual
+    # no rows: the analytic memory pass and the bf16 rate (fp8: the datasheet ratio)
+    bare = CostModel(GPU)
+    assert not InferProfile.of(bare)
+    b = BlockCosts(m, bare, "int8", "workspace")
+    assert b.dequant(E) == pytest.approx(bare.memory(sum(E * (i * o * 7 + 4 * o) for i, o in shapes)))
+    assert BlockCosts(m, bare, "int8", "fused").fused_gemms(512, E) is None
+
+
+def test_fused_rows_of_another_expert_count_scale_by_groups(tmp_path):
+    m = _mixtral()
+    rows = [{"op": "qgemm_fwd", "impl": "scaled_grouped_mm", "dtype": "fp8", "m": mm, "k": i, "n": o, "groups": 8,
+             "time_s": t} for i, o in set(weight_shapes(m)) for mm, t in ((16, 1e-4), (64, 1.2e-4))]
+    path = tmp_path / "prof.csv"
+    _write(path, rows)
+    ip = InferProfile.of(CostModel(GPU, Profile.from_csv(path)))
+    i, o = weight_shapes(m)[0]
+    assert ip.qgemm_s("fp8", 16, i, o, 8) == pytest.approx(1e-4)
+    assert ip.qgemm_s("fp8", 16, i, o, 2) == pytest.approx(1e-4 * 2 / 8)  # two groups: a quarter of the work
+    assert ip.qgemm_s("fp8", 4, i, o, 8) == pytest.approx(1e-4)  # below the range: the weights are read anyway
+    assert ip.qgemm_s("fp8", 128, i, o, 8) == pytest.approx(2 * 1.2e-4)  # above: the largest rows' FLOP/s
