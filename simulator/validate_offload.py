@@ -70,17 +70,26 @@ BENCH = ROOT / "results" / "bench" / "offload_train.csv"
 OUT = ROOT / "results" / "validation" / "offload_train.csv"
 BENCH_COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "value")
 OUT_COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "measured", "predicted",
-               "error", "used_for_fitting", "status", "note")
+               "error", "used_for_fitting", "status", "note", "cpu_adam_input")
 TIME_METRICS = ("step_ms", "step_s", "tokens_per_s", "cpu_adam_ms_per_step", "ratio_vs_gpu")
 RATIO_METRICS = ("hit_rate", "cache_hit_rate")
 BYTES_METRICS = ("h2d_gb_per_step", "d2h_gb_per_step", "ssd_read_gb_per_step", "ssd_write_gb_per_step")
 MEMORY_METRICS = ("peak_mem_gb",)
 INPUT_METRICS = ("h2d_pinned_GBps", "d2h_pinned_GBps", "ssd_read_GBps", "ssd_write_GBps", "cpu_adam_Mparams_per_s",
-                 "cpu_adam_fp32grad_Mparams_per_s", "ssd_block_prep_GBps")
+                 "cpu_adam_fp32grad_Mparams_per_s", "ssd_block_prep_GBps", "cpu_adam_engine_Mparams_per_s",
+                 "ssd_block_read_GBps")
+# the engine's per-layer CPU AdamW (reference.offload.bench.measure_engine_adam): config ``cpu_adam_engine E<n>
+# P<n> grad=<bf16|fp32>``, placement = the load it ran under; `adam_input` picks one per simulated case
+ENGINE_ADAM = "cpu_adam_engine_Mparams_per_s"
+# the load beside the optimizer thread in each placement's run on a GPU (on the CPU the engine is synchronous:
+# nothing runs beside an update, so its runs use ``alone``)
+ADAM_LOAD = {"cpu": "gpu+pcie", "ssd": "gpu+pcie+ssd"}
 # bench rows of the same run (date, commit, device) that the simulation takes as inputs: metric -> io_rates key
 IO_INPUTS = {"ssd_read_GBps": ("disk_read", 1e9), "ssd_write_GBps": ("disk_write", 1e9),
              "cpu_adam_Mparams_per_s": ("cpu_adam", 1e6), "cpu_adam_fp32grad_Mparams_per_s": ("cpu_adam_fp32grad", 1e6),
-             "ssd_block_prep_GBps": ("ssd_write_prep", 1e9)}
+             "ssd_block_prep_GBps": ("ssd_write_prep", 1e9),
+             # the engine's own timed block read (fresh buffer + crc32 check): replaces ssd_read_GBps where a run has it
+             "ssd_block_read_GBps": ("disk_read_block", 1e9)}
 TRACES = ROOT / "results" / "bench" / "offload"  # trace_<a|b>_<placement>_<on|off>.csv + run.json of one bench run
 TRACE_LABELS = {"a": "a_compute_bound", "b": "b_over_budget"}
 PLACEMENTS = {"gpu": "gpu", "hbm": "gpu", "all-in-hbm": "gpu", "none": "gpu", "cpu": "cpu", "cpu-offload": "cpu",
@@ -313,6 +322,72 @@ def run_options(commit: str, date: str) -> dict:
     return {"_ref_optimizer": "fused" if fused else "foreach", "_expert_impl": "grouped" if grouped else "loop"}
 
 
+def engine_adam_probes(df) -> dict[tuple, dict[tuple, float]]:
+    """``(date, commit, device) -> {(E, P, grad, load): Mparams/s}`` from a bench frame's `ENGINE_ADAM` rows."""
+    out: dict[tuple, dict[tuple, float]] = {}
+    for r in df[df["metric"] == ENGINE_ADAM].itertuples(index=False):
+        m = re.search(r"\bE(\d+)\s+P(\d+)\s+grad=(\w+)", str(r.config))
+        if m:
+            out.setdefault((r.date, r.commit, r.device), {})[(int(m[1]), int(m[2]), m[3], str(r.placement))] = float(
+                r.value)
+    return out
+
+
+def layer_size(cfg: OffloadConfig) -> tuple[int, int]:
+    """``(E, P)``: experts per MoE layer and parameters per expert of the configuration's model (the engine's
+    per-expert flat vector: w1, w3 with SwiGLU, w2, and the biases when the model has them)."""
+    m = build_run(cfg, "gpu", 0).model
+    glu = m.activation == "swiglu"
+    P = (3 if glu else 2) * m.hidden * m.ffn
+    if m.bias:
+        P += (2 if glu else 1) * m.ffn + m.hidden
+    return m.experts, P
+
+
+def adam_input(probes: dict[tuple, float], cfg: OffloadConfig, placement: str, device: str) -> tuple[float, str] | None:
+    """The CPU AdamW rate (parameters/s) a simulated case takes from its run's engine probes, and a label saying
+    which probe: the gradient dtype of the case (fp32 accumulators with ``micro_batches > 1``, else bf16), the
+    load of its placement (`ADAM_LOAD`; ``alone`` for a run on the CPU), the probe's layer size nearest the
+    case's (E x P; exact for the bench's own configurations). None: not offloaded, or no probe of that kind."""
+    tier = parse_placement(placement)
+    if tier == "gpu" or not probes:
+        return None
+    grad = "fp32" if cfg.micro_batches > 1 else "bf16"
+    load = "alone" if str(device).strip().lower() == "cpu" else ADAM_LOAD[tier]
+    cands = {k: v for k, v in probes.items() if k[2] == grad and k[3] == load}
+    if not cands:
+        return None
+    E, P = layer_size(cfg)
+    key = min(cands, key=lambda k: (abs(math.log(k[0] * k[1] / (E * P))), k))
+    label = f"engine probe under '{load}', E{key[0]} P{key[1]} grad={grad}: {cands[key]:.0f} Mparams/s"
+    if key[:2] != (E, P):
+        label += f" (nearest layer size to E{E} P{P})"
+    return cands[key] * 1e6, label
+
+
+def case_io(io: tuple, probes: dict[tuple, float], cfg: OffloadConfig, placement: str, device: str) -> tuple[tuple, str]:
+    """A case's simulation inputs: its run's ``io`` with the CPU AdamW rates (``cpu_adam`` and
+    ``cpu_adam_fp32grad``) replaced by `adam_input`'s when the run has engine probes; and which AdamW input the
+    case uses (a label; '' for a placement without a CPU optimizer)."""
+    try:
+        tier = parse_placement(placement)
+    except ValueError:
+        return io, ""
+    if tier == "gpu":
+        return io, ""
+    got = adam_input(probes, cfg, placement, device)
+    rates = dict(io)
+    if got is not None:
+        rates["cpu_adam"] = rates["cpu_adam_fp32grad"] = got[0]
+        return tuple(sorted(rates.items())), got[1]
+    key = "cpu_adam_fp32grad" if cfg.micro_batches > 1 and rates.get("cpu_adam_fp32grad") else "cpu_adam"
+    if rates.get(key):
+        name = "cpu_adam_fp32grad_Mparams_per_s" if key == "cpu_adam_fp32grad" else "cpu_adam_Mparams_per_s"
+        return io, (f"isolated probe {name}: {rates[key] / 1e6:.0f} Mparams/s (older run: no engine probe under "
+                    "load)")
+    return io, "the simulator's assumption (profile / host DRAM bandwidth): no probe in this run"
+
+
 def simulate(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> dict:
     """The reference-trainer step of the configuration (cached per arguments); ``io``: ``((key, rate), ..)``
     measured host-side rates (`TrainingIteration` ``io_rates``)."""
@@ -324,11 +399,16 @@ def simulate(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> 
     io = tuple((k, v) for k, v in io if not k.startswith("_"))
     if key not in _SIM_CACHE:
         run = build_run(cfg, placement, depth)
+        from simulator.train_host import train_program
+
+        # the trainer's host program (kernels per segment, host syncs); None for an uncounted structure
+        prog = train_program(run.model, opts.get("ref_optimizer", "foreach"), "torch")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
             sim = Sim(run.cluster, seed=run.workload.seed, trace=False)
             _SIM_CACHE[key] = TrainingIteration(run, sim, impl="reference", measured_steps=max(cfg.steps, 1),
-                                                io_rates=dict(io), expert_kernels="torch", **opts).run()
+                                                io_rates=dict(io), expert_kernels="torch", host_program=prog,
+                                                **opts).run()
     return _SIM_CACHE[key]
 
 
@@ -368,12 +448,13 @@ def _input(metric: str) -> float:
         return c.pcie.bandwidth_GBps
     if metric == "ssd_block_prep_GBps":
         return float("nan")  # no default: without a measurement the simulator charges nothing
-    if metric in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s"):  # the assumption (DRAM-bound)
+    if metric in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s", ENGINE_ADAM):  # the assumption
         from simulator.workload.training import CPU_ADAM_BYTES_PER_PARAM
 
         return c.host_memory_GBps * 1e9 / CPU_ADAM_BYTES_PER_PARAM / 1e6
     cm = CostModel.auto(c.gpu)
-    op, bw = ("disk_read", c.ssd_read_GBps) if metric == "ssd_read_GBps" else ("disk_write", c.ssd_write_GBps)
+    read = metric in ("ssd_read_GBps", "ssd_block_read_GBps")
+    op, bw = ("disk_read", c.ssd_read_GBps) if read else ("disk_write", c.ssd_write_GBps)
     n = 512 * 2**20
     return n / cm.transfer_time(op, n, bw) / 1e9
 
@@ -415,17 +496,45 @@ def write_prep_rate(traces: Path) -> tuple[float, int] | None:
     return (float(np.median(rates)), n) if rates else None
 
 
-def trace_phases(path: Path, warmup: int) -> dict[str, float]:
-    """Per measured step (step rows ``warmup``..): busy ms and GB of each host / copy phase in a bench
-    trace (rows that start inside a measured step's window)."""
+def trace_window(rows: list, warmup: int, counted: int | None = None) -> tuple[float, float, int] | None:
+    """``(t0, t1, steps)``: the host-clock window of a bench trace that holds the work of its counted steps (step
+    rows ``warmup .. warmup + counted - 1``, all of them when ``counted`` is None), including their asynchronous
+    tails. An update runs on the optimizer thread after its step's ``step`` row ends, and its SSD writes after
+    that, so the window is not the step rows' span (that lost the last step's update and write-backs: 3 of 4
+    steps' SSD bytes in 3bd5bc4's traces, fewer in b where the write queue lags). It opens at the first counted
+    step (the bench drains the warm-up's updates before it) and closes where later work begins: the next
+    ``step`` / ``profile_step`` row, the first ``cpu_adam`` row past the counted steps' ``counted x layers``
+    ones, or the first ``ssd_read`` after the last of those (the next step's reads; the bench drains the counted
+    steps' updates before anything else runs); else the end of the trace."""
+    marks = sorted((r for r in rows if r.phase in ("step", "profile_step")), key=lambda r: r.start_s)
+    steps = [r for r in marks if r.phase == "step"][warmup:]
+    if counted is not None:
+        steps = steps[:counted]
+    if not steps:
+        return None
+    t0, n = steps[0].start_s, len(steps)
+    ends = [r.start_s for r in marks if r.start_s > steps[-1].start_s]
+    adam = sorted((r for r in rows if r.phase == "cpu_adam" and r.start_s >= t0), key=lambda r: r.start_s)
+    layers = len({r.layer for r in adam})
+    if layers and len(adam) >= n * layers:
+        last = adam[n * layers - 1]
+        ends += [r.start_s for r in adam[n * layers :]]
+        ends += [r.start_s for r in rows if r.phase == "ssd_read" and r.start_s >= last.end_s]
+    return t0, min(ends, default=float("inf")), n
+
+
+def trace_phases(path: Path, warmup: int, counted: int | None = None) -> dict[str, float]:
+    """Per counted step (step rows ``warmup``.., ``counted`` of them): busy ms and GB of each host / copy phase
+    in a bench trace (rows that start inside `trace_window`)."""
     from semoe.trace import read_csv
 
     rows = read_csv(path)
-    steps = sorted((r for r in rows if r.phase == "step"), key=lambda r: r.start_s)[warmup:]
-    if not steps:
+    win = trace_window(rows, warmup, counted)
+    if win is None:
         return {}
-    t0, t1 = steps[0].start_s, steps[-1].end_s
-    out: dict[str, float] = {"steps": len(steps)}
+    t0, t1, n = win
+    steps = range(n)
+    out: dict[str, float] = {"steps": n}
     for phase, key in (("cpu_adam", "cpu_adam"), ("ssd_read", "ssd_read"), ("ssd_write", "ssd_write"),
                        ("d2h_grad", "d2h"), ("h2d_fetch", "h2d"), ("h2d_demand", "h2d")):
         sel = [r for r in rows if r.phase == phase and t0 <= r.start_s < t1]
@@ -460,6 +569,10 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         if r.metric in IO_INPUTS:
             k, scale = IO_INPUTS[r.metric]
             inputs.setdefault((r.date, r.commit, r.device), {})[k] = float(r.value) * scale
+    for d in inputs.values():  # the block read is what the engine's reads do: it wins over the plain-file probe
+        if "disk_read_block" in d:
+            d["disk_read"] = d.pop("disk_read_block")
+    probes = engine_adam_probes(df)
     runs = set(zip(df["date"], df["commit"], df["device"]))
     for run in runs:  # the reference code each run executed (its GPU AdamW and expert GEMM path)
         inputs.setdefault(run, {}).update(run_options(run[1], run[0]))
@@ -483,13 +596,17 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         io = tuple(sorted(inputs.get((r.date, r.commit, r.device), {}).items()))
         measured = float(r.value)
         row = dict(base, measured=measured, predicted=float("nan"), error=float("nan"), used_for_fitting=False,
-                   status="not_modelled", note="")
+                   status="not_modelled", note="", cpu_adam_input="")
         if r.metric in INPUT_METRICS:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pred = _input(r.metric)
             note = ("model input (same-run probe), used_for_fitting: predicted is the simulator's own rate of this "
                     "link (cluster preset / profile / assumption)")
+            if r.metric == ENGINE_ADAM:
+                note += (f"; the engine's per-layer AdamW under load '{r.placement}': the simulations of this run's "
+                         "cases of that layer size, gradient dtype and load use it (" +
+                         ", ".join(f"{k} -> {v}" for k, v in ADAM_LOAD.items()) + "; alone on the CPU)")
             if r.metric in IO_INPUTS:
                 note += "; this run's simulations use the measured value instead (io_rates)"
             if math.isnan(pred):  # an input the simulator has no rate of its own for (charged only when measured)
@@ -502,6 +619,10 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                            used_for_fitting=True, note=note)
             out.append(row)
             continue
+        if str(r.config).startswith("cpu_adam_engine"):  # (a probe's error row: its load failed)
+            row["note"] = "engine AdamW probe that did not complete under this load (see the bench log)"
+            out.append(row)
+            continue
         if str(r.placement).strip() in ("-", ""):
             row["note"] = "describes the bench case (sizes), not a measurement of a placement"
             out.append(row)
@@ -509,6 +630,8 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         try:
             cfg = parse_config(r.config)
             depth = parse_prefetch(r.prefetch, cfg.depth)
+            io, adam_label = case_io(io, probes.get((r.date, r.commit, r.device), {}), cfg, r.placement, r.device)
+            row["cpu_adam_input"] = adam_label
             s = simulate(cfg, r.placement, depth, io)
         except ValueError as e:
             row["note"] = str(e)
@@ -530,9 +653,12 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
             if rates:
                 note += "; measured inputs: " + ", ".join(f"{k} {v:.3g}/s" for k, v in rates)
             note += "; reference: " + ", ".join(f"{k[1:]} {v}" for k, v in io if k.startswith("_"))
+            if adam_label:
+                note += f"; CPU AdamW input: {adam_label}"
             if r.metric in ("cpu_adam_ms_per_step", "ssd_read_gb_per_step", "ssd_write_gb_per_step"):
-                note += ("; bench counter: its window opens at the first measured step while the last warm-up "
-                         "step's host updates and I/O still run, so it over-counts (see trace_* rows)")
+                note += ("; bench counter (runs before 3bd5bc4 opened its window while the warm-up's updates still "
+                         "ran, and until the profile fix the --profile cases (a cpu on, a ssd on) also counted the "
+                         "profiled step: 5 steps over 4; the trace_* rows are the reference)")
             row.update(predicted=pred, error=err, status="validated", note=note)
         out.append(row)
     if run_of_traces is not None:
@@ -555,23 +681,26 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                         "note": f"measured: block bytes over the median of {n} write-to-write gaps in the traces "
                                 "(in place, threads competing); predicted: the isolated ssd_block_prep_GBps probe "
                                 "that the simulations use"})
-        out += _trace_rows(df, traces, run_of_traces, inputs, prep_note)
-    return pd.DataFrame(out, columns=list(OUT_COLUMNS))
+        out += _trace_rows(df, traces, run_of_traces, inputs, prep_note, probes.get(run_of_traces, {}))
+    res = pd.DataFrame(out, columns=list(OUT_COLUMNS))
+    res["cpu_adam_input"] = res["cpu_adam_input"].fillna("")
+    return res
 
 
-def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str) -> list[dict]:
+def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, probes: dict | None = None) -> list[dict]:
     """Per-phase rows: each trace's measured busy time and bytes per step beside the simulation's."""
     out = []
-    io = tuple(sorted(inputs.get(run, {}).items()))
+    run_io = tuple(sorted(inputs.get(run, {}).items()))
     date, commit, device = run
     for label, placement, prefetch, path in _trace_cases(traces):
         sel = df[(df["date"] == date) & (df["commit"] == commit) & (df["config"].astype(str).str.split().str[0] == label)]
         if sel.empty:
             continue
         cfg = parse_config(sel["config"].iloc[0])
-        measured = trace_phases(path, cfg.warmup)
+        measured = trace_phases(path, cfg.warmup, cfg.steps or None)
         if not measured:
             continue
+        io, adam_label = case_io(run_io, probes or {}, cfg, placement, device)
         s = simulate(cfg, placement, parse_prefetch(prefetch, cfg.depth), io)
         for metric, (key, what, sim_keys) in TRACE_METRICS.items():
             m = measured.get(key, 0.0)
@@ -589,8 +718,10 @@ def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str) -> l
                         "placement": placement, "prefetch": prefetch, "metric": metric, "measured": m,
                         "predicted": p, "error": p / m - 1 if m else float("nan"), "used_for_fitting": False,
                         "status": "validated",
-                        "note": f"from {path.name} over {int(measured['steps'])} measured steps (host clock)"
-                                + (prep_note if "write" in metric else "")})
+                        "note": f"from {path.name} over {int(measured['steps'])} counted steps (host clock, each "
+                                "step's asynchronous update and write-backs included: `trace_window`)"
+                                + (prep_note if "write" in metric else ""),
+                        "cpu_adam_input": adam_label})
     return out
 
 
@@ -620,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--traces", type=Path, default=TRACES, help="one bench run's traces and run.json ('' for none)")
     p.add_argument("--png", type=Path, default=None, help="plot (default: --out with .png)")
+    p.add_argument("--md", type=Path, default=None,
+                   help="markdown whose generated tables are refreshed (default: --out with .md; '' for none)")
     a = p.parse_args(argv)
     if not a.bench.is_file():
         print(f"validate_offload: no bench file {a.bench} (the GPU run writes it)")
@@ -633,10 +766,81 @@ def main(argv: list[str] | None = None) -> int:
     print(df[["config", "placement", "prefetch", "metric", "measured", "predicted", "error"]].to_string(index=False))
     if len(v):
         print(f"{len(v)} validated rows: MAPE {v['error'].abs().mean():.1%}, max {v['error'].abs().max():.1%} -> {a.out}")
+    md = a.out.with_suffix(".md") if a.md is None else a.md
+    if str(md) not in ("", "."):
+        write_markdown(df, md)
+        print(f"tables -> {md}")
     png = a.png or a.out.with_suffix(".png")
     if plot(df, png):
         print(f"plot -> {png}")
     return 0
+
+
+MD_BEGIN = "<!-- generated by python -m simulator.validate_offload: begin -->"
+MD_END = "<!-- generated by python -m simulator.validate_offload: end -->"
+
+
+def _pct(x) -> str:
+    return "" if math.isnan(x) else f"{x:+.1%}"
+
+
+def markdown_tables(df) -> str:
+    """The generated part of ``offload_train.md``: per run, the step times and the per-phase (trace) rows,
+    measured vs simulated, each with the CPU AdamW input its simulation used; then the engine AdamW probes."""
+    lab = df["config"].astype(str).str.split().str[0]
+    d = df.assign(label=lab, run=df["commit"].astype(str) + " " + df["date"].astype(str))
+    out = [MD_BEGIN, "", "## Generated tables (`python -m simulator.validate_offload`)", ""]
+    runs = list(dict.fromkeys(d["run"]))[::-1]  # newest (last appended) first
+    for run in runs:
+        r = d[d["run"] == run]
+        st = r[(r["metric"] == "step_ms") & (r["status"] == "validated")]
+        ph = r[r["metric"].str.startswith("trace_") & (r["status"] == "validated")]
+        if st.empty and ph.empty:
+            continue
+        out += [f"### Run {run} ({r['device'].iloc[0]})", ""]
+        if not st.empty:
+            out += ["Step time (ms):", "", "| config | placement | prefetch | measured | simulated | error | CPU AdamW input |",
+                    "|---|---|---|---|---|---|---|"]
+            for x in st.itertuples(index=False):
+                out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {x.measured:.0f} | {x.predicted:.0f} | "
+                           f"{_pct(x.error)} | {x.cpu_adam_input or '-'} |")
+            out.append("")
+        if not ph.empty:
+            out += [("Per phase, per counted step, from the run's traces (`trace_window`: each step's asynchronous "
+                     "update and write-backs included):"), "",
+                    "| config | placement | prefetch | phase | measured | simulated | error | CPU AdamW input |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for x in ph.sort_values(["label", "placement", "prefetch", "metric"]).itertuples(index=False):
+                unit = "GB" if x.metric.endswith("_gb_per_step") else ("GB/s" if x.metric.endswith("GBps") else "ms")
+                phase = x.metric.removeprefix("trace_").removesuffix("_per_step")
+                out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {phase} ({unit}) | {x.measured:.4g} | "
+                           f"{x.predicted:.4g} | {_pct(x.error)} | {x.cpu_adam_input or '-'} |")
+            out.append("")
+        pr = r[r["metric"] == ENGINE_ADAM]
+        if not pr.empty:
+            out += ["Engine AdamW probes (`cpu_adam_engine_Mparams_per_s`, inputs; the load is what ran beside the "
+                    "update; cases use " + ", ".join(f"{k} -> '{v}'" for k, v in ADAM_LOAD.items()) + "):", "",
+                    "| layer | load | Mparams/s |", "|---|---|---|"]
+            for x in pr.itertuples(index=False):
+                out.append(f"| {x.config.removeprefix('cpu_adam_engine ')} | {x.placement} | {x.measured:.0f} |")
+            out.append("")
+    out.append(MD_END)
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(df, path: Path) -> None:
+    """Put `markdown_tables` into ``path`` between `MD_BEGIN` / `MD_END` (the narrative around them is kept;
+    appended when the markers are missing)."""
+    from semoe.io import atomic_write_text
+
+    text = path.read_text() if path.is_file() else "# Offloaded training (issue 6): simulator vs the H100 bench\n\n"
+    tables = markdown_tables(df)
+    if MD_BEGIN in text and MD_END in text:
+        head, rest = text.split(MD_BEGIN, 1)
+        text = head + tables.rstrip("\n") + rest.split(MD_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + tables
+    atomic_write_text(path, text)
 
 
 def plot(df, path: Path) -> bool:

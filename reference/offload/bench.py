@@ -10,7 +10,14 @@ per measured case (``DIR/trace_<config>_<placement>_<prefetch>.csv``, semoe.trac
 engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per step) and a log.
 
 1. ``bandwidth``: pinned H2D and D2H (256 MiB, CUDA events) and the SSD directory's write (fsync'ed)
-   and read (after ``posix_fadvise(DONTNEED)``) bandwidth of a 512 MiB file.
+   and read (after ``posix_fadvise(DONTNEED)``) bandwidth of a 512 MiB file; the engine's own timed block read
+   (``ssd_block_read_GBps``: `SSDStore.read` into a fresh tensor + crc32, from the device) and the host work
+   before a block write (``ssd_block_prep_GBps``); the isolated fused AdamW (``cpu_adam_*Mparams_per_s``); then
+   ``cpu_adam_engine``: the engine's per-layer AdamW (`reference.offload.cpu_adam.adamw_layer_`, what
+   ``ExpertOffload._adam`` runs) on the layer shapes of (a) and (b), bf16 and fp32 gradients, alone and under
+   the load of a training step (`_Load`: a CUDA matmul loop whose host thread synchronises, pinned H2D + D2H
+   copies on a side stream, the SSD I/O thread), one ``cpu_adam_engine_Mparams_per_s`` row per (layer,
+   gradient dtype, load) with the load in the ``placement`` column (`measure_engine_adam`, about 15 s).
 2. ``a_compute_bound``: a GPT-MoE that fits in HBM (see NOTES.md for why it is compute-bound): all
    in HBM (``gpu``), then ``cpu`` and ``ssd`` placements with prefetch depth 1 (on) and 0 (off).
    Metrics: step_ms (median over the timed steps), tokens_per_s, peak_mem_gb, h2d_gb_per_step,
@@ -29,7 +36,9 @@ engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per st
 Per case: ``warmup`` steps, then one counted step that opens the engine's counter window (after
 ``eng.wait()``: the warm-up's asynchronous host updates and SSD I/O stay out of it), then ``steps`` timed
 steps; the ``*_per_step`` counters are over the counted + timed steps (row ``counted_steps``), ``step_ms``
-over the timed ones. ``DIR/run.json`` names the run (date, commit, device) that the traces belong to.
+over the timed ones; the counters close after the last timed step's updates drained, before the ``--profile``
+step (which the traces mark with a ``profile_step`` row). ``DIR/run.json`` names the run (date, commit,
+device) that the traces belong to.
 
 ``config``: `simulator.validate_offload.config_string` of the case (label first, e.g. ``a_compute_bound
 preset=tiny L4 D1024 ... steps=3 warmup=2 cache=6 micro_batches=8``), so that every row can be
@@ -147,6 +156,16 @@ def expert_params(spec) -> int:
 
 
 # ---------------------------------------------------------------------------------- measurements
+def _drop_page_cache(path: Path) -> None:
+    """Drop a written (fsync'ed, so clean) file's pages, so that the next read comes from the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
     cuda = torch.cuda.is_available()
     if cuda:
@@ -199,6 +218,15 @@ def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
         store.write((0, i % 2), blk)
         prep.append(time.perf_counter() - t - timed[-1])
     rows.add("bandwidth", "ssd", "-", "ssd_block_prep_GBps", blk.numel() * 4 / max(statistics.median(prep), 1e-9) / GB)
+    # the engine's timed block read (SSDStore.read: into a freshly allocated tensor, as the engine's staged and
+    # on-demand reads do, then the crc32 check), from the device: the blocks' clean pages are dropped first
+    reads: list[float] = []
+    store.on_io = lambda kind, key, nb, t0, t1: reads.append(t1 - t0) if kind == "ssd_read" else None
+    for i in range(3):
+        key = (0, i % 2)
+        _drop_page_cache(store.path(key))
+        store.read(key, torch.empty(blk.shape))
+    rows.add("bandwidth", "ssd", "-", "ssd_block_read_GBps", blk.numel() * 4 / max(statistics.median(reads), 1e-9) / GB)
     del blk
     import shutil
 
@@ -213,18 +241,213 @@ def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
         f.flush()
         os.fsync(f.fileno())
     rows.add("bandwidth", "ssd", "-", "ssd_write_GBps", n / (time.perf_counter() - t) / GB)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the clean pages: read from the device
-    finally:
-        os.close(fd)
+    _drop_page_cache(path)
     t = time.perf_counter()
     with open(path, "rb") as f:
         while f.read(64 << 20):
             pass
     rows.add("bandwidth", "ssd", "-", "ssd_read_GBps", n / (time.perf_counter() - t) / GB)
     path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ the engine's CPU AdamW, alone and under load
+ENGINE_ADAM_METRIC = "cpu_adam_engine_Mparams_per_s"
+# what runs beside the optimizer thread (the ``placement`` column of the probe's rows); on the CPU the engine's
+# executors are inline (nothing runs beside an update), so only ``alone`` and the SSD I/O thread are probed there
+ADAM_LOADS_CUDA = ("alone", "gpu", "gpu+pcie", "gpu+pcie+ssd")
+ADAM_LOADS_CPU = ("alone", "ssd")
+
+
+def expert_shapes(spec) -> dict[str, tuple[int, ...]]:
+    """Per-expert tensor shapes of one MoE layer of ``spec``, in `reference.offload.engine.EXPERT_TENSORS` order."""
+    D, F = spec.hidden, spec.ffn
+    glu = spec.activation == "swiglu"
+    out = {"w1_EDF": (D, F)}
+    if glu:
+        out["w3_EDF"] = (D, F)
+    out["w2_EFD"] = (F, D)
+    if spec.bias:
+        out["b1_EF"] = (F,)
+        if glu:
+            out["b3_EF"] = (F,)
+        out["b2_ED"] = (D,)
+    return out
+
+
+def adam_probe_config(E: int, P: int, grad: str) -> str:
+    """``config`` of a `measure_engine_adam` row: ``cpu_adam_engine E<experts> P<params per expert> grad=<dtype>``
+    (`simulator.validate_offload.engine_adam_probes` reads it back)."""
+    return f"cpu_adam_engine E{E} P{P} grad={grad}"
+
+
+class _Load:
+    """Work that runs beside the engine's optimizer thread in a training step, on background threads:
+
+    * ``gpu``: a CUDA matmul loop (bf16 8192^2, four per round) whose host thread synchronises after every round,
+      as the training loop does (``tokens_per_expert_E.tolist()`` per layer, the loss at the end): the CUDA
+      driver spin-waits, so one core is busy, like the training thread's;
+    * ``pcie``: per round, a pinned H2D and a D2H copy of 128 MiB each on one side stream (the engine's copy
+      stream carries both directions), which also draw on host DRAM bandwidth;
+    * ``ssd``: the engine's I/O thread: `SSDStore` writes (bytes view + crc32 + write + fsync + rename) and reads
+      (crc32 check) of one layer-expert-sized ``[3, P]`` block, alternating.
+    """
+
+    def __init__(self, parts: set[str], ssd_dir: Path, block_numel: int, device: str | None = None) -> None:
+        import threading
+
+        self.parts, self.ssd_dir, self.block_numel = parts, ssd_dir, block_numel
+        # ``device`` "cpu" runs the same loop with small CPU matmuls and unpinned copies (tests)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.stop = threading.Event()
+        self.threads: list = []
+        self.errors: list[str] = []
+        self.rounds = {"gpu": 0, "ssd": 0}
+
+    def _gpu(self, ready) -> None:
+        import contextlib
+
+        cuda = self.device == "cuda"
+        try:
+            n = 8192 if cuda else 64
+            a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+            b = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+            c = torch.empty(n, n, device=self.device, dtype=torch.bfloat16)
+            pcie = "pcie" in self.parts
+            if pcie:
+                nb = (128 << 20) if cuda else (1 << 16)
+                h_src = torch.empty(nb, dtype=torch.uint8, pin_memory=cuda)
+                h_dst = torch.empty(nb, dtype=torch.uint8, pin_memory=cuda)
+                d_src = torch.empty(nb, dtype=torch.uint8, device=self.device)
+                d_dst = torch.empty(nb, dtype=torch.uint8, device=self.device)
+                side = torch.cuda.Stream() if cuda else None
+            if cuda:
+                torch.cuda.synchronize()
+            ready.set()
+            while not self.stop.is_set():
+                for _ in range(4):
+                    torch.mm(a, b, out=c)
+                if pcie:
+                    with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                        d_dst.copy_(h_src, non_blocking=True)
+                        h_dst.copy_(d_src, non_blocking=True)
+                if cuda:
+                    torch.cuda.synchronize()
+                self.rounds["gpu"] += 1
+        except Exception as e:  # noqa: BLE001 - reported by __exit__
+            self.errors.append(f"gpu load: {type(e).__name__}: {e}")
+            ready.set()
+
+    def _ssd(self, ready) -> None:
+        from reference.offload.ssd import SSDStore
+
+        try:
+            store = SSDStore(self.ssd_dir)
+            blk = torch.randn(self.block_numel)
+            buf = torch.empty_like(blk)
+            store.write((0, 0), blk)
+            ready.set()
+            i = 0
+            while not self.stop.is_set():
+                store.write((0, 1 + i % 2), blk)
+                store.read((0, i % 2), buf)
+                i += 1
+                self.rounds["ssd"] += 1
+        except Exception as e:  # noqa: BLE001 - reported by __exit__
+            self.errors.append(f"ssd load: {type(e).__name__}: {e}")
+            ready.set()
+
+    def __enter__(self):  # -> _Load
+        import threading
+
+        for part, fn in (("gpu", self._gpu), ("ssd", self._ssd)):
+            if part in self.parts:
+                ready = threading.Event()
+                t = threading.Thread(target=fn, args=(ready,), name=f"adam-load-{part}", daemon=True)
+                t.start()
+                ready.wait(60.0)
+                self.threads.append(t)
+        time.sleep(0.05)  # let the load reach its steady state
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        self.stop.set()
+        for t in self.threads:
+            t.join(60.0)
+        if "ssd" in self.parts:
+            shutil.rmtree(self.ssd_dir, ignore_errors=True)
+        if self.errors and exc[0] is None:
+            raise RuntimeError("; ".join(self.errors))
+
+
+def measure_engine_adam(rows: Rows, ssd_dir: Path, quick: bool, layers: dict, reps: int | None = None) -> dict:
+    """The offload engine's CPU AdamW (`reference.offload.cpu_adam.adamw_layer_`: what ``ExpertOffload._adam``
+    runs per MoE layer: per-expert, per-tensor slices, bf16 gradients upcast, the weight mirror refreshed) on
+    layer-shaped host buffers, alone and under the load of a training step (`_Load`; loads `ADAM_LOADS_CUDA`,
+    on the CPU `ADAM_LOADS_CPU`), with bf16 gradients (one micro-batch) and fp32 ones (accumulated).
+
+    ``layers``: label -> ``(E, shapes)`` (experts per layer, `expert_shapes`). One row per (layer, gradient
+    dtype, load): config `adam_probe_config`, placement = the load, metric `ENGINE_ADAM_METRIC` (E x P over the
+    median time of ``reps`` calls after one warm-up call). The states are laid out as the engine's tiers hold
+    them: one ``[E, 3, P]`` tensor (pinned on CUDA, tier ``cpu``), or under a load with ``ssd`` one unpinned
+    ``[3, P]`` tensor per expert (tier ``ssd``). Returns ``{(config, load): Mparams/s}``."""
+    from reference.offload.cpu_adam import adamw_layer_, expert_layout
+
+    cuda = torch.cuda.is_available()
+    loads = ADAM_LOADS_CUDA if cuda else ADAM_LOADS_CPU
+    reps = reps or (2 if quick else 5)
+    mirror_dtype = torch.bfloat16 if cuda else torch.float32  # the engine's compute dtype (autocast on CUDA)
+    out = {}
+    for label, (E, shapes) in layers.items():
+        offsets, decay, P = expert_layout(shapes)
+        state = torch.zeros(E, 3, P, pin_memory=cuda)  # tier cpu: [E, 3, P] fp32 (master, m, v), pinned on CUDA
+        state[:, 0].fill_(0.02)  # (the update's time does not depend on the values)
+        seed = torch.randn(1 << 16) * 1e-3
+        grads = {}
+        for gdt in (torch.bfloat16, torch.float32):
+            g = {}
+            for n, shp in shapes.items():
+                t = torch.empty((E, *shp), dtype=gdt, pin_memory=cuda)  # the engine's pinned D2H targets
+                flat = t.view(-1)
+                for i in range(0, flat.numel(), seed.numel()):
+                    flat[i : i + seed.numel()] = seed[: flat.numel() - i]
+                g[n] = t
+            grads["bf16" if gdt == torch.bfloat16 else "fp32"] = g
+        mirror = {n: torch.empty((E, *shp), dtype=mirror_dtype, pin_memory=cuda) for n, shp in shapes.items()}
+        states_cpu = [(e, state[e]) for e in range(E)]
+        states_ssd = None
+        step = 0
+        for load in loads:
+            parts = set() if load == "alone" else set(load.split("+"))
+            states = states_cpu
+            if "ssd" in parts:  # tier ssd: one unpinned [3, P] buffer per expert (what the engine's reads fill)
+                if states_ssd is None:
+                    states_ssd = [(e, state[e].clone()) for e in range(E)]
+                states = states_ssd
+            got = {}
+            try:
+                with _Load(parts, ssd_dir / "adam_load", (1 << 18) if quick else 3 * P):
+                    for gname, g in grads.items():
+                        ts = []
+                        for _ in range(1 + reps):
+                            step += 1
+                            t = time.perf_counter()
+                            adamw_layer_(states, g, mirror, offsets, decay, step=step, lr=1e-4, beta1=0.9,
+                                         beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused")
+                            ts.append(time.perf_counter() - t)
+                        got[adam_probe_config(E, P, gname)] = E * P / statistics.median(ts[1:]) / 1e6
+            except Exception as e:  # noqa: BLE001 - a failed load must not cost the other loads' rows
+                log(f"    engine AdamW {label} under {load} failed: {type(e).__name__}: {str(e)[:300]}")
+                rows.add(adam_probe_config(E, P, "-"), load, "-", "error", 1)
+                continue
+            for cfg, rate in got.items():  # only once the load ran throughout
+                out[(cfg, load)] = rate
+                rows.add(cfg, load, "-", ENGINE_ADAM_METRIC, rate)
+            log(f"    engine AdamW {label} (E{E} P{P}) under {load}: done")
+        del state, grads, mirror, states, states_cpu, states_ssd
+        gc.collect()
+    return out
 
 
 def _bf16_experts(model) -> None:
@@ -315,16 +538,22 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
                 times.append(t1 - t0)
             step_rows.append(TraceRow(0, -1, step, "step", t0 - t_origin, t1 - t_origin, 0, 0, "compute"))
             log(f"    step {step}: {1e3 * (t1 - t0):.1f} ms, loss {loss:.4f}")
+        after = None
         if eng is not None:
             eng.wait()
+            after = dict(eng.stats())  # the counter window ends here: the profiled step below stays out of it
         if profile_path is not None:  # one more (untimed) step under torch.profiler: where the time goes
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
                 train_step()
                 if eng is not None:
                     eng.wait()
+                # its own phase, so that trace readers keep its rows out of the measured steps' windows
+                step_rows.append(TraceRow(0, -1, warmup + 1 + steps, "profile_step", t0 - t_origin,
+                                          time.perf_counter() - t_origin, 0, 0, "compute"))
             key = "cuda_time_total" if cuda else "cpu_time_total"
             profile_path.write_text(prof.key_averages().table(sort_by=key, row_limit=60))
             log(f"    profile of one step -> {profile_path}")
@@ -339,7 +568,7 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
     if cuda:
         res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / GB
     if eng is not None:
-        s, n = eng.stats(), len(times) + 1  # the counted steps (see above)
+        s, n = after, len(times) + 1  # the counted steps (see above)
         b = before or {k: 0 for k in s}
         d = {k: s[k] - b.get(k, 0) for k in ("h2d_bytes", "d2h_bytes", "cpu_adam_s", "host_wait_s", "fetch_hits",
                                              "fetch_misses", "cache_hits", "cache_misses")}
@@ -564,6 +793,10 @@ def main(argv: list[str] | None = None) -> int:
         sp = specs(args.quick, args)
         if "bandwidth" in configs:
             attempt("bandwidth", "-", "-", 5.0, lambda: measure_bandwidth(rows, ssd_root, args.quick) or {})
+            # the engine's per-layer CPU AdamW on the layer shapes of (a) and (b), alone and under load
+            layers = {k: (sp[k][0].experts, expert_shapes(sp[k][0])) for k in ("a", "b")}
+            attempt("cpu_adam_engine", "-", "-", 5.0 if args.quick else 30.0,
+                    lambda: measure_engine_adam(rows, ssd_root, args.quick, layers) and {})
 
         if "a" in configs:
             spec, batch, seq = sp["a"]

@@ -50,3 +50,45 @@ def adamw_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], ex
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.addcdiv_(m, denom, value=-step_size)
+
+
+def expert_layout(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, int]], dict[str, bool], int]:
+    """Where each tensor of one expert sits in its flat fp32 vector, as `reference.offload.engine` lays it out:
+    ``shapes`` (name -> per-expert shape, in the engine's tensor order) -> (``offsets`` name -> (offset, numel),
+    ``decay`` name -> weight decay on / off, ``P`` parameters per expert)."""
+    offsets, decay, off = {}, {}, 0
+    for n, shape in shapes.items():
+        k = 1
+        for d in shape:
+            k *= int(d)
+        offsets[n] = (off, k)
+        decay[n] = len(shape) >= 1  # the engine's rule: the stacked [E, ...] parameter has >= 2 dims
+        off += k
+    return offsets, decay, off
+
+
+def adamw_layer_(states: list[tuple[int, Tensor]], grads: dict[str, Tensor], mirror: dict[str, Tensor],
+                 offsets: dict[str, tuple[int, int]], decay: dict[str, bool], *, step: int, lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float, impl: str = "exact") -> None:
+    """One MoE layer's expert update, the exact work of the offload engine's per-layer host task
+    (``ExpertOffload._adam``): AdamW on the ``[3, P]`` fp32 states ``states`` (``(expert, state)`` pairs; rows
+    master, m, v), one call per weight-decay group over per-expert, per-tensor slices, the gradients
+    ``grads[name][expert]`` (host buffers ``[E, ...]``: bf16 are upcast, allocating, as `adamw_` does), then
+    the refresh of the weight mirror ``mirror[name][expert]`` (the compute dtype the H2D copies read).
+
+    ``offsets`` (name -> (offset, numel) in the flat vector, in the engine's tensor order) and ``decay`` (name ->
+    bool) as `expert_layout` makes them. The benchmark times this function as the engine's CPU AdamW rate."""
+    groups: dict[bool, tuple[list, list, list, list]] = {True: ([], [], [], []), False: ([], [], [], [])}
+    for e, st in states:
+        for n, (o, k) in offsets.items():
+            g = groups[decay[n]]
+            g[0].append(st[0, o : o + k])
+            g[1].append(grads[n][e].reshape(k))
+            g[2].append(st[1, o : o + k])
+            g[3].append(st[2, o : o + k])
+    for dec, (p, g, m, v) in groups.items():
+        adamw_(p, g, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+               weight_decay=weight_decay if dec else 0.0, impl=impl)
+    for e, st in states:
+        for n, (o, k) in offsets.items():
+            mirror[n][e].reshape(k).copy_(st[0, o : o + k])

@@ -25,6 +25,15 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     assert val[val["metric"] == "ssd_block_prep_GBps"]["used_for_fitting"].all()
     # the run probed the block preparation: its traces check the probe instead of replacing it
     assert (val["metric"] == "trace_ssd_block_prep_GBps").sum() == 1
+    # the engine's AdamW probes are inputs; a run on the CPU (inline executors) uses the 'alone' ones, of the
+    # case's layer size and gradient dtype (a: accumulated fp32 gradients, b: bf16)
+    probes = val[val["metric"] == "cpu_adam_engine_Mparams_per_s"]
+    assert len(probes) == 2 * 2 * 2 and probes["used_for_fitting"].all()
+    off = val[(val["metric"] == "step_ms") & val["placement"].isin(["cpu", "ssd"])]
+    assert off["cpu_adam_input"].str.startswith("engine probe under 'alone'").all()
+    assert off[off["config"].str.startswith("a_")]["cpu_adam_input"].str.contains("grad=fp32:").all()
+    assert off[off["config"].str.startswith("b_")]["cpu_adam_input"].str.contains("grad=bf16:").all()
+    assert (val[val["metric"] == "step_ms"].query("placement == 'gpu'")["cpu_adam_input"] == "").all()
     with open(out / "offload_train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
@@ -51,6 +60,7 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     for m in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s"):
         assert ("bandwidth", "cpu", "-", m) in got
     assert ("bandwidth", "ssd", "-", "ssd_block_prep_GBps") in got
+    assert ("bandwidth", "ssd", "-", "ssd_block_read_GBps") in got
     import json
 
     run = json.loads((out / "run.json").read_text())
@@ -61,6 +71,12 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
         assert ("bandwidth", "ssd", "-", m) in got
     vals = {(r["config"].split()[0], r["placement"], r["prefetch"], r["metric"]): float(r["value"]) for r in rows}
     assert vals[("a_compute_bound", "ssd", "on", "counted_steps")] == vals[("a_compute_bound", "ssd", "on", "steps")] + 1
+    # the profiled step (cpu on, ssd on) stays out of the counters: every step ships the same gradients
+    d2h = {pf: vals[("a_compute_bound", "cpu", pf, "d2h_gb_per_step")] for pf in ("on", "off")}
+    assert d2h["on"] == d2h["off"] > 0
+    assert vals[("a_compute_bound", "ssd", "on", "ssd_write_gb_per_step")] == vals[("a_compute_bound", "ssd", "off",
+                                                                                      "ssd_write_gb_per_step")]
+    assert "profile_step" in {r.phase for r in read_csv(out / "trace_a_cpu_on.csv")}
     assert vals[("a_compute_bound", "ssd", "on", "cache_experts_per_layer")] == parse_config(
         next(r["config"] for r in rows if r["config"].startswith("a_compute_bound"))).cache
     states, budget = vals[("b_over_budget", "-", "-", "states_gb")], vals[("b_over_budget", "-", "-", "budget_gb")]
