@@ -89,6 +89,24 @@ def h2d_GBps(store: ModelStore, reps: int = 5) -> float:
     return src.numel() / statistics.median(ts[1:]) / 1e9
 
 
+def host_op_s() -> float:
+    """Host seconds per kernel launch of the reference code on this machine (kernels.profile's ``host`` probe:
+    a tiny MoEDecoder forward, torch MoE backend): the simulator's host-time input for this run's rows."""
+    from kernels.profile import Profile, _host_reference
+
+    prof = Profile(DEV, 1e9)
+    old = os.environ.get("SEMOE_MOE_BACKEND")
+    os.environ["SEMOE_MOE_BACKEND"] = "torch"
+    try:
+        _host_reference(prof, DEV, "reference", sync)
+    finally:
+        if old is None:
+            del os.environ["SEMOE_MOE_BACKEND"]
+        else:
+            os.environ["SEMOE_MOE_BACKEND"] = old
+    return float(prof.rows[-1]["time_s"])
+
+
 def peak_GB() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if CUDA else 0.0
 
@@ -195,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     row("-", 0, "expert_GB_total", L * layer_bytes / 1e9)
     bw = h2d_GBps(store)
     row("-", 0, "h2d_pinned_GBps", bw)
+    row("-", 0, "host_op_us", 1e6 * host_op_s())
 
     def engine(mode: str, batch: int, slots: int | None = None, budget: float | None = a.budget_gb,
                predict: bool = True) -> Engine:
@@ -215,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_last = eng.forward(random_prompts(Bmax, P, spec.vocab, seed=Bmax).to(DEV), all_logits=False)[:, -1].float().cpu()
     res_dec = {}
     for B in batches:
+        eng.generate(random_prompts(B, P, spec.vocab, seed=B), 2)  # untimed warm-up (first-call costs)
         r = eng.generate(random_prompts(B, P, spec.vocab, seed=B), G)
         res_dec[B] = r.tokens_BG
         row("resident", B, "decode_tokens_per_s", r.decode_tokens_per_s)
@@ -348,6 +368,7 @@ def suite_issue11(a) -> int:
     layer_bytes = store.expert_bytes * E
     bw = h2d_GBps(store)
     row("-", 0, "h2d_pinned_GBps", bw)
+    row("-", 0, "host_op_us", 1e6 * host_op_s())
     row("-", 0, "expert_GB_total", L * layer_bytes / 1e9)
     row("-", 0, "moe_blocks", L)
     prompts = {B: random_prompts(B, P, spec.vocab, seed=B) for B in batches}
