@@ -35,9 +35,12 @@ with ``error = predicted / measured - 1``. ``status`` is
   ``used_for_fitting = true``: the ``mixtral_like`` forward+backward row of run ``65fffb4+wip3``
   (``simulator.cost.BACKWARD_GEMM_FACTOR``) and the measured pinned H2D bandwidth (the preset's
   PCIe bandwidth is HARDWARE.md's measurement of the same link), and the offload bench's bandwidth /
-  CPU-AdamW probes (model inputs of that run's simulations, `simulator.validate_offload`);
+  CPU-AdamW probes (model inputs of that run's simulations, `simulator.validate_offload`), and the 3
+  all_reduce rows of ``results/multigpu/h200x2`` the achieved NVLink bandwidth is fitted on
+  (`simulator.validate_multigpu.fit_nvlink`; every other collective row is held out);
 - ``extrapolated``: a prediction of a measured quantity made with a kernel profile of another GPU (the
-  multi-GPU H200 rows use the H100's, `simulator.validate_multigpu`): scored in its own group, not in the
+  multi-GPU H200 rows use the H100's, `simulator.validate_multigpu`), or a collective host-dispatch probe
+  of another machine (``results/profiles/collective_host_*.csv``): scored in its own group, not in the
   validated statistics;
 - ``derived``: a value computed from another row of the same run (``tflops``/``gbps`` from ``ms``,
   ``mfu`` from ``tokens_per_s``): same error as that row, so not counted twice;

@@ -20,9 +20,12 @@ when no two messages of a step share a link other than as written.
 * flat all-to-all with a per-pair byte matrix ``M[i, j]`` (i sends to j): one step of all pairs,
   ``t_i = a + max_{link on i's routes} load(link)/cap(link)``; with uniform ``M = s`` inside one
   node: ``t = base + a + (n-1) s / B_nv``.
-* HetuMoE hierarchical all-to-all: (1) every rank sends all its off-rank data to local rank 0 of its
-  node (gather), (2) local ranks 0 exchange one aggregated message per node pair, (3) local rank 0
-  scatters to each rank of its node what is destined to it. Step 2 puts all inter-node bytes on the
+* HetuMoE hierarchical all-to-all, as `reference.comm.alltoall.AllToAll._hetu` runs it: (1) every
+  non-leader sends its whole send buffer (the rows for itself included) to local rank 0 of its node
+  (gather), (2) local ranks 0 exchange one aggregated message per node pair, (3) local rank 0 scatters
+  to each rank of its node everything destined to it (its rows for itself included). With uniform
+  ``M = s`` on ``m`` nodes of ``g``: steps 1 and 3 carry ``m g s`` per non-leader over NVLink (into /
+  out of the leader: ``(g-1) m g s`` on its port). Step 2 puts all inter-node bytes on the
   NIC of local rank 0 (the hotspot SEMOE.md mentions): ``t2 = a_net + (bytes leaving the node)/B_nic``.
 * SE-MoE rail-aligned all-to-all: (1) intra-node all-to-all where rank (n,i) sends to (n,j) all of
   its data for local rank j of *every* node, (2) rank (n,j) sends to (m,j), m != n, everything of node
@@ -189,13 +192,16 @@ def all_to_all_hetu(topo: Topology, ranks, matrix) -> CommOp:
     m, gg = lay.shape
     op = CommOp("all_to_all_hetu", g, payload_bytes=float(M.sum(axis=1).max()))
     A = M[np.ix_(perm, perm)].reshape(m, gg, m, gg)  # A[n, i, m, j]: (n,i) -> (m,j)
-    offdiag = A.sum(axis=(2, 3)) - np.einsum("nini->ni", A)  # off-rank bytes of (n,i)
     leaders = lay[:, 0]
-    op.add(Step.of(lay[:, 1:].ravel(), np.repeat(leaders, gg - 1), offdiag[:, 1:].ravel()))
+    # step 1: each non-leader ships its whole send buffer (its rows for itself included) to the leader, as
+    # reference.comm.alltoall.AllToAll._hetu's stage 1 does (send1 = [x.shape[0], 0, ...])
+    op.add(Step.of(lay[:, 1:].ravel(), np.repeat(leaders, gg - 1), A.sum(axis=(2, 3))[:, 1:].ravel()))
     node_pair = A.sum(axis=(1, 3))  # n -> m
     src, dst = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
     op.add(Step.of(leaders[src.ravel()], leaders[dst.ravel()], node_pair.ravel()))
-    incoming = A.sum(axis=(0, 1)) - np.einsum("mjmj->mj", A)  # bytes for (m,j) not from itself
+    # step 3: the leader scatters to each non-leader everything destined to it, its own rows included
+    # (the reference's send3 = [sum_s C[s][(a, j)] ...])
+    incoming = A.sum(axis=(0, 1))  # bytes for (m,j) from every rank
     op.add(Step.of(np.repeat(leaders, gg - 1), lay[:, 1:].ravel(), incoming[:, 1:].ravel()))
     return op
 

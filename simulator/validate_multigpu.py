@@ -2,7 +2,9 @@
 simulator: rows in `paper_repro.validate`'s format, ``source="multigpu"``.
 
 Cluster: the preset of the device the run names (``device`` column NVIDIA H200, ``world`` column ``n``:
-``h200-x<n>``, one host of ``n`` H200 on NVLink4, `semoe.presets`). Nothing below is fitted to these rows.
+``h200-x<n>``, one host of ``n`` H200 on NVLink4, `semoe.presets`), with its NVLink bandwidth calibrated on a
+documented subset of the run's own collective rows (**Link calibration** below: those rows have status
+``fitted`` and ``used_for_fitting``; every other row is held out).
 
 =========== ============================================== ==================================================
 part        measured (what `paper_repro.multigpu_run`      predicted with
@@ -12,7 +14,12 @@ collectives ``time_us``: mean over ranks of 20 back-to-back the collective's `Co
             calls in one CUDA-event interval, fp32;         ring / flat all-to-all; the uneven all-to-all with
             ``size_bytes`` = all-reduce buffer, all-gather the run's split matrix `uneven_splits`) on the
             output, reduce-scatter input, all-to-all send  analytic network, NCCL protocol chosen per size
-            buffer                                         (`simulator.hardware`): status ``validated``
+            buffer                                         (`simulator.hardware`), calibrated NVLink; per call
+                                                           of the run's back-to-back calls ``max(device, host)
+                                                           + min(device, host) / iters`` when a host probe is
+                                                           committed (**Host floor**): ``validated``
+                                                           (``extrapolated`` where another machine's host
+                                                           probe sets the time, ``fitted`` on the fit subset)
 moe         ``fwd_bwd_ms``: the reference `MoELayer`       `moe_prediction`: `calibration.predict_moe_layer`'s
             (torch backend, `EPDispatcher`) forward +      terms per rank with the rank's local experts
             backward, EP = world, flat or ``hetu_p<p>``    (E / EP groups of T k / (E / EP) rows) plus four
@@ -34,23 +41,38 @@ row-wise curves (gelu, layernorm, permute, ...: achieved HBM GB/s) by the same r
 GEMMs at small ``m`` keep the H100's time (not scaled: a mild overestimate). The host time per eager operator
 is the H100 machine's (the H200 machine's host was not profiled).
 
-**Latency** (collectives below ~4 MiB): the simulator's terms are NCCL 2.10's tuning-model constants
+**Latency** (collectives below ~4 MiB): the simulator's device terms are NCCL 2.10's tuning-model constants
 (`simulator.hardware`: LL / LL128 / Simple base 6.6 / 14 / 8.4 us) and the preset's per-hop NVLink latency
 (2 us); none of them was measured on this machine, and none is tuned to these rows. The measured floor is
-33-41 us for every collective up to 4 MiB (two outliers), which is most likely the host's dispatch rate of back-to-back
-``torch.distributed`` calls (the script times 20 calls as one interval, so the GPU waits for launches), a cost
-the simulator does not model for a single collective: those rows show the error as it is.
+33-41 us for every collective up to 4 MiB (two outliers).
 
-**Link calibration** (issue 10) is kept apart: `fit_alpha_beta` fits ``t = alpha + wire_bytes / B`` on every other
-size of ``collectives.csv`` and reports the error on the held-out half; nothing in the simulator or in `rows`
-uses the result (``results/multigpu/README.md`` lists it).
+**Host floor** (issue 9): that floor is the host's dispatch rate of back-to-back ``torch.distributed`` calls (20
+calls timed as one interval: the GPU waits for each launch). `kernels.collective_host` measures the host seconds
+per call of the same calls on 1 KiB tensors on one GPU; `simulator.network.host_dispatch` finds the file under
+``results/profiles/collective_host_*.csv`` and `collective_rows` predicts each ``time_us`` as
+``back_to_back_s(device, host, iters)``. A probe of the run's own GPU family (``H200``) makes the rows
+``validated``; a probe of another machine (the H100 one: another host CPU, and world 1 instead of the run's
+world) makes the host-bound rows ``extrapolated``. Without a probe file there is no floor (the device time
+alone), and the note says so. The MoE and training rows do not use the floor: their collectives are not issued
+back to back (training has its own host model, `simulator.workload.training`).
+
+**Link calibration** (issue 9): `fit_nvlink` fits the achieved per-GPU NVLink bandwidth on `fit_subset`:
+``all_reduce`` ``time_us`` at every other measured size from 16 MiB up (16, 64, 256 MiB of the committed sweep:
+3 of the 19 all-reduce rows, no row of another collective), with the simulator's own prediction of those rows
+(latency terms and protocol as the model has them, the host floor when a probe exists); `rows` applies it to
+the run's cluster for all three parts (`host_dispatch.calibrate_topology`). It is a calibration input of the
+collective model, not a change of the ``h200-x2`` preset: the preset keeps the datasheet (450 GB/s x the H100's
+achievable fraction 0.844 = 380 GB/s) shared with ``h200-x4`` / ``-x8``, whose links (NVSwitch) were not
+measured, and the fit belongs to one run whose fitted rows must stay marked. ``rows(folder, calibrate=False,
+host=None)`` gives the uncalibrated table. `fit_alpha_beta` (free ``alpha`` and ``B`` on every other size of
+every collective) stays as the experiment ``results/multigpu/README.md`` lists; nothing uses it.
 
 **HetuMoE on one node** (``hetu_p2`` with world 2: one fake node of 2 GPUs): `simulator.collectives.all_to_all`
 falls back to flat there (nothing to aggregate); the prediction instead runs the simulator's HetuMoE schedule
 `all_to_all_hetu` on that one node (gather on local rank 0, scatter back), which is what the reference ran. The
-simulator's schedule moves only the off-rank bytes; `reference.comm.alltoall.AllToAll._hetu` also ships the
-non-leader's rows for itself through the leader and regroups the whole node's rows on it (memory passes), so
-the predicted gap between ``hetu_p2`` and ``flat`` is smaller than the measured one (see the row notes).
+schedule ships the non-leader's whole buffer, its rows for itself included, through the leader and back, as
+`reference.comm.alltoall.AllToAll._hetu` does; the leader's two regroups of the node's rows (memory passes) are
+not modelled, so the predicted gap between ``hetu_p2`` and ``flat`` stays smaller than the measured one.
 """
 
 from __future__ import annotations
@@ -108,12 +130,15 @@ def h200_cost_model(gpu, impl: tuple[str, ...] = ("torch", "triton")):
     return CostModel(gpu, prof)
 
 
-def _sim(cluster, cost=None):
+def _sim(cluster, cost=None, cal=None):
+    """A `Sim` of ``cluster`` (analytic network), its NVLink set to the link calibration ``cal`` if given."""
     from simulator.engine import Sim
+    from simulator.network.host_dispatch import calibrate_topology
 
     sim = Sim(cluster, trace=False, profile=None)
     if cost is not None:
         sim.cost = cost
+    calibrate_topology(sim.topo, cal)
     return sim
 
 
@@ -151,8 +176,30 @@ def predict_collective(sim, name: str, nbytes: float, world: int) -> float:
     return op_time(sim, collective_op(sim, name, nbytes, world))
 
 
-def collective_rows(path: Path) -> list[dict]:
+def _host_for(host, device: str):
+    """(CollectiveHost or None, same_host) for a run on ``device``: ``host="auto"`` looks under
+    results/profiles (`host_dispatch.find_collective_host`), None: no floor, a `CollectiveHost`: that one."""
+    from simulator.network.host_dispatch import CollectiveHost, find_collective_host, gpu_family
+
+    if host is None:
+        return None, False
+    if isinstance(host, CollectiveHost):
+        return host, gpu_family(host.gpu) == gpu_family(device)
+    if host == "auto":
+        return find_collective_host(device)
+    raise ValueError(f"validate_multigpu: host must be 'auto', None or a CollectiveHost, got {host!r}")
+
+
+def collective_rows(path: Path, cal=None, host="auto", fitted: frozenset = frozenset()) -> list[dict]:
+    """Rows of one ``collectives.csv``. ``cal``: the run's link calibration (None: the preset's NVLink);
+    ``host``: the per-call host dispatch (`_host_for`); a ``time_us`` row is then predicted as the back-to-back
+    time per call of the run's ``iters`` calls, ``max(device, host) + min(device, host) / iters``
+    (`host_dispatch.back_to_back_s`); without a probe file, the device time alone. ``fitted``: the
+    ``(config, size_bytes)`` the calibration was fitted on (status ``fitted``)."""
+    from simulator.network.host_dispatch import back_to_back_s
+
     df = pd.read_csv(path, dtype={"commit": str})
+    iters = {(r.config, int(r.size_bytes)): int(r.value) for r in df[df["metric"] == "iters"].itertuples()}
     rows: list[dict] = []
     sims: dict = {}
     for r in df.itertuples():
@@ -165,23 +212,38 @@ def collective_rows(path: Path) -> list[dict]:
         key = (r.device, int(r.world))
         if key not in sims:
             c = cluster_for(r.device, int(r.world))
-            sims[key] = _sim(c) if c is not None else None
-        sim = sims[key]
-        if sim is None:
+            sims[key] = (_sim(c, cal=cal), *_host_for(host, r.device)) if c is not None else None
+        if sims[key] is None:
             rows.append(_row(cfg, r.metric, r.value, status="not_modelled", run=run,
                              note=f"no cluster preset for {r.device} x {r.world}"))
             continue
-        t = predict_collective(sim, r.config, float(r.size_bytes), int(r.world))
-        proto = sim.net.choose_protocol(collective_op(sim, r.config, float(r.size_bytes), int(r.world))).name
+        sim, probe, same_host = sims[key]
+        op = collective_op(sim, r.config, float(r.size_bytes), int(r.world))
+        dev = op_time(sim, op)
+        proto = sim.net.choose_protocol(op).name
+        h = probe.host_s(r.config) if probe is not None else None
+        n_calls = iters.get((r.config, int(r.size_bytes)), 1)
+        t = back_to_back_s(dev, h, n_calls) if h is not None else dev
+        host_bound = h is not None and h > dev
+        was_fitted = (r.config, int(r.size_bytes)) in fitted
+        link = (f"NVLink {sim.topo.nvlink_GBps:.0f} GB/s " + ("(fitted on this row)" if was_fitted else
+                "(calibrated on other rows)") if cal is not None else f"preset NVLink {sim.topo.nvlink_GBps:.0f} GB/s")
         if r.metric == "time_us":
-            note = f"{proto} protocol"
-            if r.size_bytes <= LATENCY_BOUND_BYTES:
+            note = f"{proto} protocol, {link}, device {dev * 1e6:.1f} us"
+            status = "fitted" if was_fitted else "validated"
+            if h is not None:
+                note += (f"; host dispatch {h * 1e6:.1f} us per call ({probe.gpu} host, world {probe.world} probe)"
+                         f"{': host-bound' if host_bound else ''}, {n_calls} calls back to back")
+                if host_bound and not same_host and not was_fitted:
+                    status = "extrapolated"
+                    note += "; the probe ran on another machine's host CPU"
+            elif r.size_bytes <= LATENCY_BOUND_BYTES:
                 note += ("; latency-bound: simulator latencies are NCCL 2.10 tuning-model constants and the preset's"
-                         " 2 us NVLink hop (not measured here); the measured ~35 us floor is the per-call dispatch of"
-                         " back-to-back torch.distributed calls, not modelled")
+                         " 2 us NVLink hop; the measured ~35 us floor is the per-call host dispatch of back-to-back"
+                         " torch.distributed calls, modelled only with a collective_host probe (none found)")
             if r.config == "all_to_all_uneven":
                 note += "; torch's uneven all_to_all_single runs ~3x slower than the even one on the same bytes"
-            rows.append(_row(cfg, r.metric, r.value, t * 1e6, note=note, run=run))
+            rows.append(_row(cfg, r.metric, r.value, t * 1e6, status=status, note=note, run=run, fitted=was_fitted))
         elif r.metric == "time_us_max":
             rows.append(_row(cfg, r.metric, r.value, t * 1e6, status="derived", run=run,
                              note="max over ranks of the same calls; ranks are symmetric in the model: scored once, as time_us"))
@@ -256,7 +318,7 @@ def moe_prediction(sim, cfg, ep: int, impl: str, world: int) -> dict:
     return {"fwd_bwd_s": fwd + bwd + comm, "compute_s": fwd + bwd, "a2a_s": t_a2a, "comm_s": comm, "algo": algo}
 
 
-def moe_rows(path: Path) -> list[dict]:
+def moe_rows(path: Path, cal=None) -> list[dict]:
     df = pd.read_csv(path, dtype={"commit": str})
     rows: list[dict] = []
     cache: dict = {}
@@ -273,8 +335,8 @@ def moe_rows(path: Path) -> list[dict]:
             c = cluster_for(r.device, int(r.world))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # profile borrowing / roofline fallbacks (router GEMM)
-                cache[key] = None if c is None else moe_prediction(_sim(c, h200_cost_model(c.gpu)), cfg, ep, r.impl,
-                                                                    int(r.world))
+                cache[key] = None if c is None else moe_prediction(_sim(c, h200_cost_model(c.gpu), cal), cfg, ep,
+                                                                    r.impl, int(r.world))
         p = cache[key]
         if p is None:
             rows.append(_row(cfg_s, r.metric, r.value, status="not_modelled", run=run,
@@ -286,8 +348,8 @@ def moe_rows(path: Path) -> list[dict]:
         if r.metric == "fwd_bwd_ms":
             note = parts
             if p["algo"] == "hetu":
-                note += ("; the simulator's HetuMoE moves only off-rank bytes, the reference also routes the "
-                         "non-leader's own rows through the leader and regroups them there (not modelled)")
+                note += ("; the simulator's HetuMoE ships the non-leader's whole buffer through the leader as the "
+                         "reference does; the leader's two regroups of the node's rows (memory passes) are not modelled")
             rows.append(_row(cfg_s, r.metric, r.value, ms, status="extrapolated", note=note, run=run))
         elif r.metric == "fwd_bwd_ms_max":
             rows.append(_row(cfg_s, r.metric, r.value, ms, status="derived", run=run,
@@ -315,7 +377,7 @@ def parse_train(config: str, impl: str) -> dict:
             "traced": bool(m["traced"]), "zero": int(z["zero"]), "bucket": int(z["bucket"])}
 
 
-def simulate_train(t: dict, cluster) -> dict:
+def simulate_train(t: dict, cluster, cal=None) -> dict:
     """One `reference.train` step of the parsed config on ``cluster`` (DP = world, EP as parsed), the way
     `paper_repro.validate.simulate_train` does it for the single GPU: ``impl="reference"``, torch MoE backend
     with grouped experts (the run's commit contains 676c520), fused AdamW (42307ef), GradSync (torchrun), the
@@ -342,12 +404,12 @@ def simulate_train(t: dict, cluster) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ops = reference_host_ops(m)
-        sim = _sim(cluster, h200_cost_model(cluster.gpu, ("triton", "torch")))
+        sim = _sim(cluster, h200_cost_model(cluster.gpu, ("triton", "torch")), cal)
         return TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl="grouped",
                                  expert_kernels="torch", ref_optimizer="fused", grad_sync=True).run()
 
 
-def train_rows(path: Path) -> list[dict]:
+def train_rows(path: Path, cal=None) -> list[dict]:
     df = pd.read_csv(path, dtype={"commit": str, "rank": str})
     rows: list[dict] = []
     cache: dict = {}
@@ -363,7 +425,7 @@ def train_rows(path: Path) -> list[dict]:
         key = (r.config, r.impl, r.device, int(r.world))
         if key not in cache:
             c = cluster_for(r.device, int(r.world))
-            cache[key] = None if c is None else simulate_train(t, c)
+            cache[key] = None if c is None else simulate_train(t, c, cal)
         s = cache[key]
         if s is None:
             rows.append(_row(cfg_s, metric, r.value, status="not_modelled", run=run,
@@ -428,31 +490,101 @@ def fit_alpha_beta(path: Path, collectives=COLLECTIVES, fit_every: int = 2) -> d
             "max_error": float(np.abs(err).max())}
 
 
+# ------------------------------------------------------------------ link calibration used by the rows
+FIT_CONFIG = "all_reduce"  # the collective the NVLink bandwidth is fitted on
+FIT_MIN_BYTES = 16 * 1024 * 1024  # from here up the device time is well above any per-call floor
+FIT_EVERY = 2  # every other size from FIT_MIN_BYTES up: 16, 64, 256 MiB of the 16 .. 256 MiB sweep
+
+
+def fit_subset(df: pd.DataFrame, config: str = FIT_CONFIG, min_bytes: int = FIT_MIN_BYTES,
+               every: int = FIT_EVERY) -> list[int]:
+    """The sizes of ``config`` the link is fitted on: every ``every``-th measured size >= ``min_bytes``."""
+    t = df[(df["metric"] == "time_us") & (df["config"] == config) & (df["size_bytes"] >= min_bytes)]
+    return [int(x) for x in sorted(t["size_bytes"].unique())[::every]]
+
+
+def fit_nvlink(path: Path, config: str = FIT_CONFIG, min_bytes: int = FIT_MIN_BYTES, every: int = FIT_EVERY,
+               host=None):
+    """Fit the achieved per-GPU NVLink bandwidth ``B`` of a run's machine on `fit_subset` of its
+    ``collectives.csv``: the simulator's own prediction of each fitted row with the protocol it chooses on the
+    preset is ``c + w / B`` (latencies ``c`` as the model has them: NCCL constants and the preset's hop, not
+    fitted), and ``1 / B`` minimises the squared relative error over the subset (closed form). With a host
+    probe (``host``, as `collective_rows` takes it) the fitted rows are predicted as `collective_rows` does:
+    device-bound back-to-back calls, ``c + w / B + h / iters`` (checked: the fitted device time exceeds ``h``
+    on every fitted row, else ValueError). Returns
+    (`LinkCalibration` or None when the run has no preset or no row in the subset, the fitted ``(config,
+    size_bytes)`` keys)."""
+    from simulator.network.host_dispatch import LinkCalibration
+
+    df = pd.read_csv(path, dtype={"commit": str})
+    sizes = fit_subset(df, config, min_bytes, every)
+    t = df[(df["metric"] == "time_us") & (df["config"] == config) & df["size_bytes"].isin(sizes)]
+    if t.empty or t["world"].nunique() != 1 or t["device"].nunique() != 1:
+        return None, frozenset()
+    world, device = int(t["world"].iloc[0]), str(t["device"].iloc[0])
+    cluster = cluster_for(device, world)
+    if cluster is None:
+        return None, frozenset()
+    probe, _ = _host_for(host, device)
+    h = probe.host_s(config) if probe is not None else None
+    iters = {int(r.size_bytes): int(r.value) for r in df[(df["metric"] == "iters") & (df["config"] == config)].itertuples()}
+    b1, b2 = 100.0, 200.0
+    s1, s2 = _sim(cluster, cal=LinkCalibration(b1)), _sim(cluster, cal=LinkCalibration(b2))
+    num = den = 0.0
+    devs = []
+    for r in t.itertuples():
+        proto = _sim(cluster).net.choose_protocol(collective_op(s1, config, float(r.size_bytes), world))
+        t1 = float(s1.net.op_offsets(collective_op(s1, config, float(r.size_bytes), world), proto).max())
+        t2 = float(s2.net.op_offsets(collective_op(s2, config, float(r.size_bytes), world), proto).max())
+        w = (t1 - t2) / (1 / b1 - 1 / b2)  # t = c + w / B (B in GB/s)
+        c = t1 - w / b1
+        y = r.value * 1e-6
+        c_all = c + (h / iters.get(int(r.size_bytes), 1) if h is not None else 0.0)
+        num += (w / y) * (1 - c_all / y)
+        den += (w / y) ** 2
+        devs.append((c, w))
+    if num <= 0:
+        return None, frozenset()
+    if h is not None and any(c + w * num / den <= h for c, w in devs):
+        raise ValueError(f"validate_multigpu: a fitted {config} row of {path} is host-bound ({h * 1e6:.1f} us per call)")
+    src = f"{config} time_us at {', '.join(f'{x >> 20} MiB' for x in sizes)} of {path.parent.name}"
+    return LinkCalibration(den / num, source=src), frozenset((config, x) for x in sizes)
+
+
 # ---------------------------------------------------------------------------------------------- driver
 PARTS = {"collectives.csv": collective_rows, "moe.csv": moe_rows, "train.csv": train_rows}
 
 
-def rows(folder: Path) -> list[dict]:
+def rows(folder: Path, calibrate: bool = True, host="auto") -> list[dict]:
     """Every row of every ``collectives.csv`` / ``moe.csv`` / ``train.csv`` under ``folder`` (the folder itself
-    and its run subfolders, e.g. ``results/multigpu/h200x2/``) beside its simulation."""
+    and its run subfolders, e.g. ``results/multigpu/h200x2/``) beside its simulation. ``calibrate``: the NVLink
+    bandwidth of each run folder is fitted on its own `fit_subset` (those rows: status ``fitted``) and used for
+    all three parts of that folder; ``host``: the collectives' per-call host floor (`_host_for`)."""
     folder = Path(folder)
     out: list[dict] = []
     if not folder.is_dir():
         return out
     for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        cal, fitted = (None, frozenset())
+        if calibrate and (d / "collectives.csv").is_file():
+            cal, fitted = fit_nvlink(d / "collectives.csv", host=host)
         for name, fn in PARTS.items():
             if (d / name).is_file():
-                out += fn(d / name)
+                if name == "collectives.csv":
+                    out += fn(d / name, cal, host, fitted)
+                else:
+                    out += fn(d / name, cal)
     return out
 
 
 def summary(rs: list[dict]) -> pd.DataFrame:
-    """Per part and status: rows, MAPE and max |error| of the scored rows (``validated`` / ``extrapolated``)."""
+    """Per part and status: rows, MAPE and max |error| of the scored rows (``validated`` / ``extrapolated``)
+    and of the ``fitted`` ones (apart: never mixed with the held-out rows)."""
     df = pd.DataFrame(rs)
     if df.empty:
         return df
     df["part"] = df["config"].map(_part)
-    s = df[df["status"].isin(["validated", "extrapolated"])]
+    s = df[df["status"].isin(["validated", "extrapolated", "fitted"])]
     g = s.groupby(["part", "status"])["error"]
     return pd.DataFrame({"rows": g.size(), "mape": g.apply(lambda e: e.abs().mean()),
                          "max_error": g.apply(lambda e: e.abs().max())}).reset_index()
@@ -468,9 +600,13 @@ def _part(config: str) -> str:
 def main() -> None:  # pragma: no cover - a convenience printout
     root = Path(__file__).resolve().parent.parent / "results" / "multigpu"
     rs = rows(root)
+    for d in sorted(p for p in root.iterdir() if (p / "collectives.csv").is_file()):
+        cal, _ = fit_nvlink(d / "collectives.csv", host="auto")
+        if cal is not None:
+            print(f"{d.name}: NVLink {cal.nvlink_GBps:.1f} GB/s fitted on {cal.source}")
     df = pd.DataFrame(rs)
     pd.set_option("display.width", 250)
-    sc = df[df["status"].isin(["validated", "extrapolated"])]
+    sc = df[df["status"].isin(["validated", "extrapolated", "fitted"])]
     print(sc[["config", "metric", "measured", "predicted", "error", "status"]].to_string(
         index=False, max_colwidth=70, float_format=lambda x: f"{x:.4g}"))
     print(summary(rs).to_string(index=False, float_format=lambda x: f"{x:.3f}"))

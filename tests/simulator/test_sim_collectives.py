@@ -116,10 +116,10 @@ def _two_by_two(topo, algo):
 
 
 def test_hetu_alltoall_exact(backend):
-    # gather 3s to the leader over NVLink, leaders exchange 4s over rail 0's NIC, scatter 3s
+    # gather 4s (the whole buffer, own row included) to the leader over NVLink, leaders exchange 4s over rail 0's NIC, scatter 4s
     t, _, op = run_op(make_cluster(nodes=2, gpn=2), backend, lambda topo: _two_by_two(topo, "hetu"))
     assert op.name == "all_to_all_hetu"
-    want = BASE + 2 * (1e-6 + 3 * S_PAIR / NVL) + 2e-6 + 4 * S_PAIR / NIC
+    want = BASE + 2 * (1e-6 + 4 * S_PAIR / NVL) + 2e-6 + 4 * S_PAIR / NIC
     assert t.max() == pytest.approx(want, rel=1e-12)
 
 

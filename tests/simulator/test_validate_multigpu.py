@@ -30,9 +30,18 @@ def test_schema_and_statuses(rows):
     assert (rows["source"] == "multigpu").all()
     assert set(rows["status"]) <= set(V.STATUSES)
     assert set(rows["status"]) >= {"validated", "extrapolated", "derived", "not_modelled"}
-    # nothing here is fitted: no row may claim it
-    assert not rows["used_for_fitting"].any()
-    scored = rows[rows["status"].isin(SCORED)]
+    # only the documented link-fit subset is fitted: all_reduce time_us at every other size from 16 MiB up
+    fit = rows[rows["status"] == "fitted"]
+    df = pd.read_csv(RUN / "collectives.csv", dtype={"commit": str})
+    want = {f"all_reduce {x} B world2" for x in V.fit_subset(df)}
+    assert len(want) == 3 and set(fit["config"]) == want and (fit["metric"] == "time_us").all()
+    assert fit["used_for_fitting"].all()
+    assert not rows.loc[rows["status"] != "fitted", "used_for_fitting"].any()  # derived rows stay unmarked
+    t = rows[(rows["metric"] == "time_us")]
+    for name in V.COLLECTIVES:  # at least half of every collective's rows held out
+        c = t[t["config"].str.split(" ").str[0] == name]
+        assert (~c["used_for_fitting"]).sum() >= len(c) / 2, name
+    scored = rows[rows["status"].isin(SCORED | {"fitted"})]
     assert np.isfinite(scored["predicted"]).all() and (scored["predicted"] > 0).all()
     assert np.allclose(scored["error"], scored["predicted"] / scored["measured"] - 1)
 
@@ -44,7 +53,7 @@ def test_every_committed_row_and_time_metric_has_a_row(rows):
         total += len(df)
         timed = df[df["metric"] == metric]
         assert len(timed) > 0
-        got = rows[(rows["metric"] == metric) & rows["status"].isin(SCORED)]
+        got = rows[(rows["metric"] == metric) & rows["status"].isin(SCORED | {"fitted"})]
         if name == "collectives.csv":
             keys = {f"{r.config} {int(r.size_bytes)} B world{int(r.world)}" for r in timed.itertuples()}
         else:
@@ -54,13 +63,34 @@ def test_every_committed_row_and_time_metric_has_a_row(rows):
 
 
 def test_collective_part_is_validated_and_the_rest_extrapolated(rows):
-    sc = rows[rows["status"].isin(SCORED)]
+    sc = rows[rows["status"].isin(SCORED | {"fitted"})]
     parts = sc["config"].map(V._part)
-    assert set(sc.loc[parts == "collectives", "status"]) == {"validated"}
+    coll = sc[parts == "collectives"]
+    assert "validated" in set(coll["status"]) and set(coll["status"]) <= {"validated", "fitted", "extrapolated"}
+    # a collective row is extrapolated only where another machine's host probe sets its time
+    assert coll.loc[coll["status"] == "extrapolated", "note"].str.contains("another machine").all()
     assert set(sc.loc[parts != "collectives", "status"]) == {"extrapolated"}
     s = V.summary(rows.to_dict("records"))
     assert set(s["part"]) == {"collectives", "moe", "train"}
     assert s["rows"].sum() == len(sc)
+
+
+def test_calibrated_link_beats_the_preset_on_held_out_large_rows(rows):
+    """The NVLink fit (3 all_reduce rows) moves every large held-out row: error over the held-out >= 16 MiB rows
+    of all five collectives below the preset's."""
+    plain = pd.DataFrame(V.rows(ROOT / "results" / "multigpu", calibrate=False, host=None))
+    assert not plain["used_for_fitting"].any() and "fitted" not in set(plain["status"])
+
+    def large_held_out(df):
+        t = df[(df["metric"] == "time_us") & ~df["used_for_fitting"] & df["config"].map(V._part).eq("collectives")]
+        return t[t["config"].str.split(" ").str[1].astype(int) >= 16 << 20].set_index("config")["error"]
+
+    cal, fitted = V.fit_nvlink(RUN / "collectives.csv")
+    assert 150 < cal.nvlink_GBps < 380 and len(fitted) == 3  # below the preset's 450 x 0.844
+    e_cal, e_plain = large_held_out(rows), large_held_out(plain)
+    assert len(e_cal) == 22
+    assert e_cal.abs().mean() < e_plain.abs().mean()
+    assert (rows.loc[rows["status"] == "fitted", "note"].str.contains("fitted on this row")).all()
 
 
 def test_predicted_all_reduce_time_grows_with_size(rows):
@@ -78,7 +108,7 @@ def test_hetu_vs_flat_ordering_matches_the_measurement(rows):
         if {"flat", "hetu_p2"} <= set(d.index):
             assert np.sign(d.loc["hetu_p2", "measured"] - d.loc["flat", "measured"]) == np.sign(
                 d.loc["hetu_p2", "predicted"] - d.loc["flat", "predicted"]), cfg
-            assert "off-rank bytes" in d.loc["hetu_p2", "note"]
+            assert "whole buffer through the leader" in d.loc["hetu_p2", "note"]
 
 
 def test_ring_all_reduce_oracle_on_the_h200_preset():
@@ -118,7 +148,9 @@ def test_h200_extrapolation_scales_memory_terms_only():
     assert c100.elementwise(key[0], x, key[1]) / c200.elementwise(key[0], x, key[1]) == pytest.approx(4800 / 3350)
     assert c200.matmul(4096, 14336, 4096, groups=8) == pytest.approx(c100.matmul(4096, 14336, 4096, groups=8))
     # and the cached profile itself is left untouched
-    plain = CostModel.auto(h100)
+    from simulator.cost import PROFILES_DIR, _load_profile
+
+    plain = CostModel(h100, _load_profile(str(PROFILES_DIR / V.PROFILE_GPU), ("torch", "triton")))
     assert plain.elementwise(key[0], x, key[1]) == pytest.approx(c100.elementwise(key[0], x, key[1]))
 
 
@@ -153,3 +185,121 @@ def test_alpha_beta_fit_recovers_a_synthetic_link_and_holds_out_half(tmp_path):
     assert f["mape"] < 1e-9
     # the all-reduce puts twice the all-to-all's bytes on the link (2 ranks)
     assert V.wire_bytes("all_reduce", 1 << 20, 2) == 2 * V.wire_bytes("all_to_all", 1 << 20, 2)
+
+
+# ----------------------------------------------------------------------------- issue 9: host floor, link fit
+CSV_HEAD = "date,commit,device,backend,world,part,config,impl,size_bytes,tokens,rank,metric,value"
+
+
+def _probe_file(folder: Path, gpu: str, us: float, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f"collective_host_{name}.csv"
+    lines = ["gpu,op,impl,dtype,batch,m,n,k,groups,io_bytes,flop,time_s,TFLOPps,GBps"]
+    for c in V.COLLECTIVES:
+        lines.append(f"{gpu},host_call_{c},nccl,fp32,1,1024,1,20,1,1024,0,{us * 1e-6!r},0,0")
+        lines.append(f"{gpu},host_issue_{c},nccl,fp32,1,1024,1,20,1,1024,0,{us * 0.9e-6!r},0,0")
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_back_to_back_formula_and_probe_lookup(tmp_path):
+    from simulator.network import host_dispatch as HD
+
+    # host-bound: call i starts at i h, the last ends at N h + d; device-bound: h + N d
+    assert HD.back_to_back_s(5e-6, 30e-6, 20) == pytest.approx((20 * 30e-6 + 5e-6) / 20)
+    assert HD.back_to_back_s(100e-6, 30e-6, 20) == pytest.approx((30e-6 + 20 * 100e-6) / 20)
+    with pytest.raises(ValueError, match="calls must be >= 1"):
+        HD.back_to_back_s(1e-6, 1e-6, 0)
+    assert HD.gpu_family("NVIDIA H100 80GB HBM3") == "H100" and HD.gpu_family("cpu") is None
+    assert HD.find_collective_host("NVIDIA H200", tmp_path / "none") == (None, False)
+    _probe_file(tmp_path, "NVIDIA H100 80GB HBM3", 20.0, "h100")
+    p, same = HD.find_collective_host("NVIDIA H200", tmp_path)
+    assert not same and p.gpu.startswith("NVIDIA H100") and p.host_s("all_reduce") == pytest.approx(20e-6)
+    assert p.world == 1 and p.calls == 20 and p.host_s("broadcast") is None
+    _probe_file(tmp_path, "NVIDIA H200", 30.0, "h200")
+    p, same = HD.find_collective_host("NVIDIA H200", tmp_path)
+    assert same and p.host_s("all_to_all") == pytest.approx(30e-6)  # the run's own GPU family wins
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "collective_host_x.csv").write_text("gpu,op,n,k,time_s\ncpu,host_issue_all_reduce,1,5,1e-5\n")
+    with pytest.raises(ValueError, match="no host_call_<collective> rows"):
+        HD.find_collective_host("cpu", tmp_path / "bad")
+
+
+def _run_csv(tmp_path: Path, sizes, times_us, config="all_reduce", iters=20) -> Path:
+    d = tmp_path / "h200x2"
+    d.mkdir(exist_ok=True)
+    lines = [CSV_HEAD]
+    for S, t in zip(sizes, times_us):
+        for metric, v in (("time_us", t), ("iters", iters)):
+            lines.append(f"d,c,NVIDIA H200,nccl,2,collectives,{config},nccl,{S},,all,{metric},{v!r}")
+    (d / "collectives.csv").write_text("\n".join(lines) + "\n")
+    return d / "collectives.csv"
+
+
+def test_collective_rows_with_and_without_the_host_floor(tmp_path):
+    from simulator.network.host_dispatch import back_to_back_s, load_collective_host
+
+    sizes = [1024, 1 << 20, 1 << 28]
+    path = _run_csv(tmp_path, sizes, [40.0, 42.0, 900.0])
+    sim = V._sim(V.cluster_for("NVIDIA H200", 2))
+    dev = [V.predict_collective(sim, "all_reduce", S, 2) for S in sizes]
+    bare = V.collective_rows(path, host=None)
+    t = [r for r in bare if r["metric"] == "time_us"]
+    assert [r["predicted"] for r in t] == pytest.approx([d * 1e6 for d in dev])
+    assert {r["status"] for r in t} == {"validated"} and "none found" in t[0]["note"]
+    for gpu, status in (("NVIDIA H100 80GB HBM3", "extrapolated"), ("NVIDIA H200", "validated")):
+        probe = load_collective_host(_probe_file(tmp_path / gpu.split()[1], gpu, 35.0, "x"))
+        t = [r for r in V.collective_rows(path, host=probe) if r["metric"] == "time_us"]
+        want = [back_to_back_s(d, 35e-6, 20) * 1e6 for d in dev]
+        assert [r["predicted"] for r in t] == pytest.approx(want)
+        assert t[0]["predicted"] == pytest.approx(35 + dev[0] * 1e6 / 20)  # host-bound
+        assert t[2]["predicted"] == pytest.approx(dev[2] * 1e6 + 35 / 20)  # device-bound
+        assert [r["status"] for r in t] == [status, status, "validated"]
+        assert "host-bound" in t[0]["note"] and "host-bound" not in t[2]["note"]
+    with pytest.raises(ValueError, match="host must be"):
+        V.collective_rows(path, host="h100")
+
+
+def test_nvlink_fit_recovers_a_synthetic_link_and_marks_only_its_rows(tmp_path):
+    from simulator.network.host_dispatch import LinkCalibration, back_to_back_s, load_collective_host
+
+    B = 250.0
+    c = V.cluster_for("NVIDIA H200", 2)
+    sim = V._sim(c, cal=LinkCalibration(B))
+    assert sim.topo.nvlink_GBps == B and V._sim(c).topo.nvlink_GBps == pytest.approx(450 * 380 / 450)
+    sizes = [1 << e for e in range(10, 29)]
+    probe = load_collective_host(_probe_file(tmp_path / "p", "NVIDIA H200", 30.0, "h200"))
+    times = [back_to_back_s(V.predict_collective(sim, "all_reduce", S, 2), 30e-6, 20) * 1e6 for S in sizes]
+    path = _run_csv(tmp_path, sizes, times)
+    cal, fitted = V.fit_nvlink(path, host=probe)
+    assert cal.nvlink_GBps == pytest.approx(B, rel=1e-9)
+    assert fitted == {("all_reduce", 1 << e) for e in (24, 26, 28)} and "16 MiB, 64 MiB, 256 MiB" in cal.source
+    # without the probe the fit absorbs the host's 30 / 20 us per call: a slightly different bandwidth
+    assert V.fit_nvlink(path)[0].nvlink_GBps != pytest.approx(B, rel=1e-6)
+    rs = [r for r in V.collective_rows(path, cal, probe, fitted) if r["metric"] == "time_us"]
+    assert [r["predicted"] for r in rs] == pytest.approx(times, rel=1e-9)
+    assert sum(r["used_for_fitting"] for r in rs) == 3 == sum(r["status"] == "fitted" for r in rs)
+    # no preset for the device: nothing to fit
+    path.write_text(path.read_text().replace("NVIDIA H200", "NVIDIA A10G"))
+    assert V.fit_nvlink(path) == (None, frozenset())
+    with pytest.raises(ValueError, match="must be > 0"):
+        LinkCalibration(0.0)
+
+
+def test_hetu_schedule_ships_what_the_reference_ships():
+    """`reference.comm.alltoall.AllToAll._hetu`: a non-leader sends its whole buffer (send1 = [x.shape[0], 0..])
+    and the leader sends local rank j every row for it (send3[j] = sum_s C[s][(a, j)]), own rows included."""
+    from semoe import cluster_preset
+    from simulator import collectives as C
+    from simulator.topology import Topology
+
+    topo = Topology(cluster_preset("h200-x4", nodes=2))
+    rng = np.random.default_rng(0)
+    M = rng.integers(1, 100, size=(8, 8)).astype(float)
+    op = C.all_to_all(topo, range(8), M, "hetu")
+    gather, exchange, scatter = op.steps
+    for leader, members in ((0, (1, 2, 3)), (4, (5, 6, 7))):
+        for r in members:
+            assert gather.nbytes[(gather.src == r) & (gather.dst == leader)].sum() == M[r].sum()
+            assert scatter.nbytes[(scatter.src == leader) & (scatter.dst == r)].sum() == M[:, r].sum()
+    assert exchange.nbytes[(exchange.src == 0) & (exchange.dst == 4)].sum() == M[:4, 4:].sum()
