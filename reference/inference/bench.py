@@ -11,6 +11,10 @@ budget of ``--budget-gb`` (default 10 GB, so experts are 2.25x the budget). The 
 most of a lease to write; every per-block number below is the same for 8 or 32 blocks.
 
 Measured in one run:
+0. the simulator's host inputs for this run: ``host_op_us`` (a tiny reference forward) and the engine host
+   probe (:func:`host_probe`: the engine's own prefill and decode passes, per mode and batch, on a model of
+   the same family and block count at tiny widths, where a pass's wall time is the host's; ~10-20 s;
+   ``--skip-host-probe``);
 1. pinned H2D bandwidth: one block's pinned expert buffer copied to the GPU (CUDA events, median);
 2. compute time of a block: resident mode (all experts on the GPU) prefill forward / blocks;
 3. bound per block = max(compute, block expert bytes / H2D); ring prefill throughput vs that bound,
@@ -19,6 +23,7 @@ Measured in one run:
    the same prefill batch;
 5. decode tokens/s of expert-aware vs ring mode at batch 1, 2, 4, 8 (budget-sized pool / ring).
 
+``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
 bf16 ring against int8 / fp8 rings (dequantize-into-workspace and fused GEMMs) with their quality
 cost; ``--quick`` runs it on a tiny CPU model (CI smoke test).
@@ -44,6 +49,7 @@ from reference.inference.engine import Engine, InferConfig, random_prompts, ring
 from reference.inference.store import ModelStore
 from semoe.presets import model_preset
 
+STORE_DEFAULT = Path("/tmp/semoe_store")
 COLUMNS = ("date", "commit", "device", "config", "mode", "batch", "metric", "value")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"  # the CPU path only smoke-tests this script with a small preset
@@ -107,6 +113,84 @@ def host_op_s() -> float:
     return float(prof.rows[-1]["time_s"])
 
 
+# issue 7's host probe: the engine's own code path on a model of the same family and block count at widths
+# where the device work is ~0 (head dim 128 and 4:1 GQA as Mixtral's, so attention takes the same kernels)
+PROBE_WIDTHS = {"hidden": 512, "heads": 4, "kv_heads": 1, "ffn": 128, "vocab": 256}
+PROBE_MODES = (("resident", "resident", False), ("ring", "ring", False), ("expert", "expert", True),
+               ("expert_nopred", "expert", False))
+
+
+def probe_spec(spec):
+    """The probe model: ``spec``'s family, block count and routing (experts, top-k) at tiny widths."""
+    return spec.replace(name=f"{spec.name}-hostprobe", **PROBE_WIDTHS)
+
+
+def _probe_budget_gb(store: ModelStore, batch: int, max_len: int, tokens: int, pool_slots: int) -> float:
+    """A budget giving the probe's expert-aware engine ``pool_slots`` expert slots, as the run's engine has."""
+    from reference.inference.engine import plan_memory
+
+    p = plan_memory(store, "expert", 1 << 50, batch, max_len, tokens)
+    return (p.dense_bytes + p.kv_bytes + p.act_bytes + pool_slots * p.expert_bytes + p.expert_bytes // 2) / 1e9
+
+
+def host_probe(spec, store_dir: Path, batches: list[int], P: int, G: int, reps: int, plans: dict, row) -> None:
+    """Host time of the engine's own code path, measured in this run (the simulator's host input for it).
+
+    A random store of ``probe_spec(spec)`` (same family, block count, experts and top-k; tiny widths, so
+    each kernel's device time is a few us and the wall time of a pass is the host's). For each mode of
+    ``PROBE_MODES`` and batch of ``batches``: the prefill forward (median of ``reps`` after a warm-up,
+    as the run's prefill rows) and the decode steps of ``generate`` (after an untimed warm-up, as the
+    run's decode rows), with the ring's K and the expert pool's slots of the run's engines (``plans``:
+    ``("ring", B)`` -> K, ``("expert", B)`` -> C), so the probe copies as the run does (tiny copies).
+    Rows (mode, batch): ``host_prefill_ms``, ``host_decode_ms_per_step`` and the copy calls of the same
+    passes (``host_prefill_copies``, ``host_decode_copies_per_step``: a ring block or an expert per call),
+    which the simulator counts as kernels of the probe's pass; ``-`` ``host_probe_moe_blocks``."""
+    pspec = probe_spec(spec)
+    build_random_store(store_dir, pspec, torch.bfloat16, seed=0, gen_device=DEV)
+    pstore = ModelStore.load(store_dir)
+    row("-", 0, "host_probe_moe_blocks", len(pstore.moe_blocks))
+    for name, mode, predict in PROBE_MODES:
+        for B in batches:
+            free_cuda()
+            kw: dict = {"gpu_budget_gb": None}
+            if mode == "ring":
+                kw["slots"] = plans[("ring", B)]
+            elif mode == "expert":
+                kw["gpu_budget_gb"] = _probe_budget_gb(pstore, B, P + G, B * P, plans[("expert", B)])
+            eng = Engine(pstore, InferConfig(mode=mode, device=DEV, trace=False, predict=predict, **kw), batch=B,
+                         max_len=P + G, prefill_tokens=B * P)
+            if mode == "expert" and eng.plan.pool_slots != plans[("expert", B)]:
+                log(f"host probe: {name} B={B} pool {eng.plan.pool_slots} slots, run's {plans[('expert', B)]}")
+            prompts = random_prompts(B, P, pspec.vocab, seed=B)
+            idx = prompts.to(DEV)
+            eng.forward(idx, all_logits=False)
+            c0 = eng.pool.copies
+            t = timed(lambda: eng.forward(idx, all_logits=False), reps)
+            pre_copies = (eng.pool.copies - c0) / reps
+            eng.generate(prompts, 2)
+            calls: list[int] = []
+            fwd = eng.forward
+
+            def counted(idx_BS, *args, **kwargs):  # copy calls of each decode forward (q_len 1)
+                c = eng.pool.copies
+                out = fwd(idx_BS, *args, **kwargs)
+                if idx_BS.shape[1] == 1:
+                    calls.append(eng.pool.copies - c)
+                return out
+
+            eng.forward = counted
+            r = eng.generate(prompts, G)
+            steps = max(1, G - 1)
+            row(name, B, "host_prefill_ms", 1e3 * t)
+            row(name, B, "host_prefill_copies", pre_copies)
+            row(name, B, "host_decode_ms_per_step", 1e3 * r.decode_s / steps)
+            row(name, B, "host_decode_copies_per_step", sum(calls) / steps)
+            eng.close()
+            del eng
+    del pstore
+    free_cuda()
+
+
 def peak_GB() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if CUDA else 0.0
 
@@ -158,7 +242,7 @@ def accelerate_prefill_s(store: ModelStore, idx: torch.Tensor, reps: int) -> tup
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--store", type=Path, default=Path("/tmp/semoe_store"))
+    p.add_argument("--store", type=Path, default=STORE_DEFAULT)
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--budget-gb", type=float, default=10.0)
@@ -169,18 +253,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-accelerate", action="store_true")
     p.add_argument("--diagnose", action="store_true", help="decode determinism + profile, then exit")
-    p.add_argument("--suite", choices=("issue7", "issue11"), default="issue7",
-                   help="issue11: eager vs compiled, bf16 vs int8 / fp8 ring (dequant and fused), quality")
-    p.add_argument("--quick", action="store_true", help="issue11 on a tiny CPU model (CI smoke test)")
+    p.add_argument("--suite", choices=("issue7", "issue11"), default=None,
+                   help="issue7 (default); issue11: eager vs compiled, bf16 vs int8 / fp8 ring (dequant and fused), "
+                        "quality")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny CPU model (CI smoke test): issue11 unless --suite issue7 is given")
+    p.add_argument("--skip-host-probe", action="store_true", help="issue7: skip the engine host probe")
     p.add_argument("--compile-mode", default="reduce-overhead", help="issue11: resident decode compile mode")
     p.add_argument("--ring-slots", type=int, default=None, help="issue11: ring K (default: from --budget-gb)")
     p.add_argument("--skip-compile", action="store_true", help="issue11: skip the compiled section")
     p.add_argument("--skip-ring", action="store_true", help="issue11: skip the bf16/int8/fp8 ring section")
     a = p.parse_args(argv)
-    if a.suite == "issue11" or a.quick:
+    if a.suite == "issue11" or (a.quick and a.suite is None):
         a.batches = a.batches or ("1,2" if a.quick else "1,8")
         return suite_issue11(a)
-    a.batches = a.batches or "1,2,4,8"
+    a.batches = a.batches or ("1,2" if a.quick else "1,2,4,8")
+    if a.quick:  # issue 7 on a tiny CPU model: every section's code path, no accelerate
+        a.preset, a.layers, a.prompt_len, a.gen_len, a.slots = "tiny", 2, 8, 3, "1"
+        a.skip_accelerate = True
+        if a.store == STORE_DEFAULT:
+            a.store = a.out / "store"
     if a.diagnose:
         diagnose(preset=a.preset, layers=a.layers, P=a.prompt_len, G=a.gen_len, store_dir=a.store)
         return 0
@@ -190,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if CUDA else "cpu"
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     spec = model_preset(a.preset).replace(layers=a.layers, name=f"{a.preset}-L{a.layers}", dtype="bf16")
-    config = f"{spec.name} bf16 budget={a.budget_gb:g}GB P={P} G={G}"
     rows: list[dict] = []
     a.out.mkdir(parents=True, exist_ok=True)
 
@@ -208,12 +299,29 @@ def main(argv: list[str] | None = None) -> int:
     build_random_store(a.store, spec, torch.bfloat16, seed=0, gen_device=DEV, progress=log)
     store = ModelStore.load(a.store, progress=log)
     L, E = len(store.moe_blocks), spec.experts
+    if a.quick:  # a budget of 1.5 blocks' experts: ring K = 1 < L, expert-aware misses
+        from reference.inference.engine import plan_memory
+
+        pm = plan_memory(store, "ring", 1 << 50, Bmax, P + G, Bmax * P)
+        a.budget_gb = round((pm.dense_bytes + pm.kv_bytes + pm.act_bytes + 1.5 * E * store.expert_bytes) / 1e9, 6)
+    config = f"{spec.name} bf16 budget={a.budget_gb:g}GB P={P} G={G}"
     layer_bytes = store.expert_bytes * E
     log(f"loaded: {L} blocks x {layer_bytes / 1e9:.2f} GB experts (pinned={store.pinned}), dense {store.dense_bytes / 1e9:.2f} GB")
     row("-", 0, "expert_GB_total", L * layer_bytes / 1e9)
     bw = h2d_GBps(store)
     row("-", 0, "h2d_pinned_GBps", bw)
     row("-", 0, "host_op_us", 1e6 * host_op_s())
+    if not a.skip_host_probe:  # the engine's own host time per pass, this run (< 30 s on the H100)
+        from reference.inference.engine import plan_memory
+
+        budget = int(a.budget_gb * 1e9)
+        K = plan_memory(store, "ring", budget, Bmax, P + G, Bmax * P).ring_slots
+        plans = {("ring", B): K for B in batches}
+        plans.update({("expert", B): plan_memory(store, "expert", budget, B, P + G, B * P).pool_slots for B in batches})
+        probe_dir = a.store.parent / f"{a.store.name}_hostprobe" if not a.quick else a.out / "probe_store"
+        t0 = time.perf_counter()
+        host_probe(spec, probe_dir, batches, P, G, a.reps, plans, row)
+        log(f"host probe: {time.perf_counter() - t0:.1f} s")
 
     def engine(mode: str, batch: int, slots: int | None = None, budget: float | None = a.budget_gb,
                predict: bool = True) -> Engine:
