@@ -42,6 +42,14 @@ the simulated phases, and, for a run without the ``ssd_block_prep_GBps`` probe, 
 traces (`write_prep_rate`: the block bytes over the median gap between consecutive SSD writes on the
 engine's I/O thread, where it serialises and checksums the next block; listed as an input row).
 
+A-priori vs diagnostic (task hD2): the ``validated`` rows are predictions whose inputs are the run's probes only
+(CPU AdamW: the engine probe with nothing beside the update, `ADAM_LOADS_APRIORI`; SSD: the engine's block read /
+write / rewrite-prep probes where the run has them, else the plain-file and fresh-name ones). For every run with
+traces (``--traces`` and its ``run_<commit>/`` subdirectories) each case is simulated once more GIVEN ITS OWN TRACE'S
+PHASE RATES (`trace_rates`: CPU AdamW, SSD read, SSD write, block prep): ``step_ms`` rows of status ``diagnostic``
+(this CSV only; `rows` leaves them out of ``semoe validate``), which test the scheduling / overlap model with the
+rate model taken out.
+
 Metrics: ``step_ms``, ``step_s``, ``tokens_per_s``, ``cpu_adam_ms_per_step``, ``ratio_vs_gpu`` (time),
 ``h2d_gb_per_step``, ``d2h_gb_per_step``, ``ssd_read_gb_per_step``, ``ssd_write_gb_per_step`` (bytes), ``peak_mem_gb`` (memory), ``hit_rate`` / ``cache_hit_rate``
 (ratio, the LFU cache's hits / (hits + misses) over the measured steps); bandwidth probes (``*_GBps``) are
@@ -77,19 +85,37 @@ BYTES_METRICS = ("h2d_gb_per_step", "d2h_gb_per_step", "ssd_read_gb_per_step", "
 MEMORY_METRICS = ("peak_mem_gb",)
 INPUT_METRICS = ("h2d_pinned_GBps", "d2h_pinned_GBps", "ssd_read_GBps", "ssd_write_GBps", "cpu_adam_Mparams_per_s",
                  "cpu_adam_fp32grad_Mparams_per_s", "ssd_block_prep_GBps", "cpu_adam_engine_Mparams_per_s",
-                 "ssd_block_read_GBps")
+                 "ssd_block_read_GBps", "ssd_block_write_GBps", "ssd_block_rewrite_prep_GBps")
 # the engine's per-layer CPU AdamW (reference.offload.bench.measure_engine_adam): config ``cpu_adam_engine E<n>
 # P<n> grad=<bf16|fp32>``, placement = the load it ran under; `adam_input` picks one per simulated case
 ENGINE_ADAM = "cpu_adam_engine_Mparams_per_s"
-# the load beside the optimizer thread in each placement's run on a GPU (on the CPU the engine is synchronous:
-# nothing runs beside an update, so its runs use ``alone``)
-ADAM_LOAD = {"cpu": "gpu+pcie", "ssd": "gpu+pcie+ssd"}
+# The a-priori rule (fixed in task hD2 before any step-time error was looked at, see offload_train.md): a case's
+# CPU AdamW input is its run's engine probe with NOTHING beside the update, on the engine's own thread role when
+# the run has it (``alone@worker``: the update on a worker thread, as ``ExpertOffload._worker`` runs it), else on
+# the main thread (``alone``). The probes under synthetic loads (``gpu``, ``gpu+pcie``, ...) measured 10x below
+# the engine's in-run rate in run 0252961, so they are diagnostics of the probe, never inputs.
+ADAM_LOADS_APRIORI = ("alone@worker", "alone")
+
+
+def apriori_loads(device: str) -> tuple[str, ...]:
+    """`ADAM_LOADS_APRIORI`, or ``("alone",)`` for a run on the CPU (its engine runs updates inline, on the main
+    thread)."""
+    return ("alone",) if str(device).strip().lower() == "cpu" else ADAM_LOADS_APRIORI
 # bench rows of the same run (date, commit, device) that the simulation takes as inputs: metric -> io_rates key
 IO_INPUTS = {"ssd_read_GBps": ("disk_read", 1e9), "ssd_write_GBps": ("disk_write", 1e9),
              "cpu_adam_Mparams_per_s": ("cpu_adam", 1e6), "cpu_adam_fp32grad_Mparams_per_s": ("cpu_adam_fp32grad", 1e6),
              "ssd_block_prep_GBps": ("ssd_write_prep", 1e9),
              # the engine's own timed block read (fresh buffer + crc32 check): replaces ssd_read_GBps where a run has it
-             "ssd_block_read_GBps": ("disk_read_block", 1e9)}
+             "ssd_block_read_GBps": ("disk_read_block", 1e9),
+             # the engine's timed block write (SSDStore's temp file: create + write + fsync) and the host work
+             # between two write-backs when each replaces the block's previous version (crc32 + the rename that
+             # unlinks the old file): what every engine write-back does; they replace ssd_write_GBps /
+             # ssd_block_prep_GBps (whose probe renamed to fresh names) where a run has them
+             "ssd_block_write_GBps": ("disk_write_block", 1e9),
+             "ssd_block_rewrite_prep_GBps": ("ssd_write_prep_rewrite", 1e9)}
+# a run's own rates taken from its traces for the diagnostic simulation (`trace_rates`): io_rates key -> label
+DIAG_RATES = {"cpu_adam": "CPU AdamW", "disk_read": "SSD read", "disk_write": "SSD write",
+              "ssd_write_prep": "block prep"}
 TRACES = ROOT / "results" / "bench" / "offload"  # trace_<a|b>_<placement>_<on|off>.csv + run.json of one bench run
 TRACE_LABELS = {"a": "a_compute_bound", "b": "b_over_budget"}
 PLACEMENTS = {"gpu": "gpu", "hbm": "gpu", "all-in-hbm": "gpu", "none": "gpu", "cpu": "cpu", "cpu-offload": "cpu",
@@ -347,19 +373,21 @@ def layer_size(cfg: OffloadConfig) -> tuple[int, int]:
 def adam_input(probes: dict[tuple, float], cfg: OffloadConfig, placement: str, device: str) -> tuple[float, str] | None:
     """The CPU AdamW rate (parameters/s) a simulated case takes from its run's engine probes, and a label saying
     which probe: the gradient dtype of the case (fp32 accumulators with ``micro_batches > 1``, else bf16), the
-    load of its placement (`ADAM_LOAD`; ``alone`` for a run on the CPU), the probe's layer size nearest the
-    case's (E x P; exact for the bench's own configurations). None: not offloaded, or no probe of that kind."""
+    first load of `ADAM_LOADS_APRIORI` the run probed (nothing beside the update), the probe's layer size nearest
+    the case's (E x P; exact for the bench's own configurations). None: not offloaded, or no such probe."""
     tier = parse_placement(placement)
     if tier == "gpu" or not probes:
         return None
     grad = "fp32" if cfg.micro_batches > 1 else "bf16"
-    load = "alone" if str(device).strip().lower() == "cpu" else ADAM_LOAD[tier]
-    cands = {k: v for k, v in probes.items() if k[2] == grad and k[3] == load}
-    if not cands:
+    for load in apriori_loads(device):
+        cands = {k: v for k, v in probes.items() if k[2] == grad and k[3] == load}
+        if cands:
+            break
+    else:
         return None
     E, P = layer_size(cfg)
     key = min(cands, key=lambda k: (abs(math.log(k[0] * k[1] / (E * P))), k))
-    label = f"engine probe under '{load}', E{key[0]} P{key[1]} grad={grad}: {cands[key]:.0f} Mparams/s"
+    label = f"engine probe '{load}', E{key[0]} P{key[1]} grad={grad}: {cands[key]:.0f} Mparams/s"
     if key[:2] != (E, P):
         label += f" (nearest layer size to E{E} P{P})"
     return cands[key] * 1e6, label
@@ -383,8 +411,8 @@ def case_io(io: tuple, probes: dict[tuple, float], cfg: OffloadConfig, placement
     key = "cpu_adam_fp32grad" if cfg.micro_batches > 1 and rates.get("cpu_adam_fp32grad") else "cpu_adam"
     if rates.get(key):
         name = "cpu_adam_fp32grad_Mparams_per_s" if key == "cpu_adam_fp32grad" else "cpu_adam_Mparams_per_s"
-        return io, (f"isolated probe {name}: {rates[key] / 1e6:.0f} Mparams/s (older run: no engine probe under "
-                    "load)")
+        return io, (f"isolated probe {name}: {rates[key] / 1e6:.0f} Mparams/s (older run: no engine AdamW "
+                    "probe)")
     return io, "the simulator's assumption (profile / host DRAM bandwidth): no probe in this run"
 
 
@@ -446,7 +474,7 @@ def _input(metric: str) -> float:
     c = cluster_preset("h100-single")
     if metric in ("h2d_pinned_GBps", "d2h_pinned_GBps"):
         return c.pcie.bandwidth_GBps
-    if metric == "ssd_block_prep_GBps":
+    if metric in ("ssd_block_prep_GBps", "ssd_block_rewrite_prep_GBps"):
         return float("nan")  # no default: without a measurement the simulator charges nothing
     if metric in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s", ENGINE_ADAM):  # the assumption
         from simulator.workload.training import CPU_ADAM_BYTES_PER_PARAM
@@ -479,21 +507,18 @@ def _trace_cases(traces: Path) -> list[tuple[str, str, str, Path]]:
 
 
 def write_prep_rate(traces: Path) -> tuple[float, int] | None:
-    """Bytes/s of the host work before each SSD block write (``reference.offload.ssd``: serialise + crc32
-    on the I/O thread, outside the timed write), from the traces: block bytes over the median gap
-    between one ``ssd_write`` row's end and the next one's start on the I/O thread. Returns (rate, gaps)."""
+    """Bytes/s of the host work between two SSD block writes on the engine's I/O thread (``reference.offload.ssd``:
+    the rename of the first over its block's previous version, which unlinks it, then the crc32 of the second,
+    outside the timed writes), from the traces: block bytes over the median of the `queued_write_gaps` (pairs whose
+    second write was queued before the first ended, so the gap is not a wait for an update). Returns (rate, gaps)."""
     import numpy as np
 
     from semoe.trace import read_csv
 
-    rates, n = [], 0
+    rates = []
     for *_, f in _trace_cases(traces):
-        io = sorted((r for r in read_csv(f) if r.phase in ("ssd_read", "ssd_write")), key=lambda r: r.start_s)
-        for a, b in pairwise(io):
-            if a.phase == b.phase == "ssd_write" and b.start_s > a.end_s:
-                rates.append(b.bytes / (b.start_s - a.end_s))
-                n += 1
-    return (float(np.median(rates)), n) if rates else None
+        rates += [b / g for b, g in queued_write_gaps(read_csv(f))]
+    return (float(np.median(rates)), len(rates)) if rates else None
 
 
 def trace_window(rows: list, warmup: int, counted: int | None = None) -> tuple[float, float, int] | None:
@@ -543,6 +568,68 @@ def trace_phases(path: Path, warmup: int, counted: int | None = None) -> dict[st
     return out
 
 
+def queued_write_gaps(rows: list, t0: float = -math.inf, t1: float = math.inf) -> list[tuple[float, float]]:
+    """``(bytes, gap_s)`` of each pair of consecutive SSD block writes on the engine's I/O thread (rows starting in
+    ``[t0, t1)``) whose second write was already queued when the first ended: no ``cpu_adam`` row (the update that
+    queues write-backs) ends inside the gap, so the gap is the I/O thread's own host work between two writes (the
+    rename of the first over its block's previous version, which unlinks that file, and the crc32 of the second),
+    not idle time waiting for an update."""
+    sel = [r for r in rows if t0 <= r.start_s < t1]
+    adam_ends = sorted(r.end_s for r in sel if r.phase == "cpu_adam")
+    io = sorted((r for r in sel if r.phase in ("ssd_read", "ssd_write")), key=lambda r: r.start_s)
+    out = []
+    for a, b in pairwise(io):
+        queued = not any(a.end_s < e <= b.start_s for e in adam_ends)
+        if a.phase == b.phase == "ssd_write" and b.start_s > a.end_s and queued:
+            out.append((float(b.bytes), b.start_s - a.end_s))
+    return out
+
+
+def trace_rates(path: Path, warmup: int, counted: int | None = None) -> dict[str, float]:
+    """The host-side rates one bench case showed in its own trace (rows in `trace_window`), as `TrainingIteration`
+    ``io_rates``: ``cpu_adam`` / ``cpu_adam_fp32grad`` (parameters/s: the ``cpu_adam`` rows' parameters, bytes / 16,
+    over their busy time), ``disk_read`` / ``disk_write`` (bytes/s over the ``ssd_read`` / ``ssd_write`` rows' busy
+    time: the engine's timed read with its crc32, the timed write + fsync) and ``ssd_write_prep`` (bytes/s: block
+    bytes over the median of `queued_write_gaps`). Only the phases the trace has. These are measurements of the run
+    being predicted: the diagnostic simulation uses them, the a-priori prediction never does."""
+    import numpy as np
+
+    from semoe.trace import read_csv
+
+    rows = read_csv(path)
+    win = trace_window(rows, warmup, counted)
+    if win is None:
+        return {}
+    t0, t1, _ = win
+    sel = [r for r in rows if t0 <= r.start_s < t1]
+    out: dict[str, float] = {}
+
+    def busy(phase):
+        xs = [r for r in sel if r.phase == phase]
+        return sum(r.bytes for r in xs), sum(r.end_s - r.start_s for r in xs)
+
+    nb, dt = busy("cpu_adam")
+    if nb and dt > 0:
+        out["cpu_adam"] = out["cpu_adam_fp32grad"] = nb / 16 / dt  # row bytes: 16 B per parameter (the engine's)
+    for phase, key in (("ssd_read", "disk_read"), ("ssd_write", "disk_write")):
+        nb, dt = busy(phase)
+        if nb and dt > 0:
+            out[key] = nb / dt
+    gaps = queued_write_gaps(rows, t0, t1)
+    if gaps:
+        out["ssd_write_prep"] = float(np.median([b / g for b, g in gaps]))
+    return out
+
+
+def trace_dirs(traces: Path | None) -> list[Path]:
+    """``traces`` (the latest run's traces) and its ``run_<commit>/`` subdirectories (older runs' traces), those
+    with a ``run.json``."""
+    if traces is None or not Path(traces).is_dir():
+        return []
+    dirs = [Path(traces)] + sorted(p for p in Path(traces).glob("run_*") if p.is_dir())
+    return [d for d in dirs if (d / "run.json").is_file()]
+
+
 # trace metric -> (simulated busy_s key(s), or bytes key(s)); "ms" ones compare busy time, "gb" ones bytes
 TRACE_METRICS = {
     "trace_cpu_adam_ms_per_step": ("cpu_adam_ms", "busy", ("cpu_adam",)),
@@ -569,9 +656,11 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         if r.metric in IO_INPUTS:
             k, scale = IO_INPUTS[r.metric]
             inputs.setdefault((r.date, r.commit, r.device), {})[k] = float(r.value) * scale
-    for d in inputs.values():  # the block read is what the engine's reads do: it wins over the plain-file probe
-        if "disk_read_block" in d:
-            d["disk_read"] = d.pop("disk_read_block")
+    for d in inputs.values():  # the engine's own block calls win over the plain-file / fresh-name probes
+        for block, plain in (("disk_read_block", "disk_read"), ("disk_write_block", "disk_write"),
+                             ("ssd_write_prep_rewrite", "ssd_write_prep")):
+            if block in d:
+                d[plain] = d.pop(block)
     probes = engine_adam_probes(df)
     runs = set(zip(df["date"], df["commit"], df["device"]))
     for run in runs:  # the reference code each run executed (its GPU AdamW and expert GEMM path)
@@ -588,7 +677,7 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         if got is not None and probe is None:
             inputs.setdefault(run_of_traces, {})["ssd_write_prep"] = got[0]
             prep_note = (f"; ssd_write_prep {got[0] / 1e9:.3g} GB/s from the run's traces (median of {got[1]} "
-                         "write-to-write gaps on the I/O thread: serialise + crc32 before each block write)")
+                         "queued write-to-write gaps on the I/O thread: rename over the old version + crc32)")
         elif got is not None:  # the isolated probe (the input) beside what the engine's I/O thread showed
             prep_check = (got, probe)
     for r in df.itertuples(index=False):
@@ -603,10 +692,16 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                 pred = _input(r.metric)
             note = ("model input (same-run probe), used_for_fitting: predicted is the simulator's own rate of this "
                     "link (cluster preset / profile / assumption)")
+            if r.metric == ENGINE_ADAM and str(r.placement) not in apriori_loads(r.device):
+                row["note"] = (f"the engine's per-layer AdamW probed under the synthetic load '{r.placement}': a "
+                               "diagnostic of the probe, not an input (the a-priori rule takes the first of "
+                               f"{', '.join(apriori_loads(r.device))} the run has; see offload_train.md)")
+                out.append(row)
+                continue
             if r.metric == ENGINE_ADAM:
-                note += (f"; the engine's per-layer AdamW under load '{r.placement}': the simulations of this run's "
-                         "cases of that layer size, gradient dtype and load use it (" +
-                         ", ".join(f"{k} -> {v}" for k, v in ADAM_LOAD.items()) + "; alone on the CPU)")
+                note += (f"; the engine's per-layer AdamW with nothing beside it ('{r.placement}'): the simulations "
+                         "of this run's cases of that layer size and gradient dtype use it (a-priori rule: the first "
+                         f"of {', '.join(apriori_loads(r.device))} the run has)")
             if r.metric in IO_INPUTS:
                 note += "; this run's simulations use the measured value instead (io_rates)"
             if math.isnan(pred):  # an input the simulator has no rate of its own for (charged only when measured)
@@ -678,10 +773,16 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                         "prefetch": "-", "metric": "trace_ssd_block_prep_GBps", "measured": gap_rate / 1e9,
                         "predicted": probe / 1e9, "error": probe / gap_rate - 1, "used_for_fitting": False,
                         "status": "validated",
-                        "note": f"measured: block bytes over the median of {n} write-to-write gaps in the traces "
-                                "(in place, threads competing); predicted: the isolated ssd_block_prep_GBps probe "
-                                "that the simulations use"})
+                        "note": f"measured: block bytes over the median of {n} queued write-to-write gaps in the "
+                                "traces (`queued_write_gaps`: rename over the old version + crc32, in place); "
+                                "predicted: the run's block-prep probe that its simulations use "
+                                "(ssd_block_rewrite_prep_GBps where the run has it, else ssd_block_prep_GBps, whose "
+                                "renames went to fresh names: no unlink of an old version)"})
         out += _trace_rows(df, traces, run_of_traces, inputs, prep_note, probes.get(run_of_traces, {}))
+    for d in trace_dirs(traces):  # every run with traces: the step given its own measured phase rates
+        run = trace_run(d)
+        if run in runs:
+            out += _diagnostic_rows(df, d, run, inputs, probes.get(run, {}))
     res = pd.DataFrame(out, columns=list(OUT_COLUMNS))
     res["cpu_adam_input"] = res["cpu_adam_input"].fillna("")
     return res
@@ -725,6 +826,51 @@ def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, prob
     return out
 
 
+DIAGNOSTIC = "diagnostic"  # status of `_diagnostic_rows` (offload CSV only: `rows` leaves them out of semoe validate)
+
+
+def _diagnostic_rows(df, traces: Path, run: tuple, inputs: dict, probes: dict) -> list[dict]:
+    """Per traced case: the bench's step time beside the simulation GIVEN THIS RUN'S MEASURED PHASE RATES
+    (`trace_rates` of the case's own trace: CPU AdamW, SSD read, SSD write, block prep replace the probes; the
+    other inputs stay the a-priori ones). Status `DIAGNOSTIC`: it tests the scheduling / overlap model with the
+    rate model taken out, it is not a prediction (the rates come from the run it is compared with)."""
+    out = []
+    date, commit, device = run
+    run_io = tuple(sorted(inputs.get(run, {}).items()))
+    for label, placement, prefetch, path in _trace_cases(traces):
+        sel = df[(df["date"] == date) & (df["commit"] == commit) & (df["device"] == device)
+                 & (df["config"].astype(str).str.split().str[0] == label) & (df["placement"] == placement)
+                 & (df["prefetch"].astype(str) == prefetch) & (df["metric"] == "step_ms")]
+        if sel.empty:
+            continue
+        r = sel.iloc[0]
+        try:
+            cfg = parse_config(r["config"])
+            depth = parse_prefetch(prefetch, cfg.depth)
+            io, adam_label = case_io(run_io, probes, cfg, placement, device)
+            got = trace_rates(path, cfg.warmup, cfg.steps or None)
+            rates = dict(io)
+            rates.update(got)
+            s_diag = simulate(cfg, placement, depth, tuple(sorted(rates.items())))
+            s_pri = simulate(cfg, placement, depth, io)
+        except ValueError:
+            continue
+        measured = float(r["value"])
+        pred = s_diag["step_time_s"] * 1e3
+        used = ", ".join(f"{DIAG_RATES[k]} {got[k] / (1e6 if k == 'cpu_adam' else 1e9):.4g} "
+                         f"{'Mparams/s' if k == 'cpu_adam' else 'GB/s'}" for k in DIAG_RATES if k in got)
+        out.append({"date": date, "commit": commit, "device": device, "config": r["config"], "placement": placement,
+                    "prefetch": prefetch, "metric": "step_ms", "measured": measured, "predicted": pred,
+                    "error": pred / measured - 1 if measured else float("nan"), "used_for_fitting": True,
+                    "status": DIAGNOSTIC,
+                    "note": (f"diagnostic, not a prediction: simulated with this run's phase rates from {path.name} "
+                             f"({used or 'no host phase: the a-priori inputs'}); the a-priori simulation gives "
+                             f"{s_pri['step_time_s'] * 1e3:.1f} ms"),
+                    "cpu_adam_input": (f"this run's trace: {got['cpu_adam'] / 1e6:.0f} Mparams/s" if "cpu_adam" in got
+                                       else adam_label)})
+    return out
+
+
 def rows(path: Path | str = BENCH) -> list[dict]:
     """Rows for ``semoe validate`` (`paper_repro.validate._row` format, source ``offload``)."""
     from paper_repro.validate import _row
@@ -736,6 +882,8 @@ def rows(path: Path | str = BENCH) -> list[dict]:
                 "memory" if r.metric in MEMORY_METRICS else "time")
         run = f"{r.commit} {r.date}"
         metric = f"{r.placement} prefetch={r.prefetch} {r.metric}"
+        if r.status == DIAGNOSTIC:  # inputs measured in the very run compared with: not a prediction
+            continue
         if r.status in ("validated", "fitted"):
             res.append(_row("offload", run, r.config, metric, r.measured, r.predicted, note=r.note, kind=kind,
                             status=r.status, fitted=bool(r.used_for_fitting)))
@@ -795,11 +943,13 @@ def markdown_tables(df) -> str:
         r = d[d["run"] == run]
         st = r[(r["metric"] == "step_ms") & (r["status"] == "validated")]
         ph = r[r["metric"].str.startswith("trace_") & (r["status"] == "validated")]
+        dg = r[(r["metric"] == "step_ms") & (r["status"] == DIAGNOSTIC)]
         if st.empty and ph.empty:
             continue
         out += [f"### Run {run} ({r['device'].iloc[0]})", ""]
         if not st.empty:
-            out += ["Step time (ms):", "", "| config | placement | prefetch | measured | simulated | error | CPU AdamW input |",
+            out += [("Step time (ms), a-priori (inputs: the run's probes only; CPU AdamW: the engine probe with "
+                     "nothing beside the update):"), "", "| config | placement | prefetch | measured | simulated | error | CPU AdamW input |",
                     "|---|---|---|---|---|---|---|"]
             for x in st.itertuples(index=False):
                 out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {x.measured:.0f} | {x.predicted:.0f} | "
@@ -816,13 +966,30 @@ def markdown_tables(df) -> str:
                 out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {phase} ({unit}) | {x.measured:.4g} | "
                            f"{x.predicted:.4g} | {_pct(x.error)} | {x.cpu_adam_input or '-'} |")
             out.append("")
+        if not dg.empty:
+            pri = {(x.label, x.placement, x.prefetch): x.error for x in st.itertuples(index=False)}
+            out += [("Diagnostic, not a prediction: step time (ms) GIVEN THIS RUN'S MEASURED PHASE RATES (CPU AdamW, "
+                     "SSD read, SSD write and block prep taken from each case's own trace, `trace_rates`; status "
+                     "`diagnostic`, kept out of `semoe validate`): the scheduling / overlap model with the rate "
+                     "model taken out:"), "",
+                    "| config | placement | prefetch | measured | simulated | error | a-priori error | rates from the trace |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for x in dg.itertuples(index=False):
+                used = x.note.split("phase rates from ", 1)[-1].split("); the a-priori", 1)[0]
+                used = used.split(" (", 1)[-1] if " (" in used else used
+                out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {x.measured:.0f} | {x.predicted:.0f} | "
+                           f"{_pct(x.error)} | {_pct(pri.get((x.label, x.placement, x.prefetch), float('nan')))} | "
+                           f"{used} |")
+            out.append("")
         pr = r[r["metric"] == ENGINE_ADAM]
         if not pr.empty:
-            out += ["Engine AdamW probes (`cpu_adam_engine_Mparams_per_s`, inputs; the load is what ran beside the "
-                    "update; cases use " + ", ".join(f"{k} -> '{v}'" for k, v in ADAM_LOAD.items()) + "):", "",
-                    "| layer | load | Mparams/s |", "|---|---|---|"]
+            out += [("Engine AdamW probes (`cpu_adam_engine_Mparams_per_s`; the load is what ran beside the update, "
+                     "`@worker`: the update on a worker thread as the engine runs it; inputs: the first of "
+                     + ", ".join(f"'{k}'" for k in ADAM_LOADS_APRIORI) + " the run has, the others are diagnostics):"),
+                    "", "| layer | load | Mparams/s | input |", "|---|---|---|---|"]
             for x in pr.itertuples(index=False):
-                out.append(f"| {x.config.removeprefix('cpu_adam_engine ')} | {x.placement} | {x.measured:.0f} |")
+                out.append(f"| {x.config.removeprefix('cpu_adam_engine ')} | {x.placement} | {x.measured:.0f} | "
+                           f"{'yes' if x.status == 'fitted' else 'no'} |")
             out.append("")
     out.append(MD_END)
     return "\n".join(out) + "\n"

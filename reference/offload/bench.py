@@ -10,14 +10,16 @@ per measured case (``DIR/trace_<config>_<placement>_<prefetch>.csv``, semoe.trac
 engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per step) and a log.
 
 1. ``bandwidth``: pinned H2D and D2H (256 MiB, CUDA events) and the SSD directory's write (fsync'ed)
-   and read (after ``posix_fadvise(DONTNEED)``) bandwidth of a 512 MiB file; the engine's own timed block read
-   (``ssd_block_read_GBps``: `SSDStore.read` into a fresh tensor + crc32, from the device) and the host work
-   before a block write (``ssd_block_prep_GBps``); the isolated fused AdamW (``cpu_adam_*Mparams_per_s``); then
+   and read (after ``posix_fadvise(DONTNEED)``) bandwidth of a 512 MiB file; the engine's own block calls, write-backs
+   and reads alternating as on its I/O thread: ``ssd_block_read_GBps`` (`SSDStore.read` into a fresh tensor +
+   crc32, from the device), ``ssd_block_write_GBps`` (the timed temp-file create + write + fsync) and
+   ``ssd_block_rewrite_prep_GBps`` (crc32 + the rename that replaces, and so unlinks, the block's old version); the isolated fused AdamW (``cpu_adam_*Mparams_per_s``); then
    ``cpu_adam_engine``: the engine's per-layer AdamW (`reference.offload.cpu_adam.adamw_layer_`, what
    ``ExpertOffload._adam`` runs) on the layer shapes of (a) and (b), bf16 and fp32 gradients, alone and under
-   the load of a training step (`_Load`: a CUDA matmul loop whose host thread synchronises, pinned H2D + D2H
-   copies on a side stream, the SSD I/O thread), one ``cpu_adam_engine_Mparams_per_s`` row per (layer,
-   gradient dtype, load) with the load in the ``placement`` column (`measure_engine_adam`, about 15 s).
+   the load of a training step (`_Load`: a CUDA matmul loop whose host thread spin-waits or sleeps, pinned H2D +
+   D2H copies on a side stream, the SSD I/O thread), on the main thread or on a worker thread as the engine runs
+   it (`ADAM_LOADS_CUDA`), one ``cpu_adam_engine_Mparams_per_s`` row per (layer, gradient dtype, load) with the
+   load in the ``placement`` column (`measure_engine_adam`, about 30 s). ``--configs bandwidth`` alone: < 90 s.
 2. ``a_compute_bound``: a GPT-MoE that fits in HBM (see NOTES.md for why it is compute-bound): all
    in HBM (``gpu``), then ``cpu`` and ``ssd`` placements with prefetch depth 1 (on) and 0 (off).
    Metrics: step_ms (median over the timed steps), tokens_per_s, peak_mem_gb, h2d_gb_per_step,
@@ -204,29 +206,38 @@ def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
         rows.add("bandwidth", "cpu", "-", metric, n_par / min(ts[1:]) / 1e6)
     rows.add("bandwidth", "cpu", "-", "cpu_threads", torch.get_num_threads())
     del ps, ms, vs, gs, grads
-    # the host work around each SSD block write that the write's own timing leaves out (reference.offload.ssd:
-    # bytes view + crc32 before it, the rename after it): a whole SSDStore.write minus its timed part
+    # the engine's block write as it runs on the I/O thread: every write-back REPLACES the block's previous version,
+    # so the rename after the timed write + fsync unlinks that version (on ext4 ~18 ms per cached 100 MB file,
+    # measured on the development machine, vs 0.05 ms for a fresh name: the old probe, which renamed to fresh
+    # names in 2 of its 3 writes, left this out and read 2.2x the in-run rate). All 4 blocks exist before the
+    # timed writes. The I/O thread alternates write-backs and the next step's staged reads, so the probe does
+    # too: per round, write (replace) one block, then read another one from the device (its clean pages dropped
+    # first) into a freshly allocated tensor, as the engine's staged and on-demand reads do, with the crc32
+    # check. Rows: ssd_block_write_GBps (SSDStore's timed part: temp file create + write + fsync),
+    # ssd_block_rewrite_prep_GBps (the rest of SSDStore.write: bytes view + crc32 before, the rename over the old
+    # version after: the host work between two queued write-backs in the traces) and ssd_block_read_GBps (the
+    # timed SSDStore.read), each the median of the rounds after the first.
     from reference.offload.ssd import SSDStore
 
     ssd_dir.mkdir(parents=True, exist_ok=True)
-    timed: list[float] = []
-    store = SSDStore(ssd_dir / "prep_probe", on_io=lambda kind, key, nb, t0, t1: timed.append(t1 - t0))
+    timed: dict[str, list[float]] = {"ssd_read": [], "ssd_write": []}
+    store = SSDStore(ssd_dir / "prep_probe", on_io=lambda kind, key, nb, t0, t1: timed[kind].append(t1 - t0))
     blk = torch.randn((4 << 20) if quick else (32 << 20))
+    nkeys = 4
+    for i in range(nkeys):
+        store.write((0, i), blk)  # the previous versions
     prep = []
-    for i in range(3):
+    for i in range(6):
         t = time.perf_counter()
-        store.write((0, i % 2), blk)
-        prep.append(time.perf_counter() - t - timed[-1])
-    rows.add("bandwidth", "ssd", "-", "ssd_block_prep_GBps", blk.numel() * 4 / max(statistics.median(prep), 1e-9) / GB)
-    # the engine's timed block read (SSDStore.read: into a freshly allocated tensor, as the engine's staged and
-    # on-demand reads do, then the crc32 check), from the device: the blocks' clean pages are dropped first
-    reads: list[float] = []
-    store.on_io = lambda kind, key, nb, t0, t1: reads.append(t1 - t0) if kind == "ssd_read" else None
-    for i in range(3):
-        key = (0, i % 2)
+        store.write((0, i % nkeys), blk)
+        prep.append(time.perf_counter() - t - timed["ssd_write"][-1])
+        key = (0, (i + 2) % nkeys)
         _drop_page_cache(store.path(key))
         store.read(key, torch.empty(blk.shape))
-    rows.add("bandwidth", "ssd", "-", "ssd_block_read_GBps", blk.numel() * 4 / max(statistics.median(reads), 1e-9) / GB)
+    nbytes = blk.numel() * 4
+    wr, rd = timed["ssd_write"][nkeys:], timed["ssd_read"]
+    for metric, ts in (("ssd_block_write_GBps", wr), ("ssd_block_rewrite_prep_GBps", prep), ("ssd_block_read_GBps", rd)):
+        rows.add("bandwidth", "ssd", "-", metric, nbytes / max(statistics.median(ts[1:]), 1e-9) / GB)
     del blk
     import shutil
 
@@ -252,10 +263,27 @@ def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
 
 # ------------------------------------------------------------------ the engine's CPU AdamW, alone and under load
 ENGINE_ADAM_METRIC = "cpu_adam_engine_Mparams_per_s"
-# what runs beside the optimizer thread (the ``placement`` column of the probe's rows); on the CPU the engine's
-# executors are inline (nothing runs beside an update), so only ``alone`` and the SSD I/O thread are probed there
-ADAM_LOADS_CUDA = ("alone", "gpu", "gpu+pcie", "gpu+pcie+ssd")
-ADAM_LOADS_CPU = ("alone", "ssd")
+# what runs beside the update (the ``placement`` column of the probe's rows): ``<parts>[@worker]``; parts joined by
+# "+" (`_Load`: ``gpu`` a matmul loop whose host thread spin-waits in torch.cuda.synchronize, ``gpusleep`` the same
+# loop waiting on a blocking-sync event (the host thread sleeps), ``pcie`` pinned copies beside it, ``ssd`` the
+# I/O thread), ``alone`` for none; ``@worker``: the update runs on a worker thread (ThreadPoolExecutor(1), as
+# ExpertOffload._worker runs it) while the main thread waits on its future (as the training thread waits on
+# _wait_update), else on the main thread (the probe of run 0252961). On the CPU the engine's executors are inline,
+# so ``alone`` is its thread role there; ``alone@worker`` and the SSD thread are probed so CI runs every path.
+ADAM_LOADS_CUDA = ("alone", "alone@worker", "gpu", "gpu@worker", "gpusleep@worker", "gpu+pcie+ssd@worker")
+ADAM_LOADS_CPU = ("alone", "alone@worker", "ssd")
+
+
+def parse_adam_load(load: str) -> tuple[set[str], bool]:
+    """``placement`` of a probe row -> (the `_Load` parts, whether the update ran on a worker thread)."""
+    name, _, role = load.partition("@")
+    if role not in ("", "worker"):
+        raise ValueError(f"bench: AdamW load {load!r}: thread role must be '@worker' or nothing")
+    parts = set() if name == "alone" else set(name.split("+"))
+    bad = parts - {"gpu", "gpusleep", "pcie", "ssd"}
+    if bad:
+        raise ValueError(f"bench: AdamW load {load!r}: unknown part(s) {', '.join(sorted(bad))}")
+    return parts, role == "worker"
 
 
 def expert_shapes(spec) -> dict[str, tuple[int, ...]]:
@@ -313,6 +341,7 @@ class _Load:
             b = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
             c = torch.empty(n, n, device=self.device, dtype=torch.bfloat16)
             pcie = "pcie" in self.parts
+            sleep = "gpusleep" in self.parts  # wait on a blocking-sync event: the host thread sleeps, no spin
             if pcie:
                 nb = (128 << 20) if cuda else (1 << 16)
                 h_src = torch.empty(nb, dtype=torch.uint8, pin_memory=cuda)
@@ -330,7 +359,15 @@ class _Load:
                     with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                         d_dst.copy_(h_src, non_blocking=True)
                         h_dst.copy_(d_src, non_blocking=True)
-                if cuda:
+                if cuda and sleep:
+                    evs = [torch.cuda.Event(blocking=True)]
+                    evs[0].record()
+                    if pcie:
+                        evs.append(torch.cuda.Event(blocking=True))
+                        evs[1].record(side)
+                    for ev in evs:
+                        ev.synchronize()
+                elif cuda:
                     torch.cuda.synchronize()
                 self.rounds["gpu"] += 1
         except Exception as e:  # noqa: BLE001 - reported by __exit__
@@ -360,7 +397,7 @@ class _Load:
         import threading
 
         for part, fn in (("gpu", self._gpu), ("ssd", self._ssd)):
-            if part in self.parts:
+            if part in self.parts or (part == "gpu" and "gpusleep" in self.parts):
                 ready = threading.Event()
                 t = threading.Thread(target=fn, args=(ready,), name=f"adam-load-{part}", daemon=True)
                 t.start()
@@ -391,12 +428,27 @@ def measure_engine_adam(rows: Rows, ssd_dir: Path, quick: bool, layers: dict, re
     dtype, load): config `adam_probe_config`, placement = the load, metric `ENGINE_ADAM_METRIC` (E x P over the
     median time of ``reps`` calls after one warm-up call). The states are laid out as the engine's tiers hold
     them: one ``[E, 3, P]`` tensor (pinned on CUDA, tier ``cpu``), or under a load with ``ssd`` one unpinned
-    ``[3, P]`` tensor per expert (tier ``ssd``). Returns ``{(config, load): Mparams/s}``."""
+    ``[3, P]`` tensor per expert (tier ``ssd``). A load ending in ``@worker`` runs each call on one worker thread
+    (the engine's thread role, `parse_adam_load`), timed there. Also writes ``cpu_threads_worker``, the worker's
+    ``torch.get_num_threads()``. Returns ``{(config, load): Mparams/s}``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from reference.offload.cpu_adam import adamw_layer_, expert_layout
 
     cuda = torch.cuda.is_available()
     loads = ADAM_LOADS_CUDA if cuda else ADAM_LOADS_CPU
-    reps = reps or (2 if quick else 5)
+    reps = reps or (2 if quick else 3)
+    # the engine's optimizer thread: one worker, as ExpertOffload._worker; its intra-op thread count is recorded
+    # beside the main thread's (cpu_threads), since torch's OpenMP setting is per thread
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adam-worker")
+    try:
+        rows.add("bandwidth", "cpu", "-", "cpu_threads_worker", worker.submit(torch.get_num_threads).result())
+        return _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, adamw_layer_, expert_layout)
+    finally:
+        worker.shutdown(wait=True)
+
+
+def _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, adamw_layer_, expert_layout) -> dict:
     mirror_dtype = torch.bfloat16 if cuda else torch.float32  # the engine's compute dtype (autocast on CUDA)
     out = {}
     for label, (E, shapes) in layers.items():
@@ -419,7 +471,7 @@ def measure_engine_adam(rows: Rows, ssd_dir: Path, quick: bool, layers: dict, re
         states_ssd = None
         step = 0
         for load in loads:
-            parts = set() if load == "alone" else set(load.split("+"))
+            parts, on_worker = parse_adam_load(load)
             states = states_cpu
             if "ssd" in parts:  # tier ssd: one unpinned [3, P] buffer per expert (what the engine's reads fill)
                 if states_ssd is None:
@@ -432,10 +484,15 @@ def measure_engine_adam(rows: Rows, ssd_dir: Path, quick: bool, layers: dict, re
                         ts = []
                         for _ in range(1 + reps):
                             step += 1
-                            t = time.perf_counter()
-                            adamw_layer_(states, g, mirror, offsets, decay, step=step, lr=1e-4, beta1=0.9,
-                                         beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused")
-                            ts.append(time.perf_counter() - t)
+
+                            def call(g=g, step=step, states=states, offsets=offsets, decay=decay,
+                                     mirror=mirror) -> float:  # timed on the thread that runs it
+                                t = time.perf_counter()
+                                adamw_layer_(states, g, mirror, offsets, decay, step=step, lr=1e-4, beta1=0.9,
+                                             beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused")
+                                return time.perf_counter() - t
+
+                            ts.append(worker.submit(call).result() if on_worker else call())
                         got[adam_probe_config(E, P, gname)] = E * P / statistics.median(ts[1:]) / 1e6
             except Exception as e:  # noqa: BLE001 - a failed load must not cost the other loads' rows
                 log(f"    engine AdamW {label} under {load} failed: {type(e).__name__}: {str(e)[:300]}")

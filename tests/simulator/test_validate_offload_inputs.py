@@ -1,13 +1,15 @@
-"""simulator.validate_offload: which CPU AdamW input each simulated case takes (the engine probe of its run,
-layer size, gradient dtype and load), the engine's block-read probe, the trace window of the counted steps,
-and the generated markdown tables."""
+"""simulator.validate_offload: which CPU AdamW input each simulated case takes (the engine probe of its run with
+nothing beside the update, layer size, gradient dtype), the engine's block read / write / rewrite-prep probes, the
+trace window of the counted steps, the diagnostic simulation given a run's own trace rates, and the generated
+markdown tables."""
 
 import pandas as pd
 import pytest
 
 from semoe.trace import TraceRow, write_csv
 from simulator.validate_offload import (
-    ADAM_LOAD,
+    ADAM_LOADS_APRIORI,
+    DIAGNOSTIC,
     ENGINE_ADAM,
     MD_BEGIN,
     MD_END,
@@ -16,6 +18,8 @@ from simulator.validate_offload import (
     engine_adam_probes,
     layer_size,
     parse_config,
+    queued_write_gaps,
+    trace_rates,
     trace_window,
     write_markdown,
 )
@@ -42,47 +46,60 @@ def test_layer_size_is_the_engines_flat_expert():
     assert (E, P_glu) == (4, 3 * 512 * 1024 + 2 * 1024 + 512)
 
 
-def test_each_case_takes_the_probe_of_its_placements_load_gradient_dtype_and_layer_size():
+def test_each_case_takes_the_probe_with_nothing_beside_the_update_of_its_gradient_dtype_and_layer_size():
     probes = engine_adam_probes(pd.DataFrame(PROBES))[tuple(RUN.values())]
     cfg, acc = parse_config(CFG), parse_config(CFG + " micro_batches=4")
-    assert ADAM_LOAD == {"cpu": "gpu+pcie", "ssd": "gpu+pcie+ssd"}
-    rate, label = adam_input(probes, cfg, "cpu", RUN["device"])
-    assert rate == 1000e6 and "'gpu+pcie'" in label and "grad=bf16" in label and "nearest" not in label
-    assert adam_input(probes, cfg, "ssd", RUN["device"])[0] == 500e6
-    assert adam_input(probes, acc, "cpu", RUN["device"])[0] == 2000e6  # accumulated: fp32 gradients
-    rate, label = adam_input(probes, acc, "ssd", RUN["device"])  # only an E16 probe: the nearest layer size
-    assert rate == 800e6 and "nearest layer size to E4" in label
-    assert adam_input(probes, cfg, "ssd", "cpu")[0] == 4000e6  # a CPU run: the engine is synchronous (alone)
+    assert ADAM_LOADS_APRIORI == ("alone@worker", "alone")
+    # the rule does not depend on the placement: both take the 'alone' probe (the loads are diagnostics)
+    for placement in ("cpu", "ssd"):
+        rate, label = adam_input(probes, cfg, placement, RUN["device"])
+        assert rate == 4000e6 and "'alone'" in label and "grad=bf16" in label and "nearest" not in label
+    assert adam_input(probes, acc, "cpu", RUN["device"]) is None  # no fp32 probe without a load: caller falls back
     assert adam_input(probes, cfg, "gpu", RUN["device"]) is None
-    assert adam_input(probes, acc, "cpu", "cpu") is None  # no fp32 'alone' probe: the caller falls back
+    # the engine's thread role wins where the run has it; the nearest layer size where it lacks the case's own
+    more = engine_adam_probes(pd.DataFrame(PROBES + [_probe(4, P, "bf16", "alone@worker", 3000.0),
+                                                     _probe(16, P, "fp32", "alone", 900.0)]))[tuple(RUN.values())]
+    rate, label = adam_input(more, cfg, "ssd", RUN["device"])
+    assert rate == 3000e6 and "'alone@worker'" in label
+    rate, label = adam_input(more, acc, "cpu", RUN["device"])
+    assert rate == 900e6 and "nearest layer size to E4" in label
 
 
 def test_the_selected_probe_drives_the_simulated_update_and_older_runs_keep_their_inputs():
     case = dict(RUN, config=CFG, prefetch="on", metric="cpu_adam_ms_per_step", value=10.0)
-    old = [dict(RUN, config="bandwidth", placement="cpu", prefetch="-", metric="cpu_adam_Mparams_per_s", value=4000.0)]
+    old = [dict(RUN, config="bandwidth", placement="cpu", prefetch="-", metric="cpu_adam_Mparams_per_s", value=1000.0)]
     rows = [dict(case, placement=p) for p in ("cpu", "ssd")]
     with_probes = compare(pd.DataFrame(rows + old + PROBES), traces=None)
     without = compare(pd.DataFrame(rows + old), traces=None)
     got = with_probes[with_probes["metric"] == "cpu_adam_ms_per_step"].set_index("placement")
     ref = without[without["metric"] == "cpu_adam_ms_per_step"].set_index("placement")
-    # the update takes E x P / rate: 4x (cpu: 1000 vs 4000) and 8x (ssd: 500) the isolated probe's time
-    assert got.loc["cpu", "predicted"] == pytest.approx(4 * ref.loc["cpu", "predicted"], rel=1e-6)
-    assert got.loc["ssd", "predicted"] == pytest.approx(8 * ref.loc["ssd", "predicted"], rel=1e-6)
-    assert got.loc["ssd", "cpu_adam_input"].startswith("engine probe under 'gpu+pcie+ssd'")
+    # the update takes E x P / rate: the 'alone' probe (4000) is 4x the isolated probe (1000), in both placements
+    for placement in ("cpu", "ssd"):
+        assert got.loc[placement, "predicted"] == pytest.approx(ref.loc[placement, "predicted"] / 4, rel=1e-6)
+        assert got.loc[placement, "cpu_adam_input"].startswith("engine probe 'alone'")
     assert "CPU AdamW input: engine probe" in got.loc["cpu", "note"]
-    assert ref.loc["cpu", "cpu_adam_input"].startswith("isolated probe cpu_adam_Mparams_per_s: 4000")
-    pr = with_probes[with_probes["metric"] == ENGINE_ADAM]
-    assert len(pr) == len(PROBES) and (pr["status"] == "fitted").all() and pr["used_for_fitting"].all()
+    assert ref.loc["cpu", "cpu_adam_input"].startswith("isolated probe cpu_adam_Mparams_per_s: 1000")
+    pr = with_probes[with_probes["metric"] == ENGINE_ADAM].set_index("placement")
+    assert len(pr) == len(PROBES)
+    # the probe without a load is an input; the ones under synthetic loads are listed, not inputs
+    assert pr.loc["alone", "status"] == "fitted" and bool(pr.loc["alone", "used_for_fitting"])
+    loaded = pr.drop(index="alone")
+    assert (loaded["status"] == "not_modelled").all() and loaded["note"].str.contains("not an input").all()
 
 
-def test_the_engines_block_read_replaces_the_plain_file_read():
+def test_the_engines_block_calls_replace_the_plain_file_and_fresh_name_probes():
     mk = lambda extra: pd.DataFrame([dict(RUN, config=CFG + " cache=0", placement="ssd", prefetch="off",
                                           metric="ssd_read_gb_per_step", value=1.0)] + extra)
-    plain = [dict(RUN, config="bandwidth", placement="ssd", prefetch="-", metric="ssd_read_GBps", value=1.5)]
-    block = [dict(RUN, config="bandwidth", placement="ssd", prefetch="-", metric="ssd_block_read_GBps", value=0.05)]
+    bw = lambda metric, v: dict(RUN, config="bandwidth", placement="ssd", prefetch="-", metric=metric, value=v)
+    plain = [bw("ssd_read_GBps", 1.5), bw("ssd_write_GBps", 1.7), bw("ssd_block_prep_GBps", 3.5)]
+    block = [bw("ssd_block_read_GBps", 0.05), bw("ssd_block_write_GBps", 0.07), bw("ssd_block_rewrite_prep_GBps", 0.9)]
     a, b = compare(mk(plain), traces=None), compare(mk(block + plain), traces=None)
-    assert "disk_read 1.5e+09/s" in a.iloc[0]["note"] and "disk_read 5e+07/s" in b.iloc[0]["note"]
-    assert b.set_index("metric").loc["ssd_block_read_GBps", "status"] == "fitted"
+    na, nb = a.iloc[0]["note"], b.iloc[0]["note"]
+    assert "disk_read 1.5e+09/s" in na and "disk_write 1.7e+09/s" in na and "ssd_write_prep 3.5e+09/s" in na
+    assert "disk_read 5e+07/s" in nb and "disk_write 7e+07/s" in nb and "ssd_write_prep 9e+08/s" in nb
+    st = b.set_index("metric")["status"]
+    assert st["ssd_block_read_GBps"] == st["ssd_block_write_GBps"] == "fitted"
+    assert st["ssd_block_rewrite_prep_GBps"] == "not_modelled"  # an input the simulator has no default for
 
 
 def _trace(path, profile: bool, lag_s: float):
@@ -132,7 +149,8 @@ def test_generated_tables_replace_their_block_and_keep_the_narrative(tmp_path):
     text = md.read_text()
     assert text.startswith("# title\n\nnarrative\n") and text.count(MD_BEGIN) == 1 and text.count(MD_END) == 1
     assert "| c d (NVIDIA H100 80GB HBM3)" not in text and "### Run c d" in text
-    assert "engine probe under 'gpu+pcie', E4 P1048576 grad=bf16: 1000 Mparams/s" in text
+    assert "engine probe 'alone', E4 P1048576 grad=bf16: 4000 Mparams/s" in text
+    assert "| E4 P1048576 grad=bf16 | gpu+pcie | 1000 | no |" in text and "| E4 P1048576 grad=bf16 | alone | 4000 | yes |" in text
     md.write_text(text.replace("narrative", "narrative, edited") + "\ntail\n")
     write_markdown(df, md)
     assert "narrative, edited" in md.read_text() and md.read_text().rstrip().endswith("tail")
@@ -143,3 +161,68 @@ def test_a_failed_probe_row_is_listed_not_simulated():
                value=1)
     out = compare(pd.DataFrame([err]), traces=None)
     assert out.iloc[0]["status"] == "not_modelled" and "did not complete" in out.iloc[0]["note"]
+
+
+def test_queued_write_gaps_leave_out_waits_for_an_update():
+    w = lambda t, b=10**8: TraceRow(0, 0, 0, "ssd_write", t, t + 0.1, b, 0, "ssd")
+    rows = [w(0.0), w(0.15),  # queued: 50 ms of host work between them
+            TraceRow(0, 1, 0, "cpu_adam", 0.2, 0.5, 0, 0, "cpu"), w(0.55),  # waited for the update: left out
+            TraceRow(0, 1, 0, "ssd_read", 0.7, 0.8, 10**8, 0, "ssd"), w(0.85)]  # a read between: not a write pair
+    gaps = queued_write_gaps(rows)
+    assert len(gaps) == 1 and gaps[0][0] == 1e8 and gaps[0][1] == pytest.approx(0.05)
+
+
+def _case_trace(path, adam_s: float, layers: int = 2, steps: int = 3):
+    """A cpu-placement trace: ``steps`` steps of 1 s (the first a warm-up), one update per layer of ``adam_s`` after
+    each step (row bytes 16 B per parameter of a layer of E4 x P)."""
+    rows, t = [], 0.0
+    for step in range(steps):
+        rows.append(TraceRow(0, -1, step, "step", t, t + 1.0, 0, 0, "compute"))
+        for li in range(layers):
+            a0 = t + 1.0 + li * adam_s
+            rows.append(TraceRow(0, li, step, "cpu_adam", a0, a0 + adam_s, 16 * 4 * P, 0, "cpu"))
+        t += 1.0 + layers * adam_s + 0.01
+    write_csv(rows, path)
+
+
+def test_trace_rates_are_the_cases_own_phase_rates(tmp_path):
+    _case_trace(tmp_path / "t.csv", 0.5)
+    got = trace_rates(tmp_path / "t.csv", 1, 2)
+    assert got == {"cpu_adam": pytest.approx(4 * P / 0.5), "cpu_adam_fp32grad": pytest.approx(4 * P / 0.5)}
+    # an SSD trace: its read / write busy rates and the queued gaps' prep rate (`_trace`: one write per step)
+    _trace(tmp_path / "s.csv", False, 0.05)
+    got = trace_rates(tmp_path / "s.csv", 1, 2)
+    assert got["disk_read"] == pytest.approx(1e9) and got["disk_write"] == pytest.approx(0.5e9)
+    assert "ssd_write_prep" not in got  # every write waited for its update: no queued gap
+
+
+@pytest.mark.parametrize("adam_s", [0.02, 2.0])
+def test_diagnostic_rows_simulate_the_run_given_its_trace_rates_and_stay_out_of_semoe_validate(tmp_path, adam_s):
+    import json
+
+    from simulator.validate_offload import rows as validate_rows
+
+    cfg = "a_compute_bound preset=paper-13.9b L2 D512 E4 k1 F1024 bf16 B2 S256 steps=2 warmup=1"
+    bench = pd.DataFrame([dict(RUN, config=cfg, placement="cpu", prefetch="on", metric="step_ms", value=100.0)]
+                         + PROBES)
+    (tmp_path / "run.json").write_text(json.dumps(RUN))
+    _case_trace(tmp_path / "trace_a_cpu_on.csv", adam_s)
+    out = compare(bench, traces=tmp_path)
+    d = out[out["status"] == DIAGNOSTIC]
+    pri = out[(out["status"] == "validated") & (out["metric"] == "step_ms")]
+    assert len(d) == 1 and len(pri) == 1 and d.iloc[0]["metric"] == "step_ms"
+    assert d.iloc[0]["cpu_adam_input"] == f"this run's trace: {4 * P / adam_s / 1e6:.0f} Mparams/s"
+    assert "diagnostic, not a prediction" in d.iloc[0]["note"]
+    # two 2 s updates per step cannot hide behind a short step: the diagnostic step is longer than the a-priori
+    # one (the 'alone' probe, 4000 Mparams/s); 20 ms updates at 210 Mparams/s are slower than the probe too
+    assert d.iloc[0]["predicted"] > pri.iloc[0]["predicted"]
+    if adam_s == 2.0:
+        assert d.iloc[0]["predicted"] > 2 * adam_s * 1e3
+    # semoe validate: the diagnostic rows stay out, the a-priori ones go in
+    import simulator.validate_offload as vo
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vo, "compare", lambda path: out)
+        got = validate_rows(tmp_path / "bench.csv")
+    assert len(got) == len(out) - 1 and all(r["status"] != DIAGNOSTIC for r in got)
+    assert any(r["metric"] == "cpu prefetch=on step_ms" and r["status"] == "validated" for r in got)

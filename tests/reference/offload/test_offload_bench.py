@@ -19,18 +19,24 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     from simulator.validate_offload import compare
 
     val = compare(out / "offload_train.csv", traces=out)
-    st = val[val["metric"] == "step_ms"]
-    assert len(st) == 7 and (st["status"] == "validated").all() and (st["predicted"] > 0).all()
+    st = val[(val["metric"] == "step_ms") & (val["status"] == "validated")]
+    assert len(st) == 7 and (st["predicted"] > 0).all()
+    # and each traced case once more, given its own trace's phase rates (diagnostic, not a prediction)
+    diag = val[val["status"] == "diagnostic"]
+    assert len(diag) == 7 and (diag["metric"] == "step_ms").all() and (diag["predicted"] > 0).all()
     assert (val["metric"] == "trace_ssd_read_gb_per_step").any()
-    assert val[val["metric"] == "ssd_block_prep_GBps"]["used_for_fitting"].all()
+    assert val[val["metric"] == "ssd_block_rewrite_prep_GBps"]["used_for_fitting"].all()
+    assert (val["metric"] == "ssd_block_write_GBps").sum() == 1
     # the run probed the block preparation: its traces check the probe instead of replacing it
     assert (val["metric"] == "trace_ssd_block_prep_GBps").sum() == 1
-    # the engine's AdamW probes are inputs; a run on the CPU (inline executors) uses the 'alone' ones, of the
+    # the engine's AdamW probes; a run on the CPU (inline executors) takes the 'alone' ones as inputs, of the
     # case's layer size and gradient dtype (a: accumulated fp32 gradients, b: bf16)
     probes = val[val["metric"] == "cpu_adam_engine_Mparams_per_s"]
-    assert len(probes) == 2 * 2 * 2 and probes["used_for_fitting"].all()
-    off = val[(val["metric"] == "step_ms") & val["placement"].isin(["cpu", "ssd"])]
-    assert off["cpu_adam_input"].str.startswith("engine probe under 'alone'").all()
+    assert len(probes) == 2 * 2 * 3
+    assert probes[probes["placement"] == "alone"]["used_for_fitting"].all()
+    assert not probes[probes["placement"] != "alone"]["used_for_fitting"].any()
+    off = val[(val["metric"] == "step_ms") & val["placement"].isin(["cpu", "ssd"]) & (val["status"] == "validated")]
+    assert off["cpu_adam_input"].str.startswith("engine probe 'alone'").all()
     assert off[off["config"].str.startswith("a_")]["cpu_adam_input"].str.contains("grad=fp32:").all()
     assert off[off["config"].str.startswith("b_")]["cpu_adam_input"].str.contains("grad=bf16:").all()
     assert (val[val["metric"] == "step_ms"].query("placement == 'gpu'")["cpu_adam_input"] == "").all()
@@ -59,7 +65,8 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     assert ("a_compute_bound", "ssd", "on", "counted_steps") in got
     for m in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s"):
         assert ("bandwidth", "cpu", "-", m) in got
-    assert ("bandwidth", "ssd", "-", "ssd_block_prep_GBps") in got
+    assert ("bandwidth", "ssd", "-", "ssd_block_rewrite_prep_GBps") in got
+    assert ("bandwidth", "cpu", "-", "cpu_threads_worker") in got
     assert ("bandwidth", "ssd", "-", "ssd_block_read_GBps") in got
     import json
 

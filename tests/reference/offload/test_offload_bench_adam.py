@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import time
 
+import pytest
+
 from reference.offload import bench
 
 
@@ -20,9 +22,12 @@ def test_engine_adam_probe_rows_per_layer_gradient_dtype_and_load(tmp_path):
     rows.close()
     recs = _rows(tmp_path / "rows.csv")
     # on the CPU: alone and beside the SSD I/O thread; bf16 and fp32 gradients; both layer shapes
+    threads = [r for r in recs if r["metric"] == "cpu_threads_worker"]
+    assert len(threads) == 1 and int(threads[0]["value"]) >= 1  # the worker thread's intra-op thread count
+    recs = [r for r in recs if r["metric"] != "cpu_threads_worker"]
     keys = {(r["config"], r["placement"]) for r in recs}
-    assert keys == set(got) and len(recs) == 2 * 2 * 2
-    assert {r["placement"] for r in recs} == set(bench.ADAM_LOADS_CPU)
+    assert keys == set(got) and len(recs) == 2 * 2 * len(bench.ADAM_LOADS_CPU)
+    assert {r["placement"] for r in recs} == set(bench.ADAM_LOADS_CPU) == {"alone", "alone@worker", "ssd"}
     assert {r["metric"] for r in recs} == {bench.ENGINE_ADAM_METRIC}
     assert {r["config"] for r in recs} == {bench.adam_probe_config(E, 512, g) for E in (2, 4) for g in ("bf16", "fp32")}
     assert all(float(r["value"]) > 0 for r in recs)
@@ -34,7 +39,45 @@ def test_engine_adam_probe_rows_per_layer_gradient_dtype_and_load(tmp_path):
 
     probes = engine_adam_probes(pd.DataFrame(recs))
     (run,) = probes
-    assert set(probes[run]) == {(E, 512, g, load) for E in (2, 4) for g in ("bf16", "fp32") for load in ("alone", "ssd")}
+    assert set(probes[run]) == {(E, 512, g, load) for E in (2, 4) for g in ("bf16", "fp32")
+                                for load in bench.ADAM_LOADS_CPU}
+
+
+def test_adam_load_names_parse_to_parts_and_thread_role():
+    assert bench.parse_adam_load("alone") == (set(), False)
+    assert bench.parse_adam_load("alone@worker") == (set(), True)
+    assert bench.parse_adam_load("gpu+pcie+ssd@worker") == ({"gpu", "pcie", "ssd"}, True)
+    assert bench.parse_adam_load("gpusleep@worker") == ({"gpusleep"}, True)
+    for load in bench.ADAM_LOADS_CUDA + bench.ADAM_LOADS_CPU:
+        bench.parse_adam_load(load)
+    with pytest.raises(ValueError, match="unknown part"):
+        bench.parse_adam_load("gpu+nvme")
+    with pytest.raises(ValueError, match="thread role"):
+        bench.parse_adam_load("gpu@main")
+
+
+def test_worker_probe_times_the_update_on_the_worker_thread(tmp_path, monkeypatch):
+    """``@worker`` loads run the update on the probe's worker thread (the engine's thread role), the others on the
+    caller's thread."""
+    import threading
+
+    from reference.offload import cpu_adam
+
+    seen = []
+    real = cpu_adam.adamw_layer_
+
+    def spy(*a, **kw):
+        seen.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cpu_adam, "adamw_layer_", spy)
+    monkeypatch.setattr(bench, "ADAM_LOADS_CPU", ("alone", "alone@worker"))
+    rows = bench.Rows(tmp_path / "rows.csv", "cpu")
+    bench.measure_engine_adam(rows, tmp_path / "ssd", True, {"a": (2, {"w1_EDF": (4, 8), "w2_EFD": (8, 4)})}, reps=1)
+    rows.close()
+    # per load: 2 gradient dtypes x (1 warm-up + 1 timed) calls
+    main = threading.main_thread().name
+    assert seen[:4] == [main] * 4 and all(n.startswith("adam-worker") for n in seen[4:]) and len(seen) == 8
 
 
 def test_ssd_load_runs_the_io_threads_writes_and_reads_until_stopped(tmp_path):
@@ -51,7 +94,31 @@ def test_bandwidth_probes_include_the_engines_block_read(tmp_path):
     bench.measure_bandwidth(rows, tmp_path / "ssd", True)
     rows.close()
     got = {r["metric"]: float(r["value"]) for r in _rows(tmp_path / "rows.csv")}
-    assert got["ssd_block_read_GBps"] > 0 and got["ssd_read_GBps"] > 0 and got["ssd_block_prep_GBps"] > 0
+    assert got["ssd_block_read_GBps"] > 0 and got["ssd_read_GBps"] > 0
+    # the engine's write-back: timed write + fsync, and the host work around it when it replaces an old version
+    assert got["ssd_block_write_GBps"] > 0 and got["ssd_block_rewrite_prep_GBps"] > 0
+    assert "ssd_block_prep_GBps" not in got  # the fresh-name probe is gone (it left the old version's unlink out)
+
+
+def test_rewrite_prep_probe_counts_the_rename_over_the_old_version(tmp_path, monkeypatch):
+    """Every timed write replaces an existing block, so a slow unlink of the old version (here: 50 ms injected
+    into the rename over an existing file) is in the prep rate, not in the write rate."""
+    import os
+
+    real = os.replace
+
+    def slow_replace(src, dst):
+        if os.path.exists(dst) and str(dst).endswith(".bin"):
+            time.sleep(0.05)
+        return real(src, dst)
+
+    rows = bench.Rows(tmp_path / "rows.csv", "cpu")
+    monkeypatch.setattr(os, "replace", slow_replace)
+    bench.measure_bandwidth(rows, tmp_path / "ssd", True)
+    rows.close()
+    got = {r["metric"]: float(r["value"]) for r in _rows(tmp_path / "rows.csv")}
+    # quick blocks are 16 MiB: the prep takes at least the injected 50 ms, so it is below 16 MiB / 50 ms
+    assert got["ssd_block_rewrite_prep_GBps"] < (16 << 20) / 0.05 / 1e9
 
 
 def test_gpu_load_loop_runs_on_the_cpu_stand_in_and_a_failed_load_is_a_row(tmp_path, monkeypatch):
@@ -60,6 +127,9 @@ def test_gpu_load_loop_runs_on_the_cpu_stand_in_and_a_failed_load_is_a_row(tmp_p
     with bench._Load({"gpu", "pcie"}, tmp_path / "load", 1 << 10, device="cpu") as load:
         time.sleep(0.1)
     assert load.rounds["gpu"] > 0 and not load.errors and not load.threads[0].is_alive()
+    with bench._Load({"gpusleep"}, tmp_path / "load", 1 << 10, device="cpu") as load:  # the sleeping-host variant
+        time.sleep(0.05)
+    assert load.rounds["gpu"] > 0 and not load.errors and len(load.threads) == 1
 
     real = bench._Load
 
@@ -73,6 +143,6 @@ def test_gpu_load_loop_runs_on_the_cpu_stand_in_and_a_failed_load_is_a_row(tmp_p
     rows = bench.Rows(tmp_path / "rows.csv", "cpu")
     got = bench.measure_engine_adam(rows, tmp_path / "ssd", True, {"a": (2, {"w1_EDF": (4, 8), "w2_EFD": (8, 4)})})
     rows.close()
-    assert {load for _, load in got} == {"alone"}
+    assert {load for _, load in got} == {"alone", "alone@worker"}
     recs = _rows(tmp_path / "rows.csv")
     assert [(r["placement"], r["metric"]) for r in recs if r["metric"] == "error"] == [("ssd", "error")]
