@@ -152,6 +152,12 @@ class Profile:
         def arrays(d):
             return {k: (np.array([m for m, _ in sorted(v)]), np.array([f for _, f in sorted(v)])) for k, v in d.items()}
 
+        # fused attention rows as measured ((batch, seq, head dim, heads) -> seconds) per op and dtype:
+        # `CostModel.sdpa_backward_ratio` pairs sdpa_fwd and sdpa_fwd_bwd rows of the same shape
+        self.sdpa_times: dict[tuple, dict[tuple, float]] = defaultdict(dict)
+        for r in best.values():
+            if r["op"] in ("sdpa_fwd", "sdpa_fwd_bwd"):
+                self.sdpa_times[(r["op"], r["dtype"])][(r.get("batch", 1), r["m"], r["n"], r["k"])] = r["time_s"]
         self.curves = arrays(curves)
         self.mem_curves = arrays(mem)
         self.transfer_curves = {k: v for k, v in arrays(xfer).items()}
@@ -390,6 +396,26 @@ class CostModel:
                     return flops / fps
         return self.roofline(flops, nbytes, batch * q_len)
 
+    def sdpa_backward_ratio(self, seq: float, head_dim: int, heads: int, dtype: str = "bf16") -> float | None:
+        """Backward / forward time of fused attention: the profile's ``sdpa_fwd_bwd`` less ``sdpa_fwd`` over
+        ``sdpa_fwd`` for the measured shape nearest to (``seq``, ``head_dim``, ``heads``) in log distance
+        (flash backward recomputes the scores and runs five GEMMs to the forward's two, at a lower rate);
+        None without such a pair of rows."""
+        if self.profile is None:
+            return None
+        fwd = self.profile.sdpa_times.get(("sdpa_fwd", dtype), {})
+        both = self.profile.sdpa_times.get(("sdpa_fwd_bwd", dtype), {})
+        pairs = [k for k in fwd if k in both and both[k] > fwd[k]]
+        if not pairs:
+            return None
+
+        def dist(k):
+            _, m, n, h = k
+            return abs(math.log(m / seq)) + abs(math.log(n / head_dim)) + abs(math.log(h / heads))
+
+        k = min(pairs, key=dist)
+        return (both[k] - fwd[k]) / fwd[k]
+
     def attention_core(self, tokens: float, seq: int, hidden: int, dtype: str = "bf16") -> float:
         """Fused attention (QK^T, softmax, AV) forward: ``4 * seq * hidden`` FLOPs per token (full,
         not causal-halved, as `semoe.sizing`), at the GEMM efficiency of ``m = tokens``."""
@@ -430,6 +456,11 @@ def find_profile(gpu: GPUSpec, profiles_dir: str | Path | None = None) -> Path |
     if fam is None:
         return None
     for path in sorted(d.glob("*.csv")):
+        # a kernel profile is named for its GPU (``h100_80gb_hbm3.csv``); other tables measured on the same GPU
+        # (``collective_host_h100.csv``, ``train_profile_h100.csv``) carry its name in a column too, and a
+        # name-sorted scan would otherwise pick them and leave the cost model without kernel rows
+        if _gpu_key(path.stem)[0] is None or not path.stem.upper().startswith(_gpu_key(path.stem)[0]):
+            continue
         with path.open(newline="") as f:
             first = next(csv.DictReader(f), None)
         label = (first or {}).get("gpu") or path.stem

@@ -50,8 +50,17 @@ Table (``results/profiles/train_op_counts.csv``, one row per segment, program or
                its input's maximum back to size the output). ``.item()`` of a CPU tensor (foreach AdamW
                keeps its step counters on the CPU) is host work, not a sync.
     cast_D, cast_F, cast_V, cast_E   activation cast bytes per token per unit of that width (see above)
+    cast_T     activation cast bytes per token of vectors with one value per token or routed row (the
+               combine weights of the kept rows): no width (`_classify_cast`)
 
-``python -m simulator.train_op_counts`` regenerates the table for the configs of `CONFIGS`; ``--check``
+Memory passes (``results/profiles/train_mem_bytes.csv``, `MEM_COLUMNS`: config, segment, class, kernels,
+``mem_D`` .. ``mem_T``): every other kernel's HBM traffic (tensor inputs read, outputs written; in-place ops read
+and write their first argument) per segment and class (`MEM_CLASS`), in bytes per token per unit width as the
+casts; parameter-shaped tensors and the optimizer-side segments are left out (priced per parameter by the
+workload). `time_mem_classes` measures each class's achieved bandwidth on the GPU with the reference's own
+kernels and dtypes at the paper configs' sizes (``train_mem_rates_cuda.csv``, with ``--device cuda``).
+
+``python -m simulator.train_op_counts`` regenerates the table (and the memory-pass table) for the configs of `CONFIGS`; ``--check``
 exits 1 when the committed table differs from the reference code (a CPU test checks a tiny config).
 ``--device cuda`` counts on a GPU (autocast there is CUDA's: SDPA and the fused AdamW dispatch
 differently), both MoE backends, writes ``train_op_counts_cuda.csv`` (or ``--out``) and prints the rows that
@@ -73,7 +82,12 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT_CSV = ROOT / "results" / "profiles" / "train_op_counts.csv"
 OUT_CSV_CUDA = ROOT / "results" / "profiles" / "train_op_counts_cuda.csv"
 RATES_CSV_CUDA = ROOT / "results" / "profiles" / "train_host_rates_cuda.csv"
-COLUMNS = ("config", "segment", "kernels", "lead", "views", "syncs", "sync_op", "cast_D", "cast_F", "cast_V", "cast_E")
+MEM_CSV = ROOT / "results" / "profiles" / "train_mem_bytes.csv"  # memory passes per segment (`MEM_COLUMNS`)
+MEM_CSV_CUDA = ROOT / "results" / "profiles" / "train_mem_bytes_cuda.csv"
+MEM_RATES_CSV_CUDA = ROOT / "results" / "profiles" / "train_mem_rates_cuda.csv"  # `time_mem_classes`
+COLUMNS = ("config", "segment", "kernels", "lead", "views", "syncs", "sync_op", "cast_D", "cast_F", "cast_V", "cast_E",
+           "cast_T")
+CAST_UNITS = ("D", "F", "V", "E", "T")
 # the GEMM-class operators (the bulk of a segment's device work): ``lead`` counts the kernels before the first
 GEMM_OPS = frozenset({"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._grouped_mm", "aten.linear",
                       "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
@@ -120,12 +134,40 @@ def config_key(m, adamw: str, backend: str = "torch") -> str:
     return " ".join(parts)
 
 
+# memory passes (``mem``, `train_mem_bytes.csv`): every kernel that is neither GEMM-class nor a counted activation
+# cast moves its tensors through HBM; its bytes are recorded per class (the kernel family whose achieved
+# bandwidth prices it, `simulator.train_host.MEM_RATE_OPS`) and per unit width. Classes by aten operator; the
+# rest is ``elem`` (adds, muls, reductions, softmax, the loss, ...)
+MEM_CLASS = {
+    "aten.native_layer_norm": "norm_fwd", "aten.native_layer_norm_backward": "norm_bwd",
+    "aten.gelu": "act", "aten.gelu_backward": "act", "aten.silu": "act", "aten.silu_backward": "act",
+    "aten.index_select": "gather", "aten.gather": "gather", "aten.index": "gather", "aten.embedding": "gather",
+    "aten.index_add": "scatter", "aten.index_add_": "scatter", "aten.index_put": "scatter",
+    "aten.index_put_": "scatter", "aten.scatter_add": "scatter", "aten.scatter_add_": "scatter",
+    "aten.embedding_dense_backward": "scatter",
+    "aten.index_copy": "copy", "aten.index_copy_": "copy", "aten.copy_": "copy", "aten.clone": "copy",
+    "aten.cat": "copy", "aten._to_copy": "copy", "aten.new_zeros": "copy", "aten.zeros": "copy",
+    "aten.zeros_like": "copy", "aten.full_like": "copy", "aten.fill_": "copy", "aten.zero_": "copy",
+    "aten.ones_like": "copy", "aten.full": "copy",
+}
+MEM_CLASSES = ("norm_fwd", "norm_bwd", "act", "gather", "scatter", "copy", "elem")
+# the classes `time_mem_classes` measures: the memory passes' and ``cast`` (fp32 <-> bf16 copies, which price the
+# counted activation casts and the weight / gradient casts)
+RATE_CLASSES = MEM_CLASSES + ("cast",)
+# in-place operators that only write their first argument (no read of it)
+WRITE_ONLY = frozenset({"aten.copy_", "aten.fill_", "aten.zero_", "aten.index_copy_"})
+# the capacity ranks' cumsum is priced as a latency-bound scan (training.REF_RANK_SCAN_S_PER_ROW), not as bytes
+MEM_SKIP = frozenset({"aten.cumsum"})
+MEM_COLUMNS = ("config", "segment", "class", "kernels", "mem_D", "mem_F", "mem_V", "mem_E", "mem_T")
+
+
 @dataclass
 class _Op:
     name: str
     view: bool
     sync: bool
     cast: dict | None = None  # unit -> bytes per token per unit width
+    mem: tuple | None = None  # (class, {unit: bytes per token per unit width}) of a memory pass
 
 
 def _recorder(dims: dict, tokens: int, host_scalars: set, params: set):
@@ -165,15 +207,12 @@ def _recorder(dims: dict, tokens: int, host_scalars: set, params: set):
                 shape = tuple(src.shape)
                 if (src.is_floating_point() and out.is_floating_point() and src.dtype != out.dtype
                         and shape not in params and shape[::-1] not in params):
-                    u = unit(src)
                     nbytes = src.numel() * (src.element_size() + out.element_size())
-                    if u is not None:
-                        cast = {u: nbytes / tokens / dims[u][0]}
-                    elif src.numel() < tokens:
-                        cast = None  # scalars and per-expert vectors: not an activation pass
-                    else:
-                        cast = {"other": float(nbytes)}
-            self.seq.append(_Op(name, name in VIEW_OPS, sync, cast))
+                    cast = _classify_cast(src, nbytes, dims, tokens, unit)
+            mem = None
+            if name not in VIEW_OPS and name not in GEMM_OPS and name not in MEM_SKIP and cast is None:
+                mem = _mem_pass(name, args, kwargs, out, dims, tokens, params)
+            self.seq.append(_Op(name, name in VIEW_OPS, sync, cast, mem))
             return out
 
         def mark(self, label) -> None:
@@ -182,14 +221,77 @@ def _recorder(dims: dict, tokens: int, host_scalars: set, params: set):
     return Recorder()
 
 
+def _mem_unit(t, dims: dict, tokens: int) -> str | None:
+    """The unit width of a tensor's HBM traffic: its last dimension when that is a width (D, F, V, E; vectors
+    are never classified by their length), else per token (``T``: token ids, routing indices [T, k], per-row
+    weights, ...); None for tensors smaller than half a value per token (scalars, per-expert counts)."""
+    if 2 * t.numel() < tokens:
+        return None
+    if t.dim() >= 2:
+        for u, widths in dims.items():
+            if t.shape[-1] in widths:
+                return u
+    return "T"
+
+
+def _mem_pass(name: str, args, kwargs, out, dims: dict, tokens: int, params: set) -> tuple | None:
+    """``(class, {unit: bytes per token per unit width})`` of one kernel's HBM traffic: its tensor inputs read
+    and its outputs written (an in-place operator's first argument read and written once, or only written
+    for `WRITE_ONLY`); parameter-shaped tensors (weights, their gradients) are left out, as for the casts
+    (`simulator.workload.training` prices the parameter passes itself). None when nothing is counted."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if name.endswith("_") and ins:  # in place: the first argument read and written (written only: WRITE_ONLY)
+        traffic = [ins[0]] * (1 if name in WRITE_ONLY else 2) + [t for t in ins[1:] if t is not ins[0]]
+    else:
+        traffic = ins + [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    by: dict[str, float] = {}
+    for t in traffic:
+        if tuple(t.shape) in params or tuple(t.shape)[::-1] in params:
+            continue
+        u = _mem_unit(t, dims, tokens)
+        if u is None:
+            continue
+        b = t.numel() * t.element_size() / tokens / (dims[u][0] if u != "T" else 1)
+        by[u] = by.get(u, 0.0) + b
+    return (MEM_CLASS.get(name, "elem"), by) if by else None
+
+
+SMALL_LAST_DIM = 4  # a tensor's last dimension this small and no width: top-k slots, per-token statistics
+
+
+def _classify_cast(src, nbytes: float, dims: dict, tokens: int, unit) -> dict | None:
+    """The activation-cast bytes of casting ``src`` (``nbytes`` read + written), per token per unit width.
+    Vectors are never classified by their length (it could equal a width by chance): scalars, per-expert
+    vectors and per-step statistics (fewer values than half the tokens) are not activation passes (None);
+    a longer vector holds one value per token or routed row (e.g. the combine weights of the kept rows)
+    and is counted per token (``T``: bytes per token, no width). A tensor of two or more dimensions is
+    classified by its last one (``unit``); a last dimension of at most ``SMALL_LAST_DIM`` that is no width
+    (routing tensors [T, k]) is counted per token; any other unknown last dimension is an error (``other``)
+    unless the tensor is smaller than one row per token."""
+    if src.dim() <= 1:
+        return {"T": nbytes / tokens} if 2 * src.numel() >= tokens else None
+    u = unit(src)
+    if u is not None:
+        return {u: nbytes / tokens / dims[u][0]}
+    if src.numel() < tokens:
+        return None  # small index-shaped tensors: not an activation pass
+    if src.shape[-1] <= SMALL_LAST_DIM:
+        return {"T": nbytes / tokens}
+    return {"other": float(nbytes)}
+
+
 def _tiny_model(m):
     return m.replace(name="ops", **TINY)
 
 
 def count_step(m, adamw: str = "fused", backend: str = "torch", device: str = "cpu",
-               batch: int = TINY_BATCH, seq: int = TINY_SEQ) -> list[dict]:
+               batch: int = TINY_BATCH, seq: int = TINY_SEQ, mem_out: list | None = None) -> list[dict]:
     """Table rows of one training step of (the tiny-width copy of) model ``m``'s structure, recorded on
-    ``device`` (the second step: the optimizer states exist)."""
+    ``device`` (the second step: the optimizer states exist); ``mem_out``: the step's memory-pass rows
+    (`MEM_COLUMNS`, `mem_rows`) are appended to it."""
     import torch
 
     from reference.model import MoEDecoder
@@ -317,7 +419,24 @@ def count_step(m, adamw: str = "fused", backend: str = "torch", device: str = "c
     if recorded != kernels:
         raise RuntimeError(f"train_op_counts: segments hold {recorded} of {kernels} kernels")
     key = config_key(m, adamw, backend)
-    return [dict(config=key, **r) for r in rows]
+    if mem_out is not None:
+        mem_out.extend(mem_rows(key, rows))
+    return [dict(config=key, **{k: v for k, v in r.items() if k != "mem"}) for r in rows]
+
+
+def mem_rows(key: str, rows: list[dict]) -> list[dict]:
+    """The memory-pass table rows of a counted program: per segment and class, the kernels and the bytes per
+    token per unit width (``mem_D`` ... ``mem_T``; ``T``: per token, no width)."""
+    out = []
+    for r in rows:
+        if r["segment"].split("_")[0] in ("clip", "optimizer", "after", "readback", "zero"):
+            continue  # parameter-side passes (clipping, AdamW, ...): priced per parameter by the workload
+        for cls in MEM_CLASSES:
+            if cls in r["mem"]:
+                k, by = r["mem"][cls]
+                out.append({"config": key, "segment": r["segment"], "class": cls, "kernels": round(k, 4),
+                            **{f"mem_{u}": round(by.get(u, 0.0), 4) for u in CAST_UNITS}})
+    return out
 
 
 def _segments(seq: list, model) -> list[dict]:
@@ -330,7 +449,7 @@ def _segments(seq: list, model) -> list[dict]:
 
     def reset():
         cur.clear()
-        cur.update(kernels=0, lead=None, views=0, cast_D=0.0, cast_F=0.0, cast_V=0.0, cast_E=0.0, other=0.0)
+        cur.update(kernels=0, lead=None, views=0, other=0.0, mem={}, **{f"cast_{u}": 0.0 for u in CAST_UNITS})
 
     def flush(segment: str, sync_op: str = "") -> None:
         if not (cur["kernels"] or cur["views"] or sync_op) and segment.rpartition("_")[2].isdigit():
@@ -339,7 +458,8 @@ def _segments(seq: list, model) -> list[dict]:
             raise RuntimeError(f"train_op_counts: {segment}: casts of unclassified widths ({cur['other']:.0f} bytes)")
         row = {"segment": segment, "kernels": cur["kernels"], "lead": cur["lead"] if cur["lead"] is not None else 0,
                "views": cur["views"], "syncs": int(bool(sync_op)),
-               "sync_op": sync_op, **{k: round(cur[k], 4) for k in ("cast_D", "cast_F", "cast_V", "cast_E")}}
+               "sync_op": sync_op, **{f"cast_{u}": round(cur[f"cast_{u}"], 4) for u in CAST_UNITS},
+               "mem": {c: (k, dict(b)) for c, (k, b) in cur["mem"].items()}}
         (state["block"] if state["block"] is not None else step_rows).append(row)
         reset()
 
@@ -391,6 +511,12 @@ def _segments(seq: list, model) -> list[dict]:
         if cur["lead"] is None and item.name in GEMM_OPS:
             cur["lead"] = cur["kernels"]
         cur["views" if item.view else "kernels"] += 1
+        if item.mem:
+            cls, by = item.mem
+            k, acc = cur["mem"].setdefault(cls, (0, {}))
+            for u, b in by.items():
+                acc[u] = acc.get(u, 0.0) + b
+            cur["mem"][cls] = (k + 1, acc)
         if item.cast:
             for u, b in item.cast.items():
                 cur[f"cast_{u}" if u != "other" else "other"] += b
@@ -409,8 +535,16 @@ def _segments(seq: list, model) -> list[dict]:
         """The blocks' common program; cast bytes averaged (routed rows depend on the routing)."""
         rows = [dict(r) for r in progs[0]]
         for j, r in enumerate(rows):
-            for c in ("cast_D", "cast_F", "cast_V", "cast_E"):
+            for c in (f"cast_{u}" for u in CAST_UNITS):
                 r[c] = round(sum(p[j][c] for p in progs) / len(progs), 4)
+            mem: dict = {}
+            for p in progs:
+                for cls, (k, by) in p[j]["mem"].items():
+                    k0, acc = mem.setdefault(cls, (0, {}))
+                    for u, b in by.items():
+                        acc[u] = acc.get(u, 0.0) + b / len(progs)
+                    mem[cls] = (k0 + k / len(progs), acc)
+            r["mem"] = mem
         return rows
 
     out = []
@@ -517,14 +651,95 @@ def time_parts(m, adamw: str = "fused", backend: str = "torch", device: str = "c
     return rows
 
 
-def count_all(configs=CONFIGS, backend: str = "torch", device: str = "cpu", errors: list | None = None) -> list[dict]:
+MEM_RATE_COLUMNS = ("device", "class", "rows", "width", "io_bytes", "time_s", "GBps")
+MEM_PROBE_WIDTH = 2048  # the probe's row width (paper-13.9b's hidden); rows per call: MEM_PROBE_ROWS
+MEM_PROBE_ROWS = (16384, 65536)
+
+
+def _mem_probe_ops(R: int, W: int, dev):
+    """Per class, the kernels the reference issues for it (dtypes as under autocast with fp32 masters: fp32
+    residual stream and norms, bf16 expert activations), on R rows of width W, as zero-argument callables."""
+    import torch
+
+    aten = torch.ops.aten
+    g = torch.Generator(device="cpu").manual_seed(0)
+    f32 = torch.randn(R, W, generator=g).to(dev)
+    dy = torch.randn(R, W, generator=g).to(dev)
+    wn, bn = torch.ones(W, device=dev), torch.zeros(W, device=dev)
+    _, mean, rstd = aten.native_layer_norm(f32, [W], wn, bn, 1e-5)
+    hb = torch.randn(R, 4 * W, generator=g).to(dev, torch.bfloat16)
+    idx = torch.randperm(R, generator=g).to(dev)
+    idx2 = (torch.arange(R) // 2)[torch.randperm(R, generator=g)].to(dev)  # top-2: every target row twice
+    acc = torch.zeros(R // 2, W, device=dev)
+    b16 = f32.to(torch.bfloat16)
+    wcol = torch.rand(R, 1, generator=g).to(dev, torch.bfloat16)
+    pair = torch.randn(R // 2, 2, W, generator=g).to(dev, torch.bfloat16)
+    return {
+        "norm_fwd": [lambda: aten.native_layer_norm(f32, [W], wn, bn, 1e-5)],
+        "norm_bwd": [lambda: aten.native_layer_norm_backward(dy, f32, [W], mean, rstd, wn, bn, [True, True, True])],
+        "act": [lambda: aten.gelu(hb), lambda: aten.gelu_backward(hb, hb)],
+        "gather": [lambda: aten.index_select(f32, 0, idx)],
+        "scatter": [lambda: acc.index_add_(0, idx2, f32)],
+        "copy": [lambda: aten.index_copy(b16, 0, idx, b16), lambda: f32.new_zeros((R, W)),
+                 lambda: aten.cat([b16, b16], 1)],
+        "elem": [lambda: b16 * wcol, lambda: f32 + dy, lambda: pair.sum(1)],
+        "cast": [lambda: f32.to(torch.bfloat16), lambda: b16.to(torch.float32)], "_f32": f32, "_b16": b16,
+    }
+
+
+def time_mem_classes(device: str = "cuda", rows: tuple = MEM_PROBE_ROWS, width: int = MEM_PROBE_WIDTH,
+                     reps: int = 20) -> list[dict]:
+    """Achieved HBM bytes/s of each memory-pass class (`MEM_CLASSES`) and of the fp32 <-> bf16 casts on ``device``: its kernels
+    (`_mem_probe_ops`, at shapes of the paper configs, not of a validated run) timed back to back, their bytes
+    counted as the recorder counts them (`_mem_pass`: inputs read, outputs written), -> ``MEM_RATE_COLUMNS``
+    rows. What `simulator.train_host.mem_rates` reads to price the counted memory passes."""
+    import statistics
+    import time
+
+    import torch
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    out = []
+    for R in rows:
+        ops = _mem_probe_ops(R, width, dev)
+        for cls in RATE_CLASSES:
+            if cls == "cast":  # read the source, write the copy
+                nbytes = sum(t.numel() * (t.element_size() + o.element_size()) for t, o in
+                             ((src, fn()) for src, fn in zip((ops["_f32"], ops["_b16"]), ops["cast"])))
+            else:
+                rec = _recorder({}, 1, set(), set())
+                with rec:
+                    for fn in ops[cls]:
+                        fn()
+                nbytes = sum(sum(op.mem[1].values()) for op in rec.seq if isinstance(op, _Op) and op.mem)
+            for fn in ops[cls]:
+                fn()
+            sync()
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    for fn in ops[cls]:
+                        fn()
+                sync()
+                times.append((time.perf_counter() - t) / reps)
+            sec = statistics.median(times)
+            name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+            out.append({"device": name, "class": cls, "rows": R, "width": width, "io_bytes": int(nbytes),
+                        "time_s": f"{sec:.6g}", "GBps": f"{nbytes / sec / 1e9:.4g}"})
+    return out
+
+
+def count_all(configs=CONFIGS, backend: str = "torch", device: str = "cpu", errors: list | None = None,
+              mem_out: list | None = None) -> list[dict]:
     from semoe.presets import model_preset
 
     rows = []
     for preset, over, adamw in configs:
         m = model_preset(preset).replace(**over) if over else model_preset(preset)
         try:
-            rows.extend(count_step(m, adamw, backend, device))
+            rows.extend(count_step(m, adamw, backend, device, mem_out=mem_out))
         except Exception as e:
             if errors is None:
                 raise
@@ -533,9 +748,9 @@ def count_all(configs=CONFIGS, backend: str = "torch", device: str = "cpu", erro
     return rows
 
 
-def to_csv(rows: list[dict]) -> str:
+def to_csv(rows: list[dict], columns: tuple = COLUMNS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
@@ -573,20 +788,25 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--device writes a table other than the committed CPU one")
         return _device_run(a.device, out, a.quick)
     out = a.out or OUT_CSV
-    text = to_csv(count_all())
+    mem: list[dict] = []
+    text = to_csv(count_all(mem_out=mem))
+    mem_text = to_csv(mem, MEM_COLUMNS)
+    mem_path = out.with_name(MEM_CSV.name)
     if a.check:
-        old = out.read_text() if out.is_file() else ""
-        if old != text:
-            print(f"train_op_counts: {out} differs from the reference code; rerun python -m simulator.train_op_counts",
-                  file=sys.stderr)
-            return 1
-        print(f"train_op_counts: {out} matches the reference code")
+        for path, t in ((out, text), (mem_path, mem_text)):
+            old = path.read_text() if path.is_file() else ""
+            if old != t:
+                print(f"train_op_counts: {path} differs from the reference code; rerun python -m simulator.train_op_counts",
+                      file=sys.stderr)
+                return 1
+        print(f"train_op_counts: {out} and {mem_path.name} match the reference code")
         return 0
     from semoe.io import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)
-    print(f"wrote {out} ({text.count(chr(10)) - 1} rows)")
+    atomic_write_text(mem_path, mem_text)
+    print(f"wrote {out} ({text.count(chr(10)) - 1} rows), {mem_path.name} ({mem_text.count(chr(10)) - 1} rows)")
     return 0
 
 
@@ -605,9 +825,12 @@ def _device_run(device: str, out: Path, quick: bool) -> int:
         jobs += [(c, "triton") for c in configs if c[0] == "paper-13.9b" and c[2] == "fused"]
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    mem: list[dict] = []
+    mem_path = out.with_name(MEM_CSV_CUDA.name)
     for cfg, backend in jobs:
-        rows += count_all((cfg,), backend=backend, device=device, errors=errors)
+        rows += count_all((cfg,), backend=backend, device=device, errors=errors, mem_out=mem)
         out.write_text(to_csv(rows))
+        mem_path.write_text(to_csv(mem, MEM_COLUMNS))
         print(f"train_op_counts: {device}: {cfg[0]} {cfg[1]} {cfg[2]} {backend} counted ({time.time() - t0:.1f} s)",
               flush=True)
     rates_out = out.with_name(RATES_CSV_CUDA.name)
@@ -632,6 +855,15 @@ def _device_run(device: str, out: Path, quick: bool) -> int:
         for r in got:
             print(f"  host rate {r['backend']:6s} {r['adamw']:7s} {r['part']}: {r['kernels']} kernels, "
                   f"{float(r['s_per_kernel']) * 1e6:.1f} us per kernel", flush=True)
+    try:  # the memory-pass classes' achieved bandwidth (a few seconds)
+        mr = time_mem_classes(device, rows=(256,) if quick else MEM_PROBE_ROWS, width=64 if quick else MEM_PROBE_WIDTH,
+                              reps=2 if quick else 20)
+        out.with_name(MEM_RATES_CSV_CUDA.name).write_text(to_csv(mr, MEM_RATE_COLUMNS))
+        for r in mr:
+            print(f"  memory pass {r['class']:8s} rows {r['rows']}: {r['GBps']} GB/s", flush=True)
+    except Exception as e:  # noqa: BLE001 (a failed measurement is reported)
+        errors.append(f"memory-pass rates: {type(e).__name__}: {e}")
+        print(f"train_op_counts: {errors[-1]}", flush=True)
     committed = list(csv.DictReader(OUT_CSV.open(newline=""))) if OUT_CSV.is_file() else []
     d = diff(rows, committed)
     print(f"train_op_counts: {device}: {len(rows)} rows in {time.time() - t0:.1f} s -> {out}, {rates_out.name}; "

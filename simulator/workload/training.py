@@ -100,8 +100,28 @@ of the constants above (``REF_*_CAST_BYTES``) are taken out so nothing is counte
 routed rows are taken as the rank's ``T`` tokens (the program was counted on one rank); micro-batches repeat
 the forward and backward segments, the optimizer part and the read-back run once per step.
 
+Memory passes (``mem_passes``, default with a host program whose table counted them: `train_op_counts` records,
+per segment, every kernel that is neither GEMM-class nor a counted activation cast, with the bytes of its
+activation-shaped tensors read and written per token per unit width, by class: ``norm_fwd``, ``norm_bwd``,
+``act``, ``gather``, ``scatter``, ``copy``, ``elem``; `results/profiles/train_mem_bytes.csv`): each
+segment's classes run at its start (``mem_<class>[_bwd]`` phases), at the class's achieved bandwidth measured on
+the GPU (`simulator.train_host.mem_rates`, `train_op_counts.time_mem_classes`: the reference's own kernels,
+fp32 layer norms and permute rows, the atomic ``index_add_`` of the permute's backward, ...), else the kernel
+profile's row-wise op for the class (`simulator.train_host.MEM_RATE_OPS`), else the HBM roofline. They replace
+every activation pass of the constants (the attention block's ideal 16-bit passes and ``REF_RESIDUAL_BYTES``,
+the gate's, ``REF_DISPATCH_*``, the expert activation, the loss, the embedding); the parameter passes (weight
+and gradient casts, clipping, AdamW, the tied embedding's gradient) stay per parameter; the counted activation
+casts and the weight / gradient casts run at the measured fp32 <-> bf16 ``cast`` bandwidth when there is one
+(`_cast_time`, else the HBM roofline). Why: the H100 profile
+of offload config a (`results/validation/train_breakdown_a.md`) has 580 ms of memory-bound kernels per step
+against 425 ms of constants at the copy rate; the bytes the reference moves match the constants' order, the
+kernels' achieved bandwidths do not (layer-norm backward 1.5 TB/s, the fp32 ``index_add_`` 1.1 TB/s).
+
 Backward costs 2 x forward for every matmul (`semoe.sizing`) times the cost model's calibrated
-``backward_gemm_factor`` (applied to the whole backward phase). Activations kept for backward
+``backward_gemm_factor`` (applied to the whole backward phase); with ``impl="reference"`` the attention,
+gate and head phases are split into their parts (`TrainingIteration.parts`): the cuBLAS dense GEMMs' backward is
+``TORCH_DENSE_BWD_FACTOR`` x 2 forward and cuDNN attention's the profile's measured SDPA backward / forward
+ratio (`CostModel.sdpa_backward_ratio`, 3.16 at sequence 2048), the memory passes keep the factor. Activations kept for backward
 (estimate after Korthikanti et al. 2022, 16-bit, flash attention): ``15 T h`` bytes per block for
 attention and norms, plus for an expert FFN ``tokens_in * (3 h + 4 ffn)`` bytes and the dispatch
 buffers ``(tokens_out + tokens_in) * 2 h``.
@@ -183,6 +203,24 @@ REF_EMB_GRAD_BYTES = 16  # tied embedding: dense fp32 grad zero-filled (w4), hea
 # after the first): per weight matrix, u used experts of E: u (4 E + 8) + (u - 1) 12 E bytes per D x F
 REF_SELECT_ZERO_BYTES, REF_SELECT_COPY_BYTES, REF_SELECT_ACC_BYTES = 4, 8, 12
 EXPERT_IMPLS = ("grouped", "loop")
+# impl="reference": the dense layers' GEMMs are cuBLAS (torch.mm / linear) whatever the MoE backend; their
+# backward runs the same GEMMs on transposed operands (dX, dW: one forward GEMM each). results/bench/offload/
+# run_3bd5bc4/profile_a_gpu.txt: 312 aten::mm per step (qkv, o, router forward + 2 backward each, x 4 layers x 8
+# micro-batches, + the head), 112.5 ms; forward x 3 of the profile's GEMM rates is 114 ms, x (1 + 2 x 1.31) 137
+TORCH_DENSE_BWD_FACTOR = 1.0
+# the category of each single-category compute phase (the mixed ones: TrainingIteration.parts)
+PHASE_CATEGORY = {
+    "experts_fwd": "expert_gemm", "experts_bwd": "expert_gemm", "expert_act_fwd": "expert_act",
+    "expert_act_bwd": "expert_act", "dispatch_fp32_fwd": "dispatch", "dispatch_fp32_bwd": "dispatch",
+    "act_cast": "act_cast", "weight_cast": "param_cast", "grad_cast": "param_cast", "loss_fwd": "loss",
+    "loss_bwd": "loss", "embedding_fwd": "embedding", "embedding_bwd": "embedding", "optimizer": "optimizer",
+    "grad_clip": "optimizer", "gate_rank_scan": "gate_elementwise", "ffn_fwd": "dense_gemm", "ffn_bwd": "dense_gemm",
+    "expert_grad_select": "expert_grad_select",
+    # the program's counted memory passes (``mem_passes``), one phase per class
+    **{f"mem_{c}{sfx}": cat for c, cat in (("norm_fwd", "norm"), ("norm_bwd", "norm"), ("act", "expert_act"),
+                                             ("gather", "dispatch"), ("scatter", "dispatch"), ("copy", "mem_copy"),
+                                             ("elem", "elementwise")) for sfx in ("", "_bwd")},
+}
 # grad_sync=True (reference.parallel's GradSync, used whenever the trainer runs under a process group, even
 # of one rank): every gradient is packed into a flat bucket (cat: r4 w4) and copied back after the
 # reduction (r4 w4), and the MoE-aware clipping squares each gradient into a new tensor before summing
@@ -203,7 +241,7 @@ class TrainingIteration:
                  measured_steps: int | None = None, expert_impl: str = "grouped", grad_sync: bool = False,
                  io_rates: dict | None = None, ref_optimizer: str = "foreach",
                  expert_kernels: str | None = None, host_program=None, host_rates: dict | None = None,
-                 act_casts: bool | None = None) -> None:
+                 act_casts: bool | None = None, mem_passes: bool | None = None) -> None:
         """``measured_steps``: the last steps of ``Workload.steps`` over which ``cache_hit_rate_measured``
         counts hits (a bench's counters after its warm-up; default all). ``expert_impl`` (with
         ``impl="reference"``): ``grouped`` (one GEMM per stacked weight, one gradient per stacked tensor)
@@ -222,7 +260,11 @@ class TrainingIteration:
         module docstring; it replaces the ``host_ops`` floor); ``host_rates``: ``{"fwd", "bwd", "opt"}`` host
         seconds per kernel of the step's parts (default: `simulator.train_host.host_rates`, measured on the
         GPU, else the profile's ``host_op`` rows); ``act_casts`` (default: with a host
-        program): price the program's counted activation casts instead of the constants' cast parts."""
+        program): price the program's counted activation casts instead of the constants' cast parts;
+        ``mem_passes`` (default: with a host program whose table counted them, and ``act_casts``): price the
+        program's counted memory passes (every non-GEMM kernel's activation bytes, per class at the class's
+        measured bandwidth) instead of the constants' activation passes (see "Memory passes" in the module
+        docstring)."""
         if ref_optimizer not in REF_OPTIMIZERS:
             raise ValueError(f"TrainingIteration: ref_optimizer must be one of {tuple(REF_OPTIMIZERS)}, got {ref_optimizer!r}")
         if expert_kernels not in EXPERT_KERNELS:
@@ -250,12 +292,20 @@ class TrainingIteration:
         T, h, dt = self.T, m.hidden, m.dtype
         kv = m.n_kv_heads * m.head_dim
         # ---- per-phase compute times (same on every rank, except the experts)
-        self.t_attn = (cm.matmul(T, h + 2 * kv, h, dt) + cm.attention_core(T, w.seq_len, h, dt)
-                       + cm.matmul(T, h, h, dt) + cm.memory(8 * T * h * self.dtype_bytes))
-        self.t_gate = cm.matmul(T, m.experts, h, dt) + cm.memory(4 * T * m.top_k * h * self.dtype_bytes)
+        # each mixed phase's composition per call ({category: seconds}, `phase_parts`); its time is the sum
+        self.parts = {
+            "attention": {"dense_gemm": cm.matmul(T, h + 2 * kv, h, dt) + cm.matmul(T, h, h, dt),
+                          "attention_core": cm.attention_core(T, w.seq_len, h, dt),
+                          "norm_residual": cm.memory(8 * T * h * self.dtype_bytes)},
+            "gate": {"dense_gemm": cm.matmul(T, m.experts, h, dt),
+                     "gate_elementwise": cm.memory(4 * T * m.top_k * h * self.dtype_bytes)},
+            "head": {"dense_gemm": cm.matmul(T, m.vocab, h, dt)},
+        }
+        self.t_attn = sum(self.parts["attention"].values())
+        self.t_gate = sum(self.parts["gate"].values())
         mats = 3 if m.activation == "swiglu" else 2
         self.t_dense_ffn = mats * cm.matmul(T, m.dense_ffn_width, h, dt)
-        self.t_head = cm.matmul(T, m.vocab, h, dt)
+        self.t_head = self.parts["head"]["dense_gemm"]
         self.t_embed = cm.memory(2 * T * h * self.dtype_bytes)
         self.flops_attn = 2 * T * (2 * h * h + 2 * h * kv) + 4 * T * w.seq_len * h
         # ---- routing: per MoE block, dispatch matrices and tokens each rank's experts receive
@@ -310,13 +360,21 @@ class TrainingIteration:
         self.offload_experts = p.offload.expert_params != "gpu"
         self.offload_opt = p.offload.expert_optimizer != "gpu" and bool(self.a2a)
         self.ref = impl == "reference"
-        self._host_setup(host_program, host_rates, act_casts)
+        self._host_setup(host_program, host_rates, act_casts, mem_passes)
         cast_off = self.act_casts  # the constants' cast parts are replaced by the program's counted casts
+        if self.mem_passes:  # the counted memory passes replace every activation pass of the constants
+            self.parts["attention"]["norm_residual"] = 0.0
+            self.parts["gate"]["gate_elementwise"] = 0.0
+            self.t_attn, self.t_gate = sum(self.parts["attention"].values()), sum(self.parts["gate"].values())
+            self.t_dispatch, self.t_expert_act, self.t_embed = {}, {}, 0.0
         if self.ref:
-            self.t_attn += cm.memory((REF_RESIDUAL_BYTES - REF_RESIDUAL_CAST_BYTES * cast_off) * T * h)
+            t_res = 0.0 if self.mem_passes else cm.memory((REF_RESIDUAL_BYTES - REF_RESIDUAL_CAST_BYTES * cast_off) * T * h)
+            self.parts["attention"]["norm_residual"] += t_res
+            self.t_attn += t_res
             V = m.vocab
-            self.t_loss_fwd = cm.memory((REF_LOSS_FWD_BYTES - REF_LOSS_FWD_CAST_BYTES * cast_off) * T * V)
-            self.t_loss_bwd = cm.memory((REF_LOSS_BWD_BYTES - REF_LOSS_BWD_CAST_BYTES * cast_off) * T * V)
+            keep = 0.0 if self.mem_passes else 1.0
+            self.t_loss_fwd = keep * cm.memory((REF_LOSS_FWD_BYTES - REF_LOSS_FWD_CAST_BYTES * cast_off) * T * V)
+            self.t_loss_bwd = keep * cm.memory((REF_LOSS_BWD_BYTES - REF_LOSS_BWD_CAST_BYTES * cast_off) * T * V)
             self.t_emb_grad = cm.memory(REF_EMB_GRAD_BYTES * self.embed)
         # forward only, once per MoE block (the ranks are integers: no backward)
         self.t_rank_scan = (REF_RANK_SCAN_S_PER_ROW * T * m.top_k
@@ -324,6 +382,7 @@ class TrainingIteration:
         self._offload_setup(rng)
         self.ranks = np.arange(self.W)
         self.bwd = 2.0 * cm.backward_gemm_factor  # backward / forward time of a compute phase
+        self._backward_parts(cm, w.seq_len)
         # ---- per-rank state
         env = self.env
         self.comm = [simpy.Resource(env, 1) for _ in range(self.W)]
@@ -356,13 +415,48 @@ class TrainingIteration:
             # 16-bit GEMM weights cast from their fp32 masters: the block's dense weights, its local experts
             # when they live on the GPU (offloaded experts arrive in 16 bits), the tied head once
             ex = 0 if self.offload_experts else self.expert_local_params
-            self.t_cast = {i: cm.memory(REF_CAST_BYTES * (self.dense_layer[i] + (ex if i in self.a2a else 0)))
+            self.t_cast = {i: self._cast_time(REF_CAST_BYTES * (self.dense_layer[i] + (ex if i in self.a2a else 0)))
                            for i in range(m.layers)}
-            self.t_attn_head_cast = cm.memory(REF_CAST_BYTES * self.embed)
+            self.t_attn_head_cast = self._cast_time(REF_CAST_BYTES * self.embed)
             self.t_head += self.t_attn_head_cast
+            self.parts["head"]["param_cast"] = self.t_attn_head_cast
+            self.parts_bwd["head"]["param_cast"] = self.bwd * self.t_attn_head_cast
+            self.t_head_bwd = sum(self.parts_bwd["head"].values())
             per_param = (REF_BUCKET_BYTES + REF_CLIP_MOE_BYTES) if grad_sync else REF_CLIP_BYTES
             self.t_clip = cm.memory(per_param * count_params(m).total / (self.W if p.zero_stage >= 2 else 1))
         self._static_memory()
+
+    def _backward_parts(self, cm, seq: int) -> None:
+        """The backward of the mixed phases (attention, gate, head) per category. ``impl="ideal"``: the
+        forward times ``bwd`` (2 x the calibrated ``backward_gemm_factor``), every part. ``impl="reference"``
+        (cuBLAS and cuDNN, what `reference.train` runs): the dense GEMMs' dX and dW are the same cuBLAS GEMMs
+        on transposed operands (``TORCH_DENSE_BWD_FACTOR`` x 2 forward, as the torch expert GEMMs: the
+        calibrated factor is our Triton dgrad / wgrad's); fused attention's backward at the profile's measured
+        backward / forward ratio of SDPA (`CostModel.sdpa_backward_ratio`: flash backward recomputes the
+        scores, ~3.2 x the forward on the H100, not 2.6); the memory passes keep ``bwd`` x forward."""
+        fac = {k: self.bwd for k in ("dense_gemm", "attention_core", "norm_residual", "gate_elementwise",
+                                     "param_cast")}
+        if self.ref:
+            fac["dense_gemm"] = 2.0 * TORCH_DENSE_BWD_FACTOR
+            ratio = cm.sdpa_backward_ratio(seq, self.m.head_dim, self.m.heads, self.m.dtype)
+            if ratio is not None:
+                fac["attention_core"] = ratio
+        self.parts_bwd = {ph: {c: fac[c] * t for c, t in parts.items()} for ph, parts in self.parts.items()}
+        self.t_attn_bwd = sum(self.parts_bwd["attention"].values())
+        self.t_gate_bwd = sum(self.parts_bwd["gate"].values())
+        self.t_head_bwd = sum(self.parts_bwd["head"].values())
+
+    def phase_parts(self) -> dict[str, dict[str, float]]:
+        """Each compute phase's composition as fractions per category (`PHASE_CATEGORY` for single-category
+        phases; attention / gate / head forward and backward split into their parts), for a device-time
+        breakdown of the trace (`simulator.train_breakdown`)."""
+        out = {ph: {cat: 1.0} for ph, cat in PHASE_CATEGORY.items()}
+        for ph, parts in (("attention_fwd", self.parts["attention"]), ("attention_bwd", self.parts_bwd["attention"]),
+                          ("gate_fwd", self.parts["gate"]), ("gate_bwd", self.parts_bwd["gate"]),
+                          ("head_fwd", self.parts["head"]), ("head_bwd", self.parts_bwd["head"])):
+            tot = sum(parts.values())
+            out[ph] = {c: t / tot for c, t in parts.items()} if tot > 0 else {}
+        return out
 
     def _expert_act_bytes(self, rows: float) -> tuple[float, float]:
         """HBM bytes of the expert activation over ``rows`` routed tokens, forward and backward: gelu reads
@@ -386,17 +480,23 @@ class TrainingIteration:
                          backward_gemm_factor=cm.backward_gemm_factor)
 
     # ------------------------------------------------------------------ host program
-    def _host_setup(self, prog, rates: dict | None, act_casts: bool | None) -> None:
+    def _host_setup(self, prog, rates: dict | None, act_casts: bool | None, mem_passes: bool | None = None) -> None:
         """The host side (``host_program``): one `HostClock` per rank, the host seconds per kernel of the
-        forward and of the backward / optimizer segments, and the activation-cast time of each segment."""
+        forward and of the backward / optimizer segments, the activation-cast time of each segment and its
+        counted memory passes (``mem_passes``)."""
         from simulator.workload.host import HostClock
 
         if prog is not None and not self.ref:
             raise ValueError("TrainingIteration: host_program models the reference trainer: it needs impl='reference'")
         if act_casts and prog is None:
             raise ValueError("TrainingIteration: act_casts needs a host_program (the casts are counted there)")
+        has_mem = prog is not None and any(sg.mem for sg in prog.segments)
+        if mem_passes and not has_mem:
+            raise ValueError("TrainingIteration: mem_passes needs a host_program with counted memory passes "
+                             "(results/profiles/train_mem_bytes.csv)")
         self.prog = prog
         self.act_casts = bool(prog is not None and (True if act_casts is None else act_casts))
+        self.mem_passes = bool(has_mem and (True if mem_passes is None else mem_passes) and self.act_casts)
         cm, m = self.sim.cost, self.m
         fwd = cm.host_op_impl("reference_triton" if self.expert_kernels == "triton" else "reference") or cm.host_op_s
         bwd = cm.host_op_impl("torch") or fwd
@@ -416,8 +516,42 @@ class TrainingIteration:
         self.h_mark = [(0.0, 0, 0.0) for _ in range(self.W)]  # host busy, syncs, sync wait at the last step's start
         self.segs = {sg.name: sg for sg in prog.segments} if prog is not None else {}
         widths = (m.hidden, m.ffn, m.vocab, m.experts)
-        self.t_seg_cast = {n: cm.memory(sg.cast_bytes(self.T, widths)) for n, sg in self.segs.items()
+        from simulator.train_host import mem_rates
+
+        # the memory-pass classes' and the casts' measured bandwidths (with a host program: the reference trainer)
+        self._mem_rate_tab = mem_rates() if prog is not None else None
+        self.t_seg_cast = {n: self._cast_time(sg.cast_bytes(self.T, widths)) for n, sg in self.segs.items()
                            if self.act_casts and any(sg.casts)}
+        self.t_seg_mem: dict[str, dict[str, float]] = {}
+        if self.mem_passes:
+            for n, sg in self.segs.items():
+                t = {c: self._mem_time(c, k, b) for c, (k, b) in sg.mem_bytes(self.T, widths).items() if b > 0}
+                if t:
+                    self.t_seg_mem[n] = t
+
+    def _cast_time(self, nbytes: float) -> float:
+        """An fp32 <-> bf16 copy of ``nbytes`` (read + write): at the measured ``cast`` bandwidth
+        (`simulator.train_host.mem_rates`, with a host program) when there is one, else the HBM roofline."""
+        if nbytes > 0 and (getattr(self, "_mem_rate_tab", None) or {}).get("cast"):
+            return self._mem_time("cast", 1.0, nbytes)
+        return self.sim.cost.memory(nbytes)
+
+    def _mem_time(self, cls: str, kernels: float, nbytes: float) -> float:
+        """Seconds of ``kernels`` memory-pass kernels of class ``cls`` moving ``nbytes`` in all: at the class's
+        measured bandwidth (`simulator.train_host.mem_rates`, interpolated in log bytes per kernel, the nearest
+        end's rate outside the measured sizes), else the kernel profile's row-wise op for the class
+        (`simulator.train_host.MEM_RATE_OPS`, the same way), else the HBM roofline."""
+        from simulator.train_host import MEM_RATE_OPS
+
+        per = nbytes / max(kernels, 1.0)
+        curve = (self._mem_rate_tab or {}).get(cls)
+        if curve is None and self.sim.cost.profile is not None:
+            c = self.sim.cost.profile.mem_curves.get(MEM_RATE_OPS.get(cls, ("add", "bf16")))
+            curve = list(zip(*c)) if c is not None else None
+        if not curve:
+            return self.sim.cost.memory(nbytes)
+        xs, bs = np.log([x for x, _ in curve]), np.array([b for _, b in curve])
+        return nbytes / float(np.interp(np.log(max(per, 1.0)), xs, bs))
 
     def _hgroup(self, base: str) -> list[str]:
         """Names of segment ``base`` and its pieces (split at syncs) in the host program; [] without one."""
@@ -439,6 +573,9 @@ class TrainingIteration:
         if name in self.t_seg_cast:
             self.cast_s[r] += self.t_seg_cast[name]
             yield from self.compute(r, layer, mb, "act_cast", self.t_seg_cast[name])
+        sfx = "_bwd" if TrainProgram.part(name) == "bwd" else ""
+        for cls, t in self.t_seg_mem.get(name, {}).items():
+            yield from self.compute(r, layer, mb, f"mem_{cls}{sfx}", t)
 
     def _hend(self, r, layer, mb):
         """End of the current segment: the device cannot finish before its last kernel is issued; a sync
@@ -852,7 +989,7 @@ class TrainingIteration:
             yield from self._hseg(r, "bwd_head", -1, mb)
             if self.ref:
                 yield from self.compute(r, -1, mb, "loss_bwd", self.t_loss_bwd)
-            yield from self.compute(r, -1, mb, "head_bwd", self.bwd * self.t_head)
+            yield from self.compute(r, -1, mb, "head_bwd", self.t_head_bwd)
             yield from self._hend(r, -1, mb)
             for i in reversed(range(L)):
                 bwd_segs = self._hgroup(f"{'moe' if i in self.a2a else 'dense'}.bwd")
@@ -878,10 +1015,11 @@ class TrainingIteration:
                     if i in self.t_expert_act:
                         yield from self.compute(r, i, mb, "expert_act_bwd", self.t_expert_act[i][1][r])
                     yield from self._a2a(r, i, mb, "dispatch_a2a_bwd", True)
-                    yield from self.compute(r, i, mb, "gate_bwd", self.bwd * self.t_gate)
+                    yield from self.compute(r, i, mb, "gate_bwd", self.t_gate_bwd)
                 else:
-                    yield from self.compute(r, i, mb, "ffn_bwd", self.bwd * self.t_dense_ffn)
-                yield from self.compute(r, i, mb, "attention_bwd", self.bwd * self.t_attn, 2 * self.flops_attn)
+                    yield from self.compute(r, i, mb, "ffn_bwd", (2.0 * TORCH_DENSE_BWD_FACTOR if self.ref else self.bwd)
+                                            * self.t_dense_ffn)
+                yield from self.compute(r, i, mb, "attention_bwd", self.t_attn_bwd, 2 * self.flops_attn)
                 if self.ref:
                     yield from self.compute(r, i, mb, "grad_cast", self.t_cast[i])
                     if self.expert_impl == "loop" and i in self.a2a and not self.offload_experts:

@@ -29,9 +29,13 @@ def test_committed_table_matches_the_reference_code():
     segments, kernels, syncs and casts as the table (rerun python -m simulator.train_op_counts if not)."""
     preset, over, adamw = next(c for c in TC.CONFIGS if c[0] == "tiny" and c[2] == "fused")
     m = model_preset(preset).replace(**over)
-    rows = TC.count_step(m, adamw)
+    mem: list = []
+    rows = TC.count_step(m, adamw, mem_out=mem)
     committed = _committed(rows[0]["config"])
     assert [{k: str(v) for k, v in r.items()} for r in rows] == committed
+    with TC.MEM_CSV.open(newline="") as f:
+        committed_mem = [r for r in csv.DictReader(f) if r["config"] == rows[0]["config"]]
+    assert mem and [{k: str(v) for k, v in r.items()} for r in mem] == committed_mem
 
 
 def test_program_structure_of_the_paper_config():
@@ -138,10 +142,11 @@ def test_syncs_stall_the_device_and_cost_time():
     assert without["host_sync_wait_s"] == 0.0 and with_s["host_sync_wait_s"] > 0.0
 
 
-def test_activation_casts_priced_and_constants_not_double_counted():
+def test_activation_casts_priced_and_constants_not_double_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(TH, "MEM_RATES_CUDA", tmp_path / "none.csv")  # casts at the HBM roofline (no cast rate)
     prog = train_program(model_preset("paper-13.9b").replace(layers=4), "fused", device="cpu")
     zero = {"fwd": 0.0, "bwd": 0.0, "opt": 0.0}
-    on, _, it_on = _run(prog, host_rates=zero, act_casts=True)
+    on, _, it_on = _run(prog, host_rates=zero, act_casts=True, mem_passes=False)
     off, _, it_off = _run(prog, host_rates=zero, act_casts=False)
     cm = it_on.sim.cost
     m, T = it_on.m, it_on.T
@@ -171,3 +176,87 @@ def test_device_path_quick_on_cpu(tmp_path):
     assert rows and rows[0]["segment"] == "embedding"
     rates = TH.host_rates("torch", "fused", out.with_name(TH.RATES_CUDA.name))
     assert rates is not None and set(rates) == {"fwd", "bwd", "opt"} and all(v > 0 for v in rates.values())
+
+
+def test_cast_classifier_vectors_by_token_not_by_width():
+    """The CUDA recount of top-2 configs failed on a cast of the kept rows' combine weights (a vector, not a
+    [rows, width] activation): vectors are counted per token whatever their length, even one equal to a width;
+    per-expert vectors and per-step statistics are not activation passes; an unknown width is still an error."""
+    import torch
+
+    tokens = 40
+    dims = {"D": (48, 12, 144), "F": (80, 160), "V": (272,), "E": (8,)}
+
+    def unit(t):
+        return next((u for u, ws in dims.items() if t.shape[-1] in ws), None)
+
+    def cls(shape, out_bytes=2):
+        t = torch.zeros(shape)
+        return TC._classify_cast(t, t.numel() * (4 + out_bytes), dims, tokens, unit)
+
+    assert cls((68,)) == {"T": 68 * 6 / tokens}  # the combine weights of 68 kept routed rows, fp32 -> bf16
+    assert cls((80,)) == {"T": 80 * 6 / tokens}  # as long as the ffn width: still per token, not cast_F
+    assert cls((8,)) is None and cls((3,), 8) is None and cls(()) is None  # per expert, loss statistics, a scalar
+    assert cls((tokens, 48)) == {"D": 6.0} and cls((2 * tokens, 80)) == {"F": 12.0}
+    assert cls((tokens, 99)) == {"other": tokens * 99 * 6.0}  # an unclassified activation width: the error path
+    assert cls((2, 9)) is None  # fewer elements than tokens: index-shaped, not an activation
+    assert cls((tokens, 2)) == {"T": 2 * 6.0}  # routing weights [T, k]: per token
+    seg = TrainSegment("moe.ffn_4", 10, False, casts=(6.0, 0.0, 0.0, 0.0, 10.2))
+    assert seg.cast_bytes(100, (1024, 4096, 256, 8)) == pytest.approx(100 * (6.0 * 1024 + 10.2))
+
+
+def test_memory_passes_counted_and_priced_replacing_the_constants():
+    """The recorder counts every non-GEMM kernel's activation bytes per class (layer norm forward: the fp32
+    input read and the output written, 8 B per token per unit of hidden, + mean / rstd); with the program's
+    memory passes the constants' activation passes (residual / norm, gate, dispatch, expert activation, loss,
+    embedding) are gone and each segment's classes are priced once per use at the class's rate."""
+    m = model_preset("paper-13.9b").replace(layers=4)
+    prog = train_program(m, "fused", device="cpu")
+    assert prog.mem_source == TC.MEM_CSV.name
+    attn = {c: b for c, _, b in prog.group("moe.attn")[0].mem}
+    assert attn["norm_fwd"][0] == pytest.approx(16.0)  # two fp32 layer norms: (r4 + w4) x 2 per unit of D
+    bwd = {c for c, _, _ in prog.group("moe.bwd")[0].mem}
+    assert {"norm_bwd", "act", "scatter", "elem"} <= bwd  # index_add_ of the permute's backward: scatter
+    assert not any(sg.mem for sg in prog.segments if sg.name in ("clip", "optimizer"))  # parameter passes
+    zero = {"fwd": 0.0, "bwd": 0.0, "opt": 0.0}
+    _, sim_on, it_on = _run(prog, host_rates=zero)
+    _, _, it_off = _run(prog, host_rates=zero, mem_passes=False)
+    assert it_on.mem_passes and not it_off.mem_passes
+    assert it_on.t_dispatch == {} and it_on.t_expert_act == {} and it_on.t_loss_fwd == 0.0 == it_on.t_embed
+    assert it_on.parts["attention"]["norm_residual"] == 0.0 < it_off.parts["attention"]["norm_residual"]
+    uses = {s.name: (m.layers if "." in s.name else 1) for s in prog.segments}
+    uses.update({n: 0 for n in ("zero_grad",)})
+    expect = sum(t * uses[n] for n, ts in it_on.t_seg_mem.items() for t in ts.values())
+    got = sum(r[5] - r[4] for r in sim_on.rows if r[3].startswith("mem_"))
+    assert got == pytest.approx(expect, rel=1e-6) and got > 0
+    # a class priced at its measured rate: twice the bandwidth, half the time
+    seg = next(iter(it_on.t_seg_mem))
+    cls = next(iter(it_on.t_seg_mem[seg]))
+    k, b = it_on.segs[seg].mem_bytes(it_on.T, (it_on.m.hidden, it_on.m.ffn, it_on.m.vocab, it_on.m.experts))[cls]
+    it_on._mem_rate_tab = {cls: [(1.0, 1e12), (1e12, 1e12)]}
+    assert it_on._mem_time(cls, k, b) == pytest.approx(b / 1e12)
+    with pytest.raises(ValueError, match="mem_passes"):
+        _run(_program(), mem_passes=True)  # a program without counted memory passes
+
+
+def test_mem_rates_table_read_and_probe_runs_on_cpu(tmp_path, monkeypatch):
+    rows = TC.time_mem_classes("cpu", rows=(64,), width=16, reps=1)
+    assert {r["class"] for r in rows} == set(TC.RATE_CLASSES)
+    scatter = next(r for r in rows if r["class"] == "scatter")
+    assert scatter["io_bytes"] == 64 * 16 * 4 * 2 + 64 * 8  # index_add_: target r/w (R/2 rows), source, index
+    assert next(r for r in rows if r["class"] == "cast")["io_bytes"] == 2 * 64 * 16 * 6  # fp32 -> bf16 and back
+    p = tmp_path / "rates.csv"
+    p.write_text(TC.to_csv(rows, TC.MEM_RATE_COLUMNS))
+    got = TH.mem_rates(p)
+    assert set(got) == set(TC.RATE_CLASSES) and all(b > 0 for v in got.values() for _, b in v)
+    assert TH.mem_rates(tmp_path / "missing.csv") is None
+    # a measured cast rate prices the activation and weight casts: 1 TB/s -> bytes / 1e12
+    p.write_text("device,class,rows,width,io_bytes,time_s,GBps\ncpu,cast,1,1,1000000000,0.001,1000\n")
+    monkeypatch.setattr(TH, "MEM_RATES_CUDA", p)
+    prog = train_program(model_preset("paper-13.9b").replace(layers=4), "fused", device="cpu")
+    _, _, it = _run(prog, host_rates={"fwd": 0.0, "bwd": 0.0, "opt": 0.0})
+    widths = (it.m.hidden, it.m.ffn, it.m.vocab, it.m.experts)
+    name, seg = next((n, sg) for n, sg in it.segs.items() if any(sg.casts))
+    assert it.t_seg_cast[name] == pytest.approx(seg.cast_bytes(it.T, widths) / 1e12)
+    ex = it.expert_local_params if 0 in it.a2a else 0
+    assert it.t_cast[0] == pytest.approx(6 * (it.dense_layer[0] + ex) / 1e12)  # REF_CAST_BYTES per parameter
