@@ -31,7 +31,19 @@ and the fused quantised GEMMs take the profile's ``dequant`` / ``qgemm_fwd`` row
 (``kernels/profile.py --sweeps infer``: the reference's own ``dequantize_into`` / ``quant_mm`` calls,
 `simulator.workload.inference_profile`), else the analytic pass / assumed rate.
 
-``--host-op-us X`` is a what-if (host seconds per kernel replaced), never used for the committed table.
+Host time of a run, when the run measured it (inputs of that run, like its pinned H2D bandwidth): its
+``host_op_us`` row (host seconds per kernel of a tiny reference forward) replaces the profile's; its engine
+host probe rows (``host_prefill_ms``, ``host_decode_ms_per_step`` and the copy calls of those passes, per
+mode and batch, ``host_probe_moe_blocks``: ``reference/inference/bench.py`` ``host_probe``, the engine's own
+passes on a model of the same family and block count at tiny widths) give the bf16 resident, ring and
+expert-aware simulations of that run their host seconds per kernel for each code path
+(`simulator.workload.inference_host.HostProbe`). Probe rows are listed with status ``input``; their
+``predicted`` is the per-kernel model's value (counted kernels x ``host_op_us``), so their error shows what the
+probe corrects. Expert-aware rows at a batch that falls back to the ring (``B = 16``: 16 tokens x top-2 touch
+~all 8 experts) predict the bench's pool statistics as the engine keeps them: no fetches, 0.
+
+``--host-op-us X`` is a what-if (host seconds per kernel replaced, engine probes ignored), never used for the
+committed table.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from semoe import cluster_preset
 from semoe.io import atomic_write_text
 from semoe.presets import model_preset
 from semoe.sizing import expert_params
+from simulator.workload.inference_host import PROBE_BLOCKS_METRIC, PROBE_METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "results" / "bench" / "infer.csv"
@@ -80,6 +93,9 @@ HOST_OP_S: float | None = None  # None: CostModel.host_op_s (the profile's host_
 # a run's own host probe (mode "-", microseconds per kernel of the reference's eager forward, measured in the
 # bench run like h2d_pinned_GBps): a model input of that run's simulations, as the PCIe bandwidth is
 RUN_HOST_METRIC = "host_op_us"
+# the run's engine host probe (reference/inference/bench.py host_probe): seconds and copy calls per pass of the
+# engine's own code path at tiny widths, per mode and batch; the simulations of that run's bf16 rows take
+# their host seconds per kernel from it (`simulator.workload.inference_host.HostProbe`)
 
 
 def parse_mode(mode: str) -> tuple[str, int | None, str | None, str]:
@@ -96,7 +112,7 @@ def _model(c: dict):
 
 @cache
 def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int, predict: bool, budget: bool = True,
-         quant: str | None = None, dequant: str = "workspace", launch_s: float | None = None):
+         quant: str | None = None, dequant: str = "workspace", launch_s: float | None = None, probe=None):
     from simulator.workload.inference import InferConfig, simulate_inference
 
     c = parse_config(config)
@@ -104,7 +120,8 @@ def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int,
     cfg = InferConfig(mode=mode, batch=batch, prompt_len=c["P"], gen_len=c["G"],
                       gpu_budget_bytes=c["budget"] if budget else None, slots=slots if slots else c["slots"],
                       plan_batch=plan_batch, predict=predict, quant=quant, dequant=dequant,
-                      launch_s=HOST_OP_S if launch_s is None else launch_s)
+                      launch_s=HOST_OP_S if launch_s is None else launch_s,
+                      host_probe=probe if HOST_OP_S is None else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roofline fallbacks are listed once by `predict_all`
         _, res = simulate_inference(model, cluster_preset("h100-single"), cfg, trace=False)
@@ -118,12 +135,14 @@ def _timing(metric: str, res, B: int, P: int, G: int, L: int):
             "decode_ms_per_step": 1e3 * res.decode_s / max(1, G - 1)}.get(metric)
 
 
-def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: float | None = None
-                ) -> tuple[float, str, str]:
+def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: float | None = None,
+                probe=None) -> tuple[float, str, str]:
     """(predicted value, kind, note) for one measured row. ``predicting_runs``: dates of the runs whose
     ``expert`` mode prefetched one block ahead (the bench wrote ``prefetched_used_frac`` rows; run 1 of
     2026-11-24 predates the predictor, so its ``expert`` rows ran without it). ``host_s``: the run's own
-    host seconds per kernel (its ``host_op_us`` probe row, `RUN_HOST_METRIC`), else the profile's."""
+    host seconds per kernel (its ``host_op_us`` probe row, `RUN_HOST_METRIC`), else the profile's.
+    ``probe``: the run's engine host probe (`HostProbe`, its ``host_*`` rows): bf16 resident, ring and
+    expert-aware rows take their host seconds per kernel from it."""
     mode, B, metric, config = r["mode"], int(r["batch"]), r["metric"], r["config"]
     c = parse_config(config)
     P, G = c["P"], c["G"]
@@ -144,20 +163,27 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
             return m.moe_layers, "count", "ModelSpec"
         if metric == RUN_HOST_METRIC:
             return _host_op_s() * 1e6, "input", "the profile's host_op row (this run's probe replaces it for the run)"
+        if metric == PROBE_BLOCKS_METRIC:
+            return m.moe_layers, "input", "the host probe's MoE blocks (the run's)"
         return nan, "not_modelled", ""
+    if metric in PROBE_METRICS:
+        return _predict_probe_row(r, c, probe, host_s)
     base, slots, quant, dequant = parse_mode(mode)
     qnote = (f"{quant} experts ({'fused GEMMs' if dequant == 'fused' else 'dequantised into a workspace'})"
              if quant else "")
+    probe = probe if quant is None else None  # the probe runs bf16 experts
     if base == "resident" or (base == "ring" and metric == "block_compute_ms"):
         # ring rows' block_compute_ms: the bench times the same experts resident (K = L)
-        model, res = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant, launch_s=host_s)
+        model, res = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant,
+                          launch_s=host_s, probe=probe)
         L = model.moe_layers
         if metric == "block_compute_ms":
             return 1e3 * res.prefill_s / L, "throughput", qnote
         v = _timing(metric, res, B, P, G, L)
         return (nan, "not_modelled", "") if v is None else (v, "throughput", qnote)
     if base == "ring":
-        model, res = _sim(config, "ring", B, slots, bmax, False, quant=quant, dequant=dequant, launch_s=host_s)
+        model, res = _sim(config, "ring", B, slots, bmax, False, quant=quant, dequant=dequant, launch_s=host_s,
+                          probe=probe)
         L, E, eb = model.moe_layers, model.experts, res.plan.expert_bytes
         bw = cluster_preset("h100-single").pcie.bandwidth_GBps * 1e9
         if metric in ("budget_K", "ring_K"):
@@ -185,7 +211,8 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
             which = "decode" if "decode" in metric else "prefill"
             v = getattr(res, f"{which}_tokens_per_s") / getattr(bf, f"{which}_tokens_per_s")
             return v, "ratio", f"{which} tokens/s of the {quant} ring over the simulated bf16 ring"
-        _, resident = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant, launch_s=host_s)
+        _, resident = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant,
+                           launch_s=host_s, probe=probe)
         bound_s = L * max(resident.prefill_s / L, E * eb / bw)
         if metric == "bound_prefill_tokens_per_s":
             return B * P / bound_s, "throughput", "issue 7's bound from simulated compute and the preset's PCIe"
@@ -194,21 +221,63 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         return nan, "not_modelled", ""
     if base in ("expert", "expert_nopred"):
         predict = base == "expert" and r["date"] in predicting_runs
-        model, res = _sim(config, "expert", B, None, B, predict, quant=quant, dequant=dequant, launch_s=host_s)
+        model, res = _sim(config, "expert", B, None, B, predict, quant=quant, dequant=dequant, launch_s=host_s,
+                          probe=probe)
         v = _timing(metric, res, B, P, G, model.moe_layers)
         if v is not None and metric.startswith("decode"):
             v = (v, "throughput")
         else:
+            # the bench's pool statistics: expert-aware fetches and prefetches only (a ring pass copies
+            # through the ring, which they do not count)
             v = {"pool_slots": (res.plan.pool_slots, "count"),
                  "hit_rate": (res.hit_rate, "ratio"),
-                 "decode_GB_copied_per_step": (res.bytes_copied_decode / max(1, G - 1) / 1e9, "bytes"),
+                 "decode_GB_copied_per_step": (res.fetch_bytes_decode / max(1, G - 1) / 1e9, "bytes"),
                  "gpu_peak_GB": (res.plan.peak_hbm_bytes / 1e9, "memory"),
-                 "prefetched_used_frac": (1.0 if predict else 0.0, "ratio")}.get(metric)
+                 "prefetched_used_frac": (1.0 if predict and res.prefetched else 0.0, "ratio")}.get(metric)
         if v is None:
             return nan, "not_modelled", ""
         note = "perfect one-block-ahead prediction assumed" if predict else ""
+        if res.passes.get("expert", 0) == 0 and metric in ("decode_tokens_per_s", "decode_ms_per_step", "hit_rate",
+                                                            "prefetched_used_frac", "decode_GB_copied_per_step"):
+            note = (f"ring fallback: {B} tokens per step are expected to touch >= {_fallback_frac():g} of the experts, so every "
+                    "pass runs the ring (pool statistics stay 0; the ring's copies are not in them)")
         return v[0], v[1], "; ".join(x for x in (note, qnote) if x)
     return nan, "not_modelled", ""
+
+
+def _fallback_frac() -> float:
+    from simulator.workload.inference import InferConfig
+
+    return InferConfig().fallback_frac
+
+
+def _probe_run(config: str, mode: str, batch: int, probe):
+    """An unrun `InferenceRun` of the probe's (``mode``, ``batch``) pass structure (the counted program,
+    the fallback rule, the ring's K), for `InferenceRun.probe_pass_kernels`."""
+    from simulator.engine import Sim
+    from simulator.workload.inference import InferConfig, InferenceRun
+
+    c = parse_config(config)
+    base = "expert" if mode.startswith("expert") else mode
+    cfg = InferConfig(mode=base, batch=batch, prompt_len=c["P"], gen_len=c["G"], predict=mode == "expert",
+                      gpu_budget_bytes=c["budget"] if base != "resident" else None, slots=c["slots"], host_probe=probe)
+    return InferenceRun(_model(c), cfg, Sim(cluster_preset("h100-single"), profile=None, trace=False))
+
+
+def _predict_probe_row(r, c: dict, probe, host_s: float | None) -> tuple[float, str, str]:
+    """A host probe row (an input of its run): ``host_*_ms`` rows are predicted as the per-kernel model would
+    (the probe pass's counted kernels x the run's ``host_op_us``, else the profile's host seconds per kernel),
+    so their error is what the probe corrects; copy counts are not predicted."""
+    nan = float("nan")
+    phase, what = PROBE_METRICS[r["metric"]]
+    if what != "ms" or probe is None:
+        return nan, "input", "the host probe's copy calls per pass (ring blocks or experts)"
+    B = int(r["batch"])
+    copies = next((cp for m, ph, b, _, cp in probe.points if m == r["mode"] and ph == phase and b == B), 0.0)
+    n = _probe_run(r["config"], r["mode"], B, probe).probe_pass_kernels(phase, B, copies)
+    h = host_s if host_s is not None else _host_op_s()
+    return 1e3 * n * h, "input", (f"engine host probe (tiny widths, this run); predicted: {n:.0f} counted kernels x "
+                                  f"{h * 1e6:.1f} us per kernel")
 
 
 def _predict_compiled(r, mode: str, B: int, metric: str, config: str, bmax: int, host_s: float | None = None
@@ -252,16 +321,20 @@ def _host_op_s() -> float:
     return CostModel.auto(cluster_preset("h100-single").gpu, impl=("torch", "triton"), loglog=True).host_op_s
 
 
-def explain(r) -> str:
-    """Why a throughput row misses 10% (mechanisms the simulator leaves out; see NOTES.md)."""
+def explain(r, probed: bool = False) -> str:
+    """Why a throughput row misses 10% (mechanisms the simulator leaves out; see NOTES.md). ``probed``: the
+    row's host time came from its run's engine probe."""
     mode, metric, date = r["mode"], r["metric"], r["date"]
-    host = _host_note()
+    host = "the run's engine probe's seconds per kernel of this path" if probed else _host_note()
     if _autotune_bug(r):
         return ("first ring decode of the run: Triton autotuned the int8 dequant GEMM for the decode M bucket "
                 "inside the timed generate (3 configs x 2 shapes; B = 8 reused the bucket and matches)")
     if mode == "resident" and metric == "decode_tokens_per_s":
         if date.startswith(RUN1_DATE):
             return "run 1: cuDNN SDPA rebuilt a plan per decode step (~205 ms/step, NOTES.md); fixed in run 2"
+        if probed:
+            return (f"host-bound: the counted kernels per step x {host} (the probe's step time at tiny widths) plus "
+                    "the device's tails at the host syncs")
         return (f"host-bound: the counted kernels per step (results/profiles/op_counts.csv) x {host}; the reference "
                 "measured ~26 ms/step (NOTES.md), i.e. ~35 us per kernel in this code path")
     if mode == "resident" and metric in ("prefill_tokens_per_s", "block_compute_ms"):
@@ -317,9 +390,13 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
     predicting = frozenset(measured.loc[measured["metric"] == "prefetched_used_frac", "date"])
     probe = measured[(measured["mode"] == "-") & (measured["metric"] == RUN_HOST_METRIC)]
     host_run = {d: float(v) * 1e-6 for d, v in zip(probe["date"], probe["value"])} if HOST_OP_S is None else {}
+    engine_probe = run_probes(measured)
     for _, r in measured.iterrows():
-        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]))
-        if r["date"] in host_run and kind == "throughput":
+        pr = engine_probe.get(r["date"])
+        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]), pr)
+        if kind == "throughput" and pr is not None and _probed(r):
+            note = "; ".join(x for x in (note, "host: this run's engine probe of the code path (tiny widths)") if x)
+        elif r["date"] in host_run and kind == "throughput":
             note = "; ".join(x for x in (note, f"host {host_run[r['date']] * 1e6:.1f} us/kernel: this run's probe") if x)
         meas = float(r["value"])
         if not math.isnan(pred) and meas == 0:
@@ -328,7 +405,7 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
             err = pred / meas - 1 if not math.isnan(pred) else float("nan")
         within = bool(abs(err) <= 0.10) if not math.isnan(err) else None
         if within is False and kind == "throughput":
-            note = "; ".join(x for x in (note, explain(r)) if x)
+            note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r))) if x)
         rows.append({"date": r["date"], "mode": r["mode"], "batch": int(r["batch"]), "metric": r["metric"], "measured": meas,
                          "predicted": pred, "error": err, "within_10pct": within, "kind": kind, "status": status(r, kind, pred),
                          "note": note})
@@ -348,14 +425,15 @@ def _autotune_bug(r) -> bool:
 
 def status(r, kind: str, pred: float) -> str:
     """Which rows validate the simulator (``STATUSES``): ``validated`` rows are predictions made without
-    any input from the row (nor from any other measured row of infer.csv); ``input`` rows measured
-    a model input (the pinned H2D bandwidth is the preset's); ``by_definition`` rows are 0 / 1 by
+    any input from the row (nor from any other measured row of infer.csv but its run's ``input`` rows);
+    ``input`` rows measured a model input (the pinned H2D bandwidth is the preset's; a run's ``host_op_us``
+    and engine host probe rows are its host inputs); ``by_definition`` rows are 0 / 1 by
     construction; ``measurement_bug`` rows measured a defect of the bench that was fixed later;
     ``not_modelled`` rows have no prediction."""
-    if kind == "not_modelled" or math.isnan(pred):
-        return "not_modelled"
     if kind == "input":
         return "input"
+    if kind == "not_modelled" or math.isnan(pred):
+        return "not_modelled"
     base = parse_mode(r["mode"])[0]
     if r["metric"] == "prefetched_used_frac" and base != "expert":
         return "by_definition"
@@ -375,6 +453,27 @@ STATUSES = ("validated", "input", "by_definition", "measurement_bug", "supersede
 # host-bound rows (resident, expert-aware) are listed as ``superseded_code``; their ring rows are
 # copy-bound (the host program is hidden under the copies) and stay ``validated``
 COUNTED_CODE_DATE = "2026-11-24T06:34"
+
+
+def run_probes(measured: pd.DataFrame) -> dict:
+    """date -> the run's engine host probe (`HostProbe` from its ``host_*`` rows); none under ``--host-op-us``."""
+    from simulator.workload.inference_host import HostProbe
+
+    if HOST_OP_S is not None:
+        return {}
+    keep = measured[measured["metric"].isin(list(PROBE_METRICS) + [PROBE_BLOCKS_METRIC])]
+    out = {}
+    for date, g in keep.groupby("date"):
+        p = HostProbe.from_rows(zip(g["mode"], g["batch"], g["metric"], g["value"]))
+        if p is not None:
+            out[date] = p
+    return out
+
+
+def _probed(r) -> bool:
+    """Rows whose simulation takes its host time from the run's engine probe (bf16 engine modes)."""
+    base, _, quant, _ = parse_mode(r["mode"])
+    return quant is None and base in ("resident", "ring", "expert", "expert_nopred") and r["metric"] not in PROBE_METRICS
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
@@ -423,7 +522,9 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
 def summarise(df: pd.DataFrame) -> str:
     t = df[df["kind"] == "throughput"]
     v = t[t["status"] == "validated"] if "status" in t else t
-    lines = [f"host time: {_host_note()}",
+    probed = sorted(df.loc[df["metric"].isin(list(PROBE_METRICS)), "date"].unique())
+    lines = [f"host time: {_host_note()}; engine host probe (bf16 rows of its run): "
+             + (", ".join(probed) if probed and HOST_OP_S is None else "none"),
              (f"throughput rows within 10%: {int(t['within_10pct'].sum())} / {len(t)} "
              f"(validated rows: {int(v['within_10pct'].sum())} / {len(v)})")]
     for kind in ("memory", "count", "ratio", "bytes", "size"):

@@ -6,7 +6,10 @@ Resources (SimPy processes, one GPU of the cluster):
 * the **host** thread, which issues kernels in program order, ``host_op_s`` per kernel
   (`CostModel.host_op_s`: the profile's ``host_op`` row measured by ``kernels/profile.py`` sweep
   ``host``, else HARDWARE.md's ~8 us per eager op; ``InferConfig.launch_s`` overrides it), and blocks
-  at host synchronisations;
+  at host synchronisations. Where the bench run measured the engine's own passes (``InferConfig.host_probe``,
+  `inference_host.HostProbe`: the host program measured at tiny widths in the same run, per mode, phase
+  and batch), a pass's kernels cost that probe's seconds over the counted kernels of the probed pass
+  (scaled per block when the probe model has another block count; bf16 experts only);
 * the **compute stream**, which runs kernels in issue order; a segment of ``n`` kernels with GPU work
   ``w`` issued from host time ``h`` starts when the stream is free and its inputs are ready, and ends
   at ``max(start + w, h + n * host_op_s)`` (it cannot end before its last kernel was issued). So a
@@ -59,6 +62,9 @@ popularity (`simulator.workload.routing`: uniform, zipf, lognormal, histogram; G
 LRU cache decides hits and misses. ``predict=True`` models the reference's one-block-ahead prefetch as
 a perfect predictor (an upper bound; the reference measured 92-99% of prefetched experts used): after
 block i the host routes block i+1 (a gate phase and a host sync) and copies its misses at once.
+``InferenceResult.fetch_bytes_decode`` / ``prefetched`` count the expert-aware copies alone (the
+reference's pool statistics): a decode batch that falls back to the ring copies through the ring, and
+those stay 0.
 
 Compute times come from `simulator.cost.CostModel` (the GPU profile with ``impl`` torch, which is what
 the reference runs: ``torch._grouped_mm``, cuBLAS, SDPA; FLOP/s interpolated as a power law in the
@@ -90,7 +96,7 @@ from simulator.workload.inference_costs import (  # noqa: F401
     BlockCosts,
     FixedCosts,
 )
-from simulator.workload.inference_host import HostProgram, host_program
+from simulator.workload.inference_host import HostProbe, HostProgram, host_program
 from simulator.workload.inference_memory import (  # noqa: F401 (re-exported)
     MemoryPlan,
     activation_estimate_bytes,
@@ -119,9 +125,14 @@ class InferConfig:
     warmup_passes: int = 1  # prefill passes before the timed one (the bench warms up once)
     quant: str | None = None  # expert weights: None (model dtype), "int8" or "fp8" (inference_quant)
     dequant: str = "workspace"  # "workspace" (the reference) or "fused" (scale in the GEMM epilogue)
+    # the engine's host time per pass measured in the same bench run at tiny widths (bf16 experts): the
+    # host seconds per kernel of the paths it probed (else launch_s / CostModel.host_op_s)
+    host_probe: HostProbe | None = None
 
     def __post_init__(self) -> None:
         check_quant(self.quant, self.dequant)
+        if self.host_probe is not None and not isinstance(self.host_probe, HostProbe):
+            raise SpecError(f"InferConfig.host_probe: a HostProbe or None, got {type(self.host_probe).__name__}")
         if self.launch_s is not None and self.launch_s < 0:
             raise SpecError(f"InferConfig.launch_s: must be >= 0, got {self.launch_s}")
         if self.mode not in MODES:
@@ -232,6 +243,9 @@ class InferenceResult:
     hits: int
     misses: int
     passes: dict = field(default_factory=dict)
+    fetch_bytes_decode: float = 0.0  # expert-aware passes' copies (misses + prefetches), ring copies excluded
+    prefetched: int = 0  # experts prefetched one block ahead (whole run)
+    host_op_s: dict = field(default_factory=dict)  # (phase, batch) -> host seconds per kernel used
     compute_busy_s: float = 0.0
     copy_busy_s: float = 0.0
     oom: str = ""
@@ -295,6 +309,12 @@ class InferenceRun:
         self.plan = plan_memory(model, cfg.mode, budget, pb, self.max_len, pb * cfg.prompt_len, cfg.slots,
                                 cfg.quant, cfg.dequant)
         self.host_op_s = cfg.launch_s if cfg.launch_s is not None else sim.cost.host_op_s
+        self.base_host_op_s = self.host_op_s
+        # the run's host probe of this code path (bf16 experts only: the probe does not quantise)
+        self.probe_key = None
+        if cfg.host_probe is not None and cfg.quant is None:
+            self.probe_key = ("expert" if cfg.predict else "expert_nopred") if cfg.mode == "expert" else cfg.mode
+        self.rates: dict = {}
         # op_counts: one table's path; else the CUDA-measured counts (the simulated GPU is a CUDA GPU),
         # the CPU table for paths not measured there; counts_device "cpu": the CPU table only
         self.programs = {(mode, phase): host_program(cfg.quant, mode, phase, op_counts, counts_device)
@@ -321,6 +341,8 @@ class InferenceRun:
         self.pass_mode: str | None = "ring" if cfg.mode != "expert" else None
         self.passes = {"ring": 0, "expert": 0}
         self.bytes_copied = 0.0
+        self.fetch_bytes = 0.0
+        self.prefetched = 0
         self.host_ops = 0
         self.step = -1
         mem, p = sim.memory, self.plan
@@ -390,25 +412,59 @@ class InferenceRun:
 
     def _copy_misses(self, prog: HostProgram, b: int, miss: list, phase: str):
         calls = max(1, prog.unit("copy_expert")) * len(miss)
+        self.fetch_bytes += len(miss) * self.plan.expert_bytes
         ev = self._copy(len(miss) * self.plan.expert_bytes, calls, b, phase, waits=(self.compute.last,))
         yield from self._issue(prog.unit("copy_expert") * len(miss))
         return ev
+
+    # -------------------------------------------------------------------------- host rate
+    def _mode_of(self, tokens: int) -> str:
+        """The mechanism of a pass of ``tokens`` tokens: expert-aware mode falls back to the ring when they
+        are expected to touch ``fallback_frac`` of the experts (the reference's rule)."""
+        if self.cfg.mode != "expert":
+            return "ring"
+        want_ring = expected_distinct_experts(self.E, self.m.top_k, tokens) >= self.cfg.fallback_frac * self.E
+        return "ring" if want_ring and self.K >= 1 else "expert"
+
+    def _program(self, mode: str, phase: str) -> HostProgram:
+        return self.programs[(self.cfg.mode if mode == "ring" and self.cfg.mode == "resident" else mode, phase)]
+
+    def probe_pass_kernels(self, phase: str, batch: int, copies: float) -> float:
+        """Counted kernels of one pass of the host probe (`HostProbe`): its blocks, its copy calls (ring
+        blocks or experts) and, expert-aware with prediction, the one-block-ahead gates."""
+        L = self.cfg.host_probe.blocks
+        mode = self._mode_of(batch * (self.cfg.prompt_len if phase == "prefill" else 1))
+        prog = self._program(mode, phase)
+        n = prog.kernels(L) + prog.unit("copy_block" if mode == "ring" else "copy_expert") * copies
+        if mode == "expert" and self.cfg.predict:
+            n += prog.unit("predict") * (L - 1)
+        return n
+
+    def _host_rate(self, phase: str, batch: int) -> float:
+        """Host seconds per kernel of a pass: the run's probe of this code path, else ``host_op_s``."""
+        key = (phase, batch)
+        if key not in self.rates:
+            probe, r = self.cfg.host_probe, None
+            if self.probe_key is not None and probe.has(self.probe_key, phase):
+                q = self.cfg.prompt_len if phase == "prefill" else 1
+                mode = self._mode_of(batch * q)
+                r = probe.rate(self.probe_key, phase, batch, lambda b, c: self.probe_pass_kernels(phase, b, c),
+                               keep=lambda b: self._mode_of(b * q) == mode)
+            self.rates[key] = self.base_host_op_s if r is None else r
+        return self.rates[key]
 
     # -------------------------------------------------------------------------- one forward
     def forward(self, batch: int, q_len: int, start: int):
         cfg, m, costs = self.cfg, self.m, self.costs
         T = batch * q_len
-        if cfg.mode == "expert":
-            want_ring = expected_distinct_experts(self.E, m.top_k, T) >= cfg.fallback_frac * self.E
-            mode = "ring" if want_ring and self.K >= 1 else "expert"
-            if mode != self.pass_mode and mode == "ring":
-                self._ring_reset()
-        else:
-            mode = "ring"
+        mode = self._mode_of(T)
+        if cfg.mode == "expert" and mode != self.pass_mode and mode == "ring":
+            self._ring_reset()
         self.pass_mode = mode
         self.passes[mode] += 1
         phase_name = "prefill" if q_len > 1 else "decode"
-        prog = self.programs[(cfg.mode if mode == "ring" and cfg.mode == "resident" else mode, phase_name)]
+        self.host_op_s = self._host_rate(phase_name, batch)
+        prog = self._program(mode, phase_name)
         resident = cfg.mode == "resident"
         yield from self._phase(prog.embedding, costs.embed(T), "embedding_fwd", -1)
         predicted: dict[int, np.ndarray] = {}
@@ -469,6 +525,7 @@ class InferenceRun:
                 predicted[nxt] = ids_n
                 miss_n = self.cache.fetch(nxt, sorted({int(e) for e in np.unique(ids_n)}), count=False)
                 if miss_n:
+                    self.prefetched += len(miss_n)
                     yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
         yield from self._phase(prog.head, costs.head(batch), "head_fwd", -1)
 
@@ -488,7 +545,7 @@ class InferenceRun:
         self.step = 0
         yield from self.forward(B, P, 0)
         yield from self._sync_all()
-        h0, m0, c0 = self.cache.hits, self.cache.misses, self.bytes_copied
+        h0, m0, c0, f0 = self.cache.hits, self.cache.misses, self.bytes_copied, self.fetch_bytes
         t1 = env.now
         for s in range(1, G):
             self.step = s
@@ -497,6 +554,7 @@ class InferenceRun:
         out["decode_s"] = env.now - t1
         out["hits"], out["misses"] = self.cache.hits - h0, self.cache.misses - m0
         out["bytes_decode"] = self.bytes_copied - c0
+        out["fetch_decode"] = self.fetch_bytes - f0
 
     def run(self) -> InferenceResult:
         out: dict = {}
@@ -508,6 +566,7 @@ class InferenceRun:
             prefill_s=out["prefill_s"], decode_s=out["decode_s"], batch=self.cfg.batch, prompt_len=self.cfg.prompt_len,
             gen_len=self.cfg.gen_len, plan=self.plan, bytes_copied_decode=out["bytes_decode"], hits=out["hits"],
             misses=out["misses"], passes=dict(self.passes), compute_busy_s=self.compute.busy, copy_busy_s=self.copy.busy,
+            fetch_bytes_decode=out["fetch_decode"], prefetched=self.prefetched, host_op_s=dict(self.rates),
         )
 
 

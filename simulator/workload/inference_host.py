@@ -16,12 +16,15 @@ The counts are measured tables of the reference code (never fitted): they depend
 
 Each kernel costs ``CostModel.host_op_s`` of host time (the profile's ``host_op`` row, else
 HARDWARE.md's 8 us); a segment ending with a sync makes the host wait until the compute stream has
-run it. `Segment` and the table reading are shared with the training workload (`simulator.workload.host`).
+run it. Where a bench run measured the engine's own host program (`HostProbe`: the same engine, model
+family and block count at tiny widths, in the same run, ``reference.inference.bench.host_probe``), a
+pass's kernels cost that run's measured host seconds per counted kernel of the same code path instead. `Segment` and the table reading are shared with the training workload (`simulator.workload.host`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from semoe import SpecError
@@ -61,7 +64,7 @@ class HostProgram:
 
 
 KEY_COLS = ("quant", "mode", "phase")
-__all__ = ["HostProgram", "Segment", "host_program", "program_rows"]
+__all__ = ["HostProbe", "HostProgram", "Segment", "host_program", "program_rows"]
 
 
 def _table(path: str, required: bool = True) -> dict:
@@ -110,3 +113,74 @@ def host_program(quant: str | None, mode: str, phase: str, path: str | Path | No
         else:
             block.append(Segment(seg, n, r["syncs"] == "1", r.get("marker") or ""))
     return HostProgram(emb, tuple(block), head, per_unit, src.name)
+
+
+PROBE_MODES = ("resident", "ring", "expert", "expert_nopred")  # expert: one-block-ahead prediction on
+PROBE_METRICS = {"host_prefill_ms": ("prefill", "ms"), "host_decode_ms_per_step": ("decode", "ms"),
+                 "host_prefill_copies": ("prefill", "copies"), "host_decode_copies_per_step": ("decode", "copies")}
+PROBE_BLOCKS_METRIC = "host_probe_moe_blocks"
+
+
+@dataclass(frozen=True)
+class HostProbe:
+    """The reference engine's host time per forward pass, measured in the bench run whose rows are simulated:
+    the host program measured at tiny widths in the same run (``reference.inference.bench.host_probe``:
+    same engine, model family, block count, experts and top-k; each kernel's device time a few us, so a
+    pass's wall time is the host's).
+
+    ``points``: ``(mode, phase, batch, seconds, copies)`` per pass, ``mode`` one of `PROBE_MODES`
+    (``expert`` predicts one block ahead, ``expert_nopred`` does not), ``copies`` the copy calls of the
+    pass (ring blocks or experts); ``blocks``: the probe model's MoE blocks. The inference workload divides
+    a point's seconds by the kernels the counted program (`host_program`) issues in that pass, for a host
+    seconds per kernel of that code path on that run's host (`rate`)."""
+
+    blocks: int
+    points: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.blocks < 1:
+            raise SpecError(f"HostProbe.blocks: must be >= 1, got {self.blocks}")
+        for m, ph, b, sec, cp in self.points:
+            if m not in PROBE_MODES or ph not in ("prefill", "decode"):
+                raise SpecError(f"HostProbe.points: mode {m!r} / phase {ph!r} not one of {PROBE_MODES} / prefill, decode")
+            if b < 1 or not sec > 0 or cp < 0:
+                raise SpecError(f"HostProbe.points: ({m}, {ph}, batch {b}): seconds ({sec}) must be > 0, "
+                                f"batch >= 1, copies ({cp}) >= 0")
+
+    def has(self, mode: str, phase: str) -> bool:
+        return any(p[0] == mode and p[1] == phase for p in self.points)
+
+    def rate(self, mode: str, phase: str, batch: int, kernels_of, keep=None) -> float | None:
+        """Host seconds per kernel of (``mode``, ``phase``) at ``batch``: each probed pass's seconds over
+        ``kernels_of(probe_batch, copies)`` (the counted kernels of that pass), linear in the batch between
+        the probed batches, the nearest probed batch's outside them; None when not probed. ``keep(batch)``:
+        which probed batches to use (the workload: those whose pass ran the same mechanism), all when none
+        is kept."""
+        pts = [(b, s, c) for m, ph, b, s, c in self.points if m == mode and ph == phase]
+        if keep is not None and any(keep(b) for b, _, _ in pts):
+            pts = [p for p in pts if keep(p[0])]
+        pts = sorted((b, s / max(1, kernels_of(b, c))) for b, s, c in pts)
+        if not pts:
+            return None
+        if batch <= pts[0][0]:
+            return pts[0][1]
+        for (b0, r0), (b1, r1) in pairwise(pts):
+            if batch <= b1:
+                return r0 + (r1 - r0) * (batch - b0) / (b1 - b0) if b1 > b0 else r1
+        return pts[-1][1]
+
+    @classmethod
+    def from_rows(cls, rows) -> HostProbe | None:
+        """From one bench run's ``(mode, batch, metric, value)`` rows (`PROBE_METRICS`, `PROBE_BLOCKS_METRIC`);
+        None when the run has no probe rows."""
+        blocks, got = None, {}
+        for mode, batch, metric, value in rows:
+            if metric == PROBE_BLOCKS_METRIC:
+                blocks = int(float(value))
+            elif metric in PROBE_METRICS:
+                phase, what = PROBE_METRICS[metric]
+                got.setdefault((mode, phase, int(batch)), {})[what] = float(value)
+        pts = tuple((m, ph, b, v["ms"] * 1e-3, v.get("copies", 0.0)) for (m, ph, b), v in sorted(got.items()) if "ms" in v)
+        if not pts or blocks is None:
+            return None
+        return cls(blocks, pts)

@@ -39,7 +39,7 @@ def test_quantised_ring_rows_are_predicted():
     p = d.set_index(["mode", "batch", "metric"])["predicted"]
     bf, i8 = p[("ring", 8, "prefill_tokens_per_s")], p[("ring_int8", 8, "prefill_tokens_per_s")]
     assert 1.6 < i8 / bf < 2.05  # PCIe-bound: about half the bytes per block
-    assert p[("ring_fp8", 8, "prefill_tokens_per_s")] == pytest.approx(i8)
+    assert p[("ring_fp8", 8, "prefill_tokens_per_s")] == pytest.approx(i8, rel=1e-3)  # same bytes; dequant hidden
     assert p[("ring_int8", 8, "speedup_vs_bf16_prefill")] == pytest.approx(i8 / bf)
     assert 4 < p[("ring_fp8", 8, "gpu_peak_GB")] <= 10  # within the 10 GB budget, with the dequant workspace
     st = d.set_index(["mode", "batch", "metric"])["status"]
@@ -73,7 +73,7 @@ def test_issue11_bench_rows():
     assert p[("ring_int8", 8, "bytes_copied_per_forward")] == 8 * 8 * eb
     # dequantising every expert of the block costs time; the fused GEMMs do not
     assert p[("ring_int8", 8, "block_compute_ms")] > p[("ring_int8_fused", 8, "block_compute_ms")]
-    assert p[("ring_int8_fused", 8, "block_compute_ms")] == pytest.approx(p[("ring", 8, "block_compute_ms")], rel=0.05)
+    # (the fused GEMMs' own rate is the profile's qgemm_fwd rows when it has them, else the bf16 rate)
     assert 1.6 < p[("ring_int8", 8, "prefill_speedup_vs_bf16_ring")] < 2.05
     assert 1.6 < p[("ring_int8", 1, "decode_speedup_vs_bf16_ring")] < 2.05
     assert p[("-", 0, "moe_blocks")] == 8
@@ -142,3 +142,48 @@ def test_run_host_probe_is_an_input_of_that_run_only():
     slow = p.loc[("resident", "decode_ms_per_step"), "predicted"]
     assert slow > 1.5 * fast  # host-bound decode: ~60 vs ~31 us per kernel
     assert "this run's probe" in p.loc[("resident", "decode_ms_per_step"), "note"]
+
+
+def probe_rows(step_ms: float, batch: int = 1):
+    return [("-", 0, "host_probe_moe_blocks", 8), ("resident", batch, "host_decode_ms_per_step", step_ms),
+            ("resident", batch, "host_decode_copies_per_step", 0), ("resident", batch, "host_prefill_ms", 19.0),
+            ("resident", batch, "host_prefill_copies", 0)]
+
+
+def test_engine_host_probe_sets_the_runs_host_bound_rows():
+    """A run's engine host probe (the engine's code path at tiny widths, same run) gives its bf16 rows their
+    host seconds per kernel: a host-bound resident decode step takes about the probe's step time; the probe
+    rows are inputs, predicted as the per-kernel model would (counted kernels x host_op_us)."""
+    spec = [("resident", 1, "decode_ms_per_step", 25.0), ("ring_int8", 1, "decode_ms_per_step", 200.0),
+            ("-", 0, "host_op_us", 35.0)]
+    fast = V.predict_all(rows(*spec, *probe_rows(10.0))).set_index(["mode", "metric"])
+    slow = V.predict_all(rows(*spec, *probe_rows(25.0))).set_index(["mode", "metric"])
+    none = V.predict_all(rows(*spec)).set_index(["mode", "metric"])
+    f, s = (d.loc[("resident", "decode_ms_per_step"), "predicted"] for d in (fast, slow))
+    assert 25.0 <= s < 25.0 * 1.15 and 10.0 <= f < 10.0 * 1.3  # host time + the device's tails at the syncs
+    assert "engine probe" in slow.loc[("resident", "decode_ms_per_step"), "note"]
+    assert none.loc[("resident", "decode_ms_per_step"), "predicted"] == pytest.approx(
+        V.predict_all(rows(*spec, ("-", 0, "host_probe_moe_blocks", 8))).set_index(["mode", "metric"])
+        .loc[("resident", "decode_ms_per_step"), "predicted"])  # no probe points: the per-kernel model
+    # quantised rows: the bf16 probe does not apply
+    assert slow.loc[("ring_int8", "decode_ms_per_step"), "predicted"] == pytest.approx(
+        none.loc[("ring_int8", "decode_ms_per_step"), "predicted"])
+    pr = slow.loc[("resident", "host_decode_ms_per_step")]
+    assert pr["status"] == "input" and pr["predicted"] == pytest.approx(572 * 35e-3, rel=0.05)  # CUDA counts
+    assert slow.loc[("resident", "host_decode_copies_per_step"), "status"] == "input"
+
+
+def test_expert_rows_at_the_ring_fallback_batch():
+    """At B = 16 expert-aware decode falls back to the ring (16 tokens x top-2 touch ~all 8 experts): the
+    bench's pool statistics stay 0, and so do the predictions of those rows."""
+    m = rows(*[(mode, b, metric, v) for mode in ("expert", "expert_nopred") for b, metric, v in
+               ((16, "decode_GB_copied_per_step", 0.0), (16, "prefetched_used_frac", 0.0), (16, "hit_rate", 0.0),
+                (1, "decode_GB_copied_per_step", 3.9), (1, "prefetched_used_frac", 0.92))])
+    d = V.predict_all(m).set_index(["mode", "batch", "metric"])
+    for mode in ("expert", "expert_nopred"):
+        for metric in ("decode_GB_copied_per_step", "prefetched_used_frac", "hit_rate"):
+            assert d.loc[(mode, 16, metric), "predicted"] == 0.0
+            assert "ring fallback" in d.loc[(mode, 16, metric), "note"]
+        assert d.loc[(mode, 1, "decode_GB_copied_per_step"), "predicted"] > 1.0
+    assert d.loc[("expert", 1, "prefetched_used_frac"), "predicted"] == 1.0
+    assert d.loc[("expert", 16, "decode_GB_copied_per_step"), "status"] == "validated"
