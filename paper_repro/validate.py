@@ -321,7 +321,13 @@ def simulate_train(c: TrainConfig, expert_impl: str = "loop", expert_kernels: st
         # bf16); from 676c520 they are cast to bf16 and run torch._grouped_mm; moe-triton runs our kernels.
         # torchrun rows (backend nccl / gloo) run reference.parallel's GradSync even on one rank; "auto" at
         # world 1 (reference.train._setup_distributed) makes no process group
-        s = TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl=expert_impl,
+        from simulator.train_host import train_program
+
+        # the trainer's host program (kernels per segment, host syncs; None for an uncounted code path, which
+        # keeps the host_ops floor)
+        prog = train_program(m, c.adamw, "triton" if expert_kernels == "triton" else "torch")
+        s = TrainingIteration(run, sim, impl="reference", host_ops=0.0 if prog is not None else ops,
+                              host_program=prog, expert_impl=expert_impl,
                               expert_kernels=expert_kernels, ref_optimizer=c.adamw,
                               grad_sync=c.backend in ("nccl", "gloo")).run()
     return s
@@ -343,7 +349,8 @@ def train_rows(path: Path) -> list[dict]:
             s = simulate_train(c, ei, ek)
             rows.append(_row(src, run, r.config, r.metric, r.value, s["tokens_per_s"],
                              note=f"simulated step {s['step_time_s'] * 1e3:.1f} ms (device {s['device_step_s'] * 1e3:.1f}, "
-                                  f"host floor {s['host_s'] * 1e3:.1f}), MFU {s['mfu']:.3f}; {opts}"))
+                                  f"host {s['host_s'] * 1e3:.1f} ms, {s.get('host_syncs', 0)} syncs "
+                                  f"({s.get('host_program') or 'host_ops floor'})), MFU {s['mfu']:.3f}; {opts}"))
         elif r.metric == "mfu":
             s = simulate_train(c, ei, ek)
             rows.append(_row(src, run, r.config, r.metric, r.value, s["mfu"], status="derived",
