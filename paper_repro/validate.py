@@ -384,9 +384,24 @@ def infer_rows(path: Path) -> list[dict]:
         elif kind == "not_modelled":
             rows.append(_row(src, run, m["config"], metric, m["value"], status="not_modelled",
                              note=note or "no simulator model of this metric"))
-        elif kind == "input":
-            rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="fitted", fitted=True,
-                             note="model input: the preset's PCIe bandwidth is HARDWARE.md's measurement of this link"))
+        elif kind == "input" or status == "input":
+            if str(m["metric"]).startswith("host_"):
+                # the run's host probe (the engine's code path at tiny widths): an input of that run's predictions
+                if pd.isna(p["predicted"]):
+                    rows.append(_row(src, run, m["config"], metric, m["value"], status="not_modelled",
+                                     note="host probe of this run (an input of its predictions): " + (note or "count")))
+                else:
+                    rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="fitted",
+                                     fitted=True, note="host probe of this run, an input of its predictions; predicted "
+                                                       "= the counted-kernels model it replaces" + (f": {note}" if note else "")))
+            else:
+                rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="fitted", fitted=True,
+                                 note="model input: the preset's PCIe bandwidth is HARDWARE.md's measurement of this link"))
+        elif m["value"] == 0:
+            # no relative error: e.g. an expert-aware pool statistic at a batch where the engine fell back to the ring
+            rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="not_modelled",
+                             note=f"measured 0, predicted {p['predicted']:.3g} (no relative error)"
+                                  + (f"; {note}" if note else "")))
         elif m["metric"] == "prefetched_used_frac" and m["mode"] != "expert":
             rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="not_modelled",
                              note="0 by definition without the predictor"))

@@ -56,7 +56,11 @@ def test_fitted_rows_are_exactly_the_calibration_points(df):
     assert set(fit["status"]) == {"fitted"}
     layer = fit[fit["source"] == "moe_layer"]
     assert list(zip(layer["run"], layer["config"], layer["metric"])) == [("65fffb4+wip3", "mixtral_like", "fwd_bwd_ms")]
-    assert set(fit.loc[fit["source"] == "infer", "metric"].str.split().str[-1]) == {"h2d_pinned_GBps"}
+    # the measured pinned H2D bandwidth, and each run's host probe (the engine's code path at tiny widths)
+    infer_fit = set(fit.loc[fit["source"] == "infer", "metric"].str.split().str[-1])
+    assert "h2d_pinned_GBps" in infer_fit
+    assert infer_fit <= {"h2d_pinned_GBps", "host_op_us", "host_prefill_ms", "host_decode_ms_per_step",
+                         "host_probe_moe_blocks"}
     assert not df.loc[df["status"] != "fitted", "used_for_fitting"].any()
 
 
@@ -76,14 +80,14 @@ def test_train_rows_simulated_on_one_gpu(df):
 
 def test_train_rows_use_the_reference_trainer_model(df):
     """impl="reference": the reference trainer's extra HBM passes make it slower than the ideal step, and its
-    aten operator count (counted on the reference code) is a host-time floor."""
+    host program (kernels per segment and host syncs, counted on the reference code) sets the host time."""
     import warnings
 
     from paper_repro.validate import reference_host_ops, simulate_train
     from semoe import model_preset
 
     t = df[(df["source"] == "train") & (df["metric"] == "tokens_per_s")]
-    assert t["note"].str.contains("host floor").all()
+    assert t["note"].str.contains("syncs").all()
     c = parse_train_config(t["config"].iloc[0])
     s = simulate_train(c)
     from semoe import Run, Workload, cluster_preset
@@ -104,7 +108,10 @@ def test_train_rows_use_the_reference_trainer_model(df):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         host_op_s = CostModel.auto(cluster_preset("h100-single").gpu).host_op_s  # the profile's host_op row
-    assert s["host_s"] == pytest.approx(ops4 * host_op_s)
+    # the host program issues at least the counted forward's kernels at a measured rate, and syncs (the
+    # routing read-backs of every MoE block and the loss) leave the GPU idle
+    assert s["host_syncs"] >= c.layers and s["host_program"]
+    assert s["host_s"] > 0.5 * ops4 * host_op_s
 
 
 def test_parse_train_config_both_formats():
