@@ -30,8 +30,12 @@ train       ``tokens_per_s`` of `reference.train` (median  `simulator.workload.t
             fused buckets off / on                         grouped experts) on the cluster: ``extrapolated``
 =========== ============================================== ==================================================
 
+**The H200's own profile** (``results/profiles/h200.csv``, measured on the device tool's single H200 on
+2026-11-24 with ``python -m kernels.profile``; its host probe ``collective_host_h200.csv`` likewise): when it is
+committed, `gpu_cost_model` uses it and the MoE / training rows are ``validated``. Without it:
+
 **Extrapolation to the H200** (the ``extrapolated`` status: a prediction of a measured quantity with a kernel
-profile measured on another GPU; scored, but reported in its own group). The only kernel profile is the H100's
+profile measured on another GPU; scored, but reported in its own group) from the H100's profile
 (``results/profiles/h100_80gb_hbm3.csv``). The H200 has the same SMs, clocks and bf16 peak (989 TFLOP/s) and
 4.8 instead of 3.35 TB/s HBM (HARDWARE.md). `h200_cost_model` therefore keeps every FLOP curve of the profile
 as measured (`CostModel` scales profile GEMM times by the ratio of compute peaks: 1 here), charges the
@@ -116,6 +120,18 @@ def cluster_for(device: str, world: int):
 
     name = f"h200-x{world}" if "H200" in str(device).upper() else None
     return cluster_preset(name) if name in CLUSTER_PRESETS else None
+
+
+def gpu_cost_model(gpu, impl: tuple[str, ...] = ("torch", "triton")):
+    """(`CostModel`, native): the kernel profile measured on ``gpu``'s own family when one is committed
+    (``results/profiles/h200.csv``: rows ``validated``), else the H100 profile extrapolated (`h200_cost_model`:
+    rows ``extrapolated``)."""
+    from simulator.cost import CostModel, _load_profile, find_profile
+
+    path = find_profile(gpu)
+    if path is not None:
+        return CostModel(gpu, _load_profile(str(path), impl)), True
+    return h200_cost_model(gpu, impl), False
 
 
 def h200_cost_model(gpu, impl: tuple[str, ...] = ("torch", "triton")):
@@ -335,8 +351,12 @@ def moe_rows(path: Path, cal=None) -> list[dict]:
             c = cluster_for(r.device, int(r.world))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # profile borrowing / roofline fallbacks (router GEMM)
-                cache[key] = None if c is None else moe_prediction(_sim(c, h200_cost_model(c.gpu), cal), cfg, ep,
-                                                                    r.impl, int(r.world))
+                if c is None:
+                    cache[key] = None
+                else:
+                    cost, native = gpu_cost_model(c.gpu)
+                    cache[key] = moe_prediction(_sim(c, cost, cal), cfg, ep, r.impl, int(r.world))
+                    cache[key]["native"] = native
         p = cache[key]
         if p is None:
             rows.append(_row(cfg_s, r.metric, r.value, status="not_modelled", run=run,
@@ -344,13 +364,15 @@ def moe_rows(path: Path, cal=None) -> list[dict]:
             continue
         ms = p["fwd_bwd_s"] * 1e3
         parts = (f"compute {p['compute_s'] * 1e3:.2f} ms + 4 all-to-alls x {p['a2a_s'] * 1e3:.3f} ms ({p['algo']})"
-                 f" + counts; H100 profile extrapolated to the H200")
+                 f" + counts; " + ("the H200's own kernel profile" if p.get("native") else
+                                     "H100 profile extrapolated to the H200"))
         if r.metric == "fwd_bwd_ms":
             note = parts
             if p["algo"] == "hetu":
                 note += ("; the simulator's HetuMoE ships the non-leader's whole buffer through the leader as the "
                          "reference does; the leader's two regroups of the node's rows (memory passes) are not modelled")
-            rows.append(_row(cfg_s, r.metric, r.value, ms, status="extrapolated", note=note, run=run))
+            rows.append(_row(cfg_s, r.metric, r.value, ms, status="validated" if p.get("native") else "extrapolated",
+                             note=note, run=run))
         elif r.metric == "fwd_bwd_ms_max":
             rows.append(_row(cfg_s, r.metric, r.value, ms, status="derived", run=run,
                              note="max over ranks; symmetric ranks in the model: scored once, as fwd_bwd_ms"))
@@ -404,9 +426,12 @@ def simulate_train(t: dict, cluster, cal=None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ops = reference_host_ops(m)
-        sim = _sim(cluster, h200_cost_model(cluster.gpu, ("triton", "torch")), cal)
-        return TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl="grouped",
-                                 expert_kernels="torch", ref_optimizer="fused", grad_sync=True).run()
+        cost, native = gpu_cost_model(cluster.gpu, ("triton", "torch"))
+        sim = _sim(cluster, cost, cal)
+        out = TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl="grouped",
+                                expert_kernels="torch", ref_optimizer="fused", grad_sync=True).run()
+        out["native"] = native
+        return out
 
 
 def train_rows(path: Path, cal=None) -> list[dict]:
@@ -432,9 +457,11 @@ def train_rows(path: Path, cal=None) -> list[dict]:
                              note=f"no cluster preset for {r.device} x {r.world}"))
             continue
         desc = (f"simulated step {s['step_time_s'] * 1e3:.1f} ms (device {s['device_step_s'] * 1e3:.1f}, host floor "
-                f"{s['host_s'] * 1e3:.1f}); H100 profile extrapolated to the H200")
+                f"{s['host_s'] * 1e3:.1f}); " + ("the H200's own kernel profile" if s.get("native") else
+                                                 "H100 profile extrapolated to the H200"))
         if r.metric == "tokens_per_s":
-            rows.append(_row(cfg_s, metric, r.value, s["tokens_per_s"], status="extrapolated", note=desc, run=run))
+            rows.append(_row(cfg_s, metric, r.value, s["tokens_per_s"],
+                             status="validated" if s.get("native") else "extrapolated", note=desc, run=run))
         elif r.metric == "step_s":
             rows.append(_row(cfg_s, metric, r.value, s["step_time_s"], status="derived", run=run,
                              note="tokens per step / tokens_per_s: same error as its inverse"))

@@ -29,7 +29,7 @@ def test_schema_and_statuses(rows):
     assert list(rows.columns) == list(COLUMNS)
     assert (rows["source"] == "multigpu").all()
     assert set(rows["status"]) <= set(V.STATUSES)
-    assert set(rows["status"]) >= {"validated", "extrapolated", "derived", "not_modelled"}
+    assert set(rows["status"]) >= {"validated", "derived", "not_modelled"}
     # only the documented link-fit subset is fitted: all_reduce time_us at every other size from 16 MiB up
     fit = rows[rows["status"] == "fitted"]
     df = pd.read_csv(RUN / "collectives.csv", dtype={"commit": str})
@@ -62,14 +62,21 @@ def test_every_committed_row_and_time_metric_has_a_row(rows):
     assert len(rows) == total  # one row per measured number, none dropped
 
 
-def test_collective_part_is_validated_and_the_rest_extrapolated(rows):
+def test_collective_part_is_validated_and_the_rest_by_profile(rows):
     sc = rows[rows["status"].isin(SCORED | {"fitted"})]
     parts = sc["config"].map(V._part)
     coll = sc[parts == "collectives"]
     assert "validated" in set(coll["status"]) and set(coll["status"]) <= {"validated", "fitted", "extrapolated"}
     # a collective row is extrapolated only where another machine's host probe sets its time
     assert coll.loc[coll["status"] == "extrapolated", "note"].str.contains("another machine").all()
-    assert set(sc.loc[parts != "collectives", "status"]) == {"extrapolated"}
+    # MoE and training rows: validated with the H200's own kernel profile when one is committed, else extrapolated
+    from semoe import cluster_preset
+    from simulator.cost import find_profile
+
+    want = "validated" if find_profile(cluster_preset("h200-x2").gpu) is not None else "extrapolated"
+    other = sc[parts != "collectives"]
+    assert set(other["status"]) == {want}
+    assert other["note"].str.contains("own kernel profile" if want == "validated" else "extrapolated").all()
     s = V.summary(rows.to_dict("records"))
     assert set(s["part"]) == {"collectives", "moe", "train"}
     assert s["rows"].sum() == len(sc)
