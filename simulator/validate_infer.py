@@ -333,19 +333,26 @@ def explain(r, probed: bool = False) -> str:
         if date.startswith(RUN1_DATE):
             return "run 1: cuDNN SDPA rebuilt a plan per decode step (~205 ms/step, NOTES.md); fixed in run 2"
         if probed:
-            return (f"host-bound: the counted kernels per step x {host} (the probe's step time at tiny widths) plus "
-                    "the device's tails at the host syncs")
+            return (f"host-bound: the counted kernels per step x {host} (the probe's step time at tiny widths, "
+                    "median over its batches) plus the device's tails at the host syncs; the run's resident steps "
+                    "(21.6-23.0 ms at B = 1-16) ran faster than every probed decode step of the same program "
+                    "(22.8-25.6 ms)")
         return (f"host-bound: the counted kernels per step (results/profiles/op_counts.csv) x {host}; the reference "
                 "measured ~26 ms/step (NOTES.md), i.e. ~35 us per kernel in this code path")
     if mode == "resident" and metric in ("prefill_tokens_per_s", "block_compute_ms"):
         return (f"compute + host: ~70 counted kernels per block x {host} and 4 host syncs per block; expert GEMMs "
-                "at the profile's torch._grouped_mm rate on tile-padded uneven routed groups (inference_costs."
-                "padded_rows); NOTES.md measured 4.4-5.0 ms per block across runs")
+                "at the profile's grouped_gemm_fwd_routed rows (torch._grouped_mm on uneven routed groups) from 256 "
+                "rows per expert, below them (B <= 2: 64-128 rows) the aligned-group rate on tile-padded groups "
+                "(inference_costs.padded_rows), which the routed rows show is 27% fast at 256 rows; the same "
+                "batch's block time varies 2.3-3.1 ms (B = 1) across runs")
     if mode.startswith("expert") and metric == "decode_tokens_per_s":
-        return ("copies and host work serialised per block (the remap's bincount sync waits for the copy); "
-                f"~75 counted kernels per block x {host}"
+        return ("copies and host work serialised per block (the remap's bincount sync waits for the copy; "
+                "a prefetched block's compute waits for its prefetch, which starts after the previous block's "
+                f"compute); ~75 counted kernels per block x {host}; measured minus copy time (bytes / the run's "
+                "pinned H2D) is 1.5-2.6 ms per block above the probe's host time, unexplained "
+                "(simulator/workload/inference_diag.py measures per-expert copies and the engine's timeline)"
                 + ("; the predictor is modelled as perfect (the reference's wasted 1-8% of prefetched bytes and "
-                   "measured slower than without it)" if mode == "expert" else ""))
+                   "its mispredicted experts, fetched serially, are not)" if mode == "expert" else ""))
     if metric in ("block_compute_ms", "dequant_ms_per_block") and parse_mode(mode)[2]:
         quant, path = parse_mode(mode)[2], parse_mode(mode)[3]
         ip = _infer_profile()

@@ -8,7 +8,8 @@ Resources (SimPy processes, one GPU of the cluster):
   ``host``, else HARDWARE.md's ~8 us per eager op; ``InferConfig.launch_s`` overrides it), and blocks
   at host synchronisations. Where the bench run measured the engine's own passes (``InferConfig.host_probe``,
   `inference_host.HostProbe`: the host program measured at tiny widths in the same run, per mode, phase
-  and batch), a pass's kernels cost that probe's seconds over the counted kernels of the probed pass
+  and batch), a pass's kernels cost that probe's seconds over the counted kernels of the probed pass (the
+  median over the probed batches of the same mechanism: `HostProbe.rate`)
   (scaled per block when the probe model has another block count; bf16 experts only);
 * the **compute stream**, which runs kernels in issue order; a segment of ``n`` kernels with GPU work
   ``w`` issued from host time ``h`` starts when the stream is free and its inputs are ready, and ends
@@ -61,14 +62,20 @@ picks ``top_k`` distinct experts without replacement with probabilities from the
 popularity (`simulator.workload.routing`: uniform, zipf, lognormal, histogram; Gumbel top-k), and the
 LRU cache decides hits and misses. ``predict=True`` models the reference's one-block-ahead prefetch as
 a perfect predictor (an upper bound; the reference measured 92-99% of prefetched experts used): after
-block i the host routes block i+1 (a gate phase and a host sync) and copies its misses at once.
+block i the host routes block i+1 (a gate phase and a host sync) and copies its misses at once, after the
+compute queued so far (``ExpertPool.prefetch``); block i+1's fetch makes the compute stream wait for those
+copies when it uses a prefetched expert (``ExpertPool.fetch``: ``inflight`` / ``inflight_event``), so its
+remap's host sync waits for them too and the next prediction's copies start only after block i+1's
+compute: one block's copies overlap nothing but that block's attention and router.
 ``InferenceResult.fetch_bytes_decode`` / ``prefetched`` count the expert-aware copies alone (the
 reference's pool statistics): a decode batch that falls back to the ring copies through the ring, and
 those stay 0.
 
 Compute times come from `simulator.cost.CostModel` (the GPU profile with ``impl`` torch, which is what
 the reference runs: ``torch._grouped_mm``, cuBLAS, SDPA; FLOP/s interpolated as a power law in the
-rows ``m`` between measured points; roofline with a warning outside the measured range). The
+rows ``m`` between measured points; roofline with a warning outside the measured range; the bf16 expert
+GEMMs at the profile's ``grouped_gemm_fwd_routed`` rows, torch._grouped_mm on uneven routed groups, inside
+their measured rows per expert: `inference_costs.BlockCosts.routed_gemms`). The
 reference's torch dispatcher (argsort, gather, weighted index-add) runs at the measured
 ``TORCH_PERMUTE_GBPS``.
 
@@ -343,6 +350,10 @@ class InferenceRun:
         self.bytes_copied = 0.0
         self.fetch_bytes = 0.0
         self.prefetched = 0
+        # ExpertPool.inflight / inflight_event: prefetched keys whose copy may still run, and the copy
+        # stream's event after the last prefetch; a fetch that uses one makes the compute stream wait
+        self.inflight: set = set()
+        self.inflight_event = None
         self.host_ops = 0
         self.step = -1
         mem, p = sim.memory, self.plan
@@ -509,8 +520,14 @@ class InferenceRun:
                     needed = sorted({int(e) for e in np.unique(ids)})
                     groups = len(needed)
                     miss = self.cache.fetch(b, needed)
+                    if self.inflight.intersection((b, e) for e in needed):
+                        # ExpertPool.fetch: a prefetched expert is used, the compute stream waits for the
+                        # prefetch copies (one event covers every earlier copy on the copy stream)
+                        wait = self.inflight_event
+                        self.inflight.clear()
                     if miss:
                         wait = yield from self._copy_misses(prog, b, miss, "h2d_experts")
+                        self.inflight.clear()  # the misses' copy follows every earlier copy
                     if self.dequant_expert:
                         yield from self._dequant(prog, len(needed), b, waits=(wait,))
                         wait = None
@@ -526,7 +543,8 @@ class InferenceRun:
                 miss_n = self.cache.fetch(nxt, sorted({int(e) for e in np.unique(ids_n)}), count=False)
                 if miss_n:
                     self.prefetched += len(miss_n)
-                    yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
+                    self.inflight_event = yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
+                    self.inflight.update((nxt, e) for _, e in miss_n)
         yield from self._phase(prog.head, costs.head(batch), "head_fwd", -1)
 
     # -------------------------------------------------------------------------- the program

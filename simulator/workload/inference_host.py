@@ -24,8 +24,8 @@ pass's kernels cost that run's measured host seconds per counted kernel of the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
+from statistics import median
 
 from semoe import SpecError
 from simulator.workload.host import Segment, read_table
@@ -151,23 +151,24 @@ class HostProbe:
         return any(p[0] == mode and p[1] == phase for p in self.points)
 
     def rate(self, mode: str, phase: str, batch: int, kernels_of, keep=None) -> float | None:
-        """Host seconds per kernel of (``mode``, ``phase``) at ``batch``: each probed pass's seconds over
-        ``kernels_of(probe_batch, copies)`` (the counted kernels of that pass), linear in the batch between
-        the probed batches, the nearest probed batch's outside them; None when not probed. ``keep(batch)``:
-        which probed batches to use (the workload: those whose pass ran the same mechanism), all when none
-        is kept."""
+        """Host seconds per kernel of (``mode``, ``phase``): the median over the probed batches of each pass's
+        seconds over ``kernels_of(probe_batch, copies)`` (the counted kernels of that pass); None when not
+        probed. ``keep(batch)``: which probed batches to use (the workload: those whose pass ran the same
+        mechanism), all when none is kept.
+
+        One value for every batch, not interpolated between them: at the probe's tiny widths the device work
+        is ~0 and the counted program does not depend on the batch (its copy calls are counted per pass), so
+        the per-kernel time of one code path is one quantity measured at each probed batch; each point is
+        one median of a few passes (prefill) or one ``generate`` (decode) on a host whose pass time jitters
+        by tens of percent (the b238b9a run: the same ring-fallback prefill program 15.9 to 28.1 ms across
+        modes and batches), so the median over the batches estimates it, where interpolating would carry
+        one point's jitter into that batch's rows. ``batch`` is kept for the callers (unused)."""
         pts = [(b, s, c) for m, ph, b, s, c in self.points if m == mode and ph == phase]
         if keep is not None and any(keep(b) for b, _, _ in pts):
             pts = [p for p in pts if keep(p[0])]
-        pts = sorted((b, s / max(1, kernels_of(b, c))) for b, s, c in pts)
         if not pts:
             return None
-        if batch <= pts[0][0]:
-            return pts[0][1]
-        for (b0, r0), (b1, r1) in pairwise(pts):
-            if batch <= b1:
-                return r0 + (r1 - r0) * (batch - b0) / (b1 - b0) if b1 > b0 else r1
-        return pts[-1][1]
+        return float(median(s / max(1, kernels_of(b, c)) for b, s, c in pts))
 
     @classmethod
     def from_rows(cls, rows) -> HostProbe | None:

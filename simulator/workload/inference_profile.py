@@ -10,8 +10,10 @@ of ``kernels/profile.py``, in the same ``results/profiles/<gpu>.csv``):
   grouped GEMM (fp8: ``torch._scaled_grouped_mm`` with the per-row activation quantisation; int8: the
   Triton dequant GEMM) at ``m`` rows per expert. `InferProfile.qgemm_s`: FLOP/s interpolated as a
   power law in ``m`` inside the measured range (clamped to the nearest end outside it);
-* ``grouped_gemm_fwd_routed``: ``torch._grouped_mm`` with uneven routed groups (a check of the tile
-  padding model of `simulator.workload.inference_costs.padded_rows`, not read here);
+* ``grouped_gemm_fwd_routed``: ``torch._grouped_mm`` with uneven routed groups (seeded uniform top-k
+  routing, ``m`` the mean rows per expert: the reference's prefill groups). `InferProfile.routed_gemm_s`:
+  time interpolated as a power law in ``m`` inside the measured range of the same ``(k, n, groups)``, None
+  outside it (the caller keeps the tile padding model of `simulator.workload.inference_costs.padded_rows`);
 * ``host_call_<name>`` (impl ``triton``): host seconds per call of a kernel wrapper issued back to
   back (`InferProfile.host_call_s`).
 
@@ -106,6 +108,24 @@ class InferProfile:
         f = float(np.exp(np.interp(math.log(m), np.log(ms), np.log(fps)))) if len(ms) > 1 else float(fps[0])
         # below the smallest measured rows the kernel still streams every weight: no faster than there
         return 2.0 * max(rows_per_expert, ms[0]) * inputs * outputs * experts / f
+
+    def routed_gemm_s(self, rows_per_expert: float, inputs: int, outputs: int, experts: int) -> float | None:
+        """Seconds of the bf16 ``torch._grouped_mm`` of ``experts`` uneven routed groups of ``rows_per_expert``
+        mean rows (``[rows, inputs] x [inputs, outputs]`` per group) from the ``grouped_gemm_fwd_routed`` rows
+        of the same shape and expert count: time interpolated as a power law in the rows between the measured
+        points; None outside the measured rows (no extrapolation: below them the kernel streams every weight
+        and its tile imbalance is not measured) or when no row has this shape."""
+        rows = sorted(self._select("grouped_gemm_fwd_routed", "bf16", k=inputs, n=outputs, groups=experts),
+                      key=lambda r: r["m"])
+        if not rows or rows_per_expert <= 0:
+            return None
+        ms = np.array([r["m"] for r in rows])
+        if not ms[0] <= rows_per_expert <= ms[-1]:
+            return None
+        ts = np.array([r["time_s"] for r in rows])
+        if len(ms) == 1:
+            return float(ts[0])
+        return float(np.exp(np.interp(math.log(rows_per_expert), np.log(ms), np.log(ts))))
 
     def host_call_s(self, name: str) -> float | None:
         """Host seconds per call of the wrapper ``name`` (``gating``, ``permute``), if measured."""

@@ -106,3 +106,36 @@ def test_fused_rows_of_another_expert_count_scale_by_groups(tmp_path):
     assert ip.qgemm_s("fp8", 16, i, o, 2) == pytest.approx(1e-4 * 2 / 8)  # two groups: a quarter of the work
     assert ip.qgemm_s("fp8", 4, i, o, 8) == pytest.approx(1e-4)  # below the range: the weights are read anyway
     assert ip.qgemm_s("fp8", 128, i, o, 8) == pytest.approx(2 * 1.2e-4)  # above: the largest rows' FLOP/s
+
+
+def test_routed_rows_replace_the_padding_model_inside_their_range(tmp_path):
+    """The profile's ``grouped_gemm_fwd_routed`` rows (torch._grouped_mm on uneven routed groups of the same
+    shape) price the bf16 expert GEMMs at mean rows per expert inside the measured range (power law in the
+    rows); outside it, for skewed routing, for another expert count and for quantised experts, the padding
+    model stays."""
+    m = _mixtral()
+    E = m.experts
+    rows = [{"op": "grouped_gemm_fwd_routed", "impl": "torch", "dtype": "bf16", "m": mm, "k": k, "n": n, "groups": E,
+             "time_s": t * (2 if n == m.hidden else 1)}
+            for k, n in ((m.hidden, m.ffn), (m.ffn, m.hidden)) for mm, t in ((256, 1e-3), (1024, 4e-3))]
+    path = tmp_path / "prof.csv"
+    _write(path, rows)
+    cm = CostModel(GPU, Profile.from_csv(path))
+    ip = InferProfile.of(cm)
+    assert ip.routed_gemm_s(256, m.hidden, m.ffn, E) == pytest.approx(1e-3)
+    assert ip.routed_gemm_s(512, m.hidden, m.ffn, E) == pytest.approx(2e-3)  # halfway in log m: time x2
+    assert ip.routed_gemm_s(512, m.ffn, m.hidden, E) == pytest.approx(4e-3)
+    assert ip.routed_gemm_s(128, m.hidden, m.ffn, E) is None and ip.routed_gemm_s(2048, m.hidden, m.ffn, E) is None
+    assert ip.routed_gemm_s(512, m.hidden, m.ffn, 4) is None  # another expert count: not measured
+    c = BlockCosts(m, cm, popularity=U8)
+    assert c.routed_gemms(512, E) == pytest.approx((2e-3, 4e-3))
+    T = 512 * E // m.top_k  # 512 rows per expert
+    rest = c.experts(T, E) - (2 * 2e-3 + 4e-3)
+    assert 0 < rest < 1e-3  # activation, combine, residual on top of the measured GEMMs
+    # 64 rows per expert: below the range, the padding model (roofline here: the file has no GEMM rows)
+    assert c.routed_gemms(64, E) is None
+    assert c.experts(T // 8, E) == pytest.approx(BlockCosts(m, CostModel(GPU), popularity=U8).experts(T // 8, E))
+    assert c.routed_gemms(512, E - 1) is None  # not every expert has rows
+    skew = np.arange(1, E + 1) / np.arange(1, E + 1).sum()
+    assert BlockCosts(m, cm, popularity=skew).routed_gemms(512, E) is None
+    assert BlockCosts(m, cm, "int8", "workspace", popularity=U8).routed_gemms(512, E) is None

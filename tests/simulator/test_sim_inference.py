@@ -231,6 +231,30 @@ def test_expert_aware_decode_serialises_copies_and_compute():
     assert res.bytes_copied_decode == pytest.approx(res.misses * eb)
 
 
+def test_prefetched_experts_are_waited_for_before_they_compute():
+    """One block ahead (predict): the block's experts wait for the prefetch copies of them (the reference's
+    ExpertPool.fetch waits for ``inflight_event``), and the next prefetch starts after this block's compute
+    (its copy waits for the compute queued so far). With no host overhead and the experts taking one
+    expert's copy time, everything is serial: decode = copied experts x copy + steps x L x t."""
+    m = tiny(layers=3, experts=8, top_k=2)
+    eb = expert_params(m) * m.dtype_bytes
+    t = eb / PCIE
+    sim = Sim(make_cluster(gpn=1), profile=None)
+    cfg = InferConfig(mode="expert", batch=1, prompt_len=16, gen_len=4, slots=1, launch_s=0.0, predict=True)
+    run = InferenceRun(m, cfg, sim, costs=FixedCosts(experts_s=t))
+    res = run.run()
+    assert res.passes["expert"] == 3 and res.prefetched > 0
+    copied = res.fetch_bytes_decode / eb
+    assert res.decode_s == pytest.approx(copied * eb / PCIE + 3 * 3 * t)
+    # every prefetch copy ends before the next experts_fwd of its block starts
+    rows = sorted(sim.rows, key=lambda r: r[4])
+    pre = [r for r in rows if r[3] == "h2d_prefetch"]
+    assert pre
+    for p in pre:
+        nxt = next(r for r in rows if r[3] == "experts_fwd" and r[1] == p[1] and r[4] >= p[4])
+        assert nxt[4] >= p[5] - 1e-15
+
+
 def test_expert_mode_falls_back_to_ring_when_most_experts_are_needed():
     m = tiny(layers=2, experts=8, top_k=2)
     sim = Sim(make_cluster(gpn=1), profile=None)

@@ -136,15 +136,19 @@ def test_fewer_experts_student_copies_less():
 
 
 # ------------------------------------------------------------------ the run's engine host probe
-def test_host_probe_rate_per_kernel_interpolates_in_batch():
-    p = HostProbe(2, (("resident", "decode", 1, 10e-3, 0.0), ("resident", "decode", 9, 18e-3, 0.0)))
+def test_host_probe_rate_per_kernel_is_the_median_over_probed_batches():
+    """At tiny widths the counted program does not depend on the batch: the per-kernel rate is one value,
+    the median over the probed batches (one jittery point does not move it), for every batch."""
+    p = HostProbe(2, (("resident", "decode", 1, 10e-3, 0.0), ("resident", "decode", 2, 30e-3, 0.0),
+                      ("resident", "decode", 9, 18e-3, 0.0)))
 
     def per(b, c):  # kernels of a probe pass
         return 100
-    assert p.rate("resident", "decode", 1, per) == pytest.approx(1e-4)
-    assert p.rate("resident", "decode", 5, per) == pytest.approx(1.4e-4)  # halfway: 14 ms / 100 kernels
-    assert p.rate("resident", "decode", 16, per) == pytest.approx(1.8e-4)  # beyond the probed batches: nearest
+    for b in (1, 2, 5, 16):
+        assert p.rate("resident", "decode", b, per) == pytest.approx(1.8e-4)  # median of 10, 30, 18 ms / 100
     assert p.rate("resident", "decode", 16, per, keep=lambda b: b == 1) == pytest.approx(1e-4)
+    assert p.rate("resident", "decode", 16, per, keep=lambda b: b > 1) == pytest.approx(2.4e-4)  # two: their mean
+    assert p.rate("resident", "decode", 16, per, keep=lambda b: b > 99) == pytest.approx(1.8e-4)  # none kept: all
     assert p.rate("ring", "decode", 1, per) is None and not p.has("resident", "prefill")
     # copy calls are kernels of the probed pass: more copies -> fewer seconds per kernel
     q = HostProbe(2, (("ring", "decode", 1, 10e-3, 4.0),))

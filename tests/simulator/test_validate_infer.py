@@ -187,3 +187,15 @@ def test_expert_rows_at_the_ring_fallback_batch():
         assert d.loc[(mode, 1, "decode_GB_copied_per_step"), "predicted"] > 1.0
     assert d.loc[("expert", 1, "prefetched_used_frac"), "predicted"] == 1.0
     assert d.loc[("expert", 16, "decode_GB_copied_per_step"), "status"] == "validated"
+
+
+def test_probe_run_expert_and_resident_prefill_rows():
+    """The b238b9a run (engine host probe): expert-aware decode with prediction at B = 1 waits for its
+    prefetches (it was +29% with the prefetch overlapped), and resident prefill at B = 1 takes the probe's
+    median host rate (+39% from the probe's one low B = 1 point)."""
+    df = V.predict_all(pd.read_csv(V.MEASURED, dtype={"commit": str}))
+    run = df[(df["date"] == "2026-11-24T08:49:38Z") & (df["status"] == "validated")].set_index(["mode", "batch", "metric"])
+    for key in (("expert", 1, "decode_tokens_per_s"), ("resident", 1, "prefill_tokens_per_s"),
+                ("resident", 1, "block_compute_ms"), ("resident", 4, "prefill_tokens_per_s")):
+        assert abs(run.loc[key, "error"]) <= 0.10, key
+    assert len(run) >= 100 and run["within_10pct"].astype(bool).sum() >= 0.9 * len(run)
