@@ -518,8 +518,9 @@ class TrainingIteration:
         widths = (m.hidden, m.ffn, m.vocab, m.experts)
         from simulator.train_host import mem_rates
 
-        # the memory-pass classes' and the casts' measured bandwidths (with a host program: the reference trainer)
-        self._mem_rate_tab = mem_rates() if prog is not None else None
+        # the memory-pass classes' and the casts' measured bandwidths (with a host program and its counted casts:
+        # the reference trainer; act_casts=False keeps the constants' pricing, as without a program)
+        self._mem_rate_tab = mem_rates() if prog is not None and self.act_casts else None
         self.t_seg_cast = {n: self._cast_time(sg.cast_bytes(self.T, widths)) for n, sg in self.segs.items()
                            if self.act_casts and any(sg.casts)}
         self.t_seg_mem: dict[str, dict[str, float]] = {}
