@@ -374,7 +374,7 @@ def _host_reference(p: Profile, device: str, impl: str, sync) -> None:
 # E experts of a block (ring / resident groups) and for one expert (expert-aware fetches)
 INFER_DEQUANT_SHAPES = [(8, 4096, 14336), (8, 14336, 4096), (1, 4096, 14336), (1, 14336, 4096)]
 INFER_QGEMM_ROWS = [16, 64, 256, 512, 1024, 4096]  # rows per expert (decode .. prefill of B x 256 tokens)
-INFER_ROUTED_ROWS = [256, 512, 1024, 2048]  # mean rows per expert of the routed grouped GEMMs
+INFER_ROUTED_ROWS = [64, 128, 256, 512, 1024, 2048]  # mean rows per expert of the routed grouped GEMMs
 INFER_TOP_K = 2  # routing of the routed rows (the bench model's top-2)
 INFER_QUICK = {"shapes": [(2, 64, 96), (2, 96, 64)], "rows": [8], "routed": [8, 24]}
 
