@@ -124,15 +124,18 @@ _PERMUTE = re.compile(r"permute_T(?P<T>\d+)_k(?P<k>\d+)_D(?P<D>\d+)$")
 
 def kernel_rows(path: Path) -> list[dict]:
     """moe_layer.csv, impl ``ours``: the three MoE layer configs (fwd, fwd_bwd) per run, and the
-    standalone gating / permute kernels predicted with the memory-pass terms of the layer model."""
+    standalone gating / permute kernels predicted with the memory-pass terms of the layer model; impl
+    ``torch_grouped`` (the torchtitan-style eager layer): `simulator.torch_moe_layer` (its kernels counted from
+    ``kernels.bench.moe_layer.TorchGrouped``, GEMMs from the profile's torch rows, memory passes at the measured
+    class rates, host timeline)."""
     from semoe import cluster_preset
     from simulator.calibration import compare
     from simulator.cost import CostModel
 
     cluster = cluster_preset("h100-single")
     df = pd.read_csv(path, dtype={"commit": str})
+    rows = torch_grouped_rows(df[df["impl"] == "torch_grouped"], cluster)
     df = df[df["impl"] == "ours"]
-    rows = []
     for run, d in df.groupby("commit", sort=False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -174,6 +177,49 @@ def kernel_rows(path: Path) -> list[dict]:
             else:
                 rows.append(_row(src, run, r.config, metric, r.value, status="not_modelled",
                                  note="no simulator model of this kernel config"))
+    return rows
+
+
+def torch_grouped_rows(df: pd.DataFrame, cluster) -> list[dict]:
+    """Rows of moe_layer.csv's ``torch_grouped`` impl: ``ms`` (fwd: under ``no_grad``; fwd_bwd) predicted by
+    `simulator.torch_moe_layer.predict_torch_layer` (path ``bench``) on the run's GPU profile with torch GEMM rows
+    first; ``tflops`` rows derived. Nothing of this model was fitted to these rows: status ``validated``."""
+    from semoe.moe_layer_configs import MOE_LAYER_CONFIGS
+    from simulator import torch_layer_probe
+    from simulator.cost import CostModel
+    from simulator.torch_moe_layer import predict_torch_layer
+
+    rows: list[dict] = []
+    probed = torch_layer_probe.load(cluster.gpu.name) is not None
+    if df.empty:
+        return rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = CostModel.auto(cluster.gpu, impl=("torch", "triton"))
+        preds = {c: predict_torch_layer(cfg, cm, "bench", breakdown=True) for c, cfg in MOE_LAYER_CONFIGS.items()
+                 if c in set(df["config"])}
+    for r in df.itertuples():
+        run = str(r.commit)
+        p = preds.get(r.config)
+        if p is None:
+            rows.append(_row("moe_layer", run, f"{r.config} torch_grouped", f"{r.mode}_{r.metric}", r.value,
+                             status="not_modelled", note="no simulator model of this kernel config"))
+            continue
+        if r.metric != "ms":
+            rows.append(_row("moe_layer", run, f"{r.config} torch_grouped", f"{r.mode}_{r.metric}", r.value,
+                             status="derived", note=f"computed from the {r.mode} ms row of the same run"))
+            continue
+        ph = "fwd" if r.mode == "fwd" else "bwd"
+        gemm = p["fwd_gemm_s"] + (p["bwd_gemm_s"] if ph == "bwd" else 0.0)
+        mem = sum(p["fwd_mem_s"].values()) + (sum(p["bwd_mem_s"].values()) if ph == "bwd" else 0.0)
+        n = p["fwd_kernels"] + (p["bwd_kernels"] if ph == "bwd" else 0)
+        note = (f"torch-backend layer (simulator.torch_moe_layer, path bench): {n} kernels, GEMMs {gemm * 1e3:.2f} ms "
+                f"(profile torch rows), memory passes {mem * 1e3:.2f} ms ("
+                + ("bf16 index / index_add / index_put / sort at the committed torch_layer_probe rates, the rest at "
+                   "the measured class rates" if probed else "measured class rates; index_add at the measured "
+                   "atomic-add rate") + "), host timeline with the bincount sync; not fitted to these rows")
+        rows.append(_row("moe_layer", run, f"{r.config} torch_grouped", f"{r.mode}_ms", r.value, p[r.mode] * 1e3,
+                         status="validated", note=note))
     return rows
 
 

@@ -22,15 +22,18 @@ fine_grained     6.56     3.18      0.48    15.56      8.80       0.57
 below the roofline. Against the project's own kernels (``results/bench/moe_layer.csv``, impl ``ours``)
 forward is within 4% for all three configs; forward+backward was 13-14% too fast until the backward
 GEMM factor was calibrated on ``mixtral_like`` alone; the two held-out configs are then within 2%.
+
+This model is the Triton layer's. The eager torch-backend layer (impl ``torch_grouped`` of the benchmark, the
+reference `MoELayer` with ``backend="torch"``) issues many more kernels, several far below the roofline; it has
+its own model, `simulator.torch_moe_layer` (kernels counted from the code, measured class rates, host
+timeline): `compare(..., impl="torch_grouped")` uses it.
 """
 
 from __future__ import annotations
 
-
 from semoe import ClusterSpec
 from semoe.moe_layer_configs import MOE_LAYER_CONFIGS, MoELayerConfig
 from simulator.cost import CostModel
-
 
 CONFIGS = MOE_LAYER_CONFIGS  # issue 3, kernels/bench
 
@@ -63,10 +66,17 @@ def compare(
     if commit is not None:
         df = df[df["commit"].astype(str) == commit]
     out = []
+    torch_cm = None
     for (config, mode), d in df.groupby(["config", "mode"]):
         if config not in CONFIGS or mode not in ("fwd", "fwd_bwd"):
             continue
         meas = float(d["value"].iloc[-1])
-        pred = predict_moe_layer(cluster, CONFIGS[config])[mode] * 1e3
+        if impl == "torch_grouped":  # the eager torch layer: its own model, on the GPU's profile
+            from simulator.torch_moe_layer import predict_torch_layer
+
+            torch_cm = torch_cm or CostModel.auto(cluster.gpu, impl=("torch", "triton"))
+            pred = predict_torch_layer(CONFIGS[config], torch_cm, "bench")[mode] * 1e3
+        else:
+            pred = predict_moe_layer(cluster, CONFIGS[config])[mode] * 1e3
         out.append({"config": config, "mode": mode, "measured_ms": meas, "predicted_ms": pred, "ratio": pred / meas})
     return pd.DataFrame(out)

@@ -20,14 +20,19 @@ collectives ``time_us``: mean over ranks of 20 back-to-back the collective's `Co
                                                            committed (**Host floor**): ``validated``
                                                            (``extrapolated`` where another machine's host
                                                            probe sets the time, ``fitted`` on the fit subset)
-moe         ``fwd_bwd_ms``: the reference `MoELayer`       `moe_prediction`: `calibration.predict_moe_layer`'s
-            (torch backend, `EPDispatcher`) forward +      terms per rank with the rank's local experts
-            backward, EP = world, flat or ``hetu_p<p>``    (E / EP groups of T k / (E / EP) rows) plus four
-                                                           all-to-alls (dispatch, combine and their
-                                                           backward) and the count all-gather: ``extrapolated``
+moe         ``fwd_bwd_ms``: the reference `MoELayer`       `moe_prediction`: the torch-backend layer
+            (torch backend, `EPDispatcher`) forward +      (`simulator.torch_moe_layer`, path ``reference``: its
+            backward, EP = world, flat or ``hetu_p<p>``    kernels counted from the code, host timeline) per
+                                                           rank with the rank's local experts (E / EP groups of
+                                                           T k / (E / EP) rows), `EPDispatcher`'s count
+                                                           all-gather (a host sync), four all-to-alls (dispatch,
+                                                           combine and their backward) and four regroups in
+                                                           the layer's kernel order
 train       ``tokens_per_s`` of `reference.train` (median  `simulator.workload.training.TrainingIteration`
             of steps 5-12), DP = EP = world, ZeRO-0/3 x    (``impl="reference"``, GradSync, fused AdamW, torch
-            fused buckets off / on                         grouped experts) on the cluster: ``extrapolated``
+            fused buckets off / on                         grouped experts) on the cluster with the trainer's
+                                                           host program (`train_host_program`) plus
+                                                           `EPDispatcher`'s work (`ep_program`)
 =========== ============================================== ==================================================
 
 **The H200's own profile** (``results/profiles/h200.csv``, measured on the device tool's single H200 on
@@ -289,36 +294,34 @@ def parse_moe_config(config: str):
 def moe_prediction(sim, cfg, ep: int, impl: str, world: int) -> dict:
     """Forward + backward seconds per rank of one EP MoE layer (weak scaling: ``cfg.tokens`` per rank).
 
-    Compute: `calibration.predict_moe_layer` with the expert term for the rank's ``E / ep`` local experts,
-    each receiving ``T k ep / E`` rows (balanced routing: the run measured 1.002-1.004 max/mean received rows).
-    Backward GEMMs at ``TORCH_EXPERT_BWD_FACTOR`` (the reference's torch backend runs ``torch._grouped_mm``,
-    whose dX / dW cost one forward GEMM each; `simulator.workload.training`). Communication: the count
-    all-gather (``E`` int64 per rank) and four all-to-alls of ``T k H`` bytes per rank (dispatch, combine, and
-    their backward), the reference's blocking `EPDispatcher` (no overlap). Not modelled: `EPDispatcher`'s two
-    regroups of the received rows (forward and backward), the torch backend's index / argsort passes beyond
-    `predict_moe_layer`'s memory terms (that model was calibrated on the project's Triton layer), and the
-    host-side count synchronisation."""
+    Compute: the torch-backend layer the run times (`simulator.torch_moe_layer`, path ``reference``: the
+    reference `MoELayer`'s kernels counted from its code, GEMMs from the kernel profile's torch rows with the rank's
+    ``E / ep`` local experts each receiving ``T k ep / E`` rows (balanced routing: the run measured 1.002-1.004
+    max/mean received rows), memory passes at the measured class rates scaled to the GPU, the host issuing each
+    kernel and waiting at the layer's syncs). `EPDispatcher`'s own work is placed in that kernel order
+    (`torch_moe_layer.ep_inserts`): the count all-gather (``E`` int64 per rank, then a host sync), four
+    all-to-alls of ``T k H`` bytes per rank (dispatch, combine, and their backward; blocking, no overlap) and four
+    regroups of the received rows (``torch.cat``: forward two, backward two). HetuMoE (``hetu_p<p>``): the
+    simulator's schedule through the node leader plus the leader's two regroups of the node's ``p T k`` rows per
+    all-to-all (`reference.comm.alltoall.AllToAll._hetu`), on the critical path of every rank."""
     from simulator import collectives as C
-    from simulator.calibration import predict_moe_layer
-    from simulator.workload.training import TORCH_EXPERT_BWD_FACTOR
+    from simulator import torch_layer_probe
+    from simulator.torch_moe_layer import (
+        count_layer,
+        ep_inserts,
+        layer_time,
+        regroup_time,
+    )
+    from simulator.train_host import mem_rates
 
     cm = sim.cost
-    bgf = cm.backward_gemm_factor
-    cm.backward_gemm_factor = TORCH_EXPERT_BWD_FACTOR
-    try:
-        base = predict_moe_layer(sim.cluster, cfg, cm)
-        T, E, k, H, F = cfg.tokens, cfg.experts, cfg.top_k, cfg.hidden, cfg.ffn
-        TK = T * k
-        one = 2 * cm.matmul(TK / E, F, H, groups=E)
-        local = E // ep
-        mine = 2 * cm.matmul(TK * ep / E, F, H, groups=local)
-        fwd = base["fwd"] - one + mine
-        bwd = (base["fwd_bwd"] - base["fwd"]) + 2 * cm.backward_gemm_factor * (mine - one)
-    finally:
-        cm.backward_gemm_factor = bgf
+    T, E, k, H, F = cfg.tokens, cfg.experts, cfg.top_k, cfg.hidden, cfg.ffn
+    TK = T * k
     ranks = np.arange(ep)
     row_bytes = H * 2  # bf16 rows
     M = np.full((ep, ep), TK * row_bytes / ep)
+    rates = mem_rates()
+    hetu_regroup = 0.0
     if impl == "flat" or (_RAIL.match(impl) and int(_RAIL.match(impl)["p"]) >= ep):
         a2a = C.all_to_all(sim.topo, ranks, M, "flat")
         algo = "flat"
@@ -326,12 +329,25 @@ def moe_prediction(sim, cfg, ep: int, impl: str, world: int) -> dict:
         algo = "hetu" if h else "rail"
         fn = C.all_to_all_hetu if h else C.all_to_all_rail
         a2a = fn(sim.topo, ranks, M)
+        if h:
+            p = min(int(h["p"]), ep)
+            hetu_regroup = 2 * regroup_time(cm, p * TK, H, rates)
     else:
         raise ValueError(f"validate_multigpu: unknown all-to-all variant {impl!r}")
-    t_a2a = op_time(sim, a2a)
+    t_a2a = op_time(sim, a2a) + hetu_regroup
     t_counts = op_time(sim, C.all_gather(sim.topo, ranks, 8.0 * E * ep))  # gather_counts: [G, E] int64
+    rg = regroup_time(cm, TK, H, rates) if ep > 1 else 0.0
+    prog = count_layer("reference", E, k, cfg.gate, cfg.renormalize)
+    r = layer_time(prog, T, H, F, cm, rates, cm.host_op_impl("reference"), cm.host_op_impl("torch"),
+                   groups=E // ep, routed_rows=TK, breakdown=True, inserts=ep_inserts(t_a2a, t_counts, rg),
+                   probe=torch_layer_probe.load(cm.gpu.name))
     comm = 4 * t_a2a + t_counts
-    return {"fwd_bwd_s": fwd + bwd + comm, "compute_s": fwd + bwd, "a2a_s": t_a2a, "comm_s": comm, "algo": algo}
+    total = r["fwd_bwd"]
+    return {"fwd_bwd_s": total, "compute_s": total - comm - 4 * rg, "a2a_s": t_a2a, "comm_s": comm,
+            "regroup_s": 4 * rg, "algo": algo, "hetu_regroup_s": hetu_regroup,
+            "gemm_s": r["fwd_gemm_s"] + r["bwd_gemm_s"],
+            "mem_s": sum(r["fwd_mem_s"].values()) + sum(r["bwd_mem_s"].values()),
+            "kernels": r["fwd_kernels"] + r["bwd_kernels"]}
 
 
 def moe_rows(path: Path, cal=None) -> list[dict]:
@@ -363,14 +379,16 @@ def moe_rows(path: Path, cal=None) -> list[dict]:
                              note=f"no cluster preset for {r.device} x {r.world}"))
             continue
         ms = p["fwd_bwd_s"] * 1e3
-        parts = (f"compute {p['compute_s'] * 1e3:.2f} ms + 4 all-to-alls x {p['a2a_s'] * 1e3:.3f} ms ({p['algo']})"
-                 f" + counts; " + ("the H200's own kernel profile" if p.get("native") else
-                                     "H100 profile extrapolated to the H200"))
+        parts = (f"torch-backend layer {p['kernels']} kernels (GEMMs {p['gemm_s'] * 1e3:.2f} ms, memory passes "
+                 f"{p['mem_s'] * 1e3:.2f} ms, host timeline: compute {p['compute_s'] * 1e3:.2f} ms) + 4 regroups "
+                 f"{p['regroup_s'] * 1e3:.2f} ms + 4 all-to-alls x {p['a2a_s'] * 1e3:.3f} ms ({p['algo']}) + counts; "
+                 + ("the H200's own kernel profile" if p.get("native") else "H100 profile extrapolated to the H200"))
         if r.metric == "fwd_bwd_ms":
             note = parts
             if p["algo"] == "hetu":
                 note += ("; the simulator's HetuMoE ships the non-leader's whole buffer through the leader as the "
-                         "reference does; the leader's two regroups of the node's rows (memory passes) are not modelled")
+                         f"reference does, plus the leader's two regroups of the node's rows "
+                         f"({p['hetu_regroup_s'] * 1e3:.3f} ms per all-to-all)")
             rows.append(_row(cfg_s, r.metric, r.value, ms, status="validated" if p.get("native") else "extrapolated",
                              note=note, run=run))
         elif r.metric == "fwd_bwd_ms_max":
@@ -399,11 +417,14 @@ def parse_train(config: str, impl: str) -> dict:
             "traced": bool(m["traced"]), "zero": int(z["zero"]), "bucket": int(z["bucket"])}
 
 
-def simulate_train(t: dict, cluster, cal=None) -> dict:
+def simulate_train(t: dict, cluster, cal=None, host_program: bool = True, ep_dispatcher: bool = True) -> dict:
     """One `reference.train` step of the parsed config on ``cluster`` (DP = world, EP as parsed), the way
     `paper_repro.validate.simulate_train` does it for the single GPU: ``impl="reference"``, torch MoE backend
     with grouped experts (the run's commit contains 676c520), fused AdamW (42307ef), GradSync (torchrun), the
-    reference's aten operator count as the host floor; the H100 profile extrapolated to the H200."""
+    trainer's host program (`train_host_program`: kernels per segment, host syncs, memory passes per class;
+    ``host_program=False``: the reference's aten operator count as the host floor, the model before issue 9's
+    torch-layer work) with `EPDispatcher`'s own work added when EP > 1 (`ep_program`; ``ep_dispatcher=False``
+    leaves it out); the run GPU's kernel profile (`gpu_cost_model`)."""
     from paper_repro.validate import TRAIN_HEADS, reference_host_ops
     from semoe import Run, Workload, sizing
     from semoe.plan_spec import ParallelPlan
@@ -428,10 +449,78 @@ def simulate_train(t: dict, cluster, cal=None) -> dict:
         ops = reference_host_ops(m)
         cost, native = gpu_cost_model(cluster.gpu, ("triton", "torch"))
         sim = _sim(cluster, cost, cal)
-        out = TrainingIteration(run, sim, impl="reference", host_ops=ops, expert_impl="grouped",
-                                expert_kernels="torch", ref_optimizer="fused", grad_sync=True).run()
+        prog, prog_note = train_host_program(m, "fused", "torch") if host_program else (None, "")
+        if prog is not None and t["ep"] > 1 and ep_dispatcher:
+            prog = ep_program(prog, m.top_k)
+            prog_note += "; EPDispatcher's count sync and regroups added (ep_program)"
+        out = TrainingIteration(run, sim, impl="reference", host_ops=0.0 if prog is not None else ops,
+                                host_program=prog, expert_impl="grouped", expert_kernels="torch",
+                                ref_optimizer="fused", grad_sync=True).run()
         out["native"] = native
+        out["program_note"] = prog_note or "no host program: the reference's aten operator count as the host floor"
         return out
+
+
+PROGRAM_LAYERS = (4,)  # the block counts `simulator.train_op_counts.CONFIGS` counts the reference trainer at
+
+
+def train_host_program(m, adamw: str = "fused", backend: str = "torch"):
+    """(`TrainProgram`, note) of the reference trainer for model ``m`` (`simulator.train_host.train_program`: the
+    CUDA table, the CPU table as fallback), or None. The tables key the code path with the block count; a model of
+    another depth runs the same per-block code, so its program is the counted structure's at `PROGRAM_LAYERS`
+    (per-block segments are issued once per block by the workload; the per-step segments (embedding, head, clip,
+    fused AdamW) were counted at that depth: the clip's foreach kernels over more tensors, a small overcount)."""
+    from simulator.train_host import train_program
+
+    prog = train_program(m, adamw, backend)
+    if prog is not None:
+        return prog, f"the trainer's host program ({prog.source})"
+    for L in PROGRAM_LAYERS:
+        prog = train_program(m.replace(layers=L), adamw, backend)
+        if prog is not None:
+            return prog, (f"the trainer's host program of the same code path counted at L{L} ({prog.source}; "
+                          f"per-block segments per block, per-step segments at L{L})")
+    return None, ""
+
+
+EP_COUNT_KERNELS = 3  # gather_counts: the all-gather, the cat of the gathered rows, the copy to the CPU (a sync)
+EP_FWD_KERNELS = 4  # dispatch and combine: one all_to_all_single and one regroup cat each
+EP_BWD_KERNELS = 4  # the reverse all-to-alls and the split backward's cats
+EP_ROW_BYTES = 4  # the dispatcher's rows are the fp32 residual stream under autocast (`workload.training` REF_DISPATCH)
+
+
+def ep_program(prog, top_k: int, row_bytes: int = EP_ROW_BYTES):
+    """``prog`` (counted on one process, `LocalDispatcher`) with `reference.parallel.ep_dispatcher.EPDispatcher`'s
+    own work per MoE block: after the permute, ``gather_counts`` (`EP_COUNT_KERNELS` kernels ending in a host
+    sync: the counts' ``.cpu()``) as a piece of the forward FFN before its last piece; in that last piece the two
+    all-to-all calls and two regroups (``torch.cat`` of the received rows, a ``copy`` pass reading and writing
+    ``top_k`` rows of ``row_bytes`` per token and unit of hidden each); in the backward the same four kernels and
+    two regroup passes. The all-to-alls' device time is the workload's own (``dispatch_a2a`` ...)."""
+    import dataclasses
+
+    from simulator.train_host import TrainProgram
+
+    ffn = prog.group("moe.ffn")
+    if not ffn:
+        return prog
+    last = ffn[-1]
+    n = len(ffn)
+    cat = ("copy", 2.0, (2.0 * 2 * top_k * row_bytes, 0.0, 0.0, 0.0, 0.0))  # 2 cats, read + write k rows
+    sync_piece = dataclasses.replace(last, name=f"moe.ffn_{n - 1}" if n > 1 else "moe.ffn", kernels=EP_COUNT_KERNELS,
+                                     sync=True, casts=(0.0,) * len(last.casts), lead=0, mem=())
+    new_last = dataclasses.replace(last, name=f"moe.ffn_{n}", kernels=last.kernels + EP_FWD_KERNELS,
+                                   mem=tuple(last.mem) + (cat,))
+    segs = []
+    for sg in prog.segments:
+        if sg is last:
+            segs += [sync_piece, new_last]
+        elif sg.name == "moe.bwd":
+            segs.append(dataclasses.replace(sg, kernels=sg.kernels + EP_BWD_KERNELS, mem=tuple(sg.mem) + (cat,)))
+        else:
+            segs.append(sg)
+    if n == 1:  # the router piece itself becomes the sync piece's predecessor: keep the names in order
+        segs = [dataclasses.replace(x, name="moe.ffn_1") if x is new_last else x for x in segs]
+    return TrainProgram(prog.config + " ep", tuple(segs), prog.source, prog.mem_source)
 
 
 def train_rows(path: Path, cal=None) -> list[dict]:
@@ -456,9 +545,9 @@ def train_rows(path: Path, cal=None) -> list[dict]:
             rows.append(_row(cfg_s, metric, r.value, status="not_modelled", run=run,
                              note=f"no cluster preset for {r.device} x {r.world}"))
             continue
-        desc = (f"simulated step {s['step_time_s'] * 1e3:.1f} ms (device {s['device_step_s'] * 1e3:.1f}, host floor "
-                f"{s['host_s'] * 1e3:.1f}); " + ("the H200's own kernel profile" if s.get("native") else
-                                                 "H100 profile extrapolated to the H200"))
+        desc = (f"simulated step {s['step_time_s'] * 1e3:.1f} ms (device {s['device_step_s'] * 1e3:.1f}, host "
+                f"{s['host_s'] * 1e3:.1f}, {s.get('host_syncs', 0)} host syncs); {s.get('program_note', '')}; "
+                + ("the H200's own kernel profile" if s.get("native") else "H100 profile extrapolated to the H200"))
         if r.metric == "tokens_per_s":
             rows.append(_row(cfg_s, metric, r.value, s["tokens_per_s"],
                              status="validated" if s.get("native") else "extrapolated", note=desc, run=run))
