@@ -89,6 +89,30 @@ def parse_config(config: str) -> dict:
 
 MODE_RE = re.compile(r"^(?P<base>ring|expert_nopred|expert|resident)(?:_K(?P<K>\d+))?(?:_(?P<quant>int8|fp8))?"
                      r"(?P<fused>_fused)?$")
+DIAG = ROOT / "results" / "bench" / "infer_diag"
+
+
+@cache
+def predict_accuracy(diag: Path = DIAG) -> float:
+    """The one-block-ahead predictor's accuracy, measured in the engine diagnostic (``results/bench/infer_diag``,
+    `simulator.workload.inference_diag`: H100, the bench's model at 4 blocks, not a row of infer.csv): its
+    ``expert`` (predicting) and ``expert_nopred`` runs at B = 1 decode the same prompts greedily with the
+    same weights, so they route identically and the predicting run's extra copied bytes are its wasted
+    prefetches; accuracy = 1 - wasted / prefetched (the prefetches' bytes from its timeline). 1.0 (a
+    perfect predictor) when the diagnostic is absent."""
+    try:
+        steps = pd.read_csv(diag / "steps.csv")
+        tl = pd.read_csv(diag / "timeline.csv")
+    except FileNotFoundError:
+        return 1.0
+    b1 = steps[steps["batch"] == 1].set_index("case")["bytes_copied"]
+    pre = float(tl.loc[(tl["case"] == "expert") & (tl["phase"] == "h2d_prefetch"), "bytes"].sum())
+    if "expert" not in b1 or "expert_nopred" not in b1 or pre <= 0:
+        return 1.0
+    wasted = max(0.0, float(b1["expert"]) - float(b1["expert_nopred"]))
+    return max(0.0, 1.0 - wasted / pre)
+
+
 HOST_OP_S: float | None = None  # None: CostModel.host_op_s (the profile's host_op row, else 8 us); --host-op-us
 # a run's own host probe (mode "-", microseconds per kernel of the reference's eager forward, measured in the
 # bench run like h2d_pinned_GBps): a model input of that run's simulations, as the PCIe bandwidth is
@@ -120,6 +144,7 @@ def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int,
     cfg = InferConfig(mode=mode, batch=batch, prompt_len=c["P"], gen_len=c["G"],
                       gpu_budget_bytes=c["budget"] if budget else None, slots=slots if slots else c["slots"],
                       plan_batch=plan_batch, predict=predict, quant=quant, dequant=dequant,
+                      predict_accuracy=predict_accuracy() if predict else 1.0,
                       launch_s=HOST_OP_S if launch_s is None else launch_s,
                       host_probe=probe if HOST_OP_S is None else None)
     with warnings.catch_warnings():
@@ -233,10 +258,12 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
                  "hit_rate": (res.hit_rate, "ratio"),
                  "decode_GB_copied_per_step": (res.fetch_bytes_decode / max(1, G - 1) / 1e9, "bytes"),
                  "gpu_peak_GB": (res.plan.peak_hbm_bytes / 1e9, "memory"),
-                 "prefetched_used_frac": (1.0 if predict and res.prefetched else 0.0, "ratio")}.get(metric)
+                 "prefetched_used_frac": (res.prefetch_used / res.prefetched if predict and res.prefetched else 0.0,
+                                          "ratio")}.get(metric)
         if v is None:
             return nan, "not_modelled", ""
-        note = "perfect one-block-ahead prediction assumed" if predict else ""
+        note = (f"one-block-ahead prediction at the diagnostic's measured accuracy {predict_accuracy():.3f} "
+                "(results/bench/infer_diag, B = 1: wasted prefetch bytes / prefetched bytes)") if predict else ""
         if res.passes.get("expert", 0) == 0 and metric in ("decode_tokens_per_s", "decode_ms_per_step", "hit_rate",
                                                             "prefetched_used_frac", "decode_GB_copied_per_step"):
             note = (f"ring fallback: {B} tokens per step are expected to touch >= {_fallback_frac():g} of the experts, so every "

@@ -60,8 +60,12 @@ under uniform top-k routing, ``E (1 - (1 - k/E)^T)``, reaches ``fallback_frac * 
 rule, fallback_frac 0.95); otherwise each block's tokens are routed by sampling (seeded): every token
 picks ``top_k`` distinct experts without replacement with probabilities from the workload's expert
 popularity (`simulator.workload.routing`: uniform, zipf, lognormal, histogram; Gumbel top-k), and the
-LRU cache decides hits and misses. ``predict=True`` models the reference's one-block-ahead prefetch as
-a perfect predictor (an upper bound; the reference measured 92-99% of prefetched experts used): after
+LRU cache decides hits and misses. ``predict=True`` models the reference's one-block-ahead prefetch with a
+predictor of accuracy ``predict_accuracy`` (1.0 perfect; `mispredict`: each expert it names for a token is
+the token's true one with that probability, else another expert; validate_infer takes it from the engine
+diagnostic, results/bench/infer_diag): a wrong guess is a wasted prefetch copy (and evicts an LRU entry)
+and the true expert is a miss fetched on demand after the prefetches (``prefetch_used`` counts the
+prefetched experts their block used, as ``ExpertPool.prefetch_used``): after
 block i the host routes block i+1 (a gate phase and a host sync) and copies its misses at once, after the
 compute queued so far (``ExpertPool.prefetch``); block i+1's fetch makes the compute stream wait for those
 copies when it uses a prefetched expert (``ExpertPool.fetch``: ``inflight`` / ``inflight_event``), so its
@@ -127,6 +131,10 @@ class InferConfig:
     slots: int | None = None  # ring slots K (None: from the budget)
     fallback_frac: float = 0.95
     predict: bool = False
+    # one-block-ahead predictor: the chance that each expert the predictor names for a token is one the token
+    # is then routed to (1.0: perfect); a wrong guess names another expert (popularity-weighted): its prefetch
+    # is wasted bandwidth and the true expert is fetched on demand (see `predict_accuracy` in validate_infer)
+    predict_accuracy: float = 1.0
     launch_s: float | None = None  # host seconds per kernel (None: CostModel.host_op_s)
     plan_batch: int | None = None  # batch the engine's memory plan was made for (default: batch)
     warmup_passes: int = 1  # prefill passes before the timed one (the bench warms up once)
@@ -149,6 +157,8 @@ class InferConfig:
                 raise SpecError(f"InferConfig.{name}: {name} ({getattr(self, name)}) must be >= 1")
         if self.slots is not None and self.slots < 1:
             raise SpecError(f"InferConfig.slots: slots ({self.slots}) must be >= 1")
+        if not 0 <= self.predict_accuracy <= 1:
+            raise SpecError(f"InferConfig.predict_accuracy: must be in [0, 1], got {self.predict_accuracy}")
         if not 0 < self.fallback_frac <= 1:
             raise SpecError(f"InferConfig.fallback_frac: fallback_frac ({self.fallback_frac}) must be in (0, 1]")
         if self.gpu_budget_bytes is not None and self.gpu_budget_bytes <= 0:
@@ -192,6 +202,23 @@ def sample_topk(p: np.ndarray, tokens: int, k: int, rng: np.random.Generator) ->
     (Gumbel top-k = successive sampling without replacement)."""
     g = np.log(np.maximum(p, 1e-300))[None, :] + rng.gumbel(size=(tokens, p.size))
     return np.argsort(-g, axis=1)[:, :k]
+
+
+def mispredict(ids: np.ndarray, p: np.ndarray, accuracy: float, rng: np.random.Generator) -> np.ndarray:
+    """A one-block-ahead predictor's guess of routing ``ids`` ([tokens, k]): each named expert is the true
+    one with probability ``accuracy``, else another expert not among the token's true ones, drawn with
+    probabilities ``p`` (the popularity)."""
+    out = ids.copy()
+    if accuracy >= 1.0:
+        return out
+    wrong = rng.random(ids.shape) >= accuracy
+    for t, j in zip(*np.nonzero(wrong)):
+        q = p.copy()
+        q[ids[t]] = 0.0
+        if q.sum() <= 0:
+            continue
+        out[t, j] = rng.choice(p.size, p=q / q.sum())
+    return out
 
 
 # ------------------------------------------------------------------------------------ the simulation
@@ -252,6 +279,7 @@ class InferenceResult:
     passes: dict = field(default_factory=dict)
     fetch_bytes_decode: float = 0.0  # expert-aware passes' copies (misses + prefetches), ring copies excluded
     prefetched: int = 0  # experts prefetched one block ahead (whole run)
+    prefetch_used: int = 0  # of them, those their block then used
     host_op_s: dict = field(default_factory=dict)  # (phase, batch) -> host seconds per kernel used
     compute_busy_s: float = 0.0
     copy_busy_s: float = 0.0
@@ -350,6 +378,8 @@ class InferenceRun:
         self.bytes_copied = 0.0
         self.fetch_bytes = 0.0
         self.prefetched = 0
+        self.prefetch_used = 0  # prefetched experts the block then used (ExpertPool.prefetch_used)
+        self.pending: set = set()  # prefetched keys not yet used by their block's fetch
         # ExpertPool.inflight / inflight_event: prefetched keys whose copy may still run, and the copy
         # stream's event after the last prefetch; a fetch that uses one makes the compute stream wait
         self.inflight: set = set()
@@ -520,6 +550,9 @@ class InferenceRun:
                     needed = sorted({int(e) for e in np.unique(ids)})
                     groups = len(needed)
                     miss = self.cache.fetch(b, needed)
+                    used = self.pending.intersection((b, e) for e in needed)
+                    self.prefetch_used += len(used)
+                    self.pending = {x for x in self.pending if x[0] != b}
                     if self.inflight.intersection((b, e) for e in needed):
                         # ExpertPool.fetch: a prefetched expert is used, the compute stream waits for the
                         # prefetch copies (one event covers every earlier copy on the copy stream)
@@ -539,10 +572,12 @@ class InferenceRun:
                 if not gev.processed:
                     yield gev
                 ids_n = sample_topk(self.popularity, T, m.top_k, self.rng)
-                predicted[nxt] = ids_n
-                miss_n = self.cache.fetch(nxt, sorted({int(e) for e in np.unique(ids_n)}), count=False)
+                predicted[nxt] = ids_n  # the routing block nxt will use
+                guess = mispredict(ids_n, self.popularity, cfg.predict_accuracy, self.rng)
+                miss_n = self.cache.fetch(nxt, sorted({int(e) for e in np.unique(guess)}), count=False)
                 if miss_n:
                     self.prefetched += len(miss_n)
+                    self.pending.update(miss_n)
                     self.inflight_event = yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
                     self.inflight.update((nxt, e) for _, e in miss_n)
         yield from self._phase(prog.head, costs.head(batch), "head_fwd", -1)
@@ -584,7 +619,8 @@ class InferenceRun:
             prefill_s=out["prefill_s"], decode_s=out["decode_s"], batch=self.cfg.batch, prompt_len=self.cfg.prompt_len,
             gen_len=self.cfg.gen_len, plan=self.plan, bytes_copied_decode=out["bytes_decode"], hits=out["hits"],
             misses=out["misses"], passes=dict(self.passes), compute_busy_s=self.compute.busy, copy_busy_s=self.copy.busy,
-            fetch_bytes_decode=out["fetch_decode"], prefetched=self.prefetched, host_op_s=dict(self.rates),
+            fetch_bytes_decode=out["fetch_decode"], prefetched=self.prefetched, prefetch_used=self.prefetch_used,
+            host_op_s=dict(self.rates),
         )
 
 

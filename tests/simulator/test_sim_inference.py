@@ -293,3 +293,36 @@ def test_cost_reads_the_kernels_profile_schema(tmp_path):
         torch_first.matmul(256, 1536, 1024)  # borrows the nearest measured shape
     with pytest.warns(UserWarning, match="roofline"):
         torch_first.matmul(4096, 1024, 1024)  # outside the measured m range
+
+
+def test_mispredict_keeps_accuracy_share_and_never_names_a_true_expert_twice():
+    from simulator.workload.inference import mispredict, sample_topk
+
+    rng = np.random.default_rng(0)
+    p = np.full(8, 1 / 8)
+    ids = sample_topk(p, 4000, 2, rng)
+    assert (mispredict(ids, p, 1.0, rng) == ids).all()
+    g = mispredict(ids, p, 0.75, rng)
+    assert np.mean(g == ids) == pytest.approx(0.75, abs=0.02)
+    # a wrong guess is an expert the token is not routed to
+    wrong = g != ids
+    assert not any(g[t, j] in ids[t] for t, j in zip(*np.nonzero(wrong)))
+    with pytest.raises(SpecError, match="predict_accuracy"):
+        InferConfig(mode="expert", predict=True, predict_accuracy=1.5)
+
+
+def test_imperfect_predictor_wastes_prefetches_and_copies_more():
+    """A wrong one-block-ahead guess prefetches an expert the block does not use (ExpertPool.prefetch_used
+    counts the used ones) and the true expert is fetched on demand: more bytes, fewer hits."""
+    m = tiny(layers=4, experts=8, top_k=2)
+    out = {}
+    for acc in (1.0, 0.5):
+        sim = Sim(make_cluster(gpn=1), profile=None)
+        cfg = InferConfig(mode="expert", batch=1, prompt_len=16, gen_len=8, slots=1, launch_s=0.0, predict=True,
+                          predict_accuracy=acc)
+        out[acc] = InferenceRun(m, cfg, sim, costs=FixedCosts(experts_s=1e-6)).run()
+    perfect, half = out[1.0], out[0.5]
+    assert perfect.prefetch_used == perfect.prefetched > 0
+    assert half.prefetch_used < half.prefetched
+    assert half.fetch_bytes_decode > perfect.fetch_bytes_decode
+    assert half.hit_rate < perfect.hit_rate

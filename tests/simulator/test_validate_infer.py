@@ -185,7 +185,8 @@ def test_expert_rows_at_the_ring_fallback_batch():
             assert d.loc[(mode, 16, metric), "predicted"] == 0.0
             assert "ring fallback" in d.loc[(mode, 16, metric), "note"]
         assert d.loc[(mode, 1, "decode_GB_copied_per_step"), "predicted"] > 1.0
-    assert d.loc[("expert", 1, "prefetched_used_frac"), "predicted"] == 1.0
+    # the predictor at the diagnostic's measured accuracy: some prefetches are wasted
+    assert 0.5 < d.loc[("expert", 1, "prefetched_used_frac"), "predicted"] < 1.0
     assert d.loc[("expert", 16, "decode_GB_copied_per_step"), "status"] == "validated"
 
 
@@ -199,3 +200,17 @@ def test_probe_run_expert_and_resident_prefill_rows():
                 ("resident", 1, "block_compute_ms"), ("resident", 4, "prefill_tokens_per_s")):
         assert abs(run.loc[key, "error"]) <= 0.10, key
     assert len(run) >= 100 and run["within_10pct"].astype(bool).sum() >= 0.9 * len(run)
+
+
+def test_predict_accuracy_from_the_engine_diagnostic(tmp_path):
+    """Wasted prefetch bytes (predicting run minus non-predicting run at B = 1, same greedy routing) over the
+    prefetched bytes of the diagnostic's timeline; 1.0 without a diagnostic."""
+    (tmp_path / "steps.csv").write_text("case,batch,decode_ms_per_step,prefill_ms,copies,bytes_copied\n"
+                                        "expert_nopred,1,1,1,10,1000\nexpert,1,1,1,12,1300\nexpert_nopred,2,1,1,9,5000\n")
+    (tmp_path / "timeline.csv").write_text("case,phase,layer,step,start_s,end_s,bytes,resource\n"
+                                           "expert,h2d_prefetch,1,1,0,1,600,pcie_h2d\n"
+                                           "expert,h2d_prefetch,2,1,1,2,600,pcie_h2d\n"
+                                           "expert,h2d_experts,0,1,0,1,999,pcie_h2d\n")
+    assert V.predict_accuracy(tmp_path) == pytest.approx(1 - 300 / 1200)
+    assert V.predict_accuracy(tmp_path / "absent") == 1.0
+    assert 0.5 < V.predict_accuracy() < 1.0  # the committed H100 diagnostic
