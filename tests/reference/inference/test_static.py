@@ -201,6 +201,7 @@ def test_bench_issue7_quick_host_probe(tmp_path):
     widths, per mode and batch), and the simulator's use of the probe rows of that run."""
     import csv
 
+    import numpy as np
     import pandas as pd
 
     from reference.inference import bench
@@ -219,11 +220,12 @@ def test_bench_issue7_quick_host_probe(tmp_path):
     assert got[("ring", 2, "budget_K")] == 1
     assert got[("ring", 1, "host_decode_copies_per_step")] == L == got[("ring", 2, "host_prefill_copies")]
     # the simulator: probe rows are inputs; a resident decode step (tiny widths: host-bound on the H100)
-    # takes about the probe's measured step
+    # takes about the probe's measured step, the median over the probed batches of the same code path
+    # (`HostProbe.rate`; the same kernels at B = 1 and 2, so the median of the steps)
     d = V.predict_all(pd.read_csv(tmp_path / "infer_rows.csv", dtype={"commit": str})).set_index(
         ["mode", "batch", "metric"])
     assert (d.loc[[k for k in d.index if k[2].startswith("host_")], "status"] == "input").all()
-    step = got[("resident", 1, "host_decode_ms_per_step")]
+    step = float(np.median([got[("resident", B, "host_decode_ms_per_step")] for B in (1, 2)]))
     assert 1.0 / step * 1e3 * 0.8 < d.loc[("resident", 1, "decode_tokens_per_s"), "predicted"] <= 1e3 / step * 1.0001
 
 
