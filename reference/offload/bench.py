@@ -71,6 +71,7 @@ from pathlib import Path
 
 import torch
 
+from semoe.io import git_commit
 from simulator.validate_offload import config_string  # torch- and pandas-free at import
 
 COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "value")
@@ -79,17 +80,6 @@ GB = 1e9
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _commit() -> str:
-    env = os.environ.get("SEMOE_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Rows:
@@ -103,7 +93,7 @@ class Rows:
         if new:
             self.w.writerow(COLUMNS)
         self.date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.commit, self.device = _commit(), device
+        self.commit, self.device = git_commit(), device
         self.count = 0
 
     def add(self, config: str, placement: str, prefetch: str, metric: str, value) -> None:

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime as dt
 import gc
 import json
 import statistics
@@ -44,39 +42,10 @@ from pathlib import Path
 
 import torch
 
-COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "value")
+from reference.offload.bench import Rows, _bf16_experts, log
+
 CASES = (("gpu", True), ("gpu", False), ("cpu", True), ("cpu", False))
 GB = 1e9
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class Rows:
-    """Appends rows to DIR/offload_2d.csv, flushed after each one."""
-
-    def __init__(self, path: Path, device: str) -> None:
-        from semoe.io import git_commit
-
-        new = not path.is_file() or path.stat().st_size == 0
-        self.fh = path.open("a", newline="")
-        self.w = csv.writer(self.fh)
-        if new:
-            self.w.writerow(COLUMNS)
-        self.date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.commit, self.device, self.count = git_commit(), device, 0
-
-    def add(self, config: str, placement: str, prefetch: str, metric: str, value) -> None:
-        if isinstance(value, float):
-            value = f"{value:.6g}"
-        self.w.writerow([self.date, self.commit, self.device, config, placement, prefetch, metric, value])
-        self.fh.flush()
-        self.count += 1
-        log(f"  {placement} {prefetch}: {metric} = {value}")
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 class SpanLog:
@@ -167,24 +136,6 @@ def summarise_trace(rows: list, steps: set[int]) -> dict:
         out["h2d_fwd_ms_per_step"] = 1e3 * fwd_fetch / n
         out["h2d_fwd_overlap_frac"] = covered / fwd_fetch if fwd_fetch > 0 else 0.0
     return out
-
-
-def _bf16_experts(model) -> None:
-    """All-in-HBM baseline: experts run on bf16 copies of their fp32 weights through the torch dispatch +
-    grouped-experts path, as the offload pool's bf16 slots do (the same as reference.offload.bench's)."""
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    for layer in model.moe_layers():
-        layer.backend = "torch"
-        ex = layer.experts
-        orig = type(ex).forward
-
-        def fwd(x, counts=None, ex=ex, orig=orig):
-            params = {n: p.to(torch.bfloat16) for n, p in ex.named_parameters(recurse=False)}
-            with _reparametrize_module(ex, params):
-                return orig(ex, x.to(torch.bfloat16), counts)
-
-        ex.forward = fwd
 
 
 def run_case(spec, batch: int, seq: int, placement: str, prefetch: bool, steps: int, warmup: int, micro: int,

@@ -113,7 +113,8 @@ def test_world1_zero3_with_offload_and_cli_checks(tmp_path, capsys):
 
 def test_bench_2d_quick_writes_every_case_with_gather_and_fetch_metrics(tmp_path):
     """The H100 benchmark end to end on the CPU (--quick), so the GPU run cannot die on a typo."""
-    from reference.offload.bench_2d import CASES, COLUMNS, main
+    from reference.offload.bench import COLUMNS
+    from reference.offload.bench_2d import CASES, main
 
     out = tmp_path / "out"
     assert main(["--out", str(out), "--quick", "--budget-s", "120"]) == 0
