@@ -335,11 +335,10 @@ def sweep_host(p: Profile, device: str = "cuda") -> None:
     for backend, impl in (("torch", "reference"), ("triton", "reference_triton")):
         if backend not in wanted or (backend == "triton" and device != "cuda"):
             continue
-        os.environ["SEMOE_MOE_BACKEND"] = backend
-        try:
+        from reference.moe.layer import moe_backend_env
+
+        with moe_backend_env(backend):
             _host_reference(p, device, impl, sync)
-        finally:
-            del os.environ["SEMOE_MOE_BACKEND"]
 
 
 def _host_reference(p: Profile, device: str, impl: str, sync) -> None:

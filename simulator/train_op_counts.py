@@ -287,6 +287,26 @@ def _tiny_model(m):
     return m.replace(name="ops", **TINY)
 
 
+def _tiny_trainer(m, adamw: str, backend: str, device: str):
+    """(tiny spec, fp32 model on ``device`` built under MoE ``backend``, AdamW as the reference trainer
+    configures it: GPT-2 decay groups, ``adamw`` fused or foreach) for the tiny-width copy of ``m``."""
+    import torch
+
+    from reference.model import MoEDecoder
+    from reference.moe.layer import moe_backend_env
+
+    with moe_backend_env(backend):
+        tiny = _tiny_model(m)
+        torch.manual_seed(0)
+        model = MoEDecoder(tiny, seed=0).to(device=torch.device(device), dtype=torch.float32)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    kw = {"fused": True} if adamw == "fused" else {"foreach": True}
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, **kw)
+    return tiny, model, opt
+
+
 def count_step(m, adamw: str = "fused", backend: str = "torch", device: str = "cpu",
                batch: int = TINY_BATCH, seq: int = TINY_SEQ, mem_out: list | None = None) -> list[dict]:
     """Table rows of one training step of (the tiny-width copy of) model ``m``'s structure, recorded on
@@ -294,7 +314,6 @@ def count_step(m, adamw: str = "fused", backend: str = "torch", device: str = "c
     (`MEM_COLUMNS`, `mem_rows`) are appended to it."""
     import torch
 
-    from reference.model import MoEDecoder
     from reference.op_count import count_ops
     from reference.train import TrainConfig, after_step
 
@@ -302,26 +321,9 @@ def count_step(m, adamw: str = "fused", backend: str = "torch", device: str = "c
         raise ValueError(f"train_op_counts: adamw must be one of {ADAMWS}, got {adamw!r}")
     if backend not in BACKENDS:
         raise ValueError(f"train_op_counts: backend must be one of {BACKENDS}, got {backend!r}")
-    import os
-
-    old = os.environ.get("SEMOE_MOE_BACKEND")
-    os.environ["SEMOE_MOE_BACKEND"] = backend
-    try:
-        tiny = _tiny_model(m)
-        torch.manual_seed(0)
-        dev = torch.device(device)
-        model = MoEDecoder(tiny, seed=0).to(device=dev, dtype=torch.float32)
-    finally:
-        if old is None:
-            del os.environ["SEMOE_MOE_BACKEND"]
-        else:
-            os.environ["SEMOE_MOE_BACKEND"] = old
+    tiny, model, opt = _tiny_trainer(m, adamw, backend, device)
+    dev = torch.device(device)
     cfg = TrainConfig(batch_size=batch, seq_len=seq)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = {"fused": True} if adamw == "fused" else {"foreach": True}
-    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, **kw)
     amp = torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, tiny.vocab, (batch, seq), generator=gen).to(dev)
@@ -578,34 +580,17 @@ def time_parts(m, adamw: str = "fused", backend: str = "torch", device: str = "c
     the autograd graph; ``bwd``: the backward; ``opt``: clipping, AdamW and the bias update) for the tiny-width
     copy of ``m``: the GPU work of each kernel is shorter than its issue, so the median wall time of a part
     (synchronised at its end) over its kernels is the host's rate."""
-    import os
     import statistics
     import time
 
     import torch
 
-    from reference.model import MoEDecoder
     from reference.op_count import count_ops
     from reference.train import TrainConfig, after_step
 
-    old = os.environ.get("SEMOE_MOE_BACKEND")
-    os.environ["SEMOE_MOE_BACKEND"] = backend
-    try:
-        tiny = _tiny_model(m)
-        torch.manual_seed(0)
-        dev = torch.device(device)
-        model = MoEDecoder(tiny, seed=0).to(device=dev, dtype=torch.float32)
-    finally:
-        if old is None:
-            del os.environ["SEMOE_MOE_BACKEND"]
-        else:
-            os.environ["SEMOE_MOE_BACKEND"] = old
+    tiny, model, opt = _tiny_trainer(m, adamw, backend, device)
+    dev = torch.device(device)
     cfg = TrainConfig(batch_size=TINY_BATCH, seq_len=TINY_SEQ)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    kw = {"fused": True} if adamw == "fused" else {"foreach": True}
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8, **kw)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, tiny.vocab, (TINY_BATCH, TINY_SEQ), generator=gen).to(dev)
     y = torch.randint(0, tiny.vocab, (TINY_BATCH, TINY_SEQ), generator=gen).to(dev)

@@ -100,16 +100,11 @@ def host_op_s() -> float:
     a tiny MoEDecoder forward, torch MoE backend): the simulator's host-time input for this run's rows."""
     from kernels.profile import Profile, _host_reference
 
+    from reference.moe.layer import moe_backend_env
+
     prof = Profile(DEV, 1e9)
-    old = os.environ.get("SEMOE_MOE_BACKEND")
-    os.environ["SEMOE_MOE_BACKEND"] = "torch"
-    try:
+    with moe_backend_env("torch"):
         _host_reference(prof, DEV, "reference", sync)
-    finally:
-        if old is None:
-            del os.environ["SEMOE_MOE_BACKEND"]
-        else:
-            os.environ["SEMOE_MOE_BACKEND"] = old
     return float(prof.rows[-1]["time_s"])
 
 

@@ -27,6 +27,7 @@ i.e. only the residual connection outside this layer carries it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from typing import Literal
@@ -42,6 +43,21 @@ STAT_KEYS: tuple[str, ...] = ("dropped_fraction", "tokens_per_expert")
 ExpertsImpl = Literal["grouped", "sequential"]
 Backend = Literal["torch", "triton", "auto"]
 BACKENDS: tuple[str, ...] = ("torch", "triton", "auto")
+
+
+@contextlib.contextmanager
+def moe_backend_env(backend: str):
+    """``SEMOE_MOE_BACKEND=backend`` for the ``with`` block (what ``auto`` resolves to, `resolve_backend`), the
+    previous value (or its absence) restored after it."""
+    old = os.environ.get("SEMOE_MOE_BACKEND")
+    os.environ["SEMOE_MOE_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SEMOE_MOE_BACKEND", None)
+        else:
+            os.environ["SEMOE_MOE_BACKEND"] = old
 
 
 def resolve_backend(backend: str) -> str:
