@@ -36,14 +36,6 @@ ROPE_KW = dict(position="rope", kv_heads=2, activation="swiglu", bias=True, norm
                tied_embeddings=False, shared_experts=1, moe_every=2, top_k=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_store(tmp_path, spec: ModelSpec, seed: int = 0):
     model = MoEDecoder(spec, seed=seed).eval()
     save_model(model, tmp_path / "store")

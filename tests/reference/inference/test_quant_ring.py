@@ -36,14 +36,6 @@ ROPE_KW = dict(position="rope", kv_heads=2, activation="swiglu", bias=True, norm
 ARCHS = pytest.mark.parametrize("kw", [{}, ROPE_KW], ids=["learned_gelu", "rope_gqa_swiglu_shared"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(**kw) -> ModelSpec:
     base = dict(layers=4, experts=8, dtype="fp32")
     base.update(kw)

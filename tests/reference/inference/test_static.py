@@ -25,14 +25,6 @@ ROPE_KW = dict(position="rope", kv_heads=2, activation="swiglu", bias=True, norm
                tied_embeddings=False, shared_experts=1, moe_every=2, top_k=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def setup(tmp_path, **kw):
     spec = model_preset("tiny").replace(layers=4, experts=8, dtype="fp32", **kw)
     model = MoEDecoder(spec, seed=0).eval()
