@@ -13,18 +13,27 @@ engine's copies / SSD I/O / CPU Adam / cache events plus one ``step`` row per st
    and read (after ``posix_fadvise(DONTNEED)``) bandwidth of a 512 MiB file; the engine's own block calls, write-backs
    and reads alternating as on its I/O thread: ``ssd_block_read_GBps`` (`SSDStore.read` into a fresh tensor +
    crc32, from the device), ``ssd_block_write_GBps`` (the timed temp-file create + write + fsync) and
-   ``ssd_block_rewrite_prep_GBps`` (crc32 + the rename that replaces, and so unlinks, the block's old version); the isolated fused AdamW (``cpu_adam_*Mparams_per_s``); then
+   ``ssd_block_rewrite_prep_GBps`` (crc32 + the rename that replaces, and so unlinks, the block's old version);
+   the engine's I/O cycle (`measure_ssd_cycle`, task hB: 8 expert-state blocks read back one cycle after they were
+   written, then written back over their old versions, 3 cycles: ``ssd_cycle_{read,write,prep}_GBps``); the
+   isolated fused AdamW (``cpu_adam_*Mparams_per_s``); then
    ``cpu_adam_engine``: the engine's per-layer AdamW (`reference.offload.cpu_adam.adamw_layer_`, what
    ``ExpertOffload._adam`` runs) on the layer shapes of (a) and (b), bf16 and fp32 gradients, alone and under
    the load of a training step (`_Load`: a CUDA matmul loop whose host thread spin-waits or sleeps, pinned H2D +
    D2H copies on a side stream, the SSD I/O thread), on the main thread or on a worker thread as the engine runs
-   it (`ADAM_LOADS_CUDA`), one ``cpu_adam_engine_Mparams_per_s`` row per (layer, gradient dtype, load) with the
-   load in the ``placement`` column (`measure_engine_adam`, about 30 s). ``--configs bandwidth`` alone: < 90 s.
+   it, with the engine's intra-op thread count or the one the load names (``:t<N>``, ``:tall``: torch's default)
+   (`ADAM_LOADS_CUDA`), one ``cpu_adam_engine_Mparams_per_s`` row per (layer, gradient dtype, load) with the
+   load in the ``placement`` column, and the I/O thread's block rates beside the update (`SSD_BESIDE_ADAM`)
+   (`measure_engine_adam`, about 30 s). ``--configs bandwidth`` alone: < 90 s.
 2. ``a_compute_bound``: a GPT-MoE that fits in HBM (see NOTES.md for why it is compute-bound): all
    in HBM (``gpu``), then ``cpu`` and ``ssd`` placements with prefetch depth 1 (on) and 0 (off).
    Metrics: step_ms (median over the timed steps), tokens_per_s, peak_mem_gb, h2d_gb_per_step,
    d2h_gb_per_step, fetch_hit_rate, cache_hit_rate (ssd), cpu_adam_ms_per_step, host_wait_ms_per_step,
-   ratio_vs_gpu.
+   ratio_vs_gpu, threads_main / threads_adam / threads_io (the engine's intra-op thread counts, read inside its
+   threads).
+   Thread A/B (task hB, ``--no-thread-ab`` to skip): (a) ssd on and (b) cpu on once more with the engine's AdamW on
+   torch's default threads (``ExpertOffload(adam_threads=0)``, the engine before hB), label ``<label>_torch_threads``,
+   traces ``ab_trace_*.csv``; they run after (b), so a short budget skips them first.
 3. ``b_over_budget``: a model whose total training states (16 bytes per parameter) are >= 3x a GPU
    memory budget enforced with ``torch.cuda.set_per_process_memory_fraction``; ssd placement with an
    LFU CPU cache, and cpu placement. tokens_per_s, cache_hit_rate, states_gb, budget_gb.
@@ -124,6 +133,16 @@ def specs(quick: bool, args) -> dict:
     b = tiny.replace(name="bench_b_over_budget", layers=args.b_layers, hidden=args.b_hidden, ffn=args.b_ffn,
                      experts=args.b_experts, **common)
     return {"a": (a, args.a_batch, args.seq), "b": (b, args.b_batch, args.seq)}
+
+
+AB_SUFFIX = "_torch_threads"  # label suffix of the A/B cases: the engine's AdamW on torch's default threads
+
+
+def ab_label(config: str) -> str:
+    """The A/B twin of a case's ``config``: its label + `AB_SUFFIX` (``ExpertOffload(adam_threads=0)``: one
+    intra-op thread per core, the engine before task hB), the rest unchanged."""
+    label, _, rest = config.partition(" ")
+    return f"{label}{AB_SUFFIX} {rest}"
 
 
 def cache_per_layer(spec, frac: float) -> int:
@@ -232,6 +251,7 @@ def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
     import shutil
 
     shutil.rmtree(ssd_dir / "prep_probe", ignore_errors=True)
+    measure_ssd_cycle(rows, ssd_dir, quick)
     n = (8 << 20) if quick else (512 << 20)
     ssd_dir.mkdir(parents=True, exist_ok=True)
     path = ssd_dir / "bandwidth_probe.bin"
@@ -251,24 +271,92 @@ def measure_bandwidth(rows: Rows, ssd_dir: Path, quick: bool) -> None:
     path.unlink(missing_ok=True)
 
 
+SSD_CYCLE = ("ssd_cycle_read_GBps", "ssd_cycle_write_GBps", "ssd_cycle_prep_GBps")
+
+
+def measure_ssd_cycle(rows: Rows, ssd_dir: Path, quick: bool, block_numel: int | None = None, blocks: int | None = None,
+                      cycles: int = 3) -> dict[str, float]:
+    """The engine's SSD I/O cycle on one thread, with nothing beside it (task hB): per step the I/O thread reads
+    the uncached states (each `SSDStore.read` into a freshly allocated tensor, crc32 checked) that it wrote back
+    one step earlier (no page-cache drop: whatever the OS kept of them, as in the run), then writes the updated
+    states back over them (`SSDStore.write`: crc32, temp file + fsync, the rename that unlinks the old version).
+    ``blocks`` blocks of ``block_numel`` fp32 (default 8 of 3 x 8M: the bench's expert state, 8 uncached per step
+    as in (a)), written once, then ``cycles`` x (read all, write all). Rows (config ``bandwidth``, placement
+    ``ssd``): `SSD_CYCLE` = bytes over the timed reads, over the timed writes (create + write + fsync), and over
+    the rest of each write call (crc32 + rename over the old version); returns them."""
+    import shutil
+
+    from reference.offload.ssd import SSDStore
+
+    numel = block_numel or ((1 << 20) if quick else 3 * (8 << 20))
+    k = blocks or (4 if quick else 8)
+    root = ssd_dir / "cycle_probe"
+    shutil.rmtree(root, ignore_errors=True)
+    timed: dict[str, list[float]] = {"ssd_read": [], "ssd_write": []}
+    store = SSDStore(root, on_io=lambda kind, key, nb, t0, t1: timed[kind].append(t1 - t0))
+    src = torch.randn(numel)
+    try:
+        for i in range(k):
+            store.write((0, i), src)
+        timed["ssd_write"].clear()
+        prep = []
+        for _ in range(cycles):
+            for i in range(k):
+                store.read((0, i), torch.empty(numel))
+            for i in range(k):
+                t = time.perf_counter()
+                store.write((0, i), src)
+                prep.append(time.perf_counter() - t - timed["ssd_write"][-1])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    nbytes = numel * 4
+    out = {}
+    for metric, ts in zip(SSD_CYCLE, (timed["ssd_read"], timed["ssd_write"], prep)):
+        out[metric] = nbytes * len(ts) / max(sum(ts), 1e-9) / GB
+        rows.add("bandwidth", "ssd", "-", metric, out[metric])
+    return out
+
+
 # ------------------------------------------------------------------ the engine's CPU AdamW, alone and under load
 ENGINE_ADAM_METRIC = "cpu_adam_engine_Mparams_per_s"
-# what runs beside the update (the ``placement`` column of the probe's rows): ``<parts>[@worker]``; parts joined by
-# "+" (`_Load`: ``gpu`` a matmul loop whose host thread spin-waits in torch.cuda.synchronize, ``gpusleep`` the same
-# loop waiting on a blocking-sync event (the host thread sleeps), ``pcie`` pinned copies beside it, ``ssd`` the
-# I/O thread), ``alone`` for none; ``@worker``: the update runs on a worker thread (ThreadPoolExecutor(1), as
-# ExpertOffload._worker runs it) while the main thread waits on its future (as the training thread waits on
-# _wait_update), else on the main thread (the probe of run 0252961). On the CPU the engine's executors are inline,
-# so ``alone`` is its thread role there; ``alone@worker`` and the SSD thread are probed so CI runs every path.
-ADAM_LOADS_CUDA = ("alone", "alone@worker", "gpu", "gpu@worker", "gpusleep@worker", "gpu+pcie+ssd@worker")
-ADAM_LOADS_CPU = ("alone", "alone@worker", "ssd")
+# what runs beside the update (the ``placement`` column of the probe's rows): ``<parts>[@worker[:t<N>|:tall]]``;
+# parts joined by "+" (`_Load`: ``gpu`` a matmul loop whose host thread spin-waits in torch.cuda.synchronize,
+# ``gpusleep`` the same loop waiting on a blocking-sync event (the host thread sleeps), ``pcie`` pinned copies beside
+# it, ``ssd`` the I/O thread), ``alone`` for none; ``@worker``: the update runs on a worker thread
+# (ThreadPoolExecutor(1), as ExpertOffload._worker runs it) while the main thread waits on its future (as the
+# training thread waits on _wait_update), else on the main thread (the probe of run 0252961). The worker's intra-op
+# threads (task hB): the engine's own count (`reference.offload.cpu_adam.adam_threads`: cores minus the training
+# and I/O threads) by default, ``:t<N>`` N of them, ``:tall`` torch's default (one per core: the engine before hB).
+# On the CPU the engine's executors are inline, so ``alone`` is its thread role there; the worker and the SSD
+# thread are probed so CI runs every path.
+ADAM_LOADS_CUDA = ("alone", "alone@worker", "alone@worker:t1", "alone@worker:t2", "alone@worker:t4", "alone@worker:t8",
+                   "alone@worker:tall", "gpu@worker", "gpu@worker:tall", "gpu+pcie+ssd@worker",
+                   "gpu+pcie+ssd@worker:tall")
+ADAM_LOADS_CPU = ("alone", "alone@worker", "alone@worker:t1", "ssd@worker")
+# the SSD I/O thread's block reads and writes while the update runs beside it (loads with ``ssd``): diagnostics
+SSD_BESIDE_ADAM = ("ssd_beside_adam_read_GBps", "ssd_beside_adam_write_GBps")
+
+
+def adam_load_threads(load: str, engine: int, default: int) -> int | None:
+    """The intra-op threads a probe load's update runs with: None on the main thread (its own count), else the
+    worker's: ``engine`` (the engine's rule) unless ``:t<N>`` (N) or ``:tall`` (``default``, torch's) says."""
+    _, _, role = load.partition("@")
+    if not role:
+        return None
+    spec = role.partition(":")[2]
+    if not spec:
+        return engine
+    return default if spec == "tall" else int(spec[1:])
 
 
 def parse_adam_load(load: str) -> tuple[set[str], bool]:
     """``placement`` of a probe row -> (the `_Load` parts, whether the update ran on a worker thread)."""
     name, _, role = load.partition("@")
-    if role not in ("", "worker"):
+    role, _, threads = role.partition(":")
+    if role not in ("", "worker") or (threads and not role):
         raise ValueError(f"bench: AdamW load {load!r}: thread role must be '@worker' or nothing")
+    if threads and not (threads == "tall" or (threads[:1] == "t" and threads[1:].isdigit() and int(threads[1:]) > 0)):
+        raise ValueError(f"bench: AdamW load {load!r}: worker threads must be ':t<N>' (N >= 1) or ':tall'")
     parts = set() if name == "alone" else set(name.split("+"))
     bad = parts - {"gpu", "gpusleep", "pcie", "ssd"}
     if bad:
@@ -320,6 +408,7 @@ class _Load:
         self.threads: list = []
         self.errors: list[str] = []
         self.rounds = {"gpu": 0, "ssd": 0}
+        self.io: dict[str, list[tuple[int, float]]] = {"ssd_read": [], "ssd_write": []}  # (bytes, s) after ready
 
     def _gpu(self, ready) -> None:
         import contextlib
@@ -368,10 +457,12 @@ class _Load:
         from reference.offload.ssd import SSDStore
 
         try:
-            store = SSDStore(self.ssd_dir)
+            live = []
+            store = SSDStore(self.ssd_dir, on_io=lambda kind, key, nb, t0, t1: live and self.io[kind].append((nb, t1 - t0)))
             blk = torch.randn(self.block_numel)
             buf = torch.empty_like(blk)
             store.write((0, 0), blk)
+            live.append(True)
             ready.set()
             i = 0
             while not self.stop.is_set():
@@ -419,23 +510,45 @@ def measure_engine_adam(rows: Rows, ssd_dir: Path, quick: bool, layers: dict, re
     median time of ``reps`` calls after one warm-up call). The states are laid out as the engine's tiers hold
     them: one ``[E, 3, P]`` tensor (pinned on CUDA, tier ``cpu``), or under a load with ``ssd`` one unpinned
     ``[3, P]`` tensor per expert (tier ``ssd``). A load ending in ``@worker`` runs each call on one worker thread
-    (the engine's thread role, `parse_adam_load`), timed there. Also writes ``cpu_threads_worker``, the worker's
-    ``torch.get_num_threads()``. Returns ``{(config, load): Mparams/s}``."""
+    (the engine's thread role, `parse_adam_load`), timed there, with the engine's intra-op thread count unless the
+    load names another (`adam_load_threads`). Also writes ``cpu_threads_worker`` (the engine-count worker's
+    ``torch.get_num_threads()``, read inside it) and ``cpu_threads_main``, and for loads with ``ssd`` the I/O
+    thread's own block read / write rates while the update ran beside it (`SSD_BESIDE_ADAM`, config
+    ``cpu_adam_engine E<n> P<n> grad=-``). Returns ``{(config, load): Mparams/s}``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from reference.offload.cpu_adam import adamw_layer_, expert_layout
+    from reference.offload.cpu_adam import adam_threads, adamw_layer_, expert_layout
 
     cuda = torch.cuda.is_available()
     loads = ADAM_LOADS_CUDA if cuda else ADAM_LOADS_CPU
     reps = reps or (2 if quick else 3)
-    # the engine's optimizer thread: one worker, as ExpertOffload._worker; its intra-op thread count is recorded
-    # beside the main thread's (cpu_threads), since torch's OpenMP setting is per thread
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adam-worker")
+    # the engine's optimizer thread: one worker, as ExpertOffload._worker, with the engine's intra-op thread count
+    # set inside it (torch's OpenMP setting is per thread); the count read back there is recorded
+    # (cpu_threads_worker), and one worker per other count the loads name
+    main = torch.get_num_threads()
+    engine_n = adam_threads()
+    workers: dict[int, ThreadPoolExecutor] = {}
+
+    def worker(n: int) -> ThreadPoolExecutor:
+        if n not in workers:
+            workers[n] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adam-worker",
+                                            initializer=torch.set_num_threads, initargs=(n,))
+            got = workers[n].submit(torch.get_num_threads).result()
+            torch.set_num_threads(main)  # (set_num_threads also changes the default of threads started later)
+            if got != n:  # recorded, not fatal: the rows then say what the worker really ran with
+                log(f"    a worker set to {n} intra-op threads reports {got}")
+                rows.add("bandwidth", "cpu", "-", f"cpu_threads_worker_set{n}", got)
+        return workers[n]
+
     try:
-        rows.add("bandwidth", "cpu", "-", "cpu_threads_worker", worker.submit(torch.get_num_threads).result())
-        return _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, adamw_layer_, expert_layout)
+        rows.add("bandwidth", "cpu", "-", "cpu_threads_worker", worker(engine_n).submit(torch.get_num_threads).result())
+        rows.add("bandwidth", "cpu", "-", "cpu_threads_main", torch.get_num_threads())
+        return _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda,
+                                  lambda load: (None if (n := adam_load_threads(load, engine_n, main)) is None
+                                                else worker(n)), adamw_layer_, expert_layout)
     finally:
-        worker.shutdown(wait=True)
+        for w in workers.values():
+            w.shutdown(wait=True)
 
 
 def _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, adamw_layer_, expert_layout) -> dict:
@@ -460,6 +573,7 @@ def _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, 
         states_cpu = [(e, state[e]) for e in range(E)]
         states_ssd = None
         step = 0
+        scratch: dict = {}  # the upcast buffers of adamw_layer_ (the engine keeps one per optimizer thread)
         for load in loads:
             parts, on_worker = parse_adam_load(load)
             states = states_cpu
@@ -469,21 +583,22 @@ def _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, 
                 states = states_ssd
             got = {}
             try:
-                with _Load(parts, ssd_dir / "adam_load", (1 << 18) if quick else 3 * P):
+                with _Load(parts, ssd_dir / "adam_load", (1 << 18) if quick else 3 * P) as ld:
                     for gname, g in grads.items():
                         ts = []
                         for _ in range(1 + reps):
                             step += 1
 
                             def call(g=g, step=step, states=states, offsets=offsets, decay=decay,
-                                     mirror=mirror) -> float:  # timed on the thread that runs it
+                                     mirror=mirror, scratch=scratch) -> float:  # timed on the thread that runs it
                                 t = time.perf_counter()
                                 adamw_layer_(states, g, mirror, offsets, decay, step=step, lr=1e-4, beta1=0.9,
-                                             beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused")
+                                             beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused", scratch=scratch)
                                 return time.perf_counter() - t
 
-                            ts.append(worker.submit(call).result() if on_worker else call())
+                            ts.append(worker(load).submit(call).result() if on_worker else call())
                         got[adam_probe_config(E, P, gname)] = E * P / statistics.median(ts[1:]) / 1e6
+                    io = {k: list(v) for k, v in ld.io.items()}
             except Exception as e:  # noqa: BLE001 - a failed load must not cost the other loads' rows
                 log(f"    engine AdamW {label} under {load} failed: {type(e).__name__}: {str(e)[:300]}")
                 rows.add(adam_probe_config(E, P, "-"), load, "-", "error", 1)
@@ -491,6 +606,10 @@ def _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, 
             for cfg, rate in got.items():  # only once the load ran throughout
                 out[(cfg, load)] = rate
                 rows.add(cfg, load, "-", ENGINE_ADAM_METRIC, rate)
+            for (kind, ops), metric in zip(io.items(), SSD_BESIDE_ADAM):  # the I/O thread's calls beside the update
+                if ops:
+                    rows.add(adam_probe_config(E, P, "-"), load, "-", metric,
+                             sum(b for b, _ in ops) / max(sum(t for _, t in ops), 1e-9) / GB)
             log(f"    engine AdamW {label} (E{E} P{P}) under {load}: done")
         del state, grads, mirror, states, states_cpu, states_ssd
         gc.collect()
@@ -517,10 +636,12 @@ def _bf16_experts(model) -> None:
 
 def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int, steps: int, warmup: int,
              ssd_dir: Path, trace_path: Path | None, time_left, micro: int = 1, base=None,
-             profile_path: Path | None = None) -> dict:
+             profile_path: Path | None = None, adam_threads: int | None = None) -> dict:
     """Train ``steps`` (after ``warmup``) steps of ``micro`` micro-batches of ``batch`` x ``seq`` tokens
     (gradients accumulated); returns the metrics. ``base``: an initialised CPU model to copy (initialising
-    a large MoEDecoder draws its weights in fp64 and takes seconds)."""
+    a large MoEDecoder draws its weights in fp64 and takes seconds). ``adam_threads``: the engine's (None: its
+    rule; 0: torch's default, the engine before task hB); the thread counts the engine read back inside its
+    threads are returned as ``threads_main`` / ``threads_adam`` / ``threads_io``."""
     from reference.model import MoEDecoder
     from reference.offload.engine import ExpertOffload
     from reference.train import TrainConfig, make_optimizer
@@ -543,7 +664,7 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
         plan = ParallelPlan(offload=OffloadPlacement(expert_params=placement, expert_optimizer=placement),
                             prefetch_depth=depth, cpu_cache_experts=cache if placement == "ssd" else 0)
         eng = ExpertOffload(model, plan, device=device, compute_dtype=amp, ssd_dir=ssd_dir,
-                            trace=trace_path is not None)
+                            trace=trace_path is not None, adam_threads=adam_threads)
     model = model.to(device)
     cfg = TrainConfig(steps=warmup + steps, lr=1e-4, warmup_steps=1)
     opt = make_optimizer(model, cfg)
@@ -619,6 +740,7 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
         b = before or {k: 0 for k in s}
         d = {k: s[k] - b.get(k, 0) for k in ("h2d_bytes", "d2h_bytes", "cpu_adam_s", "host_wait_s", "fetch_hits",
                                              "fetch_misses", "cache_hits", "cache_misses")}
+        res.update({f"threads_{k}": v for k, v in eng.threads.items()})
         res["h2d_gb_per_step"] = d["h2d_bytes"] / n / GB
         res["d2h_gb_per_step"] = d["d2h_bytes"] / n / GB
         res["counted_steps"] = n
@@ -780,6 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b-batch", type=int, default=1)
     p.add_argument("--b-cache-frac", type=float, default=0.75,
                    help="ssd placement's CPU cache: this fraction of each MoE layer's experts (per layer)")
+    p.add_argument("--no-thread-ab", dest="thread_ab", action="store_false",
+                   help="skip the A/B cases (a ssd on, b cpu on) with the engine's AdamW on torch's default threads")
     p.add_argument("--ds-cap-s", type=float, default=200.0,
                    help="time cap of the DeepSpeed child (its CPUAdam JIT build takes 1-2 min the first time)")
     return p
@@ -872,6 +996,12 @@ def main(argv: list[str] | None = None) -> int:
                 elif res is not None and base:
                     rows.add(cfg_a, placement, pf, "ratio_vs_gpu", res["step_ms"] / base)
 
+        def ab_a() -> None:  # the engine before task hB (torch's default threads): after (b), so it never costs (b)
+            spec, batch, seq = sp["a"]
+            attempt(ab_label(cfg_a), "ssd", "on", 8.0 if args.quick else 30.0, lambda: run_case(
+                spec, batch, seq, "ssd", 1, cache_a, steps, warmup, ssd_root / "a_ssd_ab",
+                out / "ab_trace_a_ssd_on.csv", left, micro_a, base_a, adam_threads=0))
+
         spec, batch, seq = sp["b"]
         total = states_bytes(spec)
         budget = total / 3.0
@@ -887,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.set_per_process_memory_fraction(frac)
             from reference.model import MoEDecoder
 
-            if "a" in configs:
+            if "a" in configs and not args.thread_ab:
                 del base_a
                 gc.collect()
             t = time.perf_counter()
@@ -899,11 +1029,19 @@ def main(argv: list[str] | None = None) -> int:
                     attempt(cfg_b, placement, "on", need, lambda placement=placement: run_case(
                         spec, batch, seq, placement, 1, cache_b, steps, warmup, ssd_root / f"b_{placement}",
                         out / f"trace_b_{placement}_on.csv", left, 1, base_b))
+                if args.thread_ab:  # b cpu is the update chain alone: the thread layout's effect on the step
+                    attempt(ab_label(cfg_b), "cpu", "on", 8.0 if args.quick else 20.0, lambda: run_case(
+                        spec, batch, seq, "cpu", 1, cache_b, steps, warmup, ssd_root / "b_cpu_ab",
+                        out / "ab_trace_b_cpu_on.csv", left, 1, base_b, adam_threads=0))
             finally:
                 if cuda:
                     torch.cuda.set_per_process_memory_fraction(1.0)
                     gc.collect()
                     torch.cuda.empty_cache()
+        if "a" in configs and args.thread_ab:
+            ab_a()
+            del base_a
+            gc.collect()
 
         # DeepSpeed's own loop: 2 warm-up steps, ``steps`` measured, no memory cap, no CPU cache
         cfg_c = config_string(spec, batch, seq, label="c_deepspeed", steps=steps, warmup=2)

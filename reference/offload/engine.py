@@ -56,6 +56,10 @@ One step (module forward wrappers + saved-tensor hooks, no change to the model's
 On CUDA, copies run on a side stream ordered by events (the host only blocks on a layer's own CPU
 update, never on ``torch.cuda.synchronize``); host tasks run on two worker threads (optimizer, SSD
 reads). On the CPU the same code runs synchronously (inline executors), so runs are deterministic.
+Threads (task hB): the optimizer thread's intra-op team is ``adam_threads`` (default
+`reference.offload.cpu_adam.adam_threads`: the cores minus one for the training thread and one for the I/O
+thread, which runs single-threaded), set inside each executor thread, so that the three busy host threads
+do not oversubscribe the cores; ``stats()`` reports the counts read back inside each thread.
 
 Correctness: AdamW is elementwise, so with ``adam_impl="exact"`` (torch.optim.AdamW's CPU sequence)
 the gpu / cpu / ssd placements give bit-identical losses on the CPU; gradient clipping uses the
@@ -77,6 +81,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from reference.offload.cpu_adam import adam_threads as default_adam_threads
 from reference.offload.cpu_adam import adamw_layer_
 from reference.offload.policy import ExpertCachePolicy
 from reference.offload.ssd import SSDStore
@@ -84,6 +89,23 @@ from semoe.plan_spec import ParallelPlan
 from semoe.trace import TraceRow
 
 EXPERT_TENSORS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")
+
+
+def host_executors(adam_threads: int | None = None) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor, dict[str, int]]:
+    """The engine's two host threads on CUDA: the optimizer worker with ``adam_threads`` intra-op threads (None:
+    `reference.offload.cpu_adam.adam_threads`; 0: torch's default) and the SSD I/O worker with one, each set inside
+    its thread (``torch.set_num_threads`` sizes the calling thread's OpenMP team and becomes the default of threads
+    started later, so the caller's count is set again afterwards). Returns ``(worker, io, threads)``, ``threads``
+    the counts read back inside each thread (``main``: the caller's)."""
+    main = torch.get_num_threads()
+    n_adam = default_adam_threads() if adam_threads is None else adam_threads
+    init = {} if not n_adam else {"initializer": torch.set_num_threads, "initargs": (n_adam,)}
+    worker = ThreadPoolExecutor(1, thread_name_prefix="offload-adam", **init)
+    io = ThreadPoolExecutor(1, thread_name_prefix="offload-ssd", initializer=torch.set_num_threads, initargs=(1,))
+    threads = {"main": main, "adam": worker.submit(torch.get_num_threads).result(),
+               "io": io.submit(torch.get_num_threads).result()}
+    torch.set_num_threads(main)
+    return worker, io, threads
 
 
 class _Inline:
@@ -148,13 +170,17 @@ class ExpertOffload:
     The expert parameters are removed from the model (so a dense optimizer built afterwards does not
     see them) and updated by :meth:`step`. ``clip_grad_norm_`` clips dense and expert gradients
     together, in the model's original parameter order.
+
+    ``adam_threads`` (CUDA, where the update runs on its own thread): the optimizer thread's intra-op threads;
+    None: `reference.offload.cpu_adam.adam_threads` (cores minus the training and I/O threads); 0: torch's
+    default, one per core (the engine before task hB). The I/O thread runs with one.
     """
 
     def __init__(self, model: nn.Module, plan: ParallelPlan, *, device: torch.device | str = "cpu",
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.01,
                  compute_dtype: torch.dtype | None = None, ssd_dir: str | Path | None = None,
                  adam_impl: str | None = None, trace: bool = False, write_hook=None, rank: int = 0,
-                 compute_spans: bool = False) -> None:
+                 compute_spans: bool = False, adam_threads: int | None = None) -> None:
         off = plan.offload
         placements = {off.expert_params, off.expert_optimizer}
         if placements == {"gpu"}:
@@ -181,6 +207,9 @@ class ExpertOffload:
         self.steps_done = 0
         self.counters = {"h2d_bytes": 0, "d2h_bytes": 0, "fetch_hits": 0, "fetch_misses": 0,
                          "prefetched_experts": 0, "host_wait_s": 0.0, "cpu_adam_s": 0.0}
+        if adam_threads is not None and adam_threads < 0:
+            raise ValueError(f"ExpertOffload: adam_threads must be >= 0 (0: torch's default), got {adam_threads}")
+        self._scratch: dict[str, Tensor] = {}  # the optimizer thread's fp32 upcast of bf16 gradients (adamw_layer_)
         self._clock = threading.Lock()
 
         blocks = [b for b in getattr(model, "blocks", []) if getattr(b, "is_moe", False)]
@@ -263,11 +292,12 @@ class ExpertOffload:
             self.copy_stream = torch.cuda.Stream(self.device)
             self._base_event = torch.cuda.Event(enable_timing=True)
             self._base_event.record()
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="offload-adam")
-            self._io = ThreadPoolExecutor(1, thread_name_prefix="offload-ssd")
+            self._worker, self._io, self.threads = host_executors(adam_threads)
         else:
             self.copy_stream = None
             self._worker = self._io = _Inline()
+            n = torch.get_num_threads()
+            self.threads = {"main": n, "adam": n, "io": n}  # inline: every task runs on the calling thread
         self._in_backward: set[int] = set()
         self._writes: list[Future] = []
         if self.compute_spans:  # compute spans of every block (forward), for the 2D-prefetch timeline
@@ -631,7 +661,8 @@ class ExpertOffload:
         """AdamW on the [3, P] states ``flats`` (expert, state) of layer L; refreshes the mirror
         (`reference.offload.cpu_adam.adamw_layer_`, which the benchmark also times as the engine's CPU rate)."""
         adamw_layer_(flats, L.grads, L.mirror, L.offsets, L.decay, step=step, lr=lr, beta1=self.beta1,
-                     beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay, impl=self.adam_impl)
+                     beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay, impl=self.adam_impl,
+                     scratch=self._scratch)
 
     def _stage_reads(self, L: _Layer) -> None:
         """Queue reads of L's uncached states (runs on the optimizer thread, after last step's writes)."""
@@ -750,4 +781,5 @@ class ExpertOffload:
         if self.ssd is not None:
             s["ssd_read_bytes"], s["ssd_write_bytes"] = self.ssd.bytes_read, self.ssd.bytes_written
         s["steps"] = self.steps_done
+        s.update({f"threads_{k}": v for k, v in self.threads.items()})
         return s

@@ -32,7 +32,7 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     # the engine's AdamW probes; a run on the CPU (inline executors) takes the 'alone' ones as inputs, of the
     # case's layer size and gradient dtype (a: accumulated fp32 gradients, b: bf16)
     probes = val[val["metric"] == "cpu_adam_engine_Mparams_per_s"]
-    assert len(probes) == 2 * 2 * 3
+    assert len(probes) == 2 * 2 * 4
     assert probes[probes["placement"] == "alone"]["used_for_fitting"].all()
     assert not probes[probes["placement"] != "alone"]["used_for_fitting"].any()
     off = val[(val["metric"] == "step_ms") & val["placement"].isin(["cpu", "ssd"]) & (val["status"] == "validated")]
@@ -40,6 +40,12 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     assert off[off["config"].str.startswith("a_")]["cpu_adam_input"].str.contains("grad=fp32:").all()
     assert off[off["config"].str.startswith("b_")]["cpu_adam_input"].str.contains("grad=bf16:").all()
     assert (val[val["metric"] == "step_ms"].query("placement == 'gpu'")["cpu_adam_input"] == "").all()
+    # task hB: the engine's I/O cycle probe is the SSD input; the thread A/B cases are listed, not predicted
+    cyc = val[val["metric"].str.startswith("ssd_cycle_")]
+    assert len(cyc) == 3 and cyc["used_for_fitting"].all()
+    ab = val[val["config"].str.split().str[0].str.endswith("_torch_threads")]
+    assert set(ab[ab["metric"] == "step_ms"]["placement"]) == {"ssd", "cpu"} and (ab["status"] == "not_modelled").all()
+    assert (val[val["metric"] == "threads_adam"]["status"] == "not_modelled").all()
     with open(out / "offload_train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
@@ -67,6 +73,13 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
         assert ("bandwidth", "cpu", "-", m) in got
     assert ("bandwidth", "ssd", "-", "ssd_block_rewrite_prep_GBps") in got
     assert ("bandwidth", "cpu", "-", "cpu_threads_worker") in got
+    for m in ("ssd_cycle_read_GBps", "ssd_cycle_write_GBps", "ssd_cycle_prep_GBps"):
+        assert ("bandwidth", "ssd", "-", m) in got
+    for case in (("a_compute_bound", "cpu", "on"), ("a_compute_bound_torch_threads", "ssd", "on"),
+                 ("b_over_budget_torch_threads", "cpu", "on")):
+        for m in ("step_ms", "cpu_adam_ms_per_step", "threads_adam", "threads_io"):
+            assert (*case, m) in got, (case, m)
+    assert (out / "ab_trace_a_ssd_on.csv").is_file() and (out / "ab_trace_b_cpu_on.csv").is_file()
     assert ("bandwidth", "ssd", "-", "ssd_block_read_GBps") in got
     import json
 

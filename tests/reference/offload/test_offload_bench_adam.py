@@ -21,13 +21,22 @@ def test_engine_adam_probe_rows_per_layer_gradient_dtype_and_load(tmp_path):
     got = bench.measure_engine_adam(rows, tmp_path / "ssd", True, layers)
     rows.close()
     recs = _rows(tmp_path / "rows.csv")
-    # on the CPU: alone and beside the SSD I/O thread; bf16 and fp32 gradients; both layer shapes
-    threads = [r for r in recs if r["metric"] == "cpu_threads_worker"]
-    assert len(threads) == 1 and int(threads[0]["value"]) >= 1  # the worker thread's intra-op thread count
-    recs = [r for r in recs if r["metric"] != "cpu_threads_worker"]
+    # on the CPU: alone, on the worker with the engine's and with 1 thread, and beside the SSD I/O thread; bf16 and
+    # fp32 gradients; both layer shapes
+    from reference.offload.cpu_adam import adam_threads
+
+    threads = {r["metric"]: int(r["value"]) for r in recs if r["metric"].startswith("cpu_threads")}
+    # the worker's intra-op thread count, read inside it, is the engine's rule; the main thread keeps its own
+    assert threads == {"cpu_threads_worker": adam_threads(), "cpu_threads_main": __import__("torch").get_num_threads()}
+    beside = [r for r in recs if r["metric"] in bench.SSD_BESIDE_ADAM]  # the I/O thread's rates beside the update
+    assert {(r["config"], r["placement"], r["metric"]) for r in beside} == {
+        (bench.adam_probe_config(E, 512, "-"), "ssd@worker", m) for E in (2, 4) for m in bench.SSD_BESIDE_ADAM}
+    assert all(float(r["value"]) > 0 for r in beside)
+    recs = [r for r in recs if not r["metric"].startswith("cpu_threads") and r["metric"] not in bench.SSD_BESIDE_ADAM]
     keys = {(r["config"], r["placement"]) for r in recs}
     assert keys == set(got) and len(recs) == 2 * 2 * len(bench.ADAM_LOADS_CPU)
-    assert {r["placement"] for r in recs} == set(bench.ADAM_LOADS_CPU) == {"alone", "alone@worker", "ssd"}
+    assert set(bench.ADAM_LOADS_CPU) == {"alone", "alone@worker", "alone@worker:t1", "ssd@worker"}
+    assert {r["placement"] for r in recs} == set(bench.ADAM_LOADS_CPU)
     assert {r["metric"] for r in recs} == {bench.ENGINE_ADAM_METRIC}
     assert {r["config"] for r in recs} == {bench.adam_probe_config(E, 512, g) for E in (2, 4) for g in ("bf16", "fp32")}
     assert all(float(r["value"]) > 0 for r in recs)
@@ -48,8 +57,18 @@ def test_adam_load_names_parse_to_parts_and_thread_role():
     assert bench.parse_adam_load("alone@worker") == (set(), True)
     assert bench.parse_adam_load("gpu+pcie+ssd@worker") == ({"gpu", "pcie", "ssd"}, True)
     assert bench.parse_adam_load("gpusleep@worker") == ({"gpusleep"}, True)
+    assert bench.parse_adam_load("gpu+pcie+ssd@worker:tall") == ({"gpu", "pcie", "ssd"}, True)
+    assert bench.parse_adam_load("alone@worker:t4") == (set(), True)
     for load in bench.ADAM_LOADS_CUDA + bench.ADAM_LOADS_CPU:
         bench.parse_adam_load(load)
+    # the update's intra-op threads: the main thread's own, the engine's rule, N, or torch's default
+    assert bench.adam_load_threads("gpu", 14, 16) is None
+    assert bench.adam_load_threads("gpu@worker", 14, 16) == 14
+    assert bench.adam_load_threads("alone@worker:t4", 14, 16) == 4
+    assert bench.adam_load_threads("gpu+pcie+ssd@worker:tall", 14, 16) == 16
+    for bad in ("alone@worker:t0", "alone@worker:x", "alone:t2", "alone@worker:t"):
+        with pytest.raises(ValueError, match="threads|thread role|unknown part"):
+            bench.parse_adam_load(bad)
     with pytest.raises(ValueError, match="unknown part"):
         bench.parse_adam_load("gpu+nvme")
     with pytest.raises(ValueError, match="thread role"):
@@ -143,6 +162,6 @@ def test_gpu_load_loop_runs_on_the_cpu_stand_in_and_a_failed_load_is_a_row(tmp_p
     rows = bench.Rows(tmp_path / "rows.csv", "cpu")
     got = bench.measure_engine_adam(rows, tmp_path / "ssd", True, {"a": (2, {"w1_EDF": (4, 8), "w2_EFD": (8, 4)})})
     rows.close()
-    assert {load for _, load in got} == {"alone", "alone@worker"}
+    assert {load for _, load in got} == {"alone", "alone@worker", "alone@worker:t1"}
     recs = _rows(tmp_path / "rows.csv")
-    assert [(r["placement"], r["metric"]) for r in recs if r["metric"] == "error"] == [("ssd", "error")]
+    assert [(r["placement"], r["metric"]) for r in recs if r["metric"] == "error"] == [("ssd@worker", "error")]
