@@ -15,8 +15,9 @@ accumulation; the scale multiplies the fp32 accumulator in the epilogue (per col
 with the sum over K). No dequantized weight is ever written to memory: the GEMM reads 1 byte per
 weight instead of 2, and the bf16 workspace of the dequantize-then-GEMM path disappears.
 
-Scheduling is :mod:`kernels.grouped_gemm`'s persistent one (one program per SM, tile table over
-groups built from ``counts_E`` in registers, GROUP_M swizzle), with pointer loads only (no TMA: the
+Scheduling is :mod:`kernels.grouped_gemm`'s persistent one, its own ``@triton.jit`` helpers (one program per
+SM, tile table over groups built from ``counts_E`` in registers: ``_tile_table``; a tile's group, rows and
+GROUP_M swizzle: ``_tile_of``), with pointer loads only (no TMA: the
 B operand changes dtype on the way in).
 
 Reference: :func:`dequant_gemm_ref` (dequantize with the scale, then the grouped GEMM in fp32);
@@ -46,6 +47,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from kernels.grouped_gemm import _tile_of, _tile_table
+
     @triton.jit
     def _dq_gmm_kernel(
         a_ptr, q_ptr, s_ptr, c_ptr, counts_ptr,
@@ -55,31 +58,12 @@ if HAS_TRITON:
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        eidx = tl.arange(0, E_PAD)
-        counts = tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32)
-        counts = tl.where(eidx == E, M - tl.sum(counts, 0), counts)  # virtual tail group: zero rows
-        row_start = tl.cumsum(counts, 0) - counts
-        n_tiles = tl.cdiv(N, BN)
-        m_tiles = (counts + BM - 1) // BM
-        g_tiles = m_tiles * n_tiles
-        tile_end = tl.cumsum(g_tiles, 0)
-        total = tl.sum(g_tiles, 0)
+        eidx, counts, row_start, n_tiles, m_tiles, g_tiles, tile_end, total = _tile_table(
+            counts_ptr, M, N, E, E_PAD, BM, BN)  # lane E: the virtual tail group (zero rows)
         rk = tl.arange(0, BK)
         for tile in range(pid, total, NUM_PROGS):
-            e = tl.sum((tile_end <= tile).to(tl.int32), 0)
-            sel = eidx == e
-            local = tile - tl.sum(tl.where(sel, tile_end - g_tiles, 0), 0)
-            m0 = tl.sum(tl.where(sel, row_start, 0), 0)
-            m_cnt = tl.sum(tl.where(sel, counts, 0), 0)
-            mt = tl.sum(tl.where(sel, m_tiles, 0), 0)
-            width = GROUP_M * n_tiles
-            first_m = (local // width) * GROUP_M
-            gsz = tl.minimum(mt - first_m, GROUP_M)
-            pid_m = first_m + (local % width) % gsz
-            pid_n = (local % width) // gsz
-            rm = pid_m * BM + tl.arange(0, BM)
-            m_mask = rm < m_cnt
-            grow = (m0 + rm).to(tl.int64)
+            e, _, _, pid_n, grow, m_mask = _tile_of(
+                tile, eidx, counts, row_start, n_tiles, m_tiles, g_tiles, tile_end, BM, GROUP_M)
             rn = pid_n * BN + tl.arange(0, BN)
             n_mask = rn < N
             e_safe = tl.minimum(e, E - 1).to(tl.int64)

@@ -62,6 +62,47 @@ if HAS_TRITON:
         return cdf + z * pdf
 
     @triton.jit
+    def _tile_table(counts_ptr, M, N, E: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """The persistent schedule's tile table, in registers: per group (E_PAD lanes, lane E a virtual group
+        of the rows past ``counts.sum()``, so every row of c is written) its rows, first row, m-tiles, tiles
+        and inclusive tile cumsum; the number of n-tiles and of all tiles."""
+        eidx = tl.arange(0, E_PAD)
+        counts = tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32)
+        counts = tl.where(eidx == E, M - tl.sum(counts, 0), counts)
+        row_start = tl.cumsum(counts, 0) - counts
+        n_tiles = tl.cdiv(N, BN)
+        m_tiles = (counts + BM - 1) // BM
+        g_tiles = m_tiles * n_tiles
+        tile_end = tl.cumsum(g_tiles, 0)
+        total = tl.sum(g_tiles, 0)
+        return eidx, counts, row_start, n_tiles, m_tiles, g_tiles, tile_end, total
+
+    @triton.jit
+    def _tile_of(tile, eidx, counts, row_start, n_tiles, m_tiles, g_tiles, tile_end,
+                 BM: tl.constexpr, GROUP_M: tl.constexpr):
+        """Tile ``tile`` of `_tile_table`'s schedule -> its group ``e``, the group's first row ``m0``, the tile's
+        m- and n-index in the group and its rows of c (``grow``, int64, valid where ``m_mask``). The columns
+        (``pid_n * BN + arange(BN)``) are left to the caller: computed after a gathered load, as the kernels
+        always did, the compiled code stays the same."""
+        # group of this tile: number of groups that end at or before it
+        e = tl.sum((tile_end <= tile).to(tl.int32), 0)
+        sel = eidx == e
+        local = tile - tl.sum(tl.where(sel, tile_end - g_tiles, 0), 0)
+        m0 = tl.sum(tl.where(sel, row_start, 0), 0)
+        m_cnt = tl.sum(tl.where(sel, counts, 0), 0)
+        mt = tl.sum(tl.where(sel, m_tiles, 0), 0)
+        # GROUP_M swizzle inside the group
+        width = GROUP_M * n_tiles
+        first_m = (local // width) * GROUP_M
+        gsz = tl.minimum(mt - first_m, GROUP_M)
+        pid_m = first_m + (local % width) % gsz
+        pid_n = (local % width) // gsz
+        rm = pid_m * BM + tl.arange(0, BM)
+        m_mask = rm < m_cnt
+        grow = (m0 + rm).to(tl.int64)
+        return e, m0, pid_m, pid_n, grow, m_mask
+
+    @triton.jit
     def _gmm_kernel(
         a_ptr, b_ptr, c_ptr, z_ptr, counts_ptr, gather_ptr,
         M, N, K, M_BUCKET,
@@ -79,35 +120,12 @@ if HAS_TRITON:
                 b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[s_bk, 1], block_shape=[BK, BN])
             if not HAS_GATHER:  # rows past the group belong to the next group: they only feed masked rows
                 a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[s_am, 1], block_shape=[BM, BK])
-        eidx = tl.arange(0, E_PAD)
-        counts = tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32)
-        # virtual group E: rows past counts.sum() get zeros, so every element of c is written
-        counts = tl.where(eidx == E, M - tl.sum(counts, 0), counts)
-        row_start = tl.cumsum(counts, 0) - counts
-        n_tiles = tl.cdiv(N, BN)
-        m_tiles = (counts + BM - 1) // BM
-        g_tiles = m_tiles * n_tiles
-        tile_end = tl.cumsum(g_tiles, 0)
-        total = tl.sum(g_tiles, 0)
+        eidx, counts, row_start, n_tiles, m_tiles, g_tiles, tile_end, total = _tile_table(
+            counts_ptr, M, N, E, E_PAD, BM, BN)
         rk = tl.arange(0, BK)
         for tile in range(pid, total, NUM_PROGS):
-            # group of this tile: number of groups that end at or before it
-            e = tl.sum((tile_end <= tile).to(tl.int32), 0)
-            sel = eidx == e
-            local = tile - tl.sum(tl.where(sel, tile_end - g_tiles, 0), 0)
-            m0 = tl.sum(tl.where(sel, row_start, 0), 0)
-            m_cnt = tl.sum(tl.where(sel, counts, 0), 0)
-            mt = tl.sum(tl.where(sel, m_tiles, 0), 0)
-            # GROUP_M swizzle inside the group
-            width = GROUP_M * n_tiles
-            first_m = (local // width) * GROUP_M
-            gsz = tl.minimum(mt - first_m, GROUP_M)
-            pid_m = first_m + (local % width) % gsz
-            pid_n = (local % width) // gsz
-
-            rm = pid_m * BM + tl.arange(0, BM)
-            m_mask = rm < m_cnt
-            grow = (m0 + rm).to(tl.int64)
+            e, m0, pid_m, pid_n, grow, m_mask = _tile_of(
+                tile, eidx, counts, row_start, n_tiles, m_tiles, g_tiles, tile_end, BM, GROUP_M)
             if HAS_GATHER:
                 arow = tl.load(gather_ptr + grow, mask=m_mask, other=0).to(tl.int64)
             else:

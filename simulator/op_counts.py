@@ -56,14 +56,15 @@ Table (one row per segment, program order within ``(quant, mode, phase)``)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT_CSV = ROOT / "results" / "profiles" / "op_counts.csv"
-OUT_CSV_CUDA = ROOT / "results" / "profiles" / "op_counts_cuda.csv"
+from simulator import op_count_table as table
+
+ROOT = table.PROFILES.parent.parent
+OUT_CSV = table.PROFILES / "op_counts.csv"
+OUT_CSV_CUDA = table.PROFILES / "op_counts_cuda.csv"
 COLUMNS = ("quant", "mode", "phase", "segment", "kernels", "views", "syncs", "sync_op", "marker")
 # CUDA-only host syncs the CPU run cannot see as such: torch.bincount reads max(input) back
 EXTRA_SYNC_OPS = frozenset({"aten.bincount"})
@@ -348,78 +349,32 @@ def count_all(store_dir: str | None = None, quants=QUANTS, modes=MODES, phases=P
         with tempfile.TemporaryDirectory() as d:
             build_store(d)
             return count_all(d, quants, modes, phases, device, errors)
-    rows = []
-    for q in quants:
-        for m in modes:
-            for p in phases:
-                try:
-                    rows.extend(count_path(q, m, p, store_dir, device=device))
-                except Exception as e:
-                    if errors is None:
-                        raise
-                    errors.append(f"{q}/{m}/{p}: {type(e).__name__}: {e}")
-                    print(f"op_counts: {errors[-1]}", flush=True)
-    return rows
+    jobs = ((f"{q}/{m}/{p}", lambda q=q, m=m, p=p: count_path(q, m, p, store_dir, device=device))
+            for q in quants for m in modes for p in phases)
+    return table.count_jobs("op_counts", jobs, errors)
 
 
 def diff(a: list[dict], b: list[dict]) -> list[str]:
     """Rows of table ``a`` that differ from ``b`` (same path and segment), as text."""
-    def key(r):
-        return (r["quant"], r["mode"], r["phase"], r["segment"])
-
-    ib = {key(r): r for r in b}
-    out = []
-    for r in a:
-        o = ib.get(key(r))
-        cols = ("kernels", "syncs", "sync_op", "marker")
-        if o is None or any(str(r[c]) != str(o[c]) for c in cols):
-            out.append(f"{'/'.join(map(str, key(r)))}: {[r[c] for c in cols]} vs "
-                       f"{[o[c] for c in cols] if o else 'missing'}")
-    return out
+    return table.diff_rows(a, b, ("quant", "mode", "phase", "segment"), ("kernels", "syncs", "sync_op", "marker"), "/")
 
 
 def to_csv(rows: list[dict]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
+    return table.to_csv(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=None,
-                    help=f"default {OUT_CSV.name} (cpu) / {OUT_CSV_CUDA.name} (--device cuda), in results/profiles")
-    ap.add_argument("--check", action="store_true", help="compare with the committed table, exit 1 if it differs")
-    ap.add_argument("--device", default="cpu",
-                    help="cuda: count on the GPU (a check of the CPU table: CUDA-only ops and syncs), write --out "
-                         "and print the rows that differ from the committed table; never overwrites it")
+    out_help = f"default {OUT_CSV.name} (cpu) / {OUT_CSV_CUDA.name} (--device cuda), in results/profiles"
+    ap = table.parser(__doc__.split("\n")[0], out_help=out_help,
+                      device_help="cuda: count on the GPU (a check of the CPU table: CUDA-only ops and syncs), write "
+                                  "--out and print the rows that differ from the committed table; never overwrites it")
     a = ap.parse_args(argv)
     if a.device != "cpu":
         return _device_check(a.device, a.out or OUT_CSV_CUDA)
-    a.out = a.out or OUT_CSV
-    text = to_csv(count_all())
-    if a.check:
-        old = a.out.read_text() if a.out.is_file() else ""
-        if old != text:
-            print(f"op_counts: {a.out} differs from the reference code; rerun python -m simulator.op_counts",
-                  file=sys.stderr)
-            return 1
-        print(f"op_counts: {a.out} matches the reference code")
-        return 0
-    from semoe.io import atomic_write_text
-
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(a.out, text)
-    print(f"wrote {a.out} ({text.count(chr(10)) - 1} rows)")
-    return 0
+    return table.check_or_write("op_counts", [(a.out or OUT_CSV, to_csv(count_all()))], a.check)
 
 
 def _device_check(device: str, out: Path) -> int:
-    import csv
     import time
 
     if out.resolve() == OUT_CSV.resolve():
@@ -430,13 +385,8 @@ def _device_check(device: str, out: Path) -> int:
     rows = count_all(device=device, errors=errors)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_csv(rows))
-    with OUT_CSV.open(newline="") as f:
-        committed = list(csv.DictReader(f))
-    d = diff(rows, committed)
-    print(f"op_counts: {device}: {len(rows)} rows in {time.time() - t0:.1f} s -> {out}; {len(d)} differ from "
-          f"{OUT_CSV.name}; {len(errors)} paths failed")
-    for line in d:
-        print("  " + line)
+    table.print_device_diff("op_counts", device, rows, time.time() - t0, str(out), OUT_CSV, diff,
+                            f"{len(errors)} paths failed")
     return 0
 
 
