@@ -35,9 +35,13 @@ with ``error = predicted / measured - 1``. ``status`` is
   ``used_for_fitting = true``: the ``mixtral_like`` forward+backward row of run ``65fffb4+wip3``
   (``simulator.cost.BACKWARD_GEMM_FACTOR``) and the measured pinned H2D bandwidth (the preset's
   PCIe bandwidth is HARDWARE.md's measurement of the same link), and the offload bench's bandwidth /
-  CPU-AdamW probes (model inputs of that run's simulations, `simulator.validate_offload`), and the 3
-  all_reduce rows of ``results/multigpu/h200x2`` the achieved NVLink bandwidth is fitted on
-  (`simulator.validate_multigpu.fit_nvlink`; every other collective row is held out);
+  CPU-AdamW probes (model inputs of that run's simulations, `simulator.validate_offload`), and 12 rows
+  of ``results/multigpu/h200x2`` (`simulator.validate_multigpu.run_calibration`): the 3 all_reduce rows
+  the achieved NVLink bandwidth is fitted on (`fit_nvlink`), each collective's 1 KiB row (its world-2
+  host floor per call, `fit_host_floor`), the 256 MiB row of all_gather / reduce_scatter / all_to_all (each
+  one's own achieved bandwidth, `fit_collective_links`) and of all_to_all_uneven (the send/receive path's
+  per-peer rate, `fit_p2p`); every other collective row is held out, except 6 rows that
+  `measurement_outliers` flags from the measured times alone (``not_modelled``, note ``measurement_bug``);
 - ``extrapolated``: a prediction of a measured quantity made with a kernel profile of another GPU (the
   multi-GPU H200 rows use the H100's, `simulator.validate_multigpu`), or a collective host-dispatch probe
   of another machine (``results/profiles/collective_host_*.csv``): scored in its own group, not in the

@@ -20,6 +20,15 @@ when no two messages of a step share a link other than as written.
 * flat all-to-all with a per-pair byte matrix ``M[i, j]`` (i sends to j): one step of all pairs,
   ``t_i = a + max_{link on i's routes} load(link)/cap(link)``; with uniform ``M = s`` inside one
   node: ``t = base + a + (n-1) s / B_nv``.
+* point-to-point all-to-all (`all_to_all_p2p`): the same single step of all pairs as the flat form, run
+  as grouped send/receive pairs instead of one collective kernel (PyTorch's ``all_to_all_single`` with
+  explicit split lists: ``torch::cuda::nccl::all2all_single_unequal_split``, one ``ncclSend`` /
+  ``ncclRecv`` per peer inside ``ncclGroupStart/End``; the even-split call is a separate function,
+  ``all2all_single_equal_split``). NCCL runs such sends on its p2p channels (``p2pnChannelsPerPeer`` of
+  them per peer, LL or Simple protocol only), so each message is also limited to a per-peer rate
+  ``B_p2p`` whatever the link could carry: ``t_i = a + max(max_{link} load/cap, max_j M[i, j] / B_p2p)``.
+  ``B_p2p`` is a measured input (`CommOp.peer_GBps`), not a datasheet value; a rank's message to itself
+  (the pair ``(i, i)``) is a local copy and, as everywhere here, not sent.
 * HetuMoE hierarchical all-to-all, as `reference.comm.alltoall.AllToAll._hetu` runs it: (1) every
   non-leader sends its whole send buffer (the rows for itself included) to local rank 0 of its node
   (gather), (2) local ranks 0 exchange one aggregated message per node pair, (3) local rank 0 scatters
@@ -64,6 +73,7 @@ class CommOp:
     ranks: np.ndarray  # global ranks of the group
     steps: list[Step] = field(default_factory=list)
     payload_bytes: float = 0.0  # per-rank bytes the caller asked for (trace rows)
+    peer_GBps: float | None = None  # p2p path: each message at most this rate (GB/s); None: links only
 
     def add(self, step: Step) -> None:
         if step.repeat > 0 and step.src.size:
@@ -219,6 +229,16 @@ def all_to_all_rail(topo: Topology, ranks, matrix) -> CommOp:
     inter = A.sum(axis=1)  # [n, m, j]: node n -> (m, j), carried by (n, j)
     n_idx, m_idx, j_idx = np.meshgrid(np.arange(m), np.arange(m), np.arange(gg), indexing="ij")
     op.add(Step.of(lay[n_idx, j_idx].ravel(), lay[m_idx, j_idx].ravel(), inter.ravel()))
+    return op
+
+
+def all_to_all_p2p(topo: Topology, ranks, matrix, peer_GBps: float) -> CommOp:
+    """The flat all-to-all as grouped point-to-point sends: each message at most ``peer_GBps`` (module
+    docstring); the network backends apply the cap and the p2p protocols (LL / Simple)."""
+    if not (np.isfinite(peer_GBps) and peer_GBps > 0):
+        raise ValueError(f"all_to_all_p2p: peer_GBps must be > 0, got {peer_GBps}")
+    op = all_to_all_flat(topo, ranks, matrix)
+    op.name, op.peer_GBps = "all_to_all_p2p", float(peer_GBps)
     return op
 
 

@@ -11,15 +11,15 @@ part        measured (what `paper_repro.multigpu_run`      predicted with
             times)
 =========== ============================================== ==================================================
 collectives ``time_us``: mean over ranks of 20 back-to-back the collective's `CommOp` (`simulator.collectives`,
-            calls in one CUDA-event interval, fp32;         ring / flat all-to-all; the uneven all-to-all with
-            ``size_bytes`` = all-reduce buffer, all-gather the run's split matrix `uneven_splits`) on the
-            output, reduce-scatter input, all-to-all send  analytic network, NCCL protocol chosen per size
-            buffer                                         (`simulator.hardware`), calibrated NVLink; per call
+            calls in one CUDA-event interval, fp32;         ring / flat all-to-all; the uneven all-to-all on
+            ``size_bytes`` = all-reduce buffer, all-gather NCCL's p2p path with the run's split matrix
+            output, reduce-scatter input, all-to-all send  `uneven_splits`, **P2P all-to-all**) on the
+            buffer                                         analytic network, NCCL protocol chosen per size
+                                                           (`simulator.hardware`), calibrated NVLink; per call
                                                            of the run's back-to-back calls ``max(device, host)
-                                                           + min(device, host) / iters`` when a host probe is
-                                                           committed (**Host floor**): ``validated``
-                                                           (``extrapolated`` where another machine's host
-                                                           probe sets the time, ``fitted`` on the fit subset)
+                                                           + min(device, host) / iters`` (**Host floor**):
+                                                           ``validated`` (``fitted`` on the fit subsets;
+                                                           ``not_modelled`` for **Measurement outliers**)
 moe         ``fwd_bwd_ms``: the reference `MoELayer`       `moe_prediction`: the torch-backend layer
             (torch backend, `EPDispatcher`) forward +      (`simulator.torch_moe_layer`, path ``reference``: its
             backward, EP = world, flat or ``hetu_p<p>``    kernels counted from the code, host timeline) per
@@ -52,20 +52,71 @@ is the H100 machine's (the H200 machine's host was not profiled).
 
 **Latency** (collectives below ~4 MiB): the simulator's device terms are NCCL 2.10's tuning-model constants
 (`simulator.hardware`: LL / LL128 / Simple base 6.6 / 14 / 8.4 us) and the preset's per-hop NVLink latency
-(2 us); none of them was measured on this machine, and none is tuned to these rows. The measured floor is
-33-41 us for every collective up to 4 MiB (two outliers).
+(2 us); none of them was measured on this machine, and none is tuned to these rows. They give 7-15 us; the
+measured per-call time is 33-41 us for every collective up to 4 MiB, flat in size, and different per
+collective (all-reduce ~40, all-gather ~34, reduce-scatter ~36, all-to-all ~37, uneven ~39 us): not a device
+latency (the model's device times there are 7-15 us, and their differences between collectives do not match
+the measured ones).
 
 **Host floor** (issue 9): that floor is the host's dispatch rate of back-to-back ``torch.distributed`` calls (20
-calls timed as one interval: the GPU waits for each launch). `kernels.collective_host` measures the host seconds
-per call of the same calls on 1 KiB tensors on one GPU; `simulator.network.host_dispatch` finds the file under
-``results/profiles/collective_host_*.csv`` and `collective_rows` predicts each ``time_us`` as
-``back_to_back_s(device, host, iters)``. A probe of the run's own GPU family (``H200``) makes the rows
-``validated``; a probe of another machine (the H100 one: another host CPU, and world 1 instead of the run's
-world) makes the host-bound rows ``extrapolated``. Without a probe file there is no floor (the device time
-alone), and the note says so. The MoE and training rows do not use the floor: their collectives are not issued
-back to back (training has its own host model, `simulator.workload.training`).
+calls timed as one interval: the GPU waits for each launch); `collective_rows` predicts each ``time_us`` as
+``back_to_back_s(device, host, iters)`` (`simulator.network.host_dispatch`). Where ``host`` per call comes from
+(`rows`' ``host``):
 
-**Link calibration** (issue 9): `fit_nvlink` fits the achieved per-GPU NVLink bandwidth on `fit_subset`:
+- ``"run"`` (default, `fit_host_floor`): fitted on ONE row per collective, its smallest measured size (1 KiB,
+  status ``fitted``: 5 rows), where the device time is a few us; every larger size of that collective is held
+  out. Chosen because the probe below runs another code path: at world 1 NCCL short-circuits (``nranks == 1``:
+  no ring kernel; for the in-place all-reduce no device work at all, for the out-of-place calls a copy), so its
+  host cost per call is not the world-2 one. Evidence in the committed data: the H200 probe's per-call
+  time minus the run's fitted world-2 floor is -11.3 us for the in-place all-reduce (the largest gap, as that
+  mechanism says) and +0.1, +4.1, +0.0, +4.6 us for all-gather, reduce-scatter, all-to-all and the uneven
+  one. Each row's note gives the probe's number beside the fitted one.
+- ``"auto"``: `kernels.collective_host`'s probe under ``results/profiles/collective_host_*.csv`` (1 KiB calls
+  on one GPU): a probe of the run's own GPU family (``H200``) makes the rows ``validated``, one of another
+  machine (the H100's: another host CPU) makes the host-bound rows ``extrapolated``.
+- None: no floor (the device time alone; the note says so).
+
+The MoE and training rows do not use the floor: their collectives are not issued back to back (training has its
+own host model, `simulator.workload.training`).
+
+**P2P all-to-all** (issue 9): PyTorch runs ``all_to_all_single`` with explicit split lists as
+``torch::cuda::nccl::all2all_single_unequal_split`` (one ``ncclSend`` / ``ncclRecv`` per peer in a group: NCCL's
+p2p path, its own p2p channels per peer, LL / Simple only) and the even call as a separate function,
+``all2all_single_equal_split`` (the CPU build's ``torch/csrc/cuda/nccl.h`` and ``c10d/ProcessGroupNCCL.hpp``
+declare both; the sources are not installed here, so that the even one runs NCCL's all-to-all collective
+kernel with torch 2.11 and NCCL 2.28.9 is what its speed says, not read). The measured uneven calls run at
+~122 GB/s off-rank per rank from 16 MiB up, linear in size, against ~298 GB/s for the even one on the same link: a rate
+limit per peer of the p2p path, not the link. `fit_p2p` fits that per-peer rate on ONE row (the uneven
+all-to-all at its largest size, 256 MiB: status ``fitted``), `collectives.all_to_all_p2p` applies it
+(`CommOp.peer_GBps`), every other size is held out. At world 2 each rank has one peer, so a rate limit of the
+rank's self-copy (its 1/3 of the buffer, `uneven_splits`) through the same p2p kernel would scale the same way;
+a run at world 4 or more tells the two apart (there per-peer limits add up over peers, a self-copy limit does not).
+
+**Per-collective bandwidth** (issue 9, `fit_collective_links`): the all-gather and the reduce-scatter reach a
+lower rate per wire byte than the all-reduce on the same two GPUs (marginal 261 / 253 GB/s between 128 and 256
+MiB against the all-reduce's 316 and the even all-to-all's 298: each NCCL collective is its own kernel, with its
+own per-step primitives: the all-gather's copy-and-send, the reduce-scatter's receive-reduce; NCCL's tuning
+model gives them no such difference, and this run logged no channel counts). The simulator does not derive
+that difference: each of the all-gather, reduce-scatter and even all-to-all gets its own achieved NVLink
+bandwidth fitted on ONE row, its largest size (256 MiB, status ``fitted``; the rule is `fit_p2p`'s: the most
+device-bound row), and every other size is held out: 251, 244 and 290 GB/s. The all-reduce keeps the 3-row fit
+above (used by the MoE and training rows too); ``rows(folder, calibrate=False)`` drops all link fits.
+
+**Measurement outliers** (issue 9; the rule uses only the measurements, never a prediction or an error): a
+``time_us`` row slower than the same collective at the next larger size (no per-call cost that grows with size
+can do that) and more than `OUTLIER_JUMP` (1.25) x the next smaller size's time (beyond the floor's spread: up
+to 4 MiB the other rows of one collective lie within 1.10-1.16x of each other) is a stall of its one timed
+interval (the run times one 20-call interval per size, no repetition). `measurement_outliers` flags 6 of the 95:
+all-reduce 8 MiB (180 us; 16 MiB: 75) and 32 MiB (272; 64 MiB: 251), all-gather 32 MiB (181; 64 MiB: 157; its max over
+ranks is 267 us, 1.48x the mean, where every other row's is within 1.05x: one rank stalled), reduce-scatter
+64 MiB (303; 128 MiB: 297), all-to-all 64 KiB (61; 128 KiB: 39), uneven 128 KiB (125; 256 KiB: 40). The excess
+is 0.5-2.8 ms per 20-call interval, once per row: a host or OS stall, not a size effect (the collectives part
+of the run took 1.3 s in all). They get status ``not_modelled`` with the evidence in the note
+(``measurement_bug: ...``, as `paper_repro.validate` marks the inference source's), the prediction still shown.
+
+**Link calibration** (issue 9; `run_calibration` runs the fits in order: host floor, NVLink, p2p rate,
+per-collective bandwidth; 12 of the 95 ``time_us`` rows are ``fitted``, 6 are outliers, 77 held out):
+`fit_nvlink` fits the achieved per-GPU NVLink bandwidth on `fit_subset`:
 ``all_reduce`` ``time_us`` at every other measured size from 16 MiB up (16, 64, 256 MiB of the committed sweep:
 3 of the 19 all-reduce rows, no row of another collective), with the simulator's own prediction of those rows
 (latency terms and protocol as the model has them, the host floor when a probe exists); `rows` applies it to
@@ -73,8 +124,8 @@ the run's cluster for all three parts (`host_dispatch.calibrate_topology`). It i
 collective model, not a change of the ``h200-x2`` preset: the preset keeps the datasheet (450 GB/s x the H100's
 achievable fraction 0.844 = 380 GB/s) shared with ``h200-x4`` / ``-x8``, whose links (NVSwitch) were not
 measured, and the fit belongs to one run whose fitted rows must stay marked. ``rows(folder, calibrate=False,
-host=None)`` gives the uncalibrated table. `fit_alpha_beta` (free ``alpha`` and ``B`` on every other size of
-every collective) stays as the experiment ``results/multigpu/README.md`` lists; nothing uses it.
+host=None, outliers=False)`` gives the uncalibrated table. `fit_alpha_beta` (free ``alpha`` and ``B`` on every
+other size of every collective) stays as the experiment ``results/multigpu/README.md`` lists; nothing uses it.
 
 **HetuMoE on one node** (``hetu_p2`` with world 2: one fake node of 2 GPUs): `simulator.collectives.all_to_all`
 falls back to flat there (nothing to aggregate); the prediction instead runs the simulator's HetuMoE schedule
@@ -176,10 +227,11 @@ def uneven_matrix(n: int, nbytes: int) -> np.ndarray:
     return 4.0 * np.array(uneven_splits(n, nbytes // 4), dtype=float)
 
 
-def collective_op(sim, name: str, nbytes: float, world: int):
+def collective_op(sim, name: str, nbytes: float, world: int, p2p_GBps: float | None = None):
     """The simulator's `CommOp` for the run's collective ``name`` of ``nbytes`` (its ``size_bytes``) over
     ``world`` ranks: ring all-reduce / all-gather / reduce-scatter, flat all-to-all (even: ``nbytes / world``
-    to every rank; uneven: the run's split matrix)."""
+    to every rank; uneven: the run's split matrix, on NCCL's p2p path at ``p2p_GBps`` per peer when given:
+    `collectives.all_to_all_p2p`, **P2P all-to-all** in the module docstring)."""
     from simulator import collectives as C
 
     ranks = np.arange(world)
@@ -188,18 +240,48 @@ def collective_op(sim, name: str, nbytes: float, world: int):
     if name == "all_to_all":
         return C.all_to_all(sim.topo, ranks, np.full((world, world), nbytes / world), "flat")
     if name == "all_to_all_uneven":
-        return C.all_to_all(sim.topo, ranks, uneven_matrix(world, int(nbytes)), "flat")
+        M = uneven_matrix(world, int(nbytes))
+        if p2p_GBps is not None:
+            return C.all_to_all_p2p(sim.topo, ranks, M, p2p_GBps)
+        return C.all_to_all(sim.topo, ranks, M, "flat")
     raise ValueError(f"validate_multigpu: unknown collective {name!r}")
 
 
-def predict_collective(sim, name: str, nbytes: float, world: int) -> float:
+def predict_collective(sim, name: str, nbytes: float, world: int, p2p_GBps: float | None = None) -> float:
     """Predicted seconds of one ``name`` collective of ``nbytes`` over ``world`` ranks."""
-    return op_time(sim, collective_op(sim, name, nbytes, world))
+    return op_time(sim, collective_op(sim, name, nbytes, world, p2p_GBps))
+
+
+# ------------------------------------------------------------------ measurement outliers (issue 9)
+OUTLIER_JUMP = 1.25  # a row this much above the next smaller size's time is beyond the floor's spread (<= 16%)
+
+
+def measurement_outliers(df: pd.DataFrame, jump: float = OUTLIER_JUMP) -> dict[tuple[str, int], str]:
+    """``(config, size_bytes)`` -> evidence, for every ``time_us`` row of ``collectives.csv`` that no
+    per-call cost growing with size can produce (**Measurement outliers** in the module docstring): slower
+    than the same collective at the next larger measured size AND more than ``jump`` x the next smaller
+    size's time. Uses the measurements only, never a prediction."""
+    t = df[df["metric"] == "time_us"]
+    out: dict[tuple[str, int], str] = {}
+    for name, g in t.groupby("config"):
+        g = g.sort_values("size_bytes")
+        sz, v = g["size_bytes"].astype(int).tolist(), g["value"].astype(float).tolist()
+        for i in range(1, len(sz) - 1):
+            if v[i] > v[i + 1] and v[i] > jump * v[i - 1]:
+                out[(str(name), sz[i])] = (
+                    f"measurement_bug: {v[i]:.1f} us per call, slower than the {sz[i + 1]} B call of the same "
+                    f"collective ({v[i + 1]:.1f} us) and {v[i] / v[i - 1]:.2f}x the {sz[i - 1]} B one "
+                    f"({v[i - 1]:.1f} us): a cost that grows with size cannot do that; the excess over the larger "
+                    f"call, {v[i] - v[i + 1]:.1f} us x the interval's calls, is one stall of the timed interval "
+                    f"(the run times one interval per size)")
+    return out
 
 
 def _host_for(host, device: str):
     """(CollectiveHost or None, same_host) for a run on ``device``: ``host="auto"`` looks under
-    results/profiles (`host_dispatch.find_collective_host`), None: no floor, a `CollectiveHost`: that one."""
+    results/profiles (`host_dispatch.find_collective_host`), None: no floor, a `CollectiveHost`: that one
+    (``"run"``, the floor fitted on the run itself, is resolved by the callers that have the run's file:
+    `rows`, `collective_rows`)."""
     from simulator.network.host_dispatch import CollectiveHost, find_collective_host, gpu_family
 
     if host is None:
@@ -208,19 +290,41 @@ def _host_for(host, device: str):
         return host, gpu_family(host.gpu) == gpu_family(device)
     if host == "auto":
         return find_collective_host(device)
-    raise ValueError(f"validate_multigpu: host must be 'auto', None or a CollectiveHost, got {host!r}")
+    raise ValueError(f"validate_multigpu: host must be 'run', 'auto', None or a CollectiveHost, got {host!r}")
 
 
-def collective_rows(path: Path, cal=None, host="auto", fitted: frozenset = frozenset()) -> list[dict]:
+def _probe_note(device: str, collective: str) -> str:
+    """'; the world-1 probe (collective_host_*.csv) says X us' for comparison, or ''."""
+    from simulator.network.host_dispatch import find_collective_host
+
+    probe, same = find_collective_host(device)
+    h = probe.host_s(collective) if probe is not None else None
+    if h is None:
+        return ""
+    return (f"; the {'' if same else 'other machine: '}world-{probe.world} probe ({Path(probe.path).name}) measures "
+            f"{h * 1e6:.1f} us for the same call")
+
+
+def collective_rows(path: Path, cal=None, host="auto", fitted: frozenset = frozenset(), p2p_GBps: float | None = None,
+                    outliers: bool = True, links: dict | None = None) -> list[dict]:
     """Rows of one ``collectives.csv``. ``cal``: the run's link calibration (None: the preset's NVLink);
-    ``host``: the per-call host dispatch (`_host_for`); a ``time_us`` row is then predicted as the back-to-back
-    time per call of the run's ``iters`` calls, ``max(device, host) + min(device, host) / iters``
-    (`host_dispatch.back_to_back_s`); without a probe file, the device time alone. ``fitted``: the
-    ``(config, size_bytes)`` the calibration was fitted on (status ``fitted``)."""
+    ``host``: the per-call host dispatch (`_host_for`, or ``"run"``: `fit_host_floor` on this file); a ``time_us``
+    row is then predicted as the back-to-back time per call of the run's ``iters`` calls, ``max(device, host) +
+    min(device, host) / iters`` (`host_dispatch.back_to_back_s`); without a floor, the device time alone.
+    ``fitted``: the ``(config, size_bytes)`` rows any calibration was fitted on (status ``fitted``);
+    ``p2p_GBps``: the uneven all-to-all on NCCL's p2p path at that per-peer rate (`fit_p2p`; None: as the flat
+    collective); ``outliers``: rows `measurement_outliers` flags get status ``not_modelled`` with the evidence
+    (``measurement_bug: ...``), their prediction still shown; ``links``: collective -> its own `LinkCalibration`
+    (`fit_collective_links`), in place of ``cal`` for that collective."""
     from simulator.network.host_dispatch import back_to_back_s
 
     df = pd.read_csv(path, dtype={"commit": str})
-    iters = {(r.config, int(r.size_bytes)): int(r.value) for r in df[df["metric"] == "iters"].itertuples()}
+    if isinstance(host, str) and host == "run":
+        host, keys = fit_host_floor(path, cal)
+        fitted = fitted | keys
+    iters = _iters(df)
+    bad = measurement_outliers(df) if outliers else {}
+    smallest = df[df["metric"] == "time_us"].groupby("config")["size_bytes"].min().astype(int).to_dict()
     rows: list[dict] = []
     sims: dict = {}
     for r in df.itertuples():
@@ -230,16 +334,18 @@ def collective_rows(path: Path, cal=None, host="auto", fitted: frozenset = froze
             rows.append(_row(cfg, r.metric, r.value, status="not_modelled", kind="count", run=run,
                              note="correctness check / iteration count of the measurement, not a simulated quantity"))
             continue
-        key = (r.device, int(r.world))
+        own = (links or {}).get(r.config)
+        key = (r.device, int(r.world), r.config if own is not None else "")
         if key not in sims:
             c = cluster_for(r.device, int(r.world))
-            sims[key] = (_sim(c, cal=cal), *_host_for(host, r.device)) if c is not None else None
+            sims[key] = (_sim(c, cal=own or cal), *_host_for(host, r.device)) if c is not None else None
         if sims[key] is None:
             rows.append(_row(cfg, r.metric, r.value, status="not_modelled", run=run,
                              note=f"no cluster preset for {r.device} x {r.world}"))
             continue
         sim, probe, same_host = sims[key]
-        op = collective_op(sim, r.config, float(r.size_bytes), int(r.world))
+        p2p = p2p_GBps if r.config == P2P_CONFIG else None
+        op = collective_op(sim, r.config, float(r.size_bytes), int(r.world), p2p)
         dev = op_time(sim, op)
         proto = sim.net.choose_protocol(op).name
         h = probe.host_s(r.config) if probe is not None else None
@@ -247,23 +353,42 @@ def collective_rows(path: Path, cal=None, host="auto", fitted: frozenset = froze
         t = back_to_back_s(dev, h, n_calls) if h is not None else dev
         host_bound = h is not None and h > dev
         was_fitted = (r.config, int(r.size_bytes)) in fitted
-        link = (f"NVLink {sim.topo.nvlink_GBps:.0f} GB/s " + ("(fitted on this row)" if was_fitted else
-                "(calibrated on other rows)") if cal is not None else f"preset NVLink {sim.topo.nvlink_GBps:.0f} GB/s")
+        floor_row = bool(was_fitted and h is not None and probe.fitted_on
+                         and int(r.size_bytes) == smallest.get(r.config))
+        link_row = was_fitted and not floor_row and (r.config == FIT_CONFIG or own is not None)
+        link = (f"NVLink {sim.topo.nvlink_GBps:.0f} GB/s (" + ("this collective's own, " if own is not None else "")
+                + ("fitted on this row)" if link_row else "calibrated on other rows)") if (own or cal) is not None
+                else f"preset NVLink {sim.topo.nvlink_GBps:.0f} GB/s")
         if r.metric == "time_us":
             note = f"{proto} protocol, {link}, device {dev * 1e6:.1f} us"
+            if p2p is not None:
+                note += (f"; NCCL p2p path (torch's split-list all_to_all_single: grouped ncclSend/ncclRecv) at "
+                         f"{p2p:.1f} GB/s per peer " + ("(fitted on this row)" if was_fitted and not floor_row
+                                                        else "(fitted on another row)"))
             status = "fitted" if was_fitted else "validated"
             if h is not None:
-                note += (f"; host dispatch {h * 1e6:.1f} us per call ({probe.gpu} host, world {probe.world} probe)"
-                         f"{': host-bound' if host_bound else ''}, {n_calls} calls back to back")
+                if probe.fitted_on:
+                    note += (f"; host dispatch {h * 1e6:.1f} us per call at world {probe.world}, fitted on "
+                             f"{'this row' if floor_row else 'the smallest-size row of this collective'}"
+                             f"{': host-bound' if host_bound else ''}, {n_calls} calls back to back"
+                             + _probe_note(r.device, r.config))
+                else:
+                    note += (f"; host dispatch {h * 1e6:.1f} us per call ({probe.gpu} host, world {probe.world} probe)"
+                             f"{': host-bound' if host_bound else ''}, {n_calls} calls back to back")
                 if host_bound and not same_host and not was_fitted:
                     status = "extrapolated"
                     note += "; the probe ran on another machine's host CPU"
             elif r.size_bytes <= LATENCY_BOUND_BYTES:
                 note += ("; latency-bound: simulator latencies are NCCL 2.10 tuning-model constants and the preset's"
                          " 2 us NVLink hop; the measured ~35 us floor is the per-call host dispatch of back-to-back"
-                         " torch.distributed calls, modelled only with a collective_host probe (none found)")
-            if r.config == "all_to_all_uneven":
+                         " torch.distributed calls, modelled only with a host floor (none given)")
+            if r.config == P2P_CONFIG and p2p is None:
                 note += "; torch's uneven all_to_all_single runs ~3x slower than the even one on the same bytes"
+            flag = bad.get((r.config, int(r.size_bytes)))
+            if flag is not None and not was_fitted:
+                rows.append(_row(cfg, r.metric, r.value, t * 1e6, status="not_modelled", run=run,
+                                 note=f"{flag}; prediction shown, not scored: {note}"))
+                continue
             rows.append(_row(cfg, r.metric, r.value, t * 1e6, status=status, note=note, run=run, fitted=was_fitted))
         elif r.metric == "time_us_max":
             rows.append(_row(cfg, r.metric, r.value, t * 1e6, status="derived", run=run,
@@ -667,27 +792,157 @@ def fit_nvlink(path: Path, config: str = FIT_CONFIG, min_bytes: int = FIT_MIN_BY
     return LinkCalibration(den / num, source=src), frozenset((config, x) for x in sizes)
 
 
+# --------------------------------------------------------------------- host floor and p2p rate (issue 9)
+def _run_meta(df: pd.DataFrame):
+    """(device, world, cluster or None) of one run's ``time_us`` rows; None when they mix devices or worlds."""
+    t = df[df["metric"] == "time_us"]
+    if t.empty or t["world"].nunique() != 1 or t["device"].nunique() != 1:
+        return None
+    device, world = str(t["device"].iloc[0]), int(t["world"].iloc[0])
+    return device, world, cluster_for(device, world)
+
+
+def _iters(df: pd.DataFrame) -> dict[tuple[str, int], int]:
+    return {(str(r.config), int(r.size_bytes)): int(r.value) for r in df[df["metric"] == "iters"].itertuples()}
+
+
+def fit_host_floor(path: Path, cal=None):
+    """The host seconds per back-to-back call of each collective at the run's own world size, fitted on ONE row
+    per collective: its smallest measured size (1 KiB in the committed sweep; the size the world-1 probe uses),
+    where the device time (NCCL latency model, a few us) is far below the host's. Host-bound back to back, that
+    row is ``h + d / iters`` (`host_dispatch.back_to_back_s`), so ``h = time_us - d / iters``; a row whose
+    ``h`` would not exceed ``d`` gives no floor (not host-bound). Returns (`CollectiveHost` with ``fitted_on``
+    set, or None without preset / rows; the fitted ``(config, size_bytes)`` keys). **Host floor** in the module
+    docstring says why the run's world, not the world-1 probe."""
+    from simulator.network.host_dispatch import CollectiveHost
+
+    df = pd.read_csv(path, dtype={"commit": str})
+    meta = _run_meta(df)
+    if meta is None or meta[2] is None:
+        return None, frozenset()
+    device, world, cluster = meta
+    sim, iters = _sim(cluster, cal=cal), _iters(df)
+    t = df[df["metric"] == "time_us"]
+    per, keys, calls = {}, set(), set()
+    for name, g in t.groupby("config"):
+        r = g.loc[g["size_bytes"].astype(int).idxmin()]
+        size, n = int(r["size_bytes"]), iters.get((str(name), int(r["size_bytes"])), 1)
+        d = predict_collective(sim, str(name), float(size), world)
+        h = float(r["value"]) * 1e-6 - d / n
+        if h > d:
+            per[str(name)] = h
+            keys.add((str(name), size))
+            calls.add(n)
+    if not per:
+        return None, frozenset()
+    src = ", ".join(f"{c} {s} B" for c, s in sorted(keys))
+    return (CollectiveHost(per, device, world, max(calls), str(path), fitted_on=f"{src} of {path.parent.name}"),
+            frozenset(keys))
+
+
+P2P_CONFIG = "all_to_all_uneven"  # the collective torch runs as grouped ncclSend / ncclRecv
+
+
+def fit_p2p(path: Path, cal=None, host=None):
+    """The per-peer rate (GB/s) of NCCL's p2p path, fitted on ONE row: ``all_to_all_uneven`` ``time_us`` at the
+    largest measured size (256 MiB in the committed sweep: the most device-bound row). The simulator's
+    prediction of that row on the p2p path is ``c + w / B_p2p`` (``c``: Simple base latency and the hop, ``w``:
+    the largest message, both from the model) plus the back-to-back host share ``h / iters`` when ``host`` (a
+    `CollectiveHost`) is given; ``B_p2p`` solves it exactly. Returns (``B_p2p`` or None when the run has no such
+    row / preset or the rate would not bind below the link, the fitted ``(config, size_bytes)`` keys)."""
+    df = pd.read_csv(path, dtype={"commit": str})
+    meta = _run_meta(df)
+    t = df[(df["metric"] == "time_us") & (df["config"] == P2P_CONFIG)]
+    if meta is None or meta[2] is None or t.empty:
+        return None, frozenset()
+    _device, world, cluster = meta
+    r = t.loc[t["size_bytes"].astype(int).idxmax()]
+    size = int(r["size_bytes"])
+    sim = _sim(cluster, cal=cal)
+    b1, b2 = 10.0, 20.0
+    d1, d2 = (predict_collective(sim, P2P_CONFIG, float(size), world, b) for b in (b1, b2))
+    w = (d1 - d2) / (1 / b1 - 1 / b2)
+    c = d1 - w / b1
+    h = host.host_s(P2P_CONFIG) if host is not None else None
+    n = _iters(df).get((P2P_CONFIG, size), 1)
+    y = float(r["value"]) * 1e-6 - (h / n if h is not None else 0.0)
+    if w <= 0 or y <= c:
+        return None, frozenset()
+    bp = w / (y - c)
+    if predict_collective(sim, P2P_CONFIG, float(size), world, bp) <= predict_collective(sim, P2P_CONFIG, float(size),
+                                                                                           world) * (1 + 1e-9):
+        return None, frozenset()  # the link, not the p2p rate, sets the time: nothing to fit
+    return bp, frozenset({(P2P_CONFIG, size)})
+
+
 # ---------------------------------------------------------------------------------------------- driver
 PARTS = {"collectives.csv": collective_rows, "moe.csv": moe_rows, "train.csv": train_rows}
 
 
-def rows(folder: Path, calibrate: bool = True, host="auto") -> list[dict]:
+def fit_collective_links(path: Path, host=None) -> tuple[dict, frozenset]:
+    """Each ring / all-to-all collective's own achieved NVLink bandwidth, fitted on ONE row: its largest measured
+    size (256 MiB in the committed sweep: the most device-bound row), with `fit_nvlink`'s closed form (the model's
+    latencies, the host share ``h / iters``). Not for `FIT_CONFIG` (the all-reduce keeps the NVLink fit that the
+    MoE and training rows use) nor for `P2P_CONFIG` (its rate is `fit_p2p`'s, on that same largest row). Returns
+    ({collective: `LinkCalibration`}, fitted ``(config, size_bytes)`` keys). **Per-collective bandwidth** in the
+    module docstring."""
+    df = pd.read_csv(path, dtype={"commit": str})
+    t = df[df["metric"] == "time_us"]
+    links, keys = {}, set()
+    for name in COLLECTIVES:
+        if name in (FIT_CONFIG, P2P_CONFIG) or not (t["config"] == name).any():
+            continue
+        largest = int(t.loc[t["config"] == name, "size_bytes"].max())
+        cal, k = fit_nvlink(path, config=name, min_bytes=largest, every=1, host=host)
+        if cal is not None:
+            links[name] = cal
+            keys |= k
+    return links, frozenset(keys)
+
+
+def run_calibration(path: Path, calibrate: bool = True, host="run"):
+    """Everything one run's ``collectives.csv`` calibrates, in order, and the rows each was fitted on:
+    the host floor (``host="run"``: `fit_host_floor` on the preset link; else `_host_for`'s forms), the NVLink
+    bandwidth (`fit_nvlink`, with that floor), the p2p rate (`fit_p2p`, with both) and each other collective's own
+    bandwidth (`fit_collective_links`); ``calibrate=False``: none of the link fits. Returns (``cal``, ``host`` as
+    `collective_rows` takes it, ``p2p_GBps``, fitted keys, per-collective ``links``)."""
+    fitted: frozenset = frozenset()
+    if isinstance(host, str) and host == "run":
+        host, keys = fit_host_floor(path)
+        fitted |= keys
+    cal = p2p = None
+    links: dict = {}
+    if calibrate:
+        cal, keys = fit_nvlink(path, host=host)
+        fitted |= keys
+        meta = _run_meta(pd.read_csv(path, dtype={"commit": str}))
+        probe = _host_for(host, meta[0])[0] if meta is not None else None
+        p2p, keys = fit_p2p(path, cal, probe)
+        fitted |= keys
+        links, keys = fit_collective_links(path, host)
+        fitted |= keys
+    return cal, host, p2p, fitted, links
+
+
+def rows(folder: Path, calibrate: bool = True, host="run", outliers: bool = True) -> list[dict]:
     """Every row of every ``collectives.csv`` / ``moe.csv`` / ``train.csv`` under ``folder`` (the folder itself
     and its run subfolders, e.g. ``results/multigpu/h200x2/``) beside its simulation. ``calibrate``: the NVLink
-    bandwidth of each run folder is fitted on its own `fit_subset` (those rows: status ``fitted``) and used for
-    all three parts of that folder; ``host``: the collectives' per-call host floor (`_host_for`)."""
+    bandwidth of each run folder is fitted on its own `fit_subset` and the p2p rate on `fit_p2p`'s row (those
+    rows: status ``fitted``); the NVLink fit is used for all three parts of that folder; ``host``: the
+    collectives' per-call host floor (``"run"``: `fit_host_floor`, its rows ``fitted``; ``"auto"``: the probe
+    files; None: none; `run_calibration`); ``outliers``: `measurement_outliers` rows not scored."""
     folder = Path(folder)
     out: list[dict] = []
     if not folder.is_dir():
         return out
     for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
-        cal, fitted = (None, frozenset())
-        if calibrate and (d / "collectives.csv").is_file():
-            cal, fitted = fit_nvlink(d / "collectives.csv", host=host)
+        cal, h, p2p, fitted, links = None, host, None, frozenset(), {}
+        if (d / "collectives.csv").is_file():
+            cal, h, p2p, fitted, links = run_calibration(d / "collectives.csv", calibrate, host)
         for name, fn in PARTS.items():
             if (d / name).is_file():
                 if name == "collectives.csv":
-                    out += fn(d / name, cal, host, fitted)
+                    out += fn(d / name, cal, h, fitted, p2p, outliers, links)
                 else:
                     out += fn(d / name, cal)
     return out
@@ -717,9 +972,18 @@ def main() -> None:  # pragma: no cover - a convenience printout
     root = Path(__file__).resolve().parent.parent / "results" / "multigpu"
     rs = rows(root)
     for d in sorted(p for p in root.iterdir() if (p / "collectives.csv").is_file()):
-        cal, _ = fit_nvlink(d / "collectives.csv", host="auto")
+        cal, h, p2p, fitted, links = run_calibration(d / "collectives.csv")
         if cal is not None:
             print(f"{d.name}: NVLink {cal.nvlink_GBps:.1f} GB/s fitted on {cal.source}")
+        if h is not None and getattr(h, "fitted_on", ""):
+            per = ", ".join(f"{c} {v * 1e6:.1f} us" for c, v in h.per_call_s.items())
+            print(f"{d.name}: host floor per call {per} fitted on {h.fitted_on}")
+        if p2p is not None:
+            print(f"{d.name}: p2p rate {p2p:.1f} GB/s per peer fitted on {P2P_CONFIG} at its largest size")
+        for c, lc in links.items():
+            print(f"{d.name}: {c} NVLink {lc.nvlink_GBps:.1f} GB/s fitted on {lc.source}")
+        print(f"{d.name}: {len(fitted)} fitted rows; measurement outliers (not scored): "
+              + ", ".join(f"{c} {s} B" for c, s in measurement_outliers(pd.read_csv(d / "collectives.csv"))))
     df = pd.DataFrame(rs)
     pd.set_option("display.width", 250)
     sc = df[df["status"].isin(["validated", "extrapolated", "fitted"])]

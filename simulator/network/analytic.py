@@ -10,7 +10,8 @@ speed (low latency, half bandwidth), large ones at Simple (full bandwidth).
 
 A multi-step collective (`collectives.CommOp`) with steps ``s`` repeated ``r_s`` times costs
 ``base_p + sum_s r_s * max_msg(alpha_s + T_s)``; ranks finish the last step at their own time (a rank
-that sends and receives little in the last step finishes early).
+that sends and receives little in the last step finishes early). On NCCL's p2p path (``op.peer_GBps``)
+``T`` is at least ``nbytes / peer rate`` per message (`base.Network.step_costs`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import numpy as np
 import simpy
 
 from simulator.hardware import P2P, Protocol
-from simulator.network.base import Network
+from simulator.network.base import Network, peer_Bps
 
 
 class AnalyticNetwork(Network):
     name = "analytic"
 
-    def message_times(self, routes: np.ndarray, nbytes: np.ndarray, protocol: Protocol = P2P) -> np.ndarray:
-        busy, lat = self.step_costs(routes, nbytes)
+    def message_times(self, routes: np.ndarray, nbytes: np.ndarray, protocol: Protocol = P2P,
+                      cap_Bps: float | None = None) -> np.ndarray:
+        busy, lat = self.step_costs(routes, nbytes, cap_Bps)
         return busy / protocol.efficiency + lat * protocol.hop_latency_scale
 
     def transfer_routes(self, routes, nbytes, protocol: Protocol = P2P) -> simpy.Event:
@@ -47,7 +49,7 @@ class AnalyticNetwork(Network):
         out = np.full(len(op.ranks), t)
         for k, s in enumerate(op.steps):
             routes = self.topo.routes(s.src, s.dst)
-            times = self.message_times(routes, s.nbytes, p)
+            times = self.message_times(routes, s.nbytes, p, peer_Bps(op))
             np.add.at(self.bytes_sent, s.src, s.nbytes * s.repeat)
             np.add.at(self.bytes_received, s.dst, s.nbytes * s.repeat)
             self.link_bytes += s.repeat * np.bincount(

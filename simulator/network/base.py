@@ -6,6 +6,10 @@ offset (seconds after the call); ``transfer_routes`` does the same for explicit 
 copies, SSD). ``run(op)`` executes a multi-step collective (`collectives.CommOp`) and returns an event
 whose value is each group rank's completion offset. ``now`` is the simulated time.
 
+A collective on NCCL's point-to-point path (`collectives.all_to_all_p2p`: ``op.peer_GBps`` set) has each
+message also limited to that per-peer rate and chooses between the p2p protocols only (`P2P_PROTOCOLS`:
+NCCL runs sends and receives with LL below its p2p LL threshold and Simple above; LL128 is collectives-only).
+
 Accounting kept by every backend (used by the property tests): bytes sent and received per rank, and
 wire bytes per link.
 """
@@ -15,8 +19,16 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
-from simulator.hardware import P2P, PROTOCOLS, Protocol
+from simulator.hardware import GB, LL, P2P, PROTOCOLS, SIMPLE, Protocol
 from simulator.topology import Topology
+
+P2P_PROTOCOLS: tuple[Protocol, ...] = (LL, SIMPLE)  # the protocols of NCCL's send/receive path
+
+
+def peer_Bps(op) -> float | None:
+    """Bytes per second each message of ``op`` is limited to (NCCL's p2p path), or None."""
+    g = getattr(op, "peer_GBps", None)
+    return None if g is None else float(g) * GB
 
 
 class Network:
@@ -54,9 +66,11 @@ class Network:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared analytics
-    def step_costs(self, routes: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def step_costs(self, routes: np.ndarray, nbytes: np.ndarray, cap_Bps: float | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """Per message: bottleneck busy time at protocol efficiency 1 (each link drains its total load
-        at capacity; a message ends when its most loaded link has drained) and route latency."""
+        at capacity; a message ends when its most loaded link has drained; with ``cap_Bps`` a message also
+        takes at least ``nbytes / cap_Bps``) and route latency."""
         L = self.topo.n_links
         if routes.size == 0:
             return np.zeros(0), np.zeros(0)
@@ -65,22 +79,26 @@ class Network:
         busy = loads / self.topo.capacity
         busy[L] = 0.0
         active = nbytes > 0
-        return np.where(active, busy[routes].max(axis=1), 0.0), np.where(
+        t = busy[routes].max(axis=1)
+        if cap_Bps is not None:
+            t = np.maximum(t, nbytes / cap_Bps)
+        return np.where(active, t, 0.0), np.where(
             active, self.topo.latency[routes].sum(axis=1), 0.0
         )
 
     def choose_protocol(self, op) -> Protocol:
         """NCCL-style tuner over the whole op (see `hardware`): least predicted time."""
-        best, best_t = PROTOCOLS[-1], float("inf")
-        stats = [(s.repeat, *self._step_max(s)) for s in op.steps]
-        for p in PROTOCOLS:
+        protocols = P2P_PROTOCOLS if peer_Bps(op) is not None else PROTOCOLS
+        best, best_t = protocols[-1], float("inf")
+        stats = [(s.repeat, *self._step_max(s, peer_Bps(op))) for s in op.steps]
+        for p in protocols:
             t = p.base_latency_s + sum(rep * (lat * p.hop_latency_scale + busy / p.efficiency) for rep, busy, lat in stats)
             if t < best_t:
                 best, best_t = p, t
         return best
 
-    def _step_max(self, step) -> tuple[float, float]:
-        busy, lat = self.step_costs(self.topo.routes(step.src, step.dst), step.nbytes)
+    def _step_max(self, step, cap_Bps: float | None = None) -> tuple[float, float]:
+        busy, lat = self.step_costs(self.topo.routes(step.src, step.dst), step.nbytes, cap_Bps)
         if busy.size == 0:
             return 0.0, 0.0
         return float(busy.max()), float(lat.max())

@@ -7,6 +7,10 @@ sec. 6.5.2) whenever a flow starts or ends: repeatedly find the link with the sm
 ``alpha`` (route latency x protocol hop factor) after its last byte has drained. Two flows on one link
 each get half of it; no link is ever above capacity (checked in ``max_utilisation``).
 
+A message on NCCL's p2p path (``op.peer_GBps``, `collectives.all_to_all_p2p`) is a flow with its own rate
+cap: progressive filling treats the cap like a private link of that capacity (the next bottleneck is the
+smallest of the links' fair shares and the unfixed flows' caps).
+
 Completion coalescing: when the earliest flow ends, every flow due within ``coalesce`` (default 1%)
 of its own lifetime after it ends too, so that an all-to-all with thousands of slightly different flow
 sizes needs at most ~100 rate recomputations instead of thousands; a flow ends at most 1% of its
@@ -22,14 +26,15 @@ import numpy as np
 import simpy
 
 from simulator.hardware import P2P, Protocol
-from simulator.network.base import Network
+from simulator.network.base import Network, peer_Bps
 
 
 class _Flow:
-    __slots__ = ("links", "remaining", "rate", "size", "callback", "start")
+    __slots__ = ("links", "remaining", "rate", "size", "callback", "start", "cap")
 
-    def __init__(self, links: np.ndarray, size: float, callback, start: float = 0.0) -> None:
+    def __init__(self, links: np.ndarray, size: float, callback, start: float = 0.0, cap: float = np.inf) -> None:
         self.start = start
+        self.cap = cap
         self.links = links
         self.remaining = size
         self.size = size
@@ -71,6 +76,7 @@ class FlowNetwork(Network):
         cap = self.topo.capacity[used].copy()
         finite = np.isfinite(cap)
         rate = np.zeros(len(flows))
+        fcap = np.fromiter((f.cap for f in flows), float, len(flows))
         unfixed = np.ones(len(flows), dtype=bool)
         share = np.empty(K)
         while unfixed.any():
@@ -78,9 +84,14 @@ class FlowNetwork(Network):
             live = (cnt > 0) & finite
             share.fill(np.inf)
             share[live] = cap[live] / cnt[live]
-            s = share.min()
+            s_link = share.min()
+            s_cap = fcap[unfixed].min()
+            s = min(s_link, s_cap)
+            if not np.isfinite(s):
+                rate[unfixed] = np.inf  # only unbounded links: never the case on a built topology
+                break
             bott = share <= s * (1 + 1e-12)
-            hit = unfixed & bott[inv].any(axis=1)
+            hit = unfixed & (bott[inv].any(axis=1) | (fcap <= s * (1 + 1e-12)))
             rate[hit] = s
             unfixed &= ~hit
             cap -= np.bincount(inv[hit].ravel(), minlength=K) * s
@@ -118,14 +129,17 @@ class FlowNetwork(Network):
             f.callback()
 
     # ----------------------------------------------------------------- interface
-    def transfer_routes(self, routes, nbytes, protocol: Protocol = P2P, on_message=None) -> simpy.Event:
-        """As `Network.transfer_routes`; ``on_message(i)`` is called when message ``i`` arrives."""
+    def transfer_routes(self, routes, nbytes, protocol: Protocol = P2P, on_message=None,
+                        cap_Bps: float | None = None) -> simpy.Event:
+        """As `Network.transfer_routes`; ``on_message(i)`` is called when message ``i`` arrives; ``cap_Bps``:
+        each message's payload rate is at most this (NCCL's p2p path)."""
         nbytes = np.asarray(nbytes, dtype=float)
         env = self.env
         start = env.now
         done = env.event()
         out = np.zeros(len(nbytes))
         wire = nbytes / protocol.efficiency
+        fcap = np.inf if cap_Bps is None else cap_Bps / protocol.efficiency  # a wire-byte rate, like the links
         self.link_bytes += np.bincount(
             routes.ravel(), weights=np.repeat(wire, routes.shape[1]), minlength=self.topo.n_links + 1
         )
@@ -158,7 +172,7 @@ class FlowNetwork(Network):
         # start all flows of the batch with one rate recomputation
         self._advance()
         for i in todo:
-            self._flows[self._next_id] = _Flow(routes[i], float(wire[i]), lambda i=i: drained(i), start)
+            self._flows[self._next_id] = _Flow(routes[i], float(wire[i]), lambda i=i: drained(i), start, fcap)
             self._next_id += 1
         self._reschedule()
         return done
@@ -181,11 +195,17 @@ class FlowNetwork(Network):
             for k in range(n):
                 notify(k)
             return out
+        cap = peer_Bps(op)
         yield env.timeout(protocol.base_latency_s)
         for k, s in enumerate(op.steps):
             for rep in range(s.repeat):
                 if k < len(op.steps) - 1 or rep < s.repeat - 1:
-                    yield self.transfer(s.src, s.dst, s.nbytes, protocol)
+                    if cap is None:
+                        yield self.transfer(s.src, s.dst, s.nbytes, protocol)
+                    else:
+                        np.add.at(self.bytes_sent, s.src, s.nbytes)
+                        np.add.at(self.bytes_received, s.dst, s.nbytes)
+                        yield self.transfer_routes(self.topo.routes(s.src, s.dst), s.nbytes, protocol, cap_Bps=cap)
                     continue
                 # last step: each rank is done when its own messages (in and out) have arrived
                 ps, pd = pos[s.src], pos[s.dst]
@@ -204,5 +224,6 @@ class FlowNetwork(Network):
                 src, dst = np.asarray(s.src), np.asarray(s.dst)
                 np.add.at(self.bytes_sent, src, s.nbytes)
                 np.add.at(self.bytes_received, dst, s.nbytes)
-                yield self.transfer_routes(self.topo.routes(src, dst), s.nbytes, protocol, on_message=arrived)
+                yield self.transfer_routes(self.topo.routes(src, dst), s.nbytes, protocol, on_message=arrived,
+                                           cap_Bps=cap)
         return out

@@ -15,6 +15,10 @@ GPU (world 1), where ``d`` is a few microseconds, and writes ``host_call_<collec
 profile's columns. `find_collective_host` looks for ``results/profiles/collective_host_*.csv`` and prefers
 the file of the run's GPU family (``H200`` in ``NVIDIA H200``); a file of another machine is returned with
 ``same_host=False`` (its host CPU differs: the caller says so). Without any file there is no floor.
+The probe runs at world 1, where NCCL takes its one-rank shortcut (no ring kernel; nothing at all for an
+in-place all-reduce), so its per-call cost can differ from a multi-GPU run's: a `CollectiveHost` can instead
+be fitted on a run's own smallest-size rows (``fitted_on`` names them; `simulator.validate_multigpu.
+fit_host_floor`, which the 2 x H200 validation uses).
 
 **Link calibration** (`LinkCalibration`, `calibrate_topology`): the achieved per-GPU NVLink bandwidth (and
 optionally per-hop latency) of a measured machine replaces the preset's datasheet x achievable fraction
@@ -65,6 +69,7 @@ class CollectiveHost:
     world: int
     calls: int
     path: str
+    fitted_on: str = ""  # not a probe: fitted on these rows of a run (`simulator.validate_multigpu.fit_host_floor`)
 
     def host_s(self, collective: str) -> float | None:
         return self.per_call_s.get(collective)
