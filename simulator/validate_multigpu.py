@@ -652,6 +652,8 @@ def train_rows(path: Path, cal=None) -> list[dict]:
     df = pd.read_csv(path, dtype={"commit": str, "rank": str})
     rows: list[dict] = []
     cache: dict = {}
+    leaked: dict = {}  # (run, device, world) -> bytes the process's earlier train() runs left allocated
+    before: dict = {}  # (run, device, world) + config key -> leaked bytes when that run started
     for r in df.itertuples():
         run = f"{path.parent.name} {r.commit}"
         cfg_s = f"{r.config} {r.impl}"
@@ -683,9 +685,14 @@ def train_rows(path: Path, cal=None) -> list[dict]:
             rows.append(_row(cfg_s, metric, r.value, s["mfu"], status="derived", kind="ratio", run=run,
                              note="tokens_per_s x training FLOPs per token / peak: same error as tokens_per_s"))
         elif r.metric.startswith("peak_mem"):
-            rows.append(_row(cfg_s, metric, r.value, s["peak_hbm_bytes"], status="not_modelled", kind="memory",
-                             run=run, note="the simulator's peak HBM (model states, activations) is shown; the "
-                                           "reference's allocator peak also holds NCCL / autograd workspaces: not scored"))
+            from simulator.train_memory import multigpu_peak
+
+            proc = (run, r.device, int(r.world))
+            if proc + key not in before:  # train.csv lists one process's runs in the order it trained them
+                before[proc + key] = leaked.get(proc, 0.0)
+                leaked[proc] = leaked.get(proc, 0.0) + s.get("leaked_state_bytes", 0.0)
+            pred, status, note = multigpu_peak(s, metric, before[proc + key])
+            rows.append(_row(cfg_s, metric, r.value, pred, status=status, kind="memory", run=run, note=note))
         else:
             rows.append(_row(cfg_s, metric, r.value, status="not_modelled", run=run,
                              note="loss values and wall time with the model build: not simulated"))

@@ -121,10 +121,19 @@ Backward costs 2 x forward for every matmul (`semoe.sizing`) times the cost mode
 ``backward_gemm_factor`` (applied to the whole backward phase); with ``impl="reference"`` the attention,
 gate and head phases are split into their parts (`TrainingIteration.parts`): the cuBLAS dense GEMMs' backward is
 ``TORCH_DENSE_BWD_FACTOR`` x 2 forward and cuDNN attention's the profile's measured SDPA backward / forward
-ratio (`CostModel.sdpa_backward_ratio`, 3.16 at sequence 2048), the memory passes keep the factor. Activations kept for backward
-(estimate after Korthikanti et al. 2022, 16-bit, flash attention): ``15 T h`` bytes per block for
-attention and norms, plus for an expert FFN ``tokens_in * (3 h + 4 ffn)`` bytes and the dispatch
-buffers ``(tokens_out + tokens_in) * 2 h``.
+ratio (`CostModel.sdpa_backward_ratio`, 3.16 at sequence 2048), the memory passes keep the factor.
+
+Memory (HBM per rank, `simulator.memory.MemoryTracker`): ``impl="ideal"``: the model states of
+`semoe.sizing.state_bytes_per_tier` (16-bit params and grads, fp32 optimizer states) and activations kept for
+backward estimated after Korthikanti et al. 2022 (16-bit, flash attention): ``15 T h`` bytes per block for
+attention and norms, plus for an expert FFN ``tokens_in * (3 h + 4 ffn)`` bytes and the dispatch buffers
+``(tokens_out + tokens_in) * 2 h``. ``impl="reference"``: what the reference trainer allocates
+(`simulator.train_memory`): fp32 masters, fp32 gradients and AdamW moments, the offload engine's GPU pool and
+gradient accumulators, the saved activations counted from the reference model's autograd graph
+(`simulator.train_mem_count`), the loss buffers, the gradient buckets and ZeRO-3's gathered root unit, allocated
+and freed at the step's points (gradients: freed by ``zero_grad`` after the forward with ``trainer="train"``, at the
+step's start with ``"bench"``); the peak equals `simulator.train_memory.step_peak`'s (the summary's ``hbm_points``).
+A structure that model does not cover keeps the ideal one (``hbm_model`` / ``hbm_model_note`` in the summary).
 """
 
 from __future__ import annotations
@@ -241,7 +250,7 @@ class TrainingIteration:
                  measured_steps: int | None = None, expert_impl: str = "grouped", grad_sync: bool = False,
                  io_rates: dict | None = None, ref_optimizer: str = "foreach",
                  expert_kernels: str | None = None, host_program=None, host_rates: dict | None = None,
-                 act_casts: bool | None = None, mem_passes: bool | None = None) -> None:
+                 act_casts: bool | None = None, mem_passes: bool | None = None, trainer: str = "train") -> None:
         """``measured_steps``: the last steps of ``Workload.steps`` over which ``cache_hit_rate_measured``
         counts hits (a bench's counters after its warm-up; default all). ``expert_impl`` (with
         ``impl="reference"``): ``grouped`` (one GEMM per stacked weight, one gradient per stacked tensor)
@@ -264,7 +273,12 @@ class TrainingIteration:
         ``mem_passes`` (default: with a host program whose table counted them, and ``act_casts``): price the
         program's counted memory passes (every non-GEMM kernel's activation bytes, per class at the class's
         measured bandwidth) instead of the constants' activation passes (see "Memory passes" in the module
-        docstring)."""
+        docstring). ``trainer`` (memory only, with ``impl="reference"``): the loop whose HBM the peak models,
+        ``"train"`` (`reference.train`: zero_grad after the forward) or ``"bench"`` (`reference.offload.bench`:
+        zero_grad, then the micro-batches); see "Memory" in the module docstring."""
+        if trainer not in ("train", "bench"):
+            raise ValueError(f"TrainingIteration: trainer must be 'train' or 'bench', got {trainer!r}")
+        self.mem_trainer = trainer
         if ref_optimizer not in REF_OPTIMIZERS:
             raise ValueError(f"TrainingIteration: ref_optimizer must be one of {tuple(REF_OPTIMIZERS)}, got {ref_optimizer!r}")
         if expert_kernels not in EXPERT_KERNELS:
@@ -792,16 +806,138 @@ class TrainingIteration:
     def _static_memory(self) -> None:
         tiers = self._state_tiers()
         mem, t = self.sim.memory, 0.0
+        self.state_tiers = tiers
+        self.mem_model = None  # impl="reference": simulator.train_memory's step peak (None: the ideal model)
+        self.act_freed: list[dict] = [{} for _ in range(self.W)]  # block -> saved bytes its backward released
+        self.mem_note = ""
+        if self.ref and self._ref_memory_setup():
+            mem.alloc_all(t, "dram", "model_states", tiers["cpu"])
+            mem.alloc_all(t, "ssd", "model_states", tiers["ssd"])
+            return
         mem.alloc_all(t, "hbm", "model_states", tiers["gpu"])
         mem.alloc_all(t, "dram", "model_states", tiers["cpu"])
         mem.alloc_all(t, "ssd", "model_states", tiers["ssd"])
-        self.state_tiers = tiers
         # (reference.offload's pinned 16-bit mirror and gradient buffer of every offloaded expert are in
         # tiers["cpu"]: semoe.sizing counts them there)
         if self.p.fusion_bucket_bytes:
             mem.alloc_all(t, "hbm", "comm_buffers", 2 * self.p.fusion_bucket_bytes)
 
+    def _ref_memory_setup(self) -> bool:
+        """impl="reference": HBM as the reference trainer allocates it (`simulator.train_memory`: fp32 masters,
+        gradients and AdamW moments, the offload engine's pool and accumulators, the counted saved activations,
+        the loss buffers, the gradient buckets). False (the ideal model is kept, ``mem_note`` says why) for what
+        that model does not cover (ZeRO stages 1-2, an uncounted code path, dense FFN blocks)."""
+        from simulator.train_memory import saved_coeffs, step_peak
+
+        rows = [float(self.tokens_in[i].max()) for i in sorted(self.a2a)]
+        try:
+            pk = step_peak(self.m, self.p, tokens=self.T, routed_rows=rows, micro_batches=self.w.micro_batches,
+                           trainer=self.mem_trainer, optimizer=self.ref_optimizer,
+                           process_group=self.grad_sync or self.W > 1)
+            self.mem_coeffs = saved_coeffs(self.m)
+        except (ValueError, FileNotFoundError) as e:
+            self.mem_note = str(e)
+            return False
+        self.mem_model = pk
+        P, mem = pk.parts, self.sim.memory
+        mem.alloc_all(0.0, "hbm", "model_states", P["params"] + P["adam"] + P["expert_pool"])
+        mem.alloc_all(0.0, "hbm", "logits", P["logits"])  # the previous step's ModelOutput
+        # gradients of the previous step, alive in the forward until zero_grad (reference.train)
+        self.grads_live = np.full(self.W, self.mem_trainer == "train")
+        self.grads_grown = np.zeros(self.W)  # gradients created so far in this backward (blocks done)
+        self.acc_bytes = np.zeros(self.W)  # the offload engine's gradient accumulators (emptied by its step)
+        if self.mem_trainer == "train":
+            mem.alloc_all(0.0, "hbm", "grads", P["grads"])
+        return True
+
+    def _mem_head_fwd(self, r: int, mb: int) -> None:
+        """After the loss forward: the head's saved tensors, the new logits (the previous ones die when the
+        forward returns), the fp32 loss copy alive inside the loss; zero_grad (reference.train) after it."""
+        if self.mem_model is None:
+            return
+        from simulator.train_memory import head_saved_bytes
+
+        mem, now, P = self.sim.memory, self.env.now, self.mem_model.parts
+        mem.alloc(now, r, "hbm", "activations", head_saved_bytes(self.m, self.T, self.mem_coeffs))
+        mem.alloc(now, r, "hbm", "logits", P["logits"] + P["loss_fwd_fp32"] + P["zero3_root"])
+        mem.free(now, r, "hbm", "logits", P["loss_fwd_fp32"] + P["prev_logits"] + P["zero3_root"])
+        if self.mem_trainer == "train" and mb == 0 and self.grads_live[r]:
+            mem.free(now, r, "hbm", "grads", P["grads"])
+            self.grads_live[r] = False
+
+    def _mem_head_bwd(self, r: int) -> None:
+        """The loss backward's fp32 [T, V] gradients beside the saved log-softmax, then the head's saved tensors
+        released."""
+        if self.mem_model is None:
+            return
+        from simulator.train_memory import head_saved_bytes
+
+        mem, now, P = self.sim.memory, self.env.now, self.mem_model.parts
+        mem.alloc(now, r, "hbm", "loss_grads", P["loss_bwd_fp32"] + P["zero3_root"])
+        mem.free(now, r, "hbm", "loss_grads", P["loss_bwd_fp32"] + P["zero3_root"])
+        mem.free(now, r, "hbm", "activations", head_saved_bytes(self.m, self.T, self.mem_coeffs))
+
+    def _mem_expert_bwd(self, r: int, i: int, mb: int) -> None:
+        """A MoE block's expert GEMM backward: its outputs beside its saved inputs and the gradients flowing
+        (`simulator.train_memory`'s per-block ``transient``), the combine's saved rows already gone; then the
+        gradients the block leaves: fp32 ones when this backward creates them, the offload engine's
+        accumulators (a bf16 one in the first micro-batch, turned into fp32 in the second)."""
+        if self.mem_model is None:
+            return
+        mem, now, P = self.sim.memory, self.env.now, self.mem_model.parts
+        L = self.mem_model.layers[sorted(self.a2a).index(i)]
+        nb = L["transient"] - L["combine_saved"]
+        mem.alloc(now, r, "hbm", "bwd_transient", nb)
+        mem.free(now, r, "hbm", "bwd_transient", nb)
+        gone = L["combine_saved"] + L["expert_saved"]  # released by now (the rest when the block is done)
+        mem.free(now, r, "hbm", "activations", gone)
+        self.act_freed[r][i] = gone
+        if not self.grads_live[r]:
+            mem.alloc(now, r, "hbm", "grads", L["grad_growth"])
+            self.grads_grown[r] += L["grad_growth"]
+        if mb <= 1 and P["acc_layer_bf16"]:
+            mem.alloc(now, r, "hbm", "expert_grad_acc", P["acc_layer_bf16"])
+            self.acc_bytes[r] += P["acc_layer_bf16"]
+
+    def _mem_backward_end(self, r: int, last: bool) -> None:
+        """End of a micro-batch's backward: the gradients exist (fp32, and the engine's accumulators); after the
+        last one every gradient bucket's flat copy is alive until the reduction is finished."""
+        if self.mem_model is None:
+            return
+        mem, now, P = self.sim.memory, self.env.now, self.mem_model.parts
+        if not self.grads_live[r]:  # the rest: the embedding's, the head's, the final norm's
+            mem.alloc(now, r, "hbm", "grads", P["grads"] - self.grads_grown[r])
+            self.grads_live[r] = True
+            self.grads_grown[r] = 0.0
+        if last:
+            mem.alloc(now, r, "hbm", "buckets", P["buckets"])
+
+    def _mem_optimizer(self, r: int) -> None:
+        """The buckets are gone after ``finish()``, the engine's accumulators after its step (copied to the host);
+        foreach AdamW's temporaries live during its step."""
+        if self.mem_model is None:
+            return
+        mem, now, P = self.sim.memory, self.env.now, self.mem_model.parts
+        mem.free(now, r, "hbm", "buckets", P["buckets"])
+        mem.free(now, r, "hbm", "expert_grad_acc", self.acc_bytes[r])
+        self.acc_bytes[r] = 0.0
+        mem.alloc(now, r, "hbm", "adam_temp", P["adam_temp"])
+        mem.free(now, r, "hbm", "adam_temp", P["adam_temp"])
+
+    def _leaked_state_bytes(self) -> float:
+        if self.mem_model is None:
+            return 0.0
+        from simulator.train_memory import leaked_state_bytes
+
+        return leaked_state_bytes(self.m, self.p)
+
     def _act_bytes(self, r: int, i: int) -> float:
+        if self.mem_model is not None:  # impl="reference": the counted saved tensors (simulator.train_mem_count)
+            from simulator.train_memory import block_saved_bytes
+
+            return block_saved_bytes(self.m, self.T, float(self.tokens_in[i][r]), self.local_experts,
+                                     expert_casts=not (self.offload_experts or self.offload_opt),
+                                     coeffs=self.mem_coeffs)
         h = self.m.hidden
         b = 15.0 * self.T * h
         if i in self.a2a:
@@ -862,7 +998,8 @@ class TrainingIteration:
         group = self.ranks
         state[key] = self.background(r, ("ag",) + key, group, lambda: C.all_gather(topo, group, nbytes),
                                      layer, mb, "param_allgather", nbytes)
-        self.sim.memory.alloc(self.env.now, r, "hbm", "gathered_params", nbytes * (W - 1) / W)
+        if self.mem_model is None:  # (impl="reference": simulator.train_memory's zero3_root instead)
+            self.sim.memory.alloc(self.env.now, r, "hbm", "gathered_params", nbytes * (W - 1) / W)
 
     def _a2a(self, r, i, mb, phase, transpose: bool):
         EP, g = self.EP, r // self.EP
@@ -900,6 +1037,9 @@ class TrainingIteration:
         edp_group = np.arange(r % EP, self.W, EP)
         reduce = C.reduce_scatter if p.zero_stage >= 2 else C.all_reduce
         red_phase = "grad_reduce_scatter" if p.zero_stage >= 2 else "grad_allreduce"
+        if self.mem_model is not None and self.mem_trainer == "bench" and self.grads_live[r]:  # zero_grad first
+            mem.free(env.now, r, "hbm", "grads", self.mem_model.parts["grads"])
+            self.grads_live[r] = False
 
         def flush(force: bool) -> None:
             if bucket[0] <= 0 or (not force and bucket[0] < max(p.fusion_bucket_bytes, 1)):
@@ -979,19 +1119,21 @@ class TrainingIteration:
                 yield from self._hend(r, i, mb)
                 yield from self._hrun(r, self._hgroup(f"{kind}.post"), i, mb)
                 mem.alloc(env.now, r, "hbm", "activations", self._act_bytes(r, i))
-                if self.zero3:
+                if self.zero3 and self.mem_model is None:
                     mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.dense_layer[i] * (self.W - 1) / self.W)
             yield from self._hseg(r, "head", -1, mb)
             yield from self.compute(r, -1, mb, "head_fwd", self.t_head)
             if self.ref:
                 yield from self.compute(r, -1, mb, "loss_fwd", self.t_loss_fwd)
             yield from self._hend(r, -1, mb)
+            self._mem_head_fwd(r, mb)
             yield from self._hrun(r, self._hgroup("zero_grad") if mb == 0 else [], -1, mb)
             yield from self._hseg(r, "bwd_head", -1, mb)
             if self.ref:
                 yield from self.compute(r, -1, mb, "loss_bwd", self.t_loss_bwd)
             yield from self.compute(r, -1, mb, "head_bwd", self.t_head_bwd)
             yield from self._hend(r, -1, mb)
+            self._mem_head_bwd(r)
             for i in reversed(range(L)):
                 bwd_segs = self._hgroup(f"{'moe' if i in self.a2a else 'dense'}.bwd")
                 if bwd_segs:  # the block's backward work in the first piece (the table has no syncs there)
@@ -1015,6 +1157,7 @@ class TrainingIteration:
                                             else self.bwd * self.t_experts[i][r])
                     if i in self.t_expert_act:
                         yield from self.compute(r, i, mb, "expert_act_bwd", self.t_expert_act[i][1][r])
+                    self._mem_expert_bwd(r, i, mb)
                     yield from self._a2a(r, i, mb, "dispatch_a2a_bwd", True)
                     yield from self.compute(r, i, mb, "gate_bwd", self.t_gate_bwd)
                 else:
@@ -1027,8 +1170,8 @@ class TrainingIteration:
                         yield from self.compute(r, i, mb, "expert_grad_select", self._select_time(r, i))
                 yield from self._hend(r, i, mb)
                 yield from self._hrun(r, bwd_segs[1:], i, mb)
-                mem.free(env.now, r, "hbm", "activations", self._act_bytes(r, i))
-                if self.zero3:
+                mem.free(env.now, r, "hbm", "activations", self._act_bytes(r, i) - self.act_freed[r].pop(i, 0.0))
+                if self.zero3 and self.mem_model is None:
                     mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.dense_layer[i] * (self.W - 1) / self.W)
                 if last:
                     add_grads(i, self.dense_layer[i], tensors_per_block)
@@ -1048,8 +1191,9 @@ class TrainingIteration:
             yield from self._hseg(r, "bwd_embedding", -1, mb)
             yield from self.compute(r, -1, mb, "embedding_bwd", 2 * self.t_embed + (self.t_emb_grad if self.ref else 0.0))
             yield from self._hend(r, -1, mb)
-            if self.zero3:
+            if self.zero3 and self.mem_model is None:
                 mem.free(env.now, r, "hbm", "gathered_params", 2.0 * self.embed * (self.W - 1) / self.W)
+            self._mem_backward_end(r, last)
             if last:
                 add_grads(-1, self.embed, 3)
                 flush(force=True)
@@ -1070,6 +1214,7 @@ class TrainingIteration:
                 self._count("d2h_grads", ng)
                 self.adam_cur[r][i] = env.process(self._expert_optimizer(r, i, ev, self.state_reads[r].pop(i, None)))
         yield from self._hseg(r, "optimizer", -1, -1)
+        self._mem_optimizer(r)
         yield from self.optimizer(r)
         yield from self._hend(r, -1, -1)
         for ev in self.opt_procs[r]:  # the CPU expert optimizer, started during the backward
@@ -1136,6 +1281,15 @@ class TrainingIteration:
             "tokens_per_s": tokens / step if step > 0 else float("inf"),
             "mfu": flops / step / (self.W * self.c.gpu.bf16_tflops * 1e12) if step > 0 else 0.0,
             "peak_hbm_bytes": mem.peak_hbm(),
+            # impl="reference": simulator.train_memory's parts and high points (rank of the largest routed rows)
+            "hbm_model": "reference" if self.mem_model is not None else "ideal",
+            "hbm_model_note": self.mem_note,
+            "hbm_parts": dict(self.mem_model.parts) if self.mem_model is not None else {},
+            "hbm_points": dict(self.mem_model.points) if self.mem_model is not None else {},
+            "routed_rows": [float(self.tokens_in[i].max()) for i in sorted(self.a2a)],
+            # what a finished reference.train run of this plan can leave allocated in its process
+            # (simulator.train_memory.leaked_state_bytes: the multi-GPU bench trains its variants in one process)
+            "leaked_state_bytes": self._leaked_state_bytes(),
             "peak_dram_bytes": mem.peak_node("dram"),
             "peak_ssd_bytes": mem.peak_node("ssd"),
             "oom": "; ".join(mem.oom()),

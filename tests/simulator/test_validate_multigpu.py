@@ -80,9 +80,13 @@ def test_collective_part_is_validated_and_the_rest_by_profile(rows):
     from simulator.cost import find_profile
 
     want = "validated" if find_profile(cluster_preset("h200-x2").gpu) is not None else "extrapolated"
-    other = sc[parts != "collectives"]
+    mem = sc["kind"] == "memory"
+    other = sc[(parts != "collectives") & ~mem]
     assert set(other["status"]) == {want}
     assert other["note"].str.contains("own kernel profile" if want == "validated" else "extrapolated").all()
+    # memory rows need no kernel profile: scored only where simulator.train_memory models the step's peak
+    assert mem.any() and set(sc.loc[mem, "status"]) == {"validated"}
+    assert sc.loc[mem, "note"].str.startswith("simulator.train_memory").all()
     s = V.summary(rows.to_dict("records"))
     assert set(s["part"]) == {"collectives", "moe", "train"}
     assert s["rows"].sum() == len(sc)
