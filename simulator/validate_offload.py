@@ -42,6 +42,23 @@ the simulated phases, and, for a run without the ``ssd_block_prep_GBps`` probe, 
 traces (`write_prep_rate`: the block bytes over the median gap between consecutive SSD writes on the
 engine's I/O thread, where it serialises and checksums the next block; listed as an input row).
 
+A-priori rule of task hB (written 2026-11-24 ~11:45 UTC, BEFORE the GPU run that first has these probes, and not
+to be changed after its errors are seen): for a run whose probes carry the engine's thread layout (a
+``cpu_threads_main`` row: from task hB on), a case's inputs are the run's probes run with the engine's own thread
+layout and NOTHING beside them. CPU AdamW: the engine probe ``alone@worker`` of the case's gradient dtype and
+nearest layer size, which from hB on runs on a worker thread with the engine's intra-op thread count (cores minus
+the training and I/O threads, `reference.offload.cpu_adam.adam_threads`; the count read inside that worker is the
+``cpu_threads_worker`` row, and the engine's own, read inside its optimizer thread, each case's ``threads_adam``
+row). SSD: the engine's I/O cycle probe (`IO_CYCLE`: ``ssd_cycle_read_GBps`` / ``ssd_cycle_write_GBps`` /
+``ssd_cycle_prep_GBps``: one thread reading blocks it wrote back one cycle before into fresh tensors, then writing
+them back over their old versions, as the I/O thread does each step) where the run has it, else the block probes,
+else the plain-file ones. The probes under synthetic loads (``gpu@worker``, ``gpu+pcie+ssd@worker``, their
+``:tall`` twins with torch's default threads, the ``:t<N>`` thread sweep) and the SSD rates beside the update
+(``ssd_beside_adam_*``) are diagnostics, never inputs. Older runs keep task hD2's rule below (the same code gives it
+to them: they have no cycle probe, and their ``alone@worker`` ran with torch's default threads, as their engine
+did). The A/B cases (label ``..._torch_threads``: the engine with torch's default threads) are listed, not
+predicted.
+
 A-priori vs diagnostic (task hD2): the ``validated`` rows are predictions whose inputs are the run's probes only
 (CPU AdamW: the engine probe with nothing beside the update, `ADAM_LOADS_APRIORI`; SSD: the engine's block read /
 write / rewrite-prep probes where the run has them, else the plain-file and fresh-name ones). For every run with
@@ -85,7 +102,16 @@ BYTES_METRICS = ("h2d_gb_per_step", "d2h_gb_per_step", "ssd_read_gb_per_step", "
 MEMORY_METRICS = ("peak_mem_gb",)
 INPUT_METRICS = ("h2d_pinned_GBps", "d2h_pinned_GBps", "ssd_read_GBps", "ssd_write_GBps", "cpu_adam_Mparams_per_s",
                  "cpu_adam_fp32grad_Mparams_per_s", "ssd_block_prep_GBps", "cpu_adam_engine_Mparams_per_s",
-                 "ssd_block_read_GBps", "ssd_block_write_GBps", "ssd_block_rewrite_prep_GBps")
+                 "ssd_block_read_GBps", "ssd_block_write_GBps", "ssd_block_rewrite_prep_GBps", "ssd_cycle_read_GBps",
+                 "ssd_cycle_write_GBps", "ssd_cycle_prep_GBps")
+# task hB: the engine's I/O cycle probe (reference.offload.bench.measure_ssd_cycle) wins over the block probes, which
+# win over the plain-file ones: io_rates key of the probe -> the key the simulation reads
+IO_CYCLE = {"disk_read_cycle": "disk_read", "disk_write_cycle": "disk_write", "ssd_write_prep_cycle": "ssd_write_prep"}
+# diagnostics of the engine's host threads (task hB), listed with a note: the SSD I/O thread's rates while the update
+# ran beside it (bench.SSD_BESIDE_ADAM), the thread counts the engine read back inside its threads
+THREAD_DIAGNOSTICS = ("ssd_beside_adam_read_GBps", "ssd_beside_adam_write_GBps", "threads_main", "threads_adam",
+                      "threads_io", "cpu_threads_main", "cpu_threads_worker", "cpu_threads")
+AB_SUFFIX = "_torch_threads"  # reference.offload.bench.AB_SUFFIX: A/B cases with the engine's AdamW on torch's threads
 # the engine's per-layer CPU AdamW (reference.offload.bench.measure_engine_adam): config ``cpu_adam_engine E<n>
 # P<n> grad=<bf16|fp32>``, placement = the load it ran under; `adam_input` picks one per simulated case
 ENGINE_ADAM = "cpu_adam_engine_Mparams_per_s"
@@ -112,7 +138,11 @@ IO_INPUTS = {"ssd_read_GBps": ("disk_read", 1e9), "ssd_write_GBps": ("disk_write
              # unlinks the old file): what every engine write-back does; they replace ssd_write_GBps /
              # ssd_block_prep_GBps (whose probe renamed to fresh names) where a run has them
              "ssd_block_write_GBps": ("disk_write_block", 1e9),
-             "ssd_block_rewrite_prep_GBps": ("ssd_write_prep_rewrite", 1e9)}
+             "ssd_block_rewrite_prep_GBps": ("ssd_write_prep_rewrite", 1e9),
+             # task hB: the engine's I/O cycle (reads of the blocks written one cycle before, then write-backs over
+             # them, one thread): wins over the block probes where a run has it (`IO_CYCLE`)
+             "ssd_cycle_read_GBps": ("disk_read_cycle", 1e9), "ssd_cycle_write_GBps": ("disk_write_cycle", 1e9),
+             "ssd_cycle_prep_GBps": ("ssd_write_prep_cycle", 1e9)}
 # a run's own rates taken from its traces for the diagnostic simulation (`trace_rates`): io_rates key -> label
 DIAG_RATES = {"cpu_adam": "CPU AdamW", "disk_read": "SSD read", "disk_write": "SSD write",
               "ssd_write_prep": "block prep"}
@@ -460,7 +490,17 @@ def _predict(s: dict, metric: str, cfg: OffloadConfig, placement: str, io: tuple
     if metric == "cpu_adam_ms_per_step":
         return s["busy_s"].get("cpu_adam", 0.0) * 1e3
     if metric == "peak_mem_gb":
-        return s["peak_hbm_bytes"] / 1e9
+        # the bench loop's peak (zero_grad, then the micro-batches): simulator.train_memory at the simulated
+        # routing (the largest rows any rank's experts receive per layer); the run's AdamW (io's options)
+        from simulator.train_memory import run_peak
+
+        opts = {k[1:]: v for k, v in io if str(k).startswith("_")}
+        try:
+            pk = run_peak(build_run(cfg, placement, 1), tokens_in=s.get("routed_rows"), trainer="bench",
+                          optimizer=opts.get("ref_optimizer", "foreach"))
+        except (ValueError, FileNotFoundError):  # a structure the model does not cover: the workload's own peak
+            return s["peak_hbm_bytes"] / 1e9
+        return pk.peak / 1e9
     if metric == "ratio_vs_gpu":
         return s["step_time_s"] / simulate(cfg, "gpu", 0, io)["step_time_s"]
     return None
@@ -474,14 +514,14 @@ def _input(metric: str) -> float:
     c = cluster_preset("h100-single")
     if metric in ("h2d_pinned_GBps", "d2h_pinned_GBps"):
         return c.pcie.bandwidth_GBps
-    if metric in ("ssd_block_prep_GBps", "ssd_block_rewrite_prep_GBps"):
+    if metric in ("ssd_block_prep_GBps", "ssd_block_rewrite_prep_GBps", "ssd_cycle_prep_GBps"):
         return float("nan")  # no default: without a measurement the simulator charges nothing
     if metric in ("cpu_adam_Mparams_per_s", "cpu_adam_fp32grad_Mparams_per_s", ENGINE_ADAM):  # the assumption
         from simulator.workload.training import CPU_ADAM_BYTES_PER_PARAM
 
         return c.host_memory_GBps * 1e9 / CPU_ADAM_BYTES_PER_PARAM / 1e6
     cm = CostModel.auto(c.gpu)
-    read = metric in ("ssd_read_GBps", "ssd_block_read_GBps")
+    read = metric in ("ssd_read_GBps", "ssd_block_read_GBps", "ssd_cycle_read_GBps")
     op, bw = ("disk_read", c.ssd_read_GBps) if read else ("disk_write", c.ssd_write_GBps)
     n = 512 * 2**20
     return n / cm.transfer_time(op, n, bw) / 1e9
@@ -661,6 +701,9 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                              ("ssd_write_prep_rewrite", "ssd_write_prep")):
             if block in d:
                 d[plain] = d.pop(block)
+        for cycle, plain in IO_CYCLE.items():  # task hB: the engine's I/O cycle wins over both
+            if cycle in d:
+                d[plain] = d.pop(cycle)
     probes = engine_adam_probes(df)
     runs = set(zip(df["date"], df["commit"], df["device"]))
     for run in runs:  # the reference code each run executed (its GPU AdamW and expert GEMM path)
@@ -712,6 +755,18 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
             else:
                 row.update(predicted=pred, error=pred / measured - 1 if measured else float("nan"), status="fitted",
                            used_for_fitting=True, note=note)
+            out.append(row)
+            continue
+        if r.metric in THREAD_DIAGNOSTICS:
+            row["note"] = ("the SSD I/O thread's block rate while the engine's AdamW ran beside it (load in placement): "
+                           "a diagnostic of the host threads' contention, not an input" if r.metric.startswith("ssd_")
+                           else "an intra-op thread count read back inside the thread (task hB): describes the "
+                           "run's thread layout")
+            out.append(row)
+            continue
+        if str(r.config).split(" ", 1)[0].endswith(AB_SUFFIX):
+            row["note"] = ("A/B case: the same configuration with the engine's AdamW on torch's default threads (one "
+                           "per core, the engine before task hB); listed beside the case, not predicted")
             out.append(row)
             continue
         if str(r.config).startswith("cpu_adam_engine"):  # (a probe's error row: its load failed)
@@ -980,6 +1035,27 @@ def markdown_tables(df) -> str:
                 out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {x.measured:.0f} | {x.predicted:.0f} | "
                            f"{_pct(x.error)} | {_pct(pri.get((x.label, x.placement, x.prefetch), float('nan')))} | "
                            f"{used} |")
+            out.append("")
+        ab = r[r["label"].str.endswith(AB_SUFFIX) & (r["metric"] == "step_ms")]
+        if not ab.empty:
+            out += [("Thread A/B (task hB): the same case with the engine's AdamW on torch's default threads (one per "
+                     "core, the engine before hB) beside the engine's rule (cores minus the training and I/O threads); "
+                     "measured in the same run:"), "",
+                    ("| config | placement | prefetch | step ms (rule) | step ms (torch) | CPU AdamW ms/step (rule) | "
+                     "CPU AdamW ms/step (torch) | AdamW threads (rule / torch) |"), "|---|---|---|---|---|---|---|---|"]
+
+            def val(label, x, metric, r=r):
+                v = r[(r["label"] == label) & (r["placement"] == x.placement) & (r["prefetch"] == x.prefetch)
+                      & (r["metric"] == metric)]["measured"]
+                return float(v.iloc[0]) if len(v) else float("nan")
+
+            for x in ab.itertuples(index=False):
+                main = x.label.removesuffix(AB_SUFFIX)
+                cells = [val(lab, x, m) for m in ("step_ms", "cpu_adam_ms_per_step", "threads_adam")
+                         for lab in (main, x.label)]
+                c = ["-" if math.isnan(v) else f"{v:.0f}" for v in cells]  # "-": that arm did not run (skipped)
+                out.append(f"| {main} | {x.placement} | {x.prefetch} | {c[0]} | {c[1]} | {c[2]} | {c[3]} | "
+                           f"{c[4]} / {c[5]} |")
             out.append("")
         pr = r[r["metric"] == ENGINE_ADAM]
         if not pr.empty:
