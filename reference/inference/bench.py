@@ -14,14 +14,21 @@ Measured in one run:
 0. the simulator's host inputs for this run: ``host_op_us`` (a tiny reference forward) and the engine host
    probe (:func:`host_probe`: the engine's own prefill and decode passes, per mode and batch, on a model of
    the same family and block count at tiny widths, where a pass's wall time is the host's; ~10-20 s;
-   ``--skip-host-probe``);
+   ``--skip-host-probe``), and next to every timed row of 2-5 the same probe of that row's code path
+   (mode, phase, batch; ring K) right before and right after its timed passes (:meth:`HostProber.adjacent`,
+   rows ``host_adj_prefill_ms_before`` / ``_after``, ``host_adj_decode_ms_per_step_before`` / ``_after`` and
+   the copy calls ``host_adj_*_copies*`` under the timed row's mode and batch; ~30 s on the H100): the host
+   speed drifts within a run, so each row's prediction takes the host of its own moment;
 1. pinned H2D bandwidth: one block's pinned expert buffer copied to the GPU (CUDA events, median);
 2. compute time of a block: resident mode (all experts on the GPU) prefill forward / blocks;
 3. bound per block = max(compute, block expert bytes / H2D); ring prefill throughput vs that bound,
    over K = 1..4 slots and batch 1..8 (prompt ``--prompt-len``);
 4. accelerate ``cpu_offload`` of the same model (MoEDecoder, weights in pageable host memory) on
    the same prefill batch;
-5. decode tokens/s of expert-aware vs ring mode at batch 1, 2, 4, 8 (budget-sized pool / ring).
+5. decode tokens/s of expert-aware vs ring mode at batch 1, 2, 4, 8 (budget-sized pool / ring), with the
+   expert pool's calls (each block's routed experts, the predicted ones) in ``DIR/expert_trace.csv`` and the
+   pool's counters in ``DIR/expert_trace_stats.csv`` (:func:`trace_pool_calls`: the routing the LRU pool saw,
+   for ``simulator.workload.inference.replay_pool_trace``).
 
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
@@ -39,6 +46,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -115,9 +123,12 @@ PROBE_MODES = (("resident", "resident", False), ("ring", "ring", False), ("exper
                ("expert_nopred", "expert", False))
 
 
-def probe_spec(spec):
+QUICK_PROBE_WIDTHS = {"hidden": 64, "heads": 4, "kv_heads": 1, "ffn": 32, "vocab": 256}  # --quick (CPU smoke test)
+
+
+def probe_spec(spec, widths: dict | None = None):
     """The probe model: ``spec``'s family, block count and routing (experts, top-k) at tiny widths."""
-    return spec.replace(name=f"{spec.name}-hostprobe", **PROBE_WIDTHS)
+    return spec.replace(name=f"{spec.name}-hostprobe", **(widths or PROBE_WIDTHS))
 
 
 def _probe_budget_gb(store: ModelStore, batch: int, max_len: int, tokens: int, pool_slots: int) -> float:
@@ -128,69 +139,188 @@ def _probe_budget_gb(store: ModelStore, batch: int, max_len: int, tokens: int, p
     return (p.dense_bytes + p.kv_bytes + p.act_bytes + pool_slots * p.expert_bytes + p.expert_bytes // 2) / 1e9
 
 
-def host_probe(spec, store_dir: Path, batches: list[int], P: int, G: int, reps: int, plans: dict, row) -> None:
+ADJ_METRICS = {"prefill": ("host_adj_prefill_ms", "host_adj_prefill_copies"),
+               "decode": ("host_adj_decode_ms_per_step", "host_adj_decode_copies_per_step")}
+# an adjacent probe's seconds rows carry these suffixes: measured right before and right after the timed passes
+ADJ_WHEN = ("before", "after")
+
+
+class HostProber:
+    """The engine host probe of one run: the engine's own passes on ``probe_spec(spec)`` (same family, block
+    count, experts and top-k; tiny widths, so each kernel's device time is a few us and the wall time of a pass
+    is the host's), with the ring's K and the expert pool's slots of the run's engines (``plans``: ``("ring",
+    B)`` -> K, ``("expert", B)`` -> C), so the probe copies as the run does (tiny copies).
+
+    :meth:`prefill`: the median of ``reps`` forwards after a warm-up (as the run's prefill rows); :meth:`decode`:
+    the decode steps of one ``generate`` after an untimed ``generate(prompts, 2)`` (as the run's decode rows);
+    both return (milliseconds, copy calls) per pass. Each measurement builds its own engine and drops it
+    (no ``empty_cache``: the allocator keeps the run engine's blocks cached for its next timed pass)."""
+
+    def __init__(self, spec, store_dir: Path, P: int, G: int, reps: int, plans: dict, row,
+                 widths: dict | None = None) -> None:
+        self.spec, self.P, self.G, self.reps, self.plans, self.row = probe_spec(spec, widths), P, G, reps, plans, row
+        build_random_store(store_dir, self.spec, torch.bfloat16, seed=0, gen_device=DEV)
+        self.store = ModelStore.load(store_dir)
+
+    def _engine(self, mode: str, predict: bool, B: int, slots: int | None = None) -> Engine:
+        kw: dict = {"gpu_budget_gb": None}
+        if mode == "ring":
+            kw["slots"] = slots if slots is not None else self.plans[("ring", B)]
+        elif mode == "expert":
+            kw["gpu_budget_gb"] = _probe_budget_gb(self.store, B, self.P + self.G, B * self.P, self.plans[("expert", B)])
+        eng = Engine(self.store, InferConfig(mode=mode, device=DEV, trace=False, predict=predict, **kw), batch=B,
+                     max_len=self.P + self.G, prefill_tokens=B * self.P)
+        if mode == "expert" and eng.plan.pool_slots != self.plans[("expert", B)]:
+            log(f"host probe: expert B={B} pool {eng.plan.pool_slots} slots, run's {self.plans[('expert', B)]}")
+        return eng
+
+    @staticmethod
+    def _mode(name: str) -> tuple[str, bool]:
+        """Probe mode name (``PROBE_MODES``) -> engine mode, predict."""
+        return next((m, pr) for n, m, pr in PROBE_MODES if n == name)
+
+    def prefill(self, name: str, B: int, slots: int | None = None) -> tuple[float, float]:
+        mode, predict = self._mode(name)
+        eng = self._engine(mode, predict, B, slots)
+        idx = random_prompts(B, self.P, self.spec.vocab, seed=B).to(DEV)
+        eng.forward(idx, all_logits=False)
+        c0 = eng.pool.copies
+        t = timed(lambda: eng.forward(idx, all_logits=False), self.reps)
+        copies = (eng.pool.copies - c0) / self.reps
+        eng.close()
+        del eng
+        return 1e3 * t, copies
+
+    def decode(self, name: str, B: int, slots: int | None = None) -> tuple[float, float]:
+        mode, predict = self._mode(name)
+        eng = self._engine(mode, predict, B, slots)
+        prompts = random_prompts(B, self.P, self.spec.vocab, seed=B)
+        eng.generate(prompts, 2)
+        calls: list[int] = []
+        fwd = eng.forward
+
+        def counted(idx_BS, *args, **kwargs):  # copy calls of each decode forward (q_len 1)
+            c = eng.pool.copies
+            out = fwd(idx_BS, *args, **kwargs)
+            if idx_BS.shape[1] == 1:
+                calls.append(eng.pool.copies - c)
+            return out
+
+        eng.forward = counted
+        r = eng.generate(prompts, self.G)
+        del eng.forward  # the closure refers to the engine: no cycle left behind
+        eng.close()
+        del eng
+        steps = max(1, self.G - 1)
+        return 1e3 * r.decode_s / steps, sum(calls) / steps
+
+    def measure(self, phase: str, name: str, B: int, slots: int | None = None) -> tuple[float, float]:
+        return (self.prefill if phase == "prefill" else self.decode)(name, B, slots)
+
+    def run_probe(self, batches: list[int]) -> None:
+        """The once-per-run probe (rows ``host_prefill_ms`` ...): every mode of ``PROBE_MODES`` and batch."""
+        self.row("-", 0, "host_probe_moe_blocks", len(self.store.moe_blocks))
+        for name, _, _ in PROBE_MODES:
+            for B in batches:
+                free_cuda()
+                ms, copies = self.prefill(name, B)
+                self.row(name, B, "host_prefill_ms", ms)
+                self.row(name, B, "host_prefill_copies", copies)
+                ms, copies = self.decode(name, B)
+                self.row(name, B, "host_decode_ms_per_step", ms)
+                self.row(name, B, "host_decode_copies_per_step", copies)
+        free_cuda()
+
+    @contextmanager
+    def adjacent(self, phase: str, row_mode: str, B: int, name: str | None = None, slots: int | None = None):
+        """The probe of (``name`` or ``row_mode``, ``phase``, ``B``) right before and right after the timed
+        passes of the body: rows (``row_mode``, ``B``) ``host_adj_<phase>_ms[_per_step]_before`` / ``_after``
+        and ``host_adj_<phase>_copies[_per_step]`` (the mean of the two). ``slots``: the ring's K (ring_K<k>
+        rows). The probes' device memory is kept out of the run's ``gpu_peak_GB`` (`peak_GB`)."""
+        ms_metric, cp_metric = ADJ_METRICS[phase]
+        name = name or row_mode
+        got = []
+        for when in ADJ_WHEN:
+            if when == "after":
+                yield
+            _PEAK["saved"] = max(_PEAK["saved"], torch.cuda.max_memory_allocated() if CUDA else 0)
+            got.append(self.measure(phase, name, B, slots))
+            if CUDA:  # (the probe engine is freed by reference counting: no gc.collect, ~0.2 s each)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()  # the run's peak so far is in _PEAK["saved"]
+            self.row(row_mode, B, f"{ms_metric}_{when}", got[-1][0])
+        self.row(row_mode, B, cp_metric, (got[0][1] + got[1][1]) / 2)
+
+
+def host_probe(spec, store_dir: Path, batches: list[int], P: int, G: int, reps: int, plans: dict, row,
+               widths: dict | None = None) -> HostProber:
     """Host time of the engine's own code path, measured in this run (the simulator's host input for it).
 
-    A random store of ``probe_spec(spec)`` (same family, block count, experts and top-k; tiny widths, so
-    each kernel's device time is a few us and the wall time of a pass is the host's). For each mode of
-    ``PROBE_MODES`` and batch of ``batches``: the prefill forward (median of ``reps`` after a warm-up,
-    as the run's prefill rows) and the decode steps of ``generate`` (after an untimed warm-up, as the
-    run's decode rows), with the ring's K and the expert pool's slots of the run's engines (``plans``:
-    ``("ring", B)`` -> K, ``("expert", B)`` -> C), so the probe copies as the run does (tiny copies).
-    Rows (mode, batch): ``host_prefill_ms``, ``host_decode_ms_per_step`` and the copy calls of the same
-    passes (``host_prefill_copies``, ``host_decode_copies_per_step``: a ring block or an expert per call),
-    which the simulator counts as kernels of the probe's pass; ``-`` ``host_probe_moe_blocks``."""
-    pspec = probe_spec(spec)
-    build_random_store(store_dir, pspec, torch.bfloat16, seed=0, gen_device=DEV)
-    pstore = ModelStore.load(store_dir)
-    row("-", 0, "host_probe_moe_blocks", len(pstore.moe_blocks))
-    for name, mode, predict in PROBE_MODES:
-        for B in batches:
-            free_cuda()
-            kw: dict = {"gpu_budget_gb": None}
-            if mode == "ring":
-                kw["slots"] = plans[("ring", B)]
-            elif mode == "expert":
-                kw["gpu_budget_gb"] = _probe_budget_gb(pstore, B, P + G, B * P, plans[("expert", B)])
-            eng = Engine(pstore, InferConfig(mode=mode, device=DEV, trace=False, predict=predict, **kw), batch=B,
-                         max_len=P + G, prefill_tokens=B * P)
-            if mode == "expert" and eng.plan.pool_slots != plans[("expert", B)]:
-                log(f"host probe: {name} B={B} pool {eng.plan.pool_slots} slots, run's {plans[('expert', B)]}")
-            prompts = random_prompts(B, P, pspec.vocab, seed=B)
-            idx = prompts.to(DEV)
-            eng.forward(idx, all_logits=False)
-            c0 = eng.pool.copies
-            t = timed(lambda: eng.forward(idx, all_logits=False), reps)
-            pre_copies = (eng.pool.copies - c0) / reps
-            eng.generate(prompts, 2)
-            calls: list[int] = []
-            fwd = eng.forward
+    For each mode of ``PROBE_MODES`` and batch of ``batches`` (`HostProber.run_probe`): rows (mode, batch)
+    ``host_prefill_ms``, ``host_decode_ms_per_step`` and the copy calls of the same passes
+    (``host_prefill_copies``, ``host_decode_copies_per_step``: a ring block or an expert per call), which the
+    simulator counts as kernels of the probe's pass; ``-`` ``host_probe_moe_blocks``. Returns the prober,
+    whose `HostProber.adjacent` probes each timed row of the run next to it."""
+    prober = HostProber(spec, store_dir, P, G, reps, plans, row, widths)
+    prober.run_probe(batches)
+    return prober
 
-            def counted(idx_BS, *args, **kwargs):  # copy calls of each decode forward (q_len 1)
-                c = eng.pool.copies
-                out = fwd(idx_BS, *args, **kwargs)
-                if idx_BS.shape[1] == 1:
-                    calls.append(eng.pool.copies - c)
-                return out
 
-            eng.forward = counted
-            r = eng.generate(prompts, G)
-            steps = max(1, G - 1)
-            row(name, B, "host_prefill_ms", 1e3 * t)
-            row(name, B, "host_prefill_copies", pre_copies)
-            row(name, B, "host_decode_ms_per_step", 1e3 * r.decode_s / steps)
-            row(name, B, "host_decode_copies_per_step", sum(calls) / steps)
-            eng.close()
-            del eng
-    del pstore
-    free_cuda()
+_PEAK = {"saved": 0}  # the run's peak allocated bytes before the last adjacent host probe (`HostProber.adjacent`)
+
+
+TRACE_COLUMNS = ("mode", "batch", "pool_slots", "ring_slots", "step", "block", "call", "experts")
+
+
+def trace_pool_calls(eng: Engine) -> list:
+    """Record the expert-aware pool calls of ``eng`` (``fetch``: the routed experts of a block; ``prefetch``:
+    the experts predicted one block ahead) as ``(step, block, call, experts)``: the routing the LRU pool saw,
+    so the simulator's pool can be replayed on it (`simulator.workload.inference.replay_pool_trace`). A list
+    append per call, outside the copies' and kernels' path."""
+    calls: list = []
+    pool, tl = eng.pool, eng.timeline
+    fetch, prefetch = pool.fetch, pool.prefetch
+
+    def traced_fetch(block, needed):
+        calls.append((tl.micro_batch, block, "fetch", tuple(needed)))
+        return fetch(block, needed)
+
+    def traced_prefetch(block, experts):
+        calls.append((tl.micro_batch, block, "prefetch", tuple(experts)))
+        return prefetch(block, experts)
+
+    pool.fetch, pool.prefetch = traced_fetch, traced_prefetch
+    return calls
+
+
+def write_pool_trace(out: Path, mode: str, batch: int, eng: Engine, calls: list, stats: dict) -> None:
+    """Append ``calls`` (`trace_pool_calls`) to ``out/expert_trace.csv`` and the engine's pool counters to
+    ``out/expert_trace_stats.csv`` after each generate (a timeout keeps what was measured)."""
+    path, spath = out / "expert_trace.csv", out / "expert_trace_stats.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(TRACE_COLUMNS)
+        for step, block, call, experts in calls:
+            w.writerow((mode, batch, eng.plan.pool_slots, eng.plan.ring_slots, step, block, call,
+                        " ".join(str(int(e)) for e in experts)))
+    new = not spath.exists()
+    with spath.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(("mode", "batch", "hits", "misses", "prefetched", "prefetch_used", "moe_blocks", "experts"))
+        w.writerow((mode, batch, stats["expert_hits"], stats["expert_misses"], stats["experts_prefetched"],
+                    stats["prefetch_used"], " ".join(str(b) for b in eng.blocks), eng.spec.experts))
 
 
 def peak_GB() -> float:
-    return torch.cuda.max_memory_allocated() / 1e9 if CUDA else 0.0
+    """Peak allocated GB since the last `free_cuda`, the adjacent host probes' own engines excluded."""
+    return max(_PEAK["saved"], torch.cuda.max_memory_allocated()) / 1e9 if CUDA else 0.0
 
 
 def free_cuda() -> None:
+    _PEAK["saved"] = 0
     if CUDA:
         torch.cuda.synchronize()  # prefetches of a dropped engine must land before its pool is reused
     gc.collect()
@@ -306,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = h2d_GBps(store)
     row("-", 0, "h2d_pinned_GBps", bw)
     row("-", 0, "host_op_us", 1e6 * host_op_s())
+    prober = None
     if not a.skip_host_probe:  # the engine's own host time per pass, this run (< 30 s on the H100)
         from reference.inference.engine import plan_memory
 
@@ -315,8 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         plans.update({("expert", B): plan_memory(store, "expert", budget, B, P + G, B * P).pool_slots for B in batches})
         probe_dir = a.store.parent / f"{a.store.name}_hostprobe" if not a.quick else a.out / "probe_store"
         t0 = time.perf_counter()
-        host_probe(spec, probe_dir, batches, P, G, a.reps, plans, row)
+        prober = host_probe(spec, probe_dir, batches, P, G, a.reps, plans, row, QUICK_PROBE_WIDTHS if a.quick else None)
         log(f"host probe: {time.perf_counter() - t0:.1f} s")
+
+    def adjacent(phase: str, row_mode: str, batch: int, name: str | None = None, slots: int | None = None):
+        """The host probe of this timed row's code path right before and after it (`HostProber.adjacent`)."""
+        return nullcontext() if prober is None else prober.adjacent(phase, row_mode, batch, name, slots)
 
     def engine(mode: str, batch: int, slots: int | None = None, budget: float | None = a.budget_gb,
                predict: bool = True) -> Engine:
@@ -329,16 +464,18 @@ def main(argv: list[str] | None = None) -> int:
     eng = engine("resident", Bmax, budget=None)
     for B in batches:
         idx = random_prompts(B, P, spec.vocab, seed=B).to(DEV)
-        eng.forward(idx, all_logits=False)
-        t = timed(lambda: eng.forward(idx, all_logits=False), a.reps)
+        with adjacent("prefill", "resident", B):
+            eng.forward(idx, all_logits=False)
+            t = timed(lambda: eng.forward(idx, all_logits=False), a.reps)
         comp[B] = t / L
         row("resident", B, "prefill_tokens_per_s", B * P / t)
         row("resident", B, "block_compute_ms", 1e3 * t / L)
     ref_last = eng.forward(random_prompts(Bmax, P, spec.vocab, seed=Bmax).to(DEV), all_logits=False)[:, -1].float().cpu()
     res_dec = {}
     for B in batches:
-        eng.generate(random_prompts(B, P, spec.vocab, seed=B), 2)  # untimed warm-up (first-call costs)
-        r = eng.generate(random_prompts(B, P, spec.vocab, seed=B), G)
+        with adjacent("decode", "resident", B):
+            eng.generate(random_prompts(B, P, spec.vocab, seed=B), 2)  # untimed warm-up (first-call costs)
+            r = eng.generate(random_prompts(B, P, spec.vocab, seed=B), G)
         res_dec[B] = r.tokens_BG
         row("resident", B, "decode_tokens_per_s", r.decode_tokens_per_s)
     del eng
@@ -347,12 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     for K in [int(k) for k in a.slots.split(",")]:
         eng = engine("ring", Bmax, slots=K)
         idx = random_prompts(Bmax, P, spec.vocab, seed=Bmax).to(DEV)
-        eng.forward(idx, all_logits=False)
-        t = timed(lambda: eng.forward(idx, all_logits=False), a.reps)
+        with adjacent("prefill", f"ring_K{K}", Bmax, "ring", slots=K):
+            eng.forward(idx, all_logits=False)
+            t = timed(lambda: eng.forward(idx, all_logits=False), a.reps)
+            row(f"ring_K{K}", Bmax, "gpu_peak_GB", peak_GB())
         bound = ring_bound_s([comp[Bmax]] * L, layer_bytes, bw * 1e9)
         row(f"ring_K{K}", Bmax, "prefill_tokens_per_s", Bmax * P / t)
         row(f"ring_K{K}", Bmax, "prefill_frac_of_bound", bound / t)
-        row(f"ring_K{K}", Bmax, "gpu_peak_GB", peak_GB())
         del eng
     ring_prefill = {}
     eng = engine("ring", Bmax)
@@ -360,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     row("ring", Bmax, "budget_K", Kb)
     for B in batches:
         idx = random_prompts(B, P, spec.vocab, seed=B).to(DEV)
-        eng.forward(idx, all_logits=False)
-        t = timed(lambda: eng.forward(idx, all_logits=False), a.reps)
+        with adjacent("prefill", "ring", B):
+            eng.forward(idx, all_logits=False)
+            t = timed(lambda: eng.forward(idx, all_logits=False), a.reps)
         ring_prefill[B] = t
         bound = ring_bound_s([comp[B]] * L, layer_bytes, bw * 1e9)
         row("ring", B, "prefill_tokens_per_s", B * P / t)
@@ -371,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     row("ring", Bmax, "maxabs_logit_diff_vs_resident", float((last - ref_last).abs().max()))
     same = True
     for B in batches:
-        r = eng.generate(random_prompts(B, P, spec.vocab, seed=B), G)
+        with adjacent("decode", "ring", B):
+            r = eng.generate(random_prompts(B, P, spec.vocab, seed=B), G)
         same &= torch.equal(r.tokens_BG, res_dec[B])
         row("ring", B, "decode_tokens_per_s", r.decode_tokens_per_s)
     row("ring", Bmax, "gpu_peak_GB", peak_GB())
@@ -382,17 +522,21 @@ def main(argv: list[str] | None = None) -> int:
     for predict, mname in ((True, "expert"), (False, "expert_nopred")):
         same = True
         for B in batches:
-            eng = engine("expert", B, predict=predict)
-            r = eng.generate(random_prompts(B, P, spec.vocab, seed=B), G)
+            with adjacent("decode", mname, B):
+                eng = engine("expert", B, predict=predict)
+                calls = trace_pool_calls(eng)
+                r = eng.generate(random_prompts(B, P, spec.vocab, seed=B), G)
+                gpu_peak = peak_GB()
             same &= torch.equal(r.tokens_BG, res_dec[B])
             s = r.stats
+            write_pool_trace(a.out, mname, B, eng, calls, s)
             row(mname, B, "decode_tokens_per_s", r.decode_tokens_per_s)
             row(mname, B, "pool_slots", s["pool_slots"])
             row(mname, B, "hit_rate", s["expert_hits"] / max(1, s["expert_hits"] + s["expert_misses"]))
             row(mname, B, "prefetched_used_frac", s["prefetch_used"] / max(1, s["experts_prefetched"]))
             row(mname, B, "decode_GB_copied_per_step",
                 (s["expert_misses"] + s["experts_prefetched"]) * store.expert_bytes / 1e9 / max(1, G - 1))
-            row(mname, B, "gpu_peak_GB", peak_GB())
+            row(mname, B, "gpu_peak_GB", gpu_peak)
             del eng
         row(mname, 0, "tokens_equal_resident", float(same))
 

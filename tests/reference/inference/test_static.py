@@ -188,39 +188,6 @@ def test_bench_issue11_quick(tmp_path, monkeypatch):
     assert set(rows[0]) == set(bench.COLUMNS)
 
 
-def test_bench_issue7_quick_host_probe(tmp_path):
-    """Issue 7's suite on a tiny CPU model, with the engine host probe (the engine's own passes at tiny
-    widths, per mode and batch), and the simulator's use of the probe rows of that run."""
-    import csv
-
-    import numpy as np
-    import pandas as pd
-
-    from reference.inference import bench
-    from simulator import validate_infer as V
-
-    assert bench.main(["--suite", "issue7", "--quick", "--out", str(tmp_path), "--reps", "1"]) == 0
-    rows = list(csv.DictReader((tmp_path / "infer_rows.csv").open()))
-    got = {(r["mode"], int(r["batch"]), r["metric"]): float(r["value"]) for r in rows}
-    L = got[("-", 0, "host_probe_moe_blocks")]
-    assert L == 2
-    for mode in ("resident", "ring", "expert", "expert_nopred"):
-        for B in (1, 2):
-            assert got[(mode, B, "host_prefill_ms")] > 0 and got[(mode, B, "host_decode_ms_per_step")] > 0
-    assert got[("resident", 1, "host_decode_copies_per_step")] == 0
-    # the run's ring has K = 1 < L = 2 blocks and the probe mirrors it: every block copied once per pass
-    assert got[("ring", 2, "budget_K")] == 1
-    assert got[("ring", 1, "host_decode_copies_per_step")] == L == got[("ring", 2, "host_prefill_copies")]
-    # the simulator: probe rows are inputs; a resident decode step (tiny widths: host-bound on the H100)
-    # takes about the probe's measured step, the median over the probed batches of the same code path
-    # (`HostProbe.rate`; the same kernels at B = 1 and 2, so the median of the steps)
-    d = V.predict_all(pd.read_csv(tmp_path / "infer_rows.csv", dtype={"commit": str})).set_index(
-        ["mode", "batch", "metric"])
-    assert (d.loc[[k for k in d.index if k[2].startswith("host_")], "status"] == "input").all()
-    step = float(np.median([got[("resident", B, "host_decode_ms_per_step")] for B in (1, 2)]))
-    assert 1.0 / step * 1e3 * 0.8 < d.loc[("resident", 1, "decode_tokens_per_s"), "predicted"] <= 1e3 / step * 1.0001
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("how,mode", [("reduce-overhead", "resident"), ("default", "ring")])

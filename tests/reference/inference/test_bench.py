@@ -1,0 +1,114 @@
+"""Issue 7's GPU benchmark (``reference/inference/bench.py --suite issue7``) on a tiny CPU model, so the first GPU
+run does not die on a typo: the once-per-run engine host probe, the adjacent host probes next to every timed
+row, the expert pool's call trace, and the simulator's use of them (``simulator.validate_infer``)."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+
+import pandas as pd
+import pytest
+
+from reference.inference import bench
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench7")
+    # one batch (2: expert-aware decode without the ring fallback) keeps it short; every section runs
+    assert bench.main(["--suite", "issue7", "--quick", "--out", str(out), "--reps", "1", "--batches", "2"]) == 0
+    rows = list(csv.DictReader((out / "infer_rows.csv").open()))
+    return out, rows, {(r["mode"], int(r["batch"]), r["metric"]): float(r["value"]) for r in rows}
+
+
+def test_quick_host_probe_rows(quick_run):
+    _, rows, got = quick_run
+    L = got[("-", 0, "host_probe_moe_blocks")]
+    assert L == 2
+    for mode in ("resident", "ring", "expert", "expert_nopred"):
+        assert got[(mode, 2, "host_prefill_ms")] > 0 and got[(mode, 2, "host_decode_ms_per_step")] > 0
+    assert got[("resident", 2, "host_decode_copies_per_step")] == 0
+    # the run's ring has K = 1 < L = 2 blocks and the probe mirrors it: every block copied once per pass
+    assert got[("ring", 2, "budget_K")] == 1
+    assert got[("ring", 2, "host_decode_copies_per_step")] == L == got[("ring", 2, "host_prefill_copies")]
+    assert set(rows[0]) == set(bench.COLUMNS)
+
+
+def test_quick_adjacent_probe_next_to_every_timed_row(quick_run):
+    _, rows, got = quick_run
+    timed = [("resident", 2, "prefill"), ("resident", 2, "decode"), ("ring_K1", 2, "prefill"), ("ring", 2, "prefill"),
+             ("ring", 2, "decode"), ("expert", 2, "decode"), ("expert_nopred", 2, "decode")]
+    for mode, B, phase in timed:
+        ms, cp = bench.ADJ_METRICS[phase]
+        assert got[(mode, B, f"{ms}_before")] > 0 and got[(mode, B, f"{ms}_after")] > 0, (mode, B, phase)
+        assert (mode, B, cp) in got
+    adj = {(r["mode"], int(r["batch"]), r["metric"]) for r in rows if r["metric"].startswith("host_adj_")}
+    assert len(adj) == 3 * len(timed)  # nothing else probed adjacently
+    assert got[("resident", 2, "host_adj_decode_copies_per_step")] == 0
+    assert got[("ring", 2, "host_adj_decode_copies_per_step")] == 2 == got[("ring_K1", 2, "host_adj_prefill_copies")]
+    # order: the before probe precedes the timed passes, the after probe follows them (the row is written last)
+    order = [(r["mode"], int(r["batch"]), r["metric"]) for r in rows]
+    for mode, metric, phase in (("resident", "prefill_tokens_per_s", "prefill"), ("ring", "decode_tokens_per_s", "decode"),
+                                ("expert", "hit_rate", "decode")):
+        ms = bench.ADJ_METRICS[phase][0]
+        before, after = order.index((mode, 2, f"{ms}_before")), order.index((mode, 2, f"{ms}_after"))
+        assert before + 1 == after < order.index((mode, 2, metric)), mode  # nothing else probed in between
+
+
+def test_quick_pool_trace_replays_to_the_engines_counts(quick_run):
+    from simulator.workload.inference import replay_pool_trace
+
+    out, _, _ = quick_run
+    calls, shape = defaultdict(list), {}
+    for r in csv.DictReader((out / "expert_trace.csv").open()):
+        k = (r["mode"], int(r["batch"]))
+        calls[k].append((int(r["step"]), int(r["block"]), r["call"], tuple(int(e) for e in r["experts"].split())))
+        shape[k] = (int(r["pool_slots"]), int(r["ring_slots"]))
+    stats = list(csv.DictReader((out / "expert_trace_stats.csv").open()))
+    assert {(s["mode"], int(s["batch"])) for s in stats} == {("expert", 2), ("expert_nopred", 2)}
+    for s in stats:
+        k = (s["mode"], int(s["batch"]))
+        blocks = [int(b) for b in s["moe_blocks"].split()]
+        got = replay_pool_trace(calls[k], shape[k][0], int(s["experts"]), blocks, shape[k][1])
+        assert got == {m: int(s[m]) for m in ("hits", "misses", "prefetched", "prefetch_used")}, k
+
+
+def test_quick_validate_uses_the_adjacent_probe(quick_run):
+    """Each bf16 row of a run with adjacent probes is simulated with the probe of its own (mode, phase, batch):
+    a resident decode step at tiny widths is host-bound on the H100, so it takes about the mean of the row's
+    before and after probe steps (never less), not the once-per-run probe's median."""
+    from simulator import validate_infer as V
+
+    out, _, got = quick_run
+    d = V.predict_all(pd.read_csv(out / "infer_rows.csv", dtype={"commit": str})).set_index(["mode", "batch", "metric"])
+    assert (d.loc[[k for k in d.index if k[2].startswith("host_")], "status"] == "input").all()
+    for B in (2,):
+        step = (got[("resident", B, "host_adj_decode_ms_per_step_before")]
+                + got[("resident", B, "host_adj_decode_ms_per_step_after")]) / 2
+        pred = d.loc[("resident", B, "decode_tokens_per_s"), "predicted"]
+        assert 0.8 * B * 1e3 / step < pred <= B * 1e3 / step * 1.0001
+        assert "measured right before and after it" in d.loc[("resident", B, "decode_tokens_per_s"), "note"]
+
+
+def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
+    """validate_infer notes the pool replay of a run's traced routing on its expert-aware pool rows."""
+    import shutil
+
+    from simulator import validate_infer as V
+
+    out, rows, _ = quick_run
+    commit = rows[0]["commit"]
+    for name in ("expert_trace.csv", "expert_trace_stats.csv"):
+        shutil.copy(out / name, tmp_path / f"2026-12-01_{commit}_{name}")
+    monkeypatch.setattr(V, "TRACES", tmp_path)
+    V.pool_replays.cache_clear()
+    try:
+        d = V.predict_all(pd.read_csv(out / "infer_rows.csv", dtype={"commit": str})).set_index(["mode", "batch", "metric"])
+    finally:
+        V.pool_replays.cache_clear()
+    for mode in ("expert", "expert_nopred"):
+        assert "pool replay on this run's traced routing" in d.loc[(mode, 2, "hit_rate"), "note"]
+        assert "equal to the engine's" in d.loc[(mode, 2, "hit_rate"), "note"]
+        assert "NOT equal" not in d.loc[(mode, 2, "hit_rate"), "note"]
+    assert "pool replay" not in d.loc[("ring", 2, "decode_tokens_per_s"), "note"]
