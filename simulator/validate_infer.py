@@ -42,6 +42,27 @@ expert-aware simulations of that run their host seconds per kernel for each code
 probe corrects. Expert-aware rows at a batch that falls back to the ring (``B = 16``: 16 tokens x top-2 touch
 ~all 8 experts) predict the bench's pool statistics as the engine keeps them: no fetches, 0.
 
+Adjacent host probes (runs from 2026-11-24 ~12:00 on; ``reference/inference/bench.py`` ``HostProber.adjacent``):
+the bench probes the code path of every timed row (its mode, phase and batch; ``ring_K<k>``: the ring with K =
+k) right before and right after the row's timed passes (rows ``host_adj_prefill_ms_before`` / ``_after``,
+``host_adj_decode_ms_per_step_before`` / ``_after``, ``host_adj_*_copies*``, status ``input``), because the
+host's speed drifts within one run (the b238b9a run's probe decode steps of one program: 18-26 ms). The rule,
+fixed before the first run that has them and not to be changed after seeing its errors:
+
+* a row whose run has an adjacent probe of the row's own (mode, phase, batch) simulates that pass with it:
+  host seconds per kernel = the mean of the before and after probe pass seconds / the counted kernels of
+  the probe pass (its copy calls counted, `InferenceRun.probe_pass_kernels`), one point, no median over
+  batches (`with_adjacent`); the phase it times is the metric's (``decode_*``: decode, else prefill);
+* the passes the row does not time and the modes it has no adjacent probe for keep the run's once-per-run
+  probe (the median rule of `HostProbe.rate`); the resident simulation inside the ring's
+  ``bound_prefill_tokens_per_s`` and ``prefill_frac_of_bound`` rows takes the adjacent probe of the
+  ``resident`` prefill row of the same batch (whose measured compute the bench's bound uses);
+* runs without adjacent probe rows keep the once-per-run rule above; quantised and compiled rows take no
+  engine probe (the probe runs bf16 eager).
+
+An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
+path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
+
 ``--host-op-us X`` is a what-if (host seconds per kernel replaced, engine probes ignored), never used for the
 committed table.
 """
@@ -62,7 +83,11 @@ from semoe import cluster_preset
 from semoe.io import atomic_write_text
 from semoe.presets import model_preset
 from semoe.sizing import expert_params
-from simulator.workload.inference_host import PROBE_BLOCKS_METRIC, PROBE_METRICS
+from simulator.workload.inference_host import (
+    PROBE_BLOCKS_METRIC,
+    PROBE_METRICS,
+    HostProbe,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = ROOT / "results" / "bench" / "infer.csv"
@@ -117,6 +142,12 @@ HOST_OP_S: float | None = None  # None: CostModel.host_op_s (the profile's host_
 # a run's own host probe (mode "-", microseconds per kernel of the reference's eager forward, measured in the
 # bench run like h2d_pinned_GBps): a model input of that run's simulations, as the PCIe bandwidth is
 RUN_HOST_METRIC = "host_op_us"
+# the adjacent host probes (reference/inference/bench.py HostProber.adjacent): the engine probe of a timed row's
+# (mode, phase, batch) right before and right after its timed passes (rule: module doc)
+ADJ_PREFIX = "host_adj_"
+ADJ_METRICS = {"prefill": ("host_adj_prefill_ms", "host_adj_prefill_copies"),
+               "decode": ("host_adj_decode_ms_per_step", "host_adj_decode_copies_per_step")}
+ADJ_WHEN = ("before", "after")
 # the run's engine host probe (reference/inference/bench.py host_probe): seconds and copy calls per pass of the
 # engine's own code path at tiny widths, per mode and batch; the simulations of that run's bf16 rows take
 # their host seconds per kernel from it (`simulator.workload.inference_host.HostProbe`)
@@ -161,13 +192,15 @@ def _timing(metric: str, res, B: int, P: int, G: int, L: int):
 
 
 def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: float | None = None,
-                probe=None) -> tuple[float, str, str]:
+                probe=None, adj: dict | None = None) -> tuple[float, str, str]:
     """(predicted value, kind, note) for one measured row. ``predicting_runs``: dates of the runs whose
     ``expert`` mode prefetched one block ahead (the bench wrote ``prefetched_used_frac`` rows; run 1 of
     2026-11-24 predates the predictor, so its ``expert`` rows ran without it). ``host_s``: the run's own
     host seconds per kernel (its ``host_op_us`` probe row, `RUN_HOST_METRIC`), else the profile's.
     ``probe``: the run's engine host probe (`HostProbe`, its ``host_*`` rows): bf16 resident, ring and
-    expert-aware rows take their host seconds per kernel from it."""
+    expert-aware rows take their host seconds per kernel from it. ``adj``: the run's adjacent probes
+    (`run_adjacent`): where the row's (mode, batch) has one, it replaces ``probe`` for that pass
+    (`with_adjacent`, the rule in the module doc)."""
     mode, B, metric, config = r["mode"], int(r["batch"]), r["metric"], r["config"]
     c = parse_config(config)
     P, G = c["P"], c["G"]
@@ -193,14 +226,18 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         return nan, "not_modelled", ""
     if metric in PROBE_METRICS:
         return _predict_probe_row(r, c, probe, host_s)
+    if metric.startswith(ADJ_PREFIX):
+        return _predict_adjacent_row(r, c, probe, adj or {}, host_s)
     base, slots, quant, dequant = parse_mode(mode)
     qnote = (f"{quant} experts ({'fused GEMMs' if dequant == 'fused' else 'dequantised into a workspace'})"
              if quant else "")
     probe = probe if quant is None else None  # the probe runs bf16 experts
+    res_probe = with_adjacent(probe, adj, "resident", "resident", B)  # the resident simulation's host
+    probe = with_adjacent(probe, adj, mode, base, B)  # this row's own (mode, batch) pass
     if base == "resident" or (base == "ring" and metric == "block_compute_ms"):
         # ring rows' block_compute_ms: the bench times the same experts resident (K = L)
         model, res = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant,
-                          launch_s=host_s, probe=probe)
+                          launch_s=host_s, probe=res_probe)
         L = model.moe_layers
         if metric == "block_compute_ms":
             return 1e3 * res.prefill_s / L, "throughput", qnote
@@ -237,7 +274,7 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
             v = getattr(res, f"{which}_tokens_per_s") / getattr(bf, f"{which}_tokens_per_s")
             return v, "ratio", f"{which} tokens/s of the {quant} ring over the simulated bf16 ring"
         _, resident = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant,
-                           launch_s=host_s, probe=probe)
+                           launch_s=host_s, probe=res_probe)
         bound_s = L * max(resident.prefill_s / L, E * eb / bw)
         if metric == "bound_prefill_tokens_per_s":
             return B * P / bound_s, "throughput", "issue 7's bound from simulated compute and the preset's PCIe"
@@ -307,6 +344,45 @@ def _predict_probe_row(r, c: dict, probe, host_s: float | None) -> tuple[float, 
                                   f"{h * 1e6:.1f} us per kernel")
 
 
+def _adjacent_kernels(config: str, mode: str, phase: str, B: int, probe, copies: float) -> float:
+    """Counted kernels of an adjacent probe pass of row mode ``mode`` (``ring_K<k>``: the ring with K = k)."""
+    base, slots, _, _ = parse_mode(mode)
+    c = parse_config(config)
+    cfg_mode = "expert" if base.startswith("expert") else base
+    from simulator.engine import Sim
+    from simulator.workload.inference import InferConfig, InferenceRun
+
+    cfg = InferConfig(mode=cfg_mode, batch=B, prompt_len=c["P"], gen_len=c["G"], predict=base == "expert",
+                      gpu_budget_bytes=c["budget"] if cfg_mode != "resident" else None, slots=slots or c["slots"],
+                      host_probe=probe)
+    run = InferenceRun(_model(c), cfg, Sim(cluster_preset("h100-single"), profile=None, trace=False))
+    return run.probe_pass_kernels(phase, B, copies)
+
+
+def _predict_adjacent_row(r, c: dict, probe, adj: dict, host_s: float | None) -> tuple[float, str, str]:
+    """An adjacent host probe row (an input of its run, `ADJ_METRICS`): ``*_ms*`` rows are predicted as the
+    run's once-per-run probe would have it (its host seconds per kernel of that code path, the median over its
+    batches, x the counted kernels of this pass), so their error shows what measuring next to the row
+    changes; copy counts are not predicted."""
+    nan = float("nan")
+    phase, what = adjacent_metric(r["metric"])
+    B, mode = int(r["batch"]), r["mode"]
+    if what != "ms" or probe is None or (mode, phase, B) not in adj:
+        return nan, "input", "the adjacent host probe's copy calls per pass (ring blocks or experts)"
+    base = parse_mode(mode)[0]
+    n = _adjacent_kernels(r["config"], mode, phase, B, probe, adj[(mode, phase, B)][1])
+    run = _probe_run(r["config"], base, B, probe)  # the once-per-run probe's rate of this code path
+    q = c["P"] if phase == "prefill" else 1
+    mech = run._mode_of(B * q)
+    rate = probe.rate(base, phase, B, lambda b, cp: run.probe_pass_kernels(phase, b, cp),
+                      keep=lambda b: run._mode_of(b * q) == mech)
+    if rate is None:
+        return nan, "input", "adjacent host probe (no once-per-run probe of this path)"
+    return 1e3 * n * rate, "input", (f"adjacent host probe (tiny widths, right {r['metric'].rsplit('_', 1)[1]} the "
+                                     f"timed passes); predicted: {n:.0f} counted kernels x the run's once-per-run "
+                                     f"probe, {rate * 1e6:.1f} us per kernel")
+
+
 def _predict_compiled(r, mode: str, B: int, metric: str, config: str, bmax: int, host_s: float | None = None
                       ) -> tuple[float, str, str]:
     """``compiled`` (resident, `reference/inference/static.py`): decode replays one CUDA graph per step,
@@ -348,17 +424,82 @@ def _host_op_s() -> float:
     return CostModel.auto(cluster_preset("h100-single").gpu, impl=("torch", "triton"), loglog=True).host_op_s
 
 
-def explain(r, probed: bool = False) -> str:
+TRACES = ROOT / "results" / "bench" / "infer_trace"
+POOL_METRICS = ("hit_rate", "prefetched_used_frac", "decode_GB_copied_per_step")
+
+
+@cache
+def pool_replays(commit: str, traces: Path | None = None) -> dict:
+    """(mode, batch) -> (replayed, engine) pool counters (hits, misses, prefetched, prefetch_used) of the bench
+    run at ``commit`` whose expert pool calls were traced (``<traces>/*_<commit>_expert_trace.csv`` and
+    ``..._expert_trace_stats.csv``: ``reference/inference/bench.py`` ``trace_pool_calls``): the simulator's pool
+    (`simulator.workload.inference.replay_pool_trace`) on the routing the engine saw. A diagnostic of the
+    hit-rate rows (the LRU mechanism apart from the routing), never a prediction's input."""
+    import csv
+    from collections import defaultdict
+
+    from simulator.workload.inference import replay_pool_trace
+
+    out: dict = {}
+    for path in sorted((traces or TRACES).glob(f"*_{commit}_expert_trace.csv")):
+        spath = path.with_name(path.name.replace("_expert_trace.csv", "_expert_trace_stats.csv"))
+        if not spath.is_file():
+            continue
+        calls, shape = defaultdict(list), {}
+        with path.open() as f:
+            for r in csv.DictReader(f):
+                k = (r["mode"], int(r["batch"]))
+                calls[k].append((int(r["step"]), int(r["block"]), r["call"], tuple(int(e) for e in r["experts"].split())))
+                shape[k] = (int(r["pool_slots"]), int(r["ring_slots"]))
+        with spath.open() as f:
+            for s in csv.DictReader(f):
+                k = (s["mode"], int(s["batch"]))
+                if k not in shape:
+                    continue
+                engine = {m: int(s[m]) for m in ("hits", "misses", "prefetched", "prefetch_used")}
+                blocks = [int(b) for b in s["moe_blocks"].split()]
+                out[k] = (replay_pool_trace(calls[k], shape[k][0], int(s["experts"]), blocks, shape[k][1]), engine)
+    return out
+
+
+def _replay_note(r) -> str:
+    """The pool replay of a run's traced routing for an expert-aware pool row (`pool_replays`), when the trace
+    is of this run (its engine counters give the row's measured hit rate); else ''."""
+    if r["metric"] not in POOL_METRICS or not str(r["mode"]).startswith("expert"):
+        return ""
+    got = pool_replays(str(r["commit"])).get((r["mode"], int(r["batch"])))
+    if got is None:
+        return ""
+    rep, eng = got
+    look = eng["hits"] + eng["misses"]
+    if look == 0 or (r["metric"] == "hit_rate" and abs(eng["hits"] / look - float(r["value"])) > 1e-4):
+        return ""
+    same = "equal" if rep == eng else "NOT equal"
+    return (f"pool replay on this run's traced routing (results/bench/infer_trace): hits {rep['hits']}, misses "
+            f"{rep['misses']}, prefetched {rep['prefetched']}, used {rep['prefetch_used']}, {same} to the engine's "
+            f"({eng['hits']}, {eng['misses']}, {eng['prefetched']}, {eng['prefetch_used']}): the simulated pool is the "
+            "engine's, the prediction's error is its sampled routing (uniform, independent top-k per token and step)"
+            + (" and predictor" if r["mode"] == "expert" else ""))
+
+
+def explain(r, probed: bool = False, adjacent: tuple | None = None) -> str:
     """Why a throughput row misses 10% (mechanisms the simulator leaves out; see NOTES.md). ``probed``: the
-    row's host time came from its run's engine probe."""
+    row's host time came from its run's engine probe; ``adjacent``: (before, after) ms of the adjacent probe the
+    row's simulation took its host from."""
     mode, metric, date = r["mode"], r["metric"], r["date"]
     host = "the run's engine probe's seconds per kernel of this path" if probed else _host_note()
+    if adjacent is not None:
+        host = ("the seconds per kernel of this path probed right before and after the row "
+                f"({adjacent[0]:.1f} / {adjacent[1]:.1f} ms per probe pass)")
     if _autotune_bug(r):
         return ("first ring decode of the run: Triton autotuned the int8 dequant GEMM for the decode M bucket "
                 "inside the timed generate (3 configs x 2 shapes; B = 8 reused the bucket and matches)")
     if mode == "resident" and metric == "decode_tokens_per_s":
         if date.startswith(RUN1_DATE):
             return "run 1: cuDNN SDPA rebuilt a plan per decode step (~205 ms/step, NOTES.md); fixed in run 2"
+        if adjacent is not None:
+            return (f"host-bound: the counted kernels per step x {host} plus the device's tails at the host syncs; "
+                    "the timed steps ran at another host speed than the probe passes around them")
         if probed:
             return (f"host-bound: the counted kernels per step x {host} (the probe's step time at tiny widths, "
                     "median over its batches) plus the device's tails at the host syncs; the run's resident steps "
@@ -425,10 +566,16 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
     probe = measured[(measured["mode"] == "-") & (measured["metric"] == RUN_HOST_METRIC)]
     host_run = {d: float(v) * 1e-6 for d, v in zip(probe["date"], probe["value"])} if HOST_OP_S is None else {}
     engine_probe = run_probes(measured)
+    adjacent = run_adjacent(measured)
     for _, r in measured.iterrows():
         pr = engine_probe.get(r["date"])
-        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]), pr)
-        if kind == "throughput" and pr is not None and _probed(r):
+        adj = adjacent.get(r["date"])
+        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]), pr, adj)
+        used = _adjacent_used(r, adj) if pr is not None else None
+        if kind == "throughput" and used:
+            src = f"host: the engine probe of this row's {used} pass measured right before and after it (mean; tiny widths)"
+            note = "; ".join(x for x in (note, src) if x)
+        elif kind == "throughput" and pr is not None and _probed(r):
             note = "; ".join(x for x in (note, "host: this run's engine probe of the code path (tiny widths)") if x)
         elif r["date"] in host_run and kind == "throughput":
             note = "; ".join(x for x in (note, f"host {host_run[r['date']] * 1e6:.1f} us/kernel: this run's probe") if x)
@@ -439,7 +586,10 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
             err = pred / meas - 1 if not math.isnan(pred) else float("nan")
         within = bool(abs(err) <= 0.10) if not math.isnan(err) else None
         if within is False and kind == "throughput":
-            note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r))) if x)
+            note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r), _adjacent_ms(measured, r, used)))
+                             if x)
+        if "commit" in r:
+            note = "; ".join(x for x in (note, _replay_note(r)) if x)
         rows.append({"date": r["date"], "mode": r["mode"], "batch": int(r["batch"]), "metric": r["metric"], "measured": meas,
                          "predicted": pred, "error": err, "within_10pct": within, "kind": kind, "status": status(r, kind, pred),
                          "note": note})
@@ -502,6 +652,65 @@ def run_probes(measured: pd.DataFrame) -> dict:
         if p is not None:
             out[date] = p
     return out
+
+
+def adjacent_metric(metric: str) -> tuple[str, str]:
+    """``host_adj_decode_ms_per_step_before`` -> ("decode", "ms"); ``host_adj_prefill_copies`` -> ("prefill",
+    "copies")."""
+    phase = "prefill" if metric.startswith(ADJ_PREFIX + "prefill") else "decode"
+    return phase, "copies" if "_copies" in metric else "ms"
+
+
+def run_adjacent(measured: pd.DataFrame) -> dict:
+    """date -> {(row mode, phase, batch): (seconds, copies)}: the run's adjacent host probes (bench
+    ``HostProber.adjacent``), seconds the mean of the probe right before and right after the row's timed
+    passes; none under ``--host-op-us``."""
+    if HOST_OP_S is not None:
+        return {}
+    keep = measured[measured["metric"].str.startswith(ADJ_PREFIX)]
+    out: dict = {}
+    for (date, mode, batch), g in keep.groupby(["date", "mode", "batch"]):
+        vals = dict(zip(g["metric"], g["value"].astype(float)))
+        for phase, (ms_metric, cp_metric) in ADJ_METRICS.items():
+            ms = [vals[f"{ms_metric}_{w}"] for w in ADJ_WHEN if f"{ms_metric}_{w}" in vals]
+            if ms and all(v > 0 for v in ms):
+                out.setdefault(date, {})[(mode, phase, int(batch))] = (1e-3 * sum(ms) / len(ms), vals.get(cp_metric, 0.0))
+    return out
+
+
+def with_adjacent(probe, adj: dict | None, key: str, probe_mode: str, batch: int):
+    """``probe`` (the run's `HostProbe`) with its ``probe_mode`` points of each phase that row mode ``key`` has
+    an adjacent probe for at ``batch`` replaced by that one point (so `HostProbe.rate` is its rate alone);
+    ``probe`` itself where there is none (older runs, quantised rows: ``probe`` None)."""
+    if probe is None or not adj:
+        return probe
+    got = {ph: adj[(key, ph, batch)] for ph in ("prefill", "decode") if (key, ph, batch) in adj}
+    if not got:
+        return probe
+    pts = tuple(p for p in probe.points if not (p[0] == probe_mode and p[1] in got))
+    pts += tuple((probe_mode, ph, batch, sec, cp) for ph, (sec, cp) in sorted(got.items()))
+    return HostProbe(probe.blocks, pts)
+
+
+def _adjacent_ms(measured: pd.DataFrame, r, phase: str | None) -> tuple | None:
+    """(before, after) ms of the adjacent probe of row ``r``'s ``phase`` (None: no adjacent probe used)."""
+    if not phase:
+        return None
+    ms = ADJ_METRICS[phase][0]
+    g = measured[(measured["date"] == r["date"]) & (measured["mode"] == r["mode"]) & (measured["batch"] == r["batch"])]
+    v = dict(zip(g["metric"], g["value"].astype(float)))
+    return tuple(v.get(f"{ms}_{w}", float("nan")) for w in ADJ_WHEN)
+
+
+def _adjacent_used(r, adj: dict | None) -> str | None:
+    """The phase whose adjacent probe a throughput row's own simulation uses (None: none)."""
+    if not adj:
+        return None
+    base, _, quant, _ = parse_mode(r["mode"])
+    if quant is not None or base not in ("resident", "ring", "expert", "expert_nopred"):
+        return None
+    phase = "decode" if r["metric"].startswith("decode") else "prefill"
+    return phase if (r["mode"], phase, int(r["batch"])) in adj else None
 
 
 def _probed(r) -> bool:

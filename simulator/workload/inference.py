@@ -73,7 +73,12 @@ remap's host sync waits for them too and the next prediction's copies start only
 compute: one block's copies overlap nothing but that block's attention and router.
 ``InferenceResult.fetch_bytes_decode`` / ``prefetched`` count the expert-aware copies alone (the
 reference's pool statistics): a decode batch that falls back to the ring copies through the ring, and
-those stay 0.
+those stay 0. The pool's bookkeeping (`ExpertCache`) is ``ExpertPool.fetch`` / ``prefetch`` statement for
+statement: the LRU moves (a prefetch's resident predicted experts in the engine's set order), at most
+``capacity - E`` experts prefetched per block (none with a one-block pool), the in-flight prefetched keys
+counted as used at most once and cleared by a used prefetch or a miss copy; `replay_pool_trace` runs a
+routing the engine traced (``reference/inference/bench.py`` ``trace_pool_calls``) through it, and gives the
+engine's hits, misses and prefetches (tests/simulator/test_sim_inference_replay.py).
 
 Compute times come from `simulator.cost.CostModel` (the GPU profile with ``impl`` torch, which is what
 the reference runs: ``torch._grouped_mm``, cuBLAS, SDPA; FLOP/s interpolated as a power law in the
@@ -167,29 +172,84 @@ class InferConfig:
 
 # ------------------------------------------------------------------------------------ expert cache
 class ExpertCache(ExpertSlots):
-    """The reference's ``ExpertPool`` registry without tensors (``semoe.expert_slots``), counting
-    hits and misses; ring slot k is slots ``[k*E, (k+1)*E)``."""
+    """The reference's ``ExpertPool`` registry without tensors (``semoe.expert_slots``): its ``fetch`` and
+    ``prefetch`` bookkeeping statement for statement (which keys are copied into which slots, the LRU moves,
+    the in-flight prefetched keys), counting hits, misses, prefetched and used prefetched experts as the
+    engine's statistics do; ring slot k is slots ``[k*E, (k+1)*E)``. `replay_pool_trace` checks it against
+    the engine's counts on the routing the engine saw."""
 
     def __init__(self, capacity: int, experts: int) -> None:
         super().__init__(capacity, experts)
         self.hits = self.misses = 0
+        self.prefetched = self.prefetch_used = 0
+        self.inflight: set = set()  # ExpertPool.inflight: prefetched keys whose copy may still run
 
     def load_block(self, block: int, k: int) -> None:
         self.assign_block(block, k)
 
-    def fetch(self, block: int, needed: list[int], count: bool = True) -> list[tuple[int, int]]:
-        """Make ``needed`` experts of ``block`` resident; returns the missed keys (to copy)."""
+    def fetch(self, block: int, needed: list[int]) -> tuple[list[tuple[int, int]], bool]:
+        """``ExpertPool.fetch``: make ``needed`` experts of ``block`` resident; returns the missed keys (to
+        copy) and whether a key still in flight from a prefetch is used (the compute stream then waits for the
+        prefetch copies; ``inflight`` is cleared, as it is after a miss copy, which follows every earlier copy)."""
         keys = [(block, e) for e in needed]
         miss = [k for k in keys if k not in self.where]
-        if count:
-            self.hits += len(keys) - len(miss)
-            self.misses += len(miss)
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
         for k in keys:
             if k in self.where:
                 self.lru.move_to_end(k)
-        for key, slot in zip(miss, self.victims(len(miss), set(keys))):
+        used = self.inflight.intersection(keys)
+        if used:
+            self.prefetch_used += len(used)
+            self.inflight.clear()
+        if miss:
+            for key, slot in zip(miss, self.victims(len(miss), set(keys))):
+                self.assign(slot, key)
+            self.inflight.clear()
+        return miss, bool(used)
+
+    def prefetch(self, block: int, experts: list[int]) -> list[tuple[int, int]]:
+        """``ExpertPool.prefetch``: the predicted experts of ``block`` not resident (at most ``capacity - E``)
+        take the least recently used slots outside the prediction; returns those keys (to copy)."""
+        predicted = {(block, e) for e in experts}
+        for k in predicted & self.where.keys():  # the engine's statement: the same (set) order of LRU moves
+            self.lru.move_to_end(k)
+        keys = [(block, e) for e in experts if (block, e) not in self.where][: self.capacity - self.E]
+        if not keys:
+            return []
+        for key, slot in zip(keys, self.victims(len(keys), predicted)):
             self.assign(slot, key)
-        return miss
+        self.inflight.update(keys)
+        self.prefetched += len(keys)
+        return keys
+
+    def ring_pass(self, blocks: list[int], K: int) -> None:
+        """The loads of one ring pass over ``blocks`` from this state (``Ring`` after a reset: groups
+        ``g % K`` load ``blocks[g % L]`` for g = 0 .. L + K - 1, the last K for the next pass)."""
+        L = len(blocks)
+        for g in range(L + K if K < L else L):
+            k, b = g % K, blocks[g % L]
+            if not self.group_holds(k, b):
+                self.load_block(b, k)
+
+
+def replay_pool_trace(calls, capacity: int, experts: int, blocks: list[int], ring_slots: int) -> dict:
+    """The simulator's pool (`ExpertCache`) on a routing the engine saw (``reference/inference/bench.py``
+    ``trace_pool_calls``: ``(step, block, "fetch" | "prefetch", experts)`` of one expert-aware ``generate``,
+    after its ring prefill): hits, misses, prefetched and used prefetched experts, to compare with the
+    engine's statistics of the same generate. The LRU mechanism is checked apart from the routing: the
+    simulation samples routing, the replay takes the engine's."""
+    cache = ExpertCache(capacity, experts)
+    cache.ring_pass(list(blocks), ring_slots)  # generate's prefill: a ring pass over the same pool
+    for _, block, call, ids in calls:
+        if call == "fetch":
+            cache.fetch(int(block), [int(e) for e in ids])
+        elif call == "prefetch":
+            cache.prefetch(int(block), [int(e) for e in ids])
+        else:
+            raise SpecError(f"replay_pool_trace: call {call!r} is not fetch or prefetch")
+    return {"hits": cache.hits, "misses": cache.misses, "prefetched": cache.prefetched,
+            "prefetch_used": cache.prefetch_used}
 
 
 def expected_distinct_experts(E: int, k: int, tokens: int) -> float:
@@ -377,12 +437,8 @@ class InferenceRun:
         self.passes = {"ring": 0, "expert": 0}
         self.bytes_copied = 0.0
         self.fetch_bytes = 0.0
-        self.prefetched = 0
-        self.prefetch_used = 0  # prefetched experts the block then used (ExpertPool.prefetch_used)
-        self.pending: set = set()  # prefetched keys not yet used by their block's fetch
-        # ExpertPool.inflight / inflight_event: prefetched keys whose copy may still run, and the copy
-        # stream's event after the last prefetch; a fetch that uses one makes the compute stream wait
-        self.inflight: set = set()
+        # ExpertPool.inflight_event: the copy stream's event after the last prefetch; a fetch that uses a key
+        # still in flight (``ExpertCache.inflight``) makes the compute stream wait for it
         self.inflight_event = None
         self.host_ops = 0
         self.step = -1
@@ -549,18 +605,13 @@ class InferenceRun:
                     ids = predicted.pop(b) if b in predicted else sample_topk(self.popularity, T, m.top_k, self.rng)
                     needed = sorted({int(e) for e in np.unique(ids)})
                     groups = len(needed)
-                    miss = self.cache.fetch(b, needed)
-                    used = self.pending.intersection((b, e) for e in needed)
-                    self.prefetch_used += len(used)
-                    self.pending = {x for x in self.pending if x[0] != b}
-                    if self.inflight.intersection((b, e) for e in needed):
+                    miss, used = self.cache.fetch(b, needed)
+                    if used:
                         # ExpertPool.fetch: a prefetched expert is used, the compute stream waits for the
                         # prefetch copies (one event covers every earlier copy on the copy stream)
                         wait = self.inflight_event
-                        self.inflight.clear()
-                    if miss:
+                    if miss:  # the misses' copy follows every earlier copy
                         wait = yield from self._copy_misses(prog, b, miss, "h2d_experts")
-                        self.inflight.clear()  # the misses' copy follows every earlier copy
                     if self.dequant_expert:
                         yield from self._dequant(prog, len(needed), b, waits=(wait,))
                         wait = None
@@ -574,12 +625,9 @@ class InferenceRun:
                 ids_n = sample_topk(self.popularity, T, m.top_k, self.rng)
                 predicted[nxt] = ids_n  # the routing block nxt will use
                 guess = mispredict(ids_n, self.popularity, cfg.predict_accuracy, self.rng)
-                miss_n = self.cache.fetch(nxt, sorted({int(e) for e in np.unique(guess)}), count=False)
+                miss_n = self.cache.prefetch(nxt, sorted({int(e) for e in np.unique(guess)}))
                 if miss_n:
-                    self.prefetched += len(miss_n)
-                    self.pending.update(miss_n)
                     self.inflight_event = yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
-                    self.inflight.update((nxt, e) for _, e in miss_n)
         yield from self._phase(prog.head, costs.head(batch), "head_fwd", -1)
 
     # -------------------------------------------------------------------------- the program
@@ -619,7 +667,7 @@ class InferenceRun:
             prefill_s=out["prefill_s"], decode_s=out["decode_s"], batch=self.cfg.batch, prompt_len=self.cfg.prompt_len,
             gen_len=self.cfg.gen_len, plan=self.plan, bytes_copied_decode=out["bytes_decode"], hits=out["hits"],
             misses=out["misses"], passes=dict(self.passes), compute_busy_s=self.compute.busy, copy_busy_s=self.copy.busy,
-            fetch_bytes_decode=out["fetch_decode"], prefetched=self.prefetched, prefetch_used=self.prefetch_used,
+            fetch_bytes_decode=out["fetch_decode"], prefetched=self.cache.prefetched, prefetch_used=self.cache.prefetch_used,
             host_op_s=dict(self.rates),
         )
 

@@ -60,7 +60,8 @@ def test_fitted_rows_are_exactly_the_calibration_points(df):
     infer_fit = set(fit.loc[fit["source"] == "infer", "metric"].str.split().str[-1])
     assert "h2d_pinned_GBps" in infer_fit
     assert infer_fit <= {"h2d_pinned_GBps", "host_op_us", "host_prefill_ms", "host_decode_ms_per_step",
-                         "host_probe_moe_blocks"}
+                         "host_probe_moe_blocks", "host_adj_prefill_ms_before", "host_adj_prefill_ms_after",
+                         "host_adj_decode_ms_per_step_before", "host_adj_decode_ms_per_step_after"}
     assert not df.loc[df["status"] != "fitted", "used_for_fitting"].any()
 
 

@@ -115,11 +115,14 @@ def test_expert_cache_lru_matches_reference_registry():
     c = ExpertCache(capacity=4, experts=2)
     c.load_block(0, 0)  # ring slot 0 = slots 0, 1
     assert c.group_holds(0, 0) and not c.group_holds(1, 0)
-    assert c.fetch(1, [0, 1]) == [(1, 0), (1, 1)]  # free slots 2, 3 first
-    assert c.fetch(0, [1]) == [] and c.hits == 1  # hit refreshes (0, 1)
-    assert c.fetch(2, [0]) == [(2, 0)]  # evicts the least recently used: (0, 0)
+    assert c.fetch(1, [0, 1]) == ([(1, 0), (1, 1)], False)  # free slots 2, 3 first
+    assert c.fetch(0, [1]) == ([], False) and c.hits == 1  # hit refreshes (0, 1)
+    assert c.fetch(2, [0]) == ([(2, 0)], False)  # evicts the least recently used: (0, 0)
     assert (0, 0) not in c.where and (0, 1) in c.where
-    assert c.fetch(2, [0, 1]) == [(2, 1)]  # (2, 0) is kept: needed by this block
+    assert c.fetch(2, [0, 1]) == ([(2, 1)], False)  # (2, 0) is kept: needed by this block
+    # ExpertPool.prefetch copies at most capacity - E experts (a pool of one block's experts: none)
+    assert c.prefetch(3, [0, 1]) == [(3, 0), (3, 1)]
+    assert ExpertCache(capacity=2, experts=2).prefetch(0, [0, 1]) == []
 
 
 def test_expert_aware_decode_copies_fewer_bytes_than_ring():
@@ -240,7 +243,8 @@ def test_prefetched_experts_are_waited_for_before_they_compute():
     eb = expert_params(m) * m.dtype_bytes
     t = eb / PCIE
     sim = Sim(make_cluster(gpn=1), profile=None)
-    cfg = InferConfig(mode="expert", batch=1, prompt_len=16, gen_len=4, slots=1, launch_s=0.0, predict=True)
+    # two ring slots (16 expert slots): the engine prefetches at most capacity - E experts, none with one slot
+    cfg = InferConfig(mode="expert", batch=1, prompt_len=16, gen_len=4, slots=2, launch_s=0.0, predict=True)
     run = InferenceRun(m, cfg, sim, costs=FixedCosts(experts_s=t))
     res = run.run()
     assert res.passes["expert"] == 3 and res.prefetched > 0
@@ -318,7 +322,7 @@ def test_imperfect_predictor_wastes_prefetches_and_copies_more():
     out = {}
     for acc in (1.0, 0.5):
         sim = Sim(make_cluster(gpn=1), profile=None)
-        cfg = InferConfig(mode="expert", batch=1, prompt_len=16, gen_len=8, slots=1, launch_s=0.0, predict=True,
+        cfg = InferConfig(mode="expert", batch=1, prompt_len=16, gen_len=8, slots=2, launch_s=0.0, predict=True,
                           predict_accuracy=acc)
         out[acc] = InferenceRun(m, cfg, sim, costs=FixedCosts(experts_s=1e-6)).run()
     perfect, half = out[1.0], out[0.5]

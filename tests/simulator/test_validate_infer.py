@@ -214,3 +214,74 @@ def test_predict_accuracy_from_the_engine_diagnostic(tmp_path):
     assert V.predict_accuracy(tmp_path) == pytest.approx(1 - 300 / 1200)
     assert V.predict_accuracy(tmp_path / "absent") == 1.0
     assert 0.5 < V.predict_accuracy() < 1.0  # the committed H100 diagnostic
+
+
+def adj_rows(mode: str, batch: int, phase: str, before: float, after: float, copies: float = 0.0):
+    ms, cp = V.ADJ_METRICS[phase]
+    return [(mode, batch, f"{ms}_before", before), (mode, batch, f"{ms}_after", after), (mode, batch, cp, copies)]
+
+
+def test_run_adjacent_and_with_adjacent():
+    """The adjacent probe of a row (mean of before and after) replaces the run probe's points of that code path
+    and phase only: `HostProbe.rate` is then that one point's; other phases and modes keep the run's median."""
+    m = rows(*adj_rows("resident", 4, "decode", 30.0, 40.0), *adj_rows("ring_K2", 8, "prefill", 20.0, 22.0, 8))
+    adj = V.run_adjacent(m)["2026-12-01T00:00:00Z"]
+    assert adj == {("resident", "decode", 4): (pytest.approx(35e-3), 0.0),
+                   ("ring_K2", "prefill", 8): (pytest.approx(21e-3), 8.0)}
+    base = V.HostProbe(8, (("resident", "decode", 1, 20e-3, 0.0), ("resident", "decode", 4, 24e-3, 0.0),
+                           ("resident", "prefill", 4, 19e-3, 0.0), ("ring", "prefill", 8, 25e-3, 8.0)))
+    p = V.with_adjacent(base, adj, "resident", "resident", 4)
+
+    def one(b, c):  # kernels per pass
+        return 100
+
+    assert p.rate("resident", "decode", 4, one) == pytest.approx(35e-3 / 100)
+    assert p.rate("resident", "prefill", 4, one) == base.rate("resident", "prefill", 4, one)  # not probed adjacently
+    assert V.with_adjacent(base, adj, "resident", "resident", 2) is base  # no adjacent probe at B = 2
+    assert V.with_adjacent(base, adj, "ring_K2", "ring", 8).rate("ring", "prefill", 8, one) == pytest.approx(21e-5)
+    assert V.with_adjacent(None, adj, "resident", "resident", 4) is None  # quantised rows: no engine probe
+
+
+def test_adjacent_probe_sets_its_rows_host_only():
+    """A run with adjacent probes: the host-bound resident decode row at B = 4 follows its own adjacent probe
+    (a slower host there: a slower step), the B = 2 row (no adjacent probe) keeps the run probe's median; the
+    adjacent rows are inputs predicted by the run-level probe (so their error is the host's drift)."""
+    spec = [("resident", 2, "decode_ms_per_step", 25.0), ("resident", 4, "decode_ms_per_step", 25.0),
+            *probe_rows(20.0, 2), *probe_rows(20.0, 4)[1:]]
+    plain = V.predict_all(rows(*spec)).set_index(["mode", "batch", "metric"])
+    slow = V.predict_all(rows(*spec, *adj_rows("resident", 4, "decode", 38.0, 42.0))).set_index(
+        ["mode", "batch", "metric"])
+    p2, p4 = (plain.loc[("resident", b, "decode_ms_per_step"), "predicted"] for b in (2, 4))
+    s2, s4 = (slow.loc[("resident", b, "decode_ms_per_step"), "predicted"] for b in (2, 4))
+    assert s2 == pytest.approx(p2)
+    assert 20.0 * 0.9999 <= p4 < 20.0 * 1.15 and 40.0 * 0.9999 <= s4 < 40.0 * 1.1  # host time of the probe + the device's tails
+    assert "measured right before and after it" in slow.loc[("resident", 4, "decode_ms_per_step"), "note"]
+    assert "measured right before" not in slow.loc[("resident", 2, "decode_ms_per_step"), "note"]
+    a = slow.loc[("resident", 4, "host_adj_decode_ms_per_step_after")]
+    assert a["status"] == "input" and a["predicted"] == pytest.approx(20.0, rel=1e-6)  # the run probe's step
+    assert a["error"] == pytest.approx(20.0 / 42.0 - 1)
+    assert slow.loc[("resident", 4, "host_adj_decode_copies_per_step"), "status"] == "input"
+
+
+def test_h100_pool_trace_replays_exactly():
+    """The 151f5db H100 run traced its expert pool's calls: the simulator's pool on that routing gives the
+    engine's hits, misses, prefetched and used prefetched experts exactly, for every expert-aware row."""
+    got = V.pool_replays("151f5db")
+    assert {k for k in got} == {(m, b) for m in ("expert", "expert_nopred") for b in (1, 2, 4, 8)}
+    for k, (replayed, engine) in got.items():
+        assert replayed == engine, k
+        assert engine["misses"] > 0 and (engine["prefetched"] > 0) == (k[0] == "expert")
+
+
+def test_h100_run_with_adjacent_probes():
+    """The 151f5db run's bf16 timed rows take their host from the probe next to them (notes say so), its
+    adjacent rows are inputs, and its pool rows carry the replay note."""
+    m = pd.read_csv(V.MEASURED, dtype={"commit": str})
+    run = m[m["commit"] == "151f5db"]
+    d = V.predict_all(run).set_index(["mode", "batch", "metric"])
+    for key in (("resident", 4, "decode_tokens_per_s"), ("ring", 1, "prefill_tokens_per_s"),
+                ("expert_nopred", 2, "decode_tokens_per_s"), ("ring_K2", 16, "prefill_tokens_per_s")):
+        assert "measured right before and after it" in d.loc[key, "note"], key
+    adj = d[[k[2].startswith(V.ADJ_PREFIX) for k in d.index]]
+    assert len(adj) == 3 * (5 * 4 + 4 + 5 * 2) and (adj["status"] == "input").all()
+    assert "equal to the engine's" in d.loc[("expert", 1, "hit_rate"), "note"]
