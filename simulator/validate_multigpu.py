@@ -691,7 +691,9 @@ def train_rows(path: Path, cal=None) -> list[dict]:
             if proc + key not in before:  # train.csv lists one process's runs in the order it trained them
                 before[proc + key] = leaked.get(proc, 0.0)
                 leaked[proc] = leaked.get(proc, 0.0) + s.get("leaked_state_bytes", 0.0)
-            pred, status, note = multigpu_peak(s, metric, before[proc + key])
+            # the leak is scored: confirmed on the H100 (results/profiles/train_mem_probe_cuda.csv, leak_* rows:
+            # each finished run leaves its fp32 parameters and gradients allocated, zero0 and zero3 alike)
+            pred, status, note = multigpu_peak(s, metric, before[proc + key], score_leaked=True)
             rows.append(_row(cfg_s, metric, r.value, pred, status=status, kind="memory", run=run, note=note))
         else:
             rows.append(_row(cfg_s, metric, r.value, status="not_modelled", run=run,
