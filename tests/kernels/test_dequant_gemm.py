@@ -34,8 +34,8 @@ def test_int8_matches_dequant_reference(counts, K, N, transposed, monkeypatch):
     ref = dequant_gemm_ref(a, data, scale, counts_E)
     n = int(counts_E.sum())
     assert torch.equal(out[n:], torch.zeros_like(out[n:]))
-    if n:
-        assert rel_err(out[:n], ref[:n]) < 1e-5
+    if n:  # fp32 inputs: exact in the interpreter; tl.dot rounds them to TF32 on a GPU (10-bit mantissa)
+        assert rel_err(out[:n], ref[:n]) < (1e-5 if DEVICE == "cpu" else 2e-3)
 
 
 def test_int8_error_vs_unquantized_within_bound():
