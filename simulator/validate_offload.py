@@ -78,6 +78,13 @@ replace the profile's / cluster spec's rates in that run's simulations (``io_rat
 step is `simulator.workload.training.TrainingIteration` with ``impl="reference"`` (the reference
 trainer's fp32-master / autocast / foreach-AdamW overheads) on the ``h100-single`` preset (the kernel
 profile is read automatically); nothing is fitted to these rows.
+
+Byte and counter rows (task hF): ``h2d_gb_per_step`` is the simulated copy schedule (`copy_schedule`) times the
+experts the run's router sent tokens to, per counted step and layer (`trace_routing`: the cache events in the case's
+trace, under ``--traces`` or a raw run folder beside it, `routing_dirs`); a case without that record shows the
+a-priori value as ``not_modelled``. Counter rows of a bench whose counter window was still wrong are status
+``measurement_bug`` by a rule on the run's commit (`measurement_bug`: `COUNTER_OPEN_FIX`, `PROFILE_STEP_FIX`);
+`rows` passes them to ``semoe validate`` as ``not_modelled`` with the note ``measurement_bug: ...``.
 """
 
 from __future__ import annotations
@@ -449,25 +456,195 @@ def case_io(io: tuple, probes: dict[tuple, float], cfg: OffloadConfig, placement
 def simulate(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> dict:
     """The reference-trainer step of the configuration (cached per arguments); ``io``: ``((key, rate), ..)``
     measured host-side rates (`TrainingIteration` ``io_rates``)."""
+    key = (cfg, placement, depth, io)
+    if key not in _SIM_CACHE:
+        _SIM_CACHE[key] = _iteration(cfg, placement, depth, io, trace=False)[0]
+    return _SIM_CACHE[key]
+
+
+def _iteration(cfg: OffloadConfig, placement: str, depth: int, io: tuple, trace: bool):
+    """Run the reference-trainer step of the configuration: ``(summary, iteration, sim)`` (`simulate`)."""
     from simulator.engine import Sim
+    from simulator.train_host import train_program
     from simulator.workload.training import TrainingIteration
 
-    key = (cfg, placement, depth, io)
     opts = {k[1:]: v for k, v in io if k.startswith("_")}
     io = tuple((k, v) for k, v in io if not k.startswith("_"))
-    if key not in _SIM_CACHE:
-        run = build_run(cfg, placement, depth)
-        from simulator.train_host import train_program
+    run = build_run(cfg, placement, depth)
+    # the trainer's host program (kernels per segment, host syncs); None for an uncounted structure
+    prog = train_program(run.model, opts.get("ref_optimizer", "foreach"), "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
+        sim = Sim(run.cluster, seed=run.workload.seed, trace=trace)
+        it = TrainingIteration(run, sim, impl="reference", measured_steps=max(cfg.steps, 1), io_rates=dict(io),
+                               expert_kernels="torch", host_program=prog, **opts)
+        return it.run(), it, sim
 
-        # the trainer's host program (kernels per segment, host syncs); None for an uncounted structure
-        prog = train_program(run.model, opts.get("ref_optimizer", "foreach"), "torch")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # profile fallbacks (roofline / borrowed curves)
-            sim = Sim(run.cluster, seed=run.workload.seed, trace=False)
-            _SIM_CACHE[key] = TrainingIteration(run, sim, impl="reference", measured_steps=max(cfg.steps, 1),
-                                                io_rates=dict(io), expert_kernels="torch", host_program=prog,
-                                                **opts).run()
-    return _SIM_CACHE[key]
+
+# ---------------------------------------------------------------------------------- byte and counter rows (task hF)
+# The H2D bytes of a step are the engine's copy schedule times the experts each copy moves: `ExpertOffload._acquire`
+# / `_prefetch` / the step's layer-ahead fetch copy only the experts of a layer that received tokens (``needed``,
+# ``L.used``), so the bytes follow the trained router. The bench feeds uniform random tokens and its router
+# collapses over the run (config a's last MoE layer: 8 experts used in step 0, 2 by step 5 of run 675640a), which
+# the simulator's routing draw (every expert receives some of the ~98k tokens) cannot know. The H2D rows are
+# therefore predicted as the simulator's copy schedule (`copy_schedule`: copies per layer per step, slots, prefetch,
+# micro-batches) times the run's routed experts per (counted step, layer) (`trace_routing`: the engine's cache
+# events, one per (layer, expert) that received tokens in the step, recorded by the LFU policy for every offloaded
+# placement, not by the copies; with prefetch the first copy of a layer in a step follows the previous step's,
+# `routed_h2d_gb`). A case without such a record keeps the a-priori value, shown, not scored.
+ROUTED_METRICS = ("h2d_gb_per_step",)
+MEASUREMENT_BUG = "measurement_bug"  # status: the bench counted a wrong window (fixed later); shown, not scored
+# the fixes of the bench's counter window (git log -- reference/offload/bench.py), with fallback dates (no git)
+COUNTER_OPEN_FIX = ("3bd5bc4", "2026-11-24T07:03:35Z")  # run_case opens the window after eng.wait()
+PROFILE_STEP_FIX = ("b638fe8", "2026-11-24T08:24:38Z")  # the window closes before the --profile step
+# counters the engine advances on its optimizer / I/O threads, after ``step()`` returned: ``cpu_adam_s``
+# (`_update_states`), the SSD store's bytes, and with prefetch the H2D bytes of the next forward's first layers
+# (`_update` -> `_fill`); d2h_bytes and the cache's hits / misses are counted in ``step()`` on the training thread
+ASYNC_COUNTERS = ("cpu_adam_ms_per_step", "ssd_read_gb_per_step", "ssd_write_gb_per_step")
+COUNTER_METRICS = BYTES_METRICS + ("cpu_adam_ms_per_step",) + RATIO_METRICS
+# the cases `reference.offload.bench` profiles with --profile (from 3bd5bc4): config a, offloaded, prefetch on
+PROFILED_CASES = (("a_compute_bound", "cpu", "on"), ("a_compute_bound", "ssd", "on"))
+_CONTAINS: dict = {}
+
+
+def _contains(fix: tuple[str, str], commit: str, date: str) -> bool:
+    key = (fix, str(commit), str(date))
+    if key not in _CONTAINS:
+        _CONTAINS[key] = commit_contains(fix[0], commit, date, fix[1])
+    return _CONTAINS[key]
+
+
+def measurement_bug(commit: str, date: str, config: str, placement: str, prefetch: str, metric: str) -> str | None:
+    """Why a bench counter row measured a wrong window, by a rule on the run's commit (never on its error), or
+    None. Before `COUNTER_OPEN_FIX` the window opened while the last warm-up step's update still ran on the
+    engine's threads, so the counters those threads advance (`ASYNC_COUNTERS`, and ``h2d_gb_per_step`` with
+    prefetch on) took in up to one more step's worth; from it until `PROFILE_STEP_FIX` the ``--profile`` cases
+    (`PROFILED_CASES`; run 3bd5bc4 ran with --profile) also counted the profiled step (5 steps over 4), in every
+    counter (`COUNTER_METRICS`)."""
+    if metric not in COUNTER_METRICS:
+        return None
+    label = str(config).split(" ", 1)[0]
+    if not _contains(COUNTER_OPEN_FIX, commit, date):
+        try:
+            ahead = parse_prefetch(prefetch, None) > 0
+        except ValueError:
+            ahead = False
+        if metric in ASYNC_COUNTERS or (metric == "h2d_gb_per_step" and ahead):
+            return (f"the bench before {COUNTER_OPEN_FIX[0]} opened its counter window while the last warm-up step's "
+                    "update still ran on the engine's threads, which advance this counter (up to one more step's "
+                    "worth counted)")
+        return None
+    if not _contains(PROFILE_STEP_FIX, commit, date) and (label, str(placement), str(prefetch)) in PROFILED_CASES:
+        return (f"the bench from {COUNTER_OPEN_FIX[0]} until {PROFILE_STEP_FIX[0]} closed the counter window after the "
+                "--profile step of this case: 5 steps counted over 4")
+    return None
+
+
+_SCHED_CACHE: dict = {}
+
+
+def copy_schedule(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> dict[int, tuple[float, float, int]]:
+    """The simulated step's H2D copies of expert weights, per MoE layer (block index): ``(copies per step, bytes per
+    copied expert, experts the simulated routing uses)``, from the trace of the simulated step (single GPU; {} when
+    nothing is offloaded or the run has several ranks)."""
+    key = (cfg, placement, depth, tuple((k, v) for k, v in io if not k.startswith("_")))
+    if key not in _SCHED_CACHE:
+        _, it, sim = _iteration(cfg, placement, depth, io, trace=True)
+        out: dict[int, tuple[float, float, int]] = {}
+        if it.W == 1 and getattr(it, "used", None):
+            per: dict[int, list[float]] = {}
+            for rank, layer, _mb, phase, _s, _e, nbytes, *_ in sim.rows:
+                if rank == 0 and phase in ("h2d_prefetch", "h2d_params"):
+                    c = per.setdefault(int(layer), [0.0, 0.0])
+                    c[0] += 1
+                    c[1] += nbytes
+            for layer, (n, nb) in per.items():
+                used = int(it.used[layer][0].sum())
+                if n and used:
+                    out[layer] = (n / it.n_iter, nb / n / used, used)
+        _SCHED_CACHE[key] = out
+    return _SCHED_CACHE[key]
+
+
+def trace_routing(path: Path, warmup: int, counted: int) -> dict[tuple[int, int], int] | None:
+    """``{(engine step, layer block): experts that received tokens}`` over the counted steps ``warmup ..
+    warmup + counted - 1`` of a bench trace, and the step before them when the trace has it (the history the first
+    prefetch of a counted step follows): its ``cache_hit`` / ``cache_miss`` rows, which the engine's LFU policy
+    writes at each ``step()`` for every (layer, expert) with tokens in any of the step's micro-batches (the
+    ``micro_batch`` column is the engine's step index). None when a counted step has no such row (not recorded)."""
+    from semoe.trace import read_csv
+
+    steps = range(warmup - 1, warmup + counted)
+    used: dict[tuple[int, int], int] = {}
+    for r in read_csv(path):
+        if r.phase in ("cache_hit", "cache_miss") and r.micro_batch in steps:
+            used[(r.micro_batch, r.layer)] = used.get((r.micro_batch, r.layer), 0) + 1
+    if counted <= 0 or not set(steps[1:]) <= {s for s, _ in used}:
+        return None
+    return used
+
+
+def routed_h2d_gb(schedule: dict[int, tuple[float, float, int]], routing: dict[tuple[int, int], int], first: int,
+                  steps: int, depth: int) -> float:
+    """H2D GB per step over the counted steps ``first .. first + steps - 1``: per layer, its simulated copies per
+    step x bytes per expert x the experts the step routed tokens to (a layer without a record in a step used none).
+    With prefetch (``depth`` > 0) the first copy of a layer in a step follows the routing history as the engine's
+    does (the step's layer-ahead fetch and the first forward prefetch copy the experts the layer used in the previous
+    step, `ExpertOffload._prefetch` / ``step()``; the forward then fetches the missing ones on demand): it moves at
+    least ``max(previous, current)`` experts, taken when the record has the previous step (the counts do not say
+    which experts, so not their union)."""
+    total = 0.0
+    for layer, (copies, per_expert, _) in schedule.items():
+        for s in range(first, first + steps):
+            cur = routing.get((s, layer), 0)
+            prev = routing.get((s - 1, layer)) if depth > 0 and any(k[0] == s - 1 for k in routing) else None
+            lead = cur if prev is None else max(prev, cur)
+            total += per_expert * (min(copies, 1.0) * lead + max(copies - 1.0, 0.0) * cur)
+    return total / steps / 1e9
+
+
+def routing_dirs(traces: Path | None) -> list[Path]:
+    """Directories whose traces can give a run's routing: `trace_dirs` and the raw run folders beside ``traces``
+    (``offload_*/<run>/`` with a ``run.json``, e.g. results/bench/offload_hB_raw/run1)."""
+    if traces is None or not Path(traces).is_dir():
+        return []
+    extra = sorted(p.parent for p in Path(traces).parent.glob("offload_*/*/run.json"))
+    return trace_dirs(traces) + [d for d in extra if d not in trace_dirs(traces)]
+
+
+def routing_traces(traces: Path | None) -> dict[tuple, Path]:
+    """``(date, commit, device, label, placement, prefetch) -> trace path`` of every run with traces
+    (`routing_dirs`; the first directory of a run wins)."""
+    out: dict[tuple, Path] = {}
+    for d in routing_dirs(traces):
+        run = trace_run(d)
+        for label, placement, prefetch, path in _trace_cases(d):
+            out.setdefault((*run, label, placement, prefetch), path)
+    return out
+
+
+def _routed(apriori: float, cfg: OffloadConfig, placement: str, depth: int, io: tuple,
+            trace: Path | None) -> tuple[float, str, str]:
+    """An H2D row's prediction: ``(value, status, note)``: the simulated copy schedule x the case's routing record
+    (`copy_schedule`, `trace_routing`, `routed_h2d_gb`; status validated), else the a-priori value (every expert the
+    simulated routing uses), not scored (``not_modelled``: the bytes follow a router the simulator does not train)."""
+    routing = trace_routing(trace, cfg.warmup, cfg.steps) if trace is not None else None
+    sched = copy_schedule(cfg, parse_placement(placement), depth, io) if routing else {}
+    if not routing or not sched:
+        return apriori, "not_modelled", (
+            "no routing record of this case (trace cache events): the engine copies only the experts with tokens and "
+            f"the bench's router collapses; a-priori (the simulated routing: every expert used) {apriori:.4g} GB")
+    counted = range(cfg.warmup, cfg.warmup + cfg.steps)
+    used = {lay: sum(n for (s, l2), n in routing.items() if l2 == lay and s in counted) / cfg.steps
+            for lay in sorted(sched)}
+    copies = {lay: sched[lay][0] for lay in sorted(sched)}
+    return routed_h2d_gb(sched, routing, cfg.warmup, cfg.steps, depth), "validated", (
+        f"simulated copies per step per layer {copies} x the run's routed experts per layer (mean of the "
+        f"{cfg.steps} counted steps' cache events in {trace.parent.name}/{trace.name}) "
+        + str({k: round(v, 2) for k, v in used.items()})
+        + f" of {max(v[2] for v in sched.values())}"
+        + ("; with prefetch the first copy of a layer in a step moves max(previous step's, this step's)"
+           if depth > 0 else "") + f" (a-priori, every expert used: {apriori:.4g} GB)")
 
 
 def _predict(s: dict, metric: str, cfg: OffloadConfig, placement: str, io: tuple = ()) -> float | None:
@@ -705,6 +882,7 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
             if cycle in d:
                 d[plain] = d.pop(cycle)
     probes = engine_adam_probes(df)
+    routed = routing_traces(traces)  # each traced case's routing record (H2D rows, `ROUTED_METRICS`)
     runs = set(zip(df["date"], df["commit"], df["device"]))
     for run in runs:  # the reference code each run executed (its GPU AdamW and expert GEMM path)
         inputs.setdefault(run, {}).update(run_options(run[1], run[0]))
@@ -805,11 +983,16 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
             note += "; reference: " + ", ".join(f"{k[1:]} {v}" for k, v in io if k.startswith("_"))
             if adam_label:
                 note += f"; CPU AdamW input: {adam_label}"
-            if r.metric in ("cpu_adam_ms_per_step", "ssd_read_gb_per_step", "ssd_write_gb_per_step"):
-                note += ("; bench counter (runs before 3bd5bc4 opened its window while the warm-up's updates still "
-                         "ran, and until the profile fix the --profile cases (a cpu on, a ssd on) also counted the "
-                         "profiled step: 5 steps over 4; the trace_* rows are the reference)")
-            row.update(predicted=pred, error=err, status="validated", note=note)
+            status = "validated"
+            if r.metric in ROUTED_METRICS:
+                pred, status, why = _routed(pred, cfg, r.placement, depth, io, routed.get(
+                    (r.date, r.commit, r.device, str(r.config).split(" ", 1)[0], str(r.placement), str(r.prefetch))))
+                note = f"{why}; {note}"
+                err = pred / measured - 1 if measured and not math.isnan(pred) else float("nan")
+            bug = measurement_bug(r.commit, r.date, r.config, r.placement, r.prefetch, r.metric)
+            if bug:
+                status, note = MEASUREMENT_BUG, f"{bug}; {note}"
+            row.update(predicted=pred, error=err, status=status, note=note)
         out.append(row)
     if run_of_traces is not None:
         prep = inputs.get(run_of_traces, {}).get("ssd_write_prep")
@@ -942,6 +1125,9 @@ def rows(path: Path | str = BENCH) -> list[dict]:
         if r.status in ("validated", "fitted"):
             res.append(_row("offload", run, r.config, metric, r.measured, r.predicted, note=r.note, kind=kind,
                             status=r.status, fitted=bool(r.used_for_fitting)))
+        elif r.status == MEASUREMENT_BUG:  # a bench defect fixed later (`measurement_bug`): shown, not scored
+            res.append(_row("offload", run, r.config, metric, r.measured, r.predicted, status="not_modelled",
+                            note=f"{MEASUREMENT_BUG}: {r.note}", kind=kind))
         else:
             res.append(_row("offload", run, r.config, metric, r.measured, status="not_modelled", note=r.note,
                             kind=kind))
@@ -999,7 +1185,7 @@ def markdown_tables(df) -> str:
         st = r[(r["metric"] == "step_ms") & (r["status"] == "validated")]
         ph = r[r["metric"].str.startswith("trace_") & (r["status"] == "validated")]
         dg = r[(r["metric"] == "step_ms") & (r["status"] == DIAGNOSTIC)]
-        if st.empty and ph.empty:
+        if st.empty and ph.empty and not r["metric"].isin(COUNTER_METRICS).any():
             continue
         out += [f"### Run {run} ({r['device'].iloc[0]})", ""]
         if not st.empty:
@@ -1020,6 +1206,18 @@ def markdown_tables(df) -> str:
                 phase = x.metric.removeprefix("trace_").removesuffix("_per_step")
                 out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {phase} ({unit}) | {x.measured:.4g} | "
                            f"{x.predicted:.4g} | {_pct(x.error)} | {x.cpu_adam_input or '-'} |")
+            out.append("")
+        bc = r[r["metric"].isin(COUNTER_METRICS) & ~r["label"].str.endswith(AB_SUFFIX)
+               & r["status"].isin(("validated", MEASUREMENT_BUG, "not_modelled")) & r["predicted"].notna()]
+        if not bc.empty:
+            out += [("Bytes and counters per counted step (the bench's engine counters; H2D: the simulated copy "
+                     "schedule x the run's routed experts from the case's trace, `ROUTED_METRICS`; "
+                     "`measurement_bug`: a counter window the bench fixed later, by the run's commit):"), "",
+                    "| config | placement | prefetch | metric | measured | simulated | error | status |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for x in bc.sort_values(["label", "placement", "prefetch", "metric"]).itertuples(index=False):
+                out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {x.metric} | {x.measured:.4g} | "
+                           f"{x.predicted:.4g} | {_pct(x.error)} | {x.status} |")
             out.append("")
         if not dg.empty:
             pri = {(x.label, x.placement, x.prefetch): x.error for x in st.itertuples(index=False)}
