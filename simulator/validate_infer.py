@@ -60,6 +60,20 @@ fixed before the first run that has them and not to be changed after seeing its 
 * runs without adjacent probe rows keep the once-per-run rule above; quantised and compiled rows take no
   engine probe (the probe runs bf16 eager).
 
+Repeated rows (runs from 2026-11-24 ~13:00 on, the bench's ``--repeats``: each timed row measured R times
+interleaved with its adjacent probe, probe / timed / probe / ... / timed / probe; such a row has
+``host_adj_*_median`` rows). The rule, fixed before the
+first run that has them and not to be changed after seeing its errors:
+
+* the row's measured value is the bench's median over its R repeats (same metric names as single-pass runs);
+  its host input is the median of the R + 1 adjacent probe passes of its (mode, phase, batch)
+  (``host_adj_*_median``) in place of the mean of the before and after probes; everything else as above (a
+  row with R = 1 has no ``_median`` row and keeps the before / after mean, the median of its two probes);
+* the spread rows (``<metric>_min`` / ``<metric>_max`` of the timed repeats, ``<phase>_repeats``) are listed
+  with kind ``spread`` and no prediction (status ``not_modelled``); the median row's note gives the repeats'
+  min-max and whether the prediction lies inside it; ``host_adj_*_median`` / ``_min`` / ``_max`` rows are
+  adjacent probe rows (status ``input``).
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 
@@ -148,6 +162,10 @@ ADJ_PREFIX = "host_adj_"
 ADJ_METRICS = {"prefill": ("host_adj_prefill_ms", "host_adj_prefill_copies"),
                "decode": ("host_adj_decode_ms_per_step", "host_adj_decode_copies_per_step")}
 ADJ_WHEN = ("before", "after")
+ADJ_MEDIAN = "median"  # repeated rows: the median of all the row's adjacent probes (its host input)
+# the spread of a repeated row (bench --repeats): min / max of its timed repeats and the repeats run
+SPREAD_SUFFIXES = ("_min", "_max")
+REPEATS_SUFFIX = "_repeats"
 # the run's engine host probe (reference/inference/bench.py host_probe): seconds and copy calls per pass of the
 # engine's own code path at tiny widths, per mode and batch; the simulations of that run's bf16 rows take
 # their host seconds per kernel from it (`simulator.workload.inference_host.HostProbe`)
@@ -207,6 +225,8 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
     nan = float("nan")
     if metric in NOT_MODELLED or metric.startswith(NOT_MODELLED_PREFIXES) or metric.endswith("_vs_eager"):
         return nan, "not_modelled", "correctness / quality / baseline row (not simulated)"
+    if is_spread(metric):
+        return nan, "spread", "the spread of the row's timed repeats (bench --repeats), not simulated"
     if mode == "accelerate":
         return nan, "not_modelled", "accelerate cpu_offload is not simulated"
     if mode in COMPILED:
@@ -359,6 +379,16 @@ def _adjacent_kernels(config: str, mode: str, phase: str, B: int, probe, copies:
     return run.probe_pass_kernels(phase, B, copies)
 
 
+def is_spread(metric: str) -> bool:
+    """A repeated row's spread row (``decode_tokens_per_s_min``, ``prefill_repeats``), not an adjacent probe row."""
+    return not metric.startswith(ADJ_PREFIX) and (metric.endswith(SPREAD_SUFFIXES) or metric.endswith(REPEATS_SUFFIX))
+
+
+_ADJ_WHEN_TEXT = {"before": "right before the timed passes", "after": "right after the timed passes",
+                  "median": "the median of the probes around the timed repeats",
+                  "min": "the fastest probe around the timed repeats", "max": "the slowest probe around the timed repeats"}
+
+
 def _predict_adjacent_row(r, c: dict, probe, adj: dict, host_s: float | None) -> tuple[float, str, str]:
     """An adjacent host probe row (an input of its run, `ADJ_METRICS`): ``*_ms*`` rows are predicted as the
     run's once-per-run probe would have it (its host seconds per kernel of that code path, the median over its
@@ -378,8 +408,8 @@ def _predict_adjacent_row(r, c: dict, probe, adj: dict, host_s: float | None) ->
                       keep=lambda b: run._mode_of(b * q) == mech)
     if rate is None:
         return nan, "input", "adjacent host probe (no once-per-run probe of this path)"
-    return 1e3 * n * rate, "input", (f"adjacent host probe (tiny widths, right {r['metric'].rsplit('_', 1)[1]} the "
-                                     f"timed passes); predicted: {n:.0f} counted kernels x the run's once-per-run "
+    when = _ADJ_WHEN_TEXT.get(r["metric"].rsplit("_", 1)[1], "")
+    return 1e3 * n * rate, "input", (f"adjacent host probe (tiny widths, {when}); predicted: {n:.0f} counted kernels x the run's once-per-run "
                                      f"probe, {rate * 1e6:.1f} us per kernel")
 
 
@@ -488,7 +518,10 @@ def explain(r, probed: bool = False, adjacent: tuple | None = None) -> str:
     row's simulation took its host from."""
     mode, metric, date = r["mode"], r["metric"], r["date"]
     host = "the run's engine probe's seconds per kernel of this path" if probed else _host_note()
-    if adjacent is not None:
+    if adjacent is not None and len(adjacent) > 2:
+        host = ("the seconds per kernel of this path probed around the row's repeats (median "
+                f"{adjacent[2]:.1f} ms per probe pass, {adjacent[3]:.1f}-{adjacent[4]:.1f})")
+    elif adjacent is not None:
         host = ("the seconds per kernel of this path probed right before and after the row "
                 f"({adjacent[0]:.1f} / {adjacent[1]:.1f} ms per probe pass)")
     if _autotune_bug(r):
@@ -572,7 +605,12 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
         adj = adjacent.get(r["date"])
         pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]), pr, adj)
         used = _adjacent_used(r, adj) if pr is not None else None
-        if kind == "throughput" and used:
+        adj_ms = _adjacent_ms(measured, r, used) if kind == "throughput" else None
+        if kind == "throughput" and used and adj_ms and len(adj_ms) > 2:
+            src = (f"host: the engine probe of this row's {used} pass interleaved with its repeats (median of the "
+                   "probes; tiny widths)")
+            note = "; ".join(x for x in (note, src) if x)
+        elif kind == "throughput" and used:
             src = f"host: the engine probe of this row's {used} pass measured right before and after it (mean; tiny widths)"
             note = "; ".join(x for x in (note, src) if x)
         elif kind == "throughput" and pr is not None and _probed(r):
@@ -586,8 +624,9 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
             err = pred / meas - 1 if not math.isnan(pred) else float("nan")
         within = bool(abs(err) <= 0.10) if not math.isnan(err) else None
         if within is False and kind == "throughput":
-            note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r), _adjacent_ms(measured, r, used)))
-                             if x)
+            note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r), adj_ms)) if x)
+        if kind != "spread":
+            note = "; ".join(x for x in (spread_note(measured, r, pred), note) if x)
         if "commit" in r:
             note = "; ".join(x for x in (note, _replay_note(r)) if x)
         rows.append({"date": r["date"], "mode": r["mode"], "batch": int(r["batch"]), "metric": r["metric"], "measured": meas,
@@ -663,8 +702,9 @@ def adjacent_metric(metric: str) -> tuple[str, str]:
 
 def run_adjacent(measured: pd.DataFrame) -> dict:
     """date -> {(row mode, phase, batch): (seconds, copies)}: the run's adjacent host probes (bench
-    ``HostProber.adjacent``), seconds the mean of the probe right before and right after the row's timed
-    passes; none under ``--host-op-us``."""
+    ``HostProber.around``), seconds the median of the probes around a repeated row's timed repeats
+    (``host_adj_*_median``), else the mean of the probe right before and right after the row's timed passes
+    (the rule in the module doc); none under ``--host-op-us``."""
     if HOST_OP_S is not None:
         return {}
     keep = measured[measured["metric"].str.startswith(ADJ_PREFIX)]
@@ -672,7 +712,8 @@ def run_adjacent(measured: pd.DataFrame) -> dict:
     for (date, mode, batch), g in keep.groupby(["date", "mode", "batch"]):
         vals = dict(zip(g["metric"], g["value"].astype(float)))
         for phase, (ms_metric, cp_metric) in ADJ_METRICS.items():
-            ms = [vals[f"{ms_metric}_{w}"] for w in ADJ_WHEN if f"{ms_metric}_{w}" in vals]
+            med = vals.get(f"{ms_metric}_{ADJ_MEDIAN}")
+            ms = [med] if med is not None else [vals[f"{ms_metric}_{w}"] for w in ADJ_WHEN if f"{ms_metric}_{w}" in vals]
             if ms and all(v > 0 for v in ms):
                 out.setdefault(date, {})[(mode, phase, int(batch))] = (1e-3 * sum(ms) / len(ms), vals.get(cp_metric, 0.0))
     return out
@@ -692,14 +733,37 @@ def with_adjacent(probe, adj: dict | None, key: str, probe_mode: str, batch: int
     return HostProbe(probe.blocks, pts)
 
 
+def _row_values(measured: pd.DataFrame, r) -> dict:
+    """metric -> value of the rows of ``r``'s run, mode and batch."""
+    g = measured[(measured["date"] == r["date"]) & (measured["mode"] == r["mode"]) & (measured["batch"] == r["batch"])]
+    return dict(zip(g["metric"], g["value"].astype(float)))
+
+
 def _adjacent_ms(measured: pd.DataFrame, r, phase: str | None) -> tuple | None:
-    """(before, after) ms of the adjacent probe of row ``r``'s ``phase`` (None: no adjacent probe used)."""
+    """(before, after) ms of the adjacent probe of row ``r``'s ``phase``, then (median, min, max) when the row was
+    repeated (None: no adjacent probe used)."""
     if not phase:
         return None
     ms = ADJ_METRICS[phase][0]
-    g = measured[(measured["date"] == r["date"]) & (measured["mode"] == r["mode"]) & (measured["batch"] == r["batch"])]
-    v = dict(zip(g["metric"], g["value"].astype(float)))
-    return tuple(v.get(f"{ms}_{w}", float("nan")) for w in ADJ_WHEN)
+    v = _row_values(measured, r)
+    out = tuple(v.get(f"{ms}_{w}", float("nan")) for w in ADJ_WHEN)
+    if f"{ms}_{ADJ_MEDIAN}" in v:
+        out += tuple(v.get(f"{ms}_{w}", float("nan")) for w in (ADJ_MEDIAN, "min", "max"))
+    return out
+
+
+def spread_note(measured: pd.DataFrame, r, pred: float) -> str:
+    """A repeated row's repeats and spread (its ``_min`` / ``_max`` rows) and whether ``pred`` lies in it; ''
+    for a single-pass row."""
+    v = _row_values(measured, r)
+    lo, hi = v.get(f"{r['metric']}_min"), v.get(f"{r['metric']}_max")
+    if lo is None or hi is None:
+        return ""
+    phase = "decode" if r["metric"].startswith("decode") else "prefill"
+    n = v.get(f"{phase}{REPEATS_SUFFIX}")
+    reps = f"median of {n:.0f} repeats" if n is not None else "median of the repeats"
+    inside = "" if math.isnan(pred) else (", prediction inside it" if lo <= pred <= hi else ", prediction outside it")
+    return f"{reps}: min {lo:.4g}, max {hi:.4g} ({(hi - lo) / float(r['value']):.1%} of the median{inside})"
 
 
 def _adjacent_used(r, adj: dict | None) -> str | None:
@@ -775,6 +839,11 @@ def summarise(df: pd.DataFrame) -> str:
         if len(k):
             lines.append(f"{kind} rows within 10%: {int(k['within_10pct'].sum())} / {len(k)}")
     lines.append(f"not modelled: {int((df['kind'] == 'not_modelled').sum())} rows")
+    rep = t[t["note"].fillna("").str.contains("repeats: min")]
+    if len(rep):
+        lines.append(f"repeated throughput rows (median of the repeats): {len(rep)}, prediction inside the repeats' "
+                     f"min-max: {int(rep['note'].str.contains('prediction inside it').sum())}; spread rows: "
+                     f"{int((df['kind'] == 'spread').sum())}")
     lines.append("validated throughput rows per mode / metric (error = predicted / measured - 1):")
     lines.append(table(df).to_string())
     worst = t.reindex(t["error"].abs().sort_values(ascending=False).index).head(8)

@@ -285,3 +285,45 @@ def test_h100_run_with_adjacent_probes():
     adj = d[[k[2].startswith(V.ADJ_PREFIX) for k in d.index]]
     assert len(adj) == 3 * (5 * 4 + 4 + 5 * 2) and (adj["status"] == "input").all()
     assert "equal to the engine's" in d.loc[("expert", 1, "hit_rate"), "note"]
+
+
+def rep_rows(mode: str, batch: int, phase: str, probes: list, copies: float = 0.0):
+    """The adjacent probe rows of a repeated row (bench --repeats): first, last, median, min, max of ``probes``."""
+    import statistics
+
+    ms, cp = V.ADJ_METRICS[phase]
+    return [(mode, batch, f"{ms}_before", probes[0]), (mode, batch, f"{ms}_after", probes[-1]),
+            (mode, batch, f"{ms}_median", statistics.median(probes)), (mode, batch, f"{ms}_min", min(probes)),
+            (mode, batch, f"{ms}_max", max(probes)), (mode, batch, cp, copies)]
+
+
+def test_repeated_row_takes_the_median_probe():
+    """A repeated row's host input is the median of its R + 1 probes (the rule fixed in the module doc), not the
+    mean of its first and last: probes 40, 20, 21, 22 ms give a ~21.5 ms step (the mean of the ends would give 31)."""
+    m = rows(*rep_rows("resident", 4, "decode", [40.0, 20.0, 21.0, 22.0]))
+    assert V.run_adjacent(m)["2026-12-01T00:00:00Z"][("resident", "decode", 4)][0] == pytest.approx(21.5e-3)
+    spec = [("resident", 4, "decode_ms_per_step", 25.0), *probe_rows(30.0, 4)]
+    d = V.predict_all(rows(*spec, *rep_rows("resident", 4, "decode", [40.0, 20.0, 21.0, 22.0]))).set_index(
+        ["mode", "batch", "metric"])
+    assert 21.5 * 0.9999 <= d.loc[("resident", 4, "decode_ms_per_step"), "predicted"] < 21.5 * 1.15
+    assert "interleaved with its repeats (median" in d.loc[("resident", 4, "decode_ms_per_step"), "note"]
+    med = d.loc[("resident", 4, "host_adj_decode_ms_per_step_median")]
+    assert med["status"] == "input" and "the median of the probes" in med["note"]
+
+
+def test_spread_rows_are_listed_not_validated():
+    """The min / max / repeats rows of a repeated row validate nothing (kind spread); the median row's note gives
+    the spread and whether the prediction lies in it."""
+    spec = [("resident", 4, "decode_tokens_per_s", 160.0), ("resident", 4, "decode_tokens_per_s_min", 150.0),
+            ("resident", 4, "decode_tokens_per_s_max", 170.0), ("resident", 4, "decode_repeats", 5),
+            *probe_rows(24.0, 4), *rep_rows("resident", 4, "decode", [24.0, 25.0, 24.5])]
+    d = V.predict_all(rows(*spec)).set_index(["mode", "batch", "metric"])
+    for metric in ("decode_tokens_per_s_min", "decode_tokens_per_s_max", "decode_repeats"):
+        assert d.loc[("resident", 4, metric), "kind"] == "spread"
+        assert d.loc[("resident", 4, metric), "status"] == "not_modelled"
+        assert math.isnan(d.loc[("resident", 4, metric), "predicted"])
+    row = d.loc[("resident", 4, "decode_tokens_per_s")]
+    assert row["status"] == "validated" and "median of 5 repeats: min 150, max 170 (12.5% of the median" in row["note"]
+    inside = 150.0 <= row["predicted"] <= 170.0
+    assert ("prediction inside it" in row["note"]) == inside and ("prediction outside it" in row["note"]) != inside
+    assert not V.is_spread("host_adj_decode_ms_per_step_min") and V.is_spread("prefill_frac_of_bound_max")

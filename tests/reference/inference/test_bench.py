@@ -1,6 +1,7 @@
 """Issue 7's GPU benchmark (``reference/inference/bench.py --suite issue7``) on a tiny CPU model, so the first GPU
-run does not die on a typo: the once-per-run engine host probe, the adjacent host probes next to every timed
-row, the expert pool's call trace, and the simulator's use of them (``simulator.validate_infer``)."""
+run does not die on a typo: the once-per-run engine host probe, the timed rows' repeats interleaved with the
+adjacent host probes (medians, spread rows, repeats.csv), the expert pool's call trace, and the simulator's use of
+them (``simulator.validate_infer``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from reference.inference import bench
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench7")
-    # one batch (2: expert-aware decode without the ring fallback) keeps it short; every section runs
-    assert bench.main(["--suite", "issue7", "--quick", "--out", str(out), "--reps", "1", "--batches", "2"]) == 0
+    # one batch (2: expert-aware decode without the ring fallback) keeps it short; every section runs; odd
+    # repeats for the resident rows (the median is one repeat's), the ring decode single-pass
+    assert bench.main(["--suite", "issue7", "--quick", "--out", str(out), "--reps", "1", "--batches", "2",
+                       "--repeats", "3", "--ring-repeats", "2", "--expert-repeats", "2", "--ring-decode-repeats", "1"]) == 0
     rows = list(csv.DictReader((out / "infer_rows.csv").open()))
     return out, rows, {(r["mode"], int(r["batch"]), r["metric"]): float(r["value"]) for r in rows}
 
@@ -44,7 +47,9 @@ def test_quick_adjacent_probe_next_to_every_timed_row(quick_run):
         assert got[(mode, B, f"{ms}_before")] > 0 and got[(mode, B, f"{ms}_after")] > 0, (mode, B, phase)
         assert (mode, B, cp) in got
     adj = {(r["mode"], int(r["batch"]), r["metric"]) for r in rows if r["metric"].startswith("host_adj_")}
-    assert len(adj) == 3 * len(timed)  # nothing else probed adjacently
+    # repeated rows add the median, min and max of their probes; the single-pass ring decode does not
+    assert len(adj) == 6 * (len(timed) - 1) + 3  # nothing else probed adjacently
+    assert ("ring", 2, "host_adj_decode_ms_per_step_median") not in got
     assert got[("resident", 2, "host_adj_decode_copies_per_step")] == 0
     assert got[("ring", 2, "host_adj_decode_copies_per_step")] == 2 == got[("ring_K1", 2, "host_adj_prefill_copies")]
     # order: the before probe precedes the timed passes, the after probe follows them (the row is written last)
@@ -83,12 +88,15 @@ def test_quick_validate_uses_the_adjacent_probe(quick_run):
     out, _, got = quick_run
     d = V.predict_all(pd.read_csv(out / "infer_rows.csv", dtype={"commit": str})).set_index(["mode", "batch", "metric"])
     assert (d.loc[[k for k in d.index if k[2].startswith("host_")], "status"] == "input").all()
-    for B in (2,):
-        step = (got[("resident", B, "host_adj_decode_ms_per_step_before")]
-                + got[("resident", B, "host_adj_decode_ms_per_step_after")]) / 2
+    for B in (2,):  # repeated: the median of the row's probes
+        step = got[("resident", B, "host_adj_decode_ms_per_step_median")]
         pred = d.loc[("resident", B, "decode_tokens_per_s"), "predicted"]
         assert 0.8 * B * 1e3 / step < pred <= B * 1e3 / step * 1.0001
-        assert "measured right before and after it" in d.loc[("resident", B, "decode_tokens_per_s"), "note"]
+        assert "interleaved with its repeats (median" in d.loc[("resident", B, "decode_tokens_per_s"), "note"]
+        # the single-pass ring decode keeps the mean of its before and after probes
+        assert "measured right before and after it" in d.loc[("ring", B, "decode_tokens_per_s"), "note"]
+    assert (d.loc[[k for k in d.index if k[2].endswith(("_min", "_max", "_repeats")) and not k[2].startswith("host_")],
+                  "kind"] == "spread").all()
 
 
 def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
@@ -112,3 +120,58 @@ def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
         assert "equal to the engine's" in d.loc[(mode, 2, "hit_rate"), "note"]
         assert "NOT equal" not in d.loc[(mode, 2, "hit_rate"), "note"]
     assert "pool replay" not in d.loc[("ring", 2, "decode_tokens_per_s"), "note"]
+
+
+def test_interleave_order():
+    seen = []
+    out = bench.interleave(3, lambda i: seen.append(f"t{i}") or 10 * i, lambda: seen.append("p"))
+    assert out == [0, 10, 20] and seen == ["p", "t0", "p", "t1", "p", "t2", "p"]
+    assert bench.interleave(2, lambda i: i) == [0, 1]  # no probe: the repeats alone
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench.interleave(0, lambda i: i)
+
+
+def test_quick_repeats_median_and_spread(quick_run):
+    """Each timed row is repeated R times between R + 1 probes (repeats.csv, in order); its metric is the median
+    of the repeats, its _min / _max rows their spread, its host_adj_*_median the median of its probes."""
+    import statistics
+
+    out, _, got = quick_run
+    reps = defaultdict(list)
+    for r in csv.DictReader((out / "repeats.csv").open()):
+        reps[(r["mode"], int(r["batch"]), r["phase"])].append((int(r["repeat"]), r["what"], float(r["value"])))
+    R = {("resident", "prefill"): 3, ("resident", "decode"): 3, ("ring_K1", "prefill"): 2, ("ring", "prefill"): 2,
+         ("ring", "decode"): 1, ("expert", "decode"): 2, ("expert_nopred", "decode"): 2}
+    assert set(reps) == {(m, 2, ph) for m, ph in R}
+    G, P = 3, 8  # --quick
+    for (mode, ph), n in R.items():
+        seq = reps[(mode, 2, ph)]
+        assert [w for _, w, _ in seq] == ["probe_ms", "timed_s"] * n + ["probe_ms"], mode
+        assert [i for i, _, _ in seq] == [i // 2 for i in range(2 * n + 1)]
+        secs = [v for _, w, v in seq if w == "timed_s"]
+        probes = [v for _, w, v in seq if w == "probe_ms"]
+        assert got[(mode, 2, f"{ph}_repeats")] == n
+        ms = bench.ADJ_METRICS[ph][0]
+        assert got[(mode, 2, f"{ms}_before")] == pytest.approx(probes[0], rel=1e-5)
+        assert got[(mode, 2, f"{ms}_after")] == pytest.approx(probes[-1], rel=1e-5)
+        metric = f"{ph}_tokens_per_s"
+        per = [2 * (P if ph == "prefill" else G - 1) / x for x in secs]
+        assert got[(mode, 2, metric)] == pytest.approx(statistics.median(per), rel=1e-5), mode
+        if n > 1:
+            assert got[(mode, 2, f"{ms}_median")] == pytest.approx(statistics.median(probes), rel=1e-5)
+            assert got[(mode, 2, f"{metric}_min")] == pytest.approx(min(per), rel=1e-5)
+            assert got[(mode, 2, f"{metric}_max")] == pytest.approx(max(per), rel=1e-5)
+            assert got[(mode, 2, f"{metric}_min")] <= got[(mode, 2, metric)] <= got[(mode, 2, f"{metric}_max")]
+        else:
+            assert (mode, 2, f"{metric}_min") not in got
+    L = got[("-", 0, "host_probe_moe_blocks")]
+    res = [2 * P / x for x in (v for _, w, v in reps[("resident", 2, "prefill")] if w == "timed_s")]
+    assert got[("resident", 2, "block_compute_ms")] == pytest.approx(1e3 * 2 * P / statistics.median(res) / L, rel=1e-5)
+    # expert-aware repeats each build a fresh engine, but the pool trace and statistics are the first repeat's only
+    stats = list(csv.DictReader((out / "expert_trace_stats.csv").open()))
+    assert len(stats) == 2
+
+
+def test_repeats_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "issue7", "--quick", "--out", str(tmp_path), "--repeats", "0"])
