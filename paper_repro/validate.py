@@ -431,7 +431,8 @@ def infer_rows(path: Path) -> list[dict]:
             # measurement bug, or true by definition: shown, not scored
             rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="not_modelled",
                              note=f"{status}: {note}" if note else status))
-        elif kind == "not_modelled":
+        elif kind == "not_modelled" or status == "not_modelled":
+            # includes the spread rows of repeated timings (kind ``spread``: min / max / repeat count)
             rows.append(_row(src, run, m["config"], metric, m["value"], status="not_modelled",
                              note=note or "no simulator model of this metric"))
         elif kind == "input" or status == "input":

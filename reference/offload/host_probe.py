@@ -57,6 +57,7 @@ CHILD_VARIANTS = ("pinned", "plain")  # the bound children: the engine's layout 
 MOVE_PAGES_NR = {"x86_64": 279, "aarch64": 239}  # move_pages(2) syscall numbers (query mode: nodes = NULL)
 VMSTAT_KEYS = ("numa_pages_migrated", "pgmigrate_success", "numa_hint_faults", "thp_fault_alloc",
                "thp_collapse_alloc", "compact_stall")
+MEMINFO_KEYS = r"(MemTotal|MemFree|MemAvailable|AnonHugePages|HugePages_|Hugepagesize|Mlocked)"
 NODE_ROOT = Path("/sys/devices/system/node")
 CPU_ROOT = Path("/sys/devices/system/cpu")
 
@@ -369,7 +370,7 @@ def collect_facts(path: Path, rows: Rows) -> dict:
                                                   for k in ("cpu", "memory"))),
         ("/proc/meminfo (huge pages, totals)",
          "\n".join(line for line in (read_text("/proc/meminfo") or "").splitlines()
-                   if re.match(r"(MemTotal|MemFree|MemAvailable|AnonHugePages|HugePages_|Hugepagesize|Mlocked)", line))),
+                   if re.match(MEMINFO_KEYS, line))),
         ("lscpu", _run(["lscpu"])),
         ("numactl -H", _run(["numactl", "-H"])),
         ("numactl --show", _run(["numactl", "--show"])),

@@ -327,3 +327,20 @@ def test_spread_rows_are_listed_not_validated():
     inside = 150.0 <= row["predicted"] <= 170.0
     assert ("prediction inside it" in row["note"]) == inside and ("prediction outside it" in row["note"]) != inside
     assert not V.is_spread("host_adj_decode_ms_per_step_min") and V.is_spread("prefill_frac_of_bound_max")
+
+
+def test_h100_run_with_repeats():
+    """The 76200c0 H100 run repeated its timed rows (resident x5, ring prefill x3, expert-aware x3, ring decode x1)
+    between adjacent probes: its repeated rows take the median probe (notes say so), carry their spread, and the
+    spread rows validate nothing; the single-pass ring decode keeps the before / after mean."""
+    m = pd.read_csv(V.MEASURED, dtype={"commit": str})
+    run = m[m["commit"] == "76200c0"]
+    d = V.predict_all(run).set_index(["mode", "batch", "metric"])
+    for key in (("resident", 8, "decode_tokens_per_s"), ("ring", 1, "prefill_tokens_per_s"),
+                ("expert_nopred", 2, "decode_tokens_per_s"), ("ring_K2", 16, "prefill_tokens_per_s")):
+        assert "interleaved with its repeats (median" in d.loc[key, "note"], key
+        assert "repeats: min" in d.loc[key, "note"], key
+    assert "measured right before and after it" in d.loc[("ring", 8, "decode_tokens_per_s"), "note"]
+    spread = d[d["kind"] == "spread"]
+    assert len(spread) > 50 and (spread["status"] == "not_modelled").all() and spread["predicted"].isna().all()
+    assert d.loc[("resident", 4, "decode_repeats"), "measured"] == 5
