@@ -59,6 +59,20 @@ to them: they have no cycle probe, and their ``alone@worker`` ran with torch's d
 did). The A/B cases (label ``..._torch_threads``: the engine with torch's default threads) are listed, not
 predicted.
 
+A-priori rule of task hB3 (written 2026-11-24 ~13:00 UTC, BEFORE the GPU run that first has these probes, and not
+to be changed after its errors are seen): the host's CPU AdamW rate drifts in time (2000 -> 1215 -> 1500-1860
+Mparams/s within 60 s on one H100 lease, with the guest's steal time; results/bench/offload/host_probe), so from
+task hB3 on the bench brackets each offloaded case (a and b, not the gpu placement, not the A/B twins) with the
+engine probe ``alone@worker`` (the same call, thread role and intra-op thread count as the run's ``alone@worker``
+rows, on the case's own layer shape and gradient dtype), run with the engine idle: ``before`` (the warm-up's updates
+drained, right before the counted step) and ``after`` (the last timed step's updates drained). Rows: metric
+``cpu_adam_adjacent_<position>_Mparams_per_s`` (`ADJACENT_RE`), config / placement / prefetch = the case's. A case
+that has adjacent probes (same date, commit, device, config, placement, prefetch: `adjacent_probes`) takes as its
+CPU AdamW input (``cpu_adam`` and ``cpu_adam_fp32grad``) the MEAN of all its adjacent probes (`adjacent_input`);
+everything else (SSD, PCIe, the other cases) keeps the rules below. A case without them (every run before hB3, a
+case whose probes failed: row ``adjacent_probe_error``) keeps the run-level rule of hB / hD2, unchanged. The adjacent
+rows themselves are model inputs (status ``fitted``, compared with the simulator's own AdamW rate).
+
 A-priori vs diagnostic (task hD2): the ``validated`` rows are predictions whose inputs are the run's probes only
 (CPU AdamW: the engine probe with nothing beside the update, `ADAM_LOADS_APRIORI`; SSD: the engine's block read /
 write / rewrite-prep probes where the run has them, else the plain-file and fresh-name ones). For every run with
@@ -396,6 +410,33 @@ def engine_adam_probes(df) -> dict[tuple, dict[tuple, float]]:
     return out
 
 
+# task hB3: the engine probe ``alone@worker`` run right before / after one case (reference.offload.bench.adjacent_metric)
+ADJACENT_RE = re.compile(r"^cpu_adam_adjacent_([a-z0-9]+)_Mparams_per_s$")
+
+
+def adjacent_probes(df) -> dict[tuple, dict[str, float]]:
+    """``(date, commit, device, config, placement, prefetch) -> {position: Mparams/s}`` from a bench frame's adjacent
+    probe rows (`ADJACENT_RE`); a position probed twice keeps its mean."""
+    got: dict[tuple, dict[str, list[float]]] = {}
+    for r in df.itertuples(index=False):
+        m = ADJACENT_RE.match(str(r.metric))
+        if m:
+            key = (r.date, r.commit, r.device, str(r.config), str(r.placement), str(r.prefetch))
+            got.setdefault(key, {}).setdefault(m[1], []).append(float(r.value))
+    return {k: {pos: sum(v) / len(v) for pos, v in d.items()} for k, d in got.items()}
+
+
+def adjacent_input(adjacent: dict[str, float] | None) -> tuple[float, str] | None:
+    """Task hB3's a-priori CPU AdamW input of a case with adjacent probes: the mean of them (parameters/s), and a
+    label; None without any (positive) probe."""
+    vals = {k: v for k, v in (adjacent or {}).items() if v > 0 and math.isfinite(v)}
+    if not vals:
+        return None
+    mean = sum(vals.values()) / len(vals)
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(vals.items(), key=lambda kv: (kv[0] != "before", kv[0])))
+    return mean * 1e6, f"adjacent probes of this case (mean of {parts}): {mean:.0f} Mparams/s"
+
+
 def layer_size(cfg: OffloadConfig) -> tuple[int, int]:
     """``(E, P)``: experts per MoE layer and parameters per expert of the configuration's model (the engine's
     per-expert flat vector: w1, w3 with SwiGLU, w2, and the biases when the model has them)."""
@@ -430,17 +471,19 @@ def adam_input(probes: dict[tuple, float], cfg: OffloadConfig, placement: str, d
     return cands[key] * 1e6, label
 
 
-def case_io(io: tuple, probes: dict[tuple, float], cfg: OffloadConfig, placement: str, device: str) -> tuple[tuple, str]:
+def case_io(io: tuple, probes: dict[tuple, float], cfg: OffloadConfig, placement: str, device: str,
+            adjacent: dict[str, float] | None = None) -> tuple[tuple, str]:
     """A case's simulation inputs: its run's ``io`` with the CPU AdamW rates (``cpu_adam`` and
-    ``cpu_adam_fp32grad``) replaced by `adam_input`'s when the run has engine probes; and which AdamW input the
-    case uses (a label; '' for a placement without a CPU optimizer)."""
+    ``cpu_adam_fp32grad``) replaced by the mean of the case's own adjacent probes (``adjacent``, task hB3:
+    `adjacent_input`) where it has them, else by `adam_input`'s when the run has engine probes; and which AdamW
+    input the case uses (a label; '' for a placement without a CPU optimizer)."""
     try:
         tier = parse_placement(placement)
     except ValueError:
         return io, ""
     if tier == "gpu":
         return io, ""
-    got = adam_input(probes, cfg, placement, device)
+    got = adjacent_input(adjacent) or adam_input(probes, cfg, placement, device)
     rates = dict(io)
     if got is not None:
         rates["cpu_adam"] = rates["cpu_adam_fp32grad"] = got[0]
@@ -882,6 +925,7 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
             if cycle in d:
                 d[plain] = d.pop(cycle)
     probes = engine_adam_probes(df)
+    adjacent = adjacent_probes(df)  # task hB3: each case's own AdamW probes, before and after it
     routed = routing_traces(traces)  # each traced case's routing record (H2D rows, `ROUTED_METRICS`)
     runs = set(zip(df["date"], df["commit"], df["device"]))
     for run in runs:  # the reference code each run executed (its GPU AdamW and expert GEMM path)
@@ -942,6 +986,22 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                            "run's thread layout")
             out.append(row)
             continue
+        if ADJACENT_RE.match(str(r.metric)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pred = _input(ENGINE_ADAM)
+            row.update(predicted=pred, error=pred / measured - 1 if measured else float("nan"), status="fitted",
+                       used_for_fitting=True,
+                       note="model input (task hB3): the engine's per-layer AdamW ('alone@worker') probed right "
+                            f"{r.metric.split('_')[3]} this case, on its layer shape and gradient dtype; this case's "
+                            "simulations use the mean of its adjacent probes; predicted is the simulator's own AdamW "
+                            "rate (assumption)")
+            out.append(row)
+            continue
+        if r.metric == "adjacent_probe_error":
+            row["note"] = "an adjacent AdamW probe of this case that failed (see the bench log): not an input"
+            out.append(row)
+            continue
         if str(r.config).split(" ", 1)[0].endswith(AB_SUFFIX):
             row["note"] = ("A/B case: the same configuration with the engine's AdamW on torch's default threads (one "
                            "per core, the engine before task hB); listed beside the case, not predicted")
@@ -958,7 +1018,9 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         try:
             cfg = parse_config(r.config)
             depth = parse_prefetch(r.prefetch, cfg.depth)
-            io, adam_label = case_io(io, probes.get((r.date, r.commit, r.device), {}), cfg, r.placement, r.device)
+            io, adam_label = case_io(io, probes.get((r.date, r.commit, r.device), {}), cfg, r.placement, r.device,
+                                     adjacent.get((r.date, r.commit, r.device, str(r.config), str(r.placement),
+                                                   str(r.prefetch))))
             row["cpu_adam_input"] = adam_label
             s = simulate(cfg, r.placement, depth, io)
         except ValueError as e:
@@ -1016,17 +1078,18 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                                 "predicted: the run's block-prep probe that its simulations use "
                                 "(ssd_block_rewrite_prep_GBps where the run has it, else ssd_block_prep_GBps, whose "
                                 "renames went to fresh names: no unlink of an old version)"})
-        out += _trace_rows(df, traces, run_of_traces, inputs, prep_note, probes.get(run_of_traces, {}))
+        out += _trace_rows(df, traces, run_of_traces, inputs, prep_note, probes.get(run_of_traces, {}), adjacent)
     for d in trace_dirs(traces):  # every run with traces: the step given its own measured phase rates
         run = trace_run(d)
         if run in runs:
-            out += _diagnostic_rows(df, d, run, inputs, probes.get(run, {}))
+            out += _diagnostic_rows(df, d, run, inputs, probes.get(run, {}), adjacent)
     res = pd.DataFrame(out, columns=list(OUT_COLUMNS))
     res["cpu_adam_input"] = res["cpu_adam_input"].fillna("")
     return res
 
 
-def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, probes: dict | None = None) -> list[dict]:
+def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, probes: dict | None = None,
+                adjacent: dict | None = None) -> list[dict]:
     """Per-phase rows: each trace's measured busy time and bytes per step beside the simulation's."""
     out = []
     run_io = tuple(sorted(inputs.get(run, {}).items()))
@@ -1039,7 +1102,8 @@ def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, prob
         measured = trace_phases(path, cfg.warmup, cfg.steps or None)
         if not measured:
             continue
-        io, adam_label = case_io(run_io, probes or {}, cfg, placement, device)
+        io, adam_label = case_io(run_io, probes or {}, cfg, placement, device, (adjacent or {}).get(
+            (date, commit, device, str(sel["config"].iloc[0]), placement, prefetch)))
         s = simulate(cfg, placement, parse_prefetch(prefetch, cfg.depth), io)
         for metric, (key, what, sim_keys) in TRACE_METRICS.items():
             m = measured.get(key, 0.0)
@@ -1067,7 +1131,7 @@ def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, prob
 DIAGNOSTIC = "diagnostic"  # status of `_diagnostic_rows` (offload CSV only: `rows` leaves them out of semoe validate)
 
 
-def _diagnostic_rows(df, traces: Path, run: tuple, inputs: dict, probes: dict) -> list[dict]:
+def _diagnostic_rows(df, traces: Path, run: tuple, inputs: dict, probes: dict, adjacent: dict | None = None) -> list[dict]:
     """Per traced case: the bench's step time beside the simulation GIVEN THIS RUN'S MEASURED PHASE RATES
     (`trace_rates` of the case's own trace: CPU AdamW, SSD read, SSD write, block prep replace the probes; the
     other inputs stay the a-priori ones). Status `DIAGNOSTIC`: it tests the scheduling / overlap model with the
@@ -1085,7 +1149,8 @@ def _diagnostic_rows(df, traces: Path, run: tuple, inputs: dict, probes: dict) -
         try:
             cfg = parse_config(r["config"])
             depth = parse_prefetch(prefetch, cfg.depth)
-            io, adam_label = case_io(run_io, probes, cfg, placement, device)
+            io, adam_label = case_io(run_io, probes, cfg, placement, device, (adjacent or {}).get(
+                (date, commit, device, str(r["config"]), placement, prefetch)))
             got = trace_rates(path, cfg.warmup, cfg.steps or None)
             rates = dict(io)
             rates.update(got)
@@ -1195,6 +1260,32 @@ def markdown_tables(df) -> str:
             for x in st.itertuples(index=False):
                 out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {x.measured:.0f} | {x.predicted:.0f} | "
                            f"{_pct(x.error)} | {x.cpu_adam_input or '-'} |")
+            out.append("")
+        adj = r[r["metric"].str.match(ADJACENT_RE.pattern)]
+        if not adj.empty:
+            out += [("Adjacent AdamW probes (task hB3: the engine probe 'alone@worker' right before and after each case, "
+                     "on its layer shape and gradient dtype; their mean is the case's a-priori input) beside the "
+                     "case's own in-trace AdamW rate (the diagnostic's input) and the run-level probe (the older "
+                     "rule), Mparams/s:"), "",
+                    "| config | placement | prefetch | before | after | mean (input) | in the trace | run-level probe |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for (label, placement, prefetch), g in adj.groupby(["label", "placement", "prefetch"], sort=False):
+                pos = {ADJACENT_RE.match(m)[1]: v for m, v in zip(g["metric"], g["measured"])}
+                mean = sum(pos.values()) / len(pos)
+                sel = (r["label"] == label) & (r["placement"] == placement) & (r["prefetch"] == prefetch) & (
+                    r["metric"] == "step_ms")
+                tr = r[sel & (r["status"] == DIAGNOSTIC)]["cpu_adam_input"]
+                tr = tr.iloc[0].split(": ", 1)[-1].removesuffix(" Mparams/s") if len(tr) and "trace" in tr.iloc[0] else "-"
+                runlevel = "-"
+                pr_ = r[(r["metric"] == ENGINE_ADAM) & (r["placement"] == apriori_loads(r["device"].iloc[0])[0])]
+                grad = "fp32" if "micro_batches=" in str(g["config"].iloc[0]) and parse_config(
+                    g["config"].iloc[0]).micro_batches > 1 else "bf16"
+                for x in pr_.itertuples(index=False):
+                    E = parse_config(g["config"].iloc[0]).experts
+                    if f"E{E} " in x.config and x.config.endswith(f"grad={grad}"):
+                        runlevel = f"{x.measured:.0f}"
+                c = ["-" if k not in pos else f"{pos[k]:.0f}" for k in ("before", "after")]
+                out.append(f"| {label} | {placement} | {prefetch} | {c[0]} | {c[1]} | {mean:.0f} | {tr} | {runlevel} |")
             out.append("")
         if not ph.empty:
             out += [("Per phase, per counted step, from the run's traces (`trace_window`: each step's asynchronous "

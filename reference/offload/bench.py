@@ -51,6 +51,13 @@ over the timed ones; the counters close after the last timed step's updates drai
 step (which the traces mark with a ``profile_step`` row). ``DIR/run.json`` names the run (date, commit,
 device) that the traces belong to.
 
+Adjacent AdamW probes (task hB3, issue 6; ``--no-adjacent`` to skip): the host's CPU AdamW rate drifts in time, so
+every offloaded case of (a) and (b) (not the gpu placement, not the A/B twins) is bracketed by the engine probe
+``alone@worker`` on the case's layer shape and gradient dtype (`AdjacentAdam`, ~0.3-1 s each): ``before`` (the
+warm-up's updates drained, right before the counted step) and ``after`` (the last timed step's updates drained),
+rows ``cpu_adam_adjacent_{before,after}_Mparams_per_s`` with the case's config / placement / prefetch
+(`adjacent_metric`); `simulator.validate_offload` takes their mean as that case's a-priori AdamW input.
+
 ``config``: `simulator.validate_offload.config_string` of the case (label first, e.g. ``a_compute_bound
 preset=tiny L4 D1024 ... steps=3 warmup=2 cache=6 micro_batches=8``), so that every row can be
 simulated as it is (``python -m simulator.validate_offload``). ``cache=`` is the CPU cache capacity in
@@ -616,6 +623,117 @@ def _engine_adam_loads(rows, ssd_dir, quick, layers, reps, loads, cuda, worker, 
     return out
 
 
+# ------------------------------------------------------------------ adjacent AdamW probes (task hB3, issue 6)
+# the host's CPU AdamW rate drifts in time (2000 -> 1215 -> 1500-1860 Mparams/s within 60 s on one H100 lease, with
+# the guest's steal time: results/bench/offload/host_probe), so one probe at the start of the run does not describe
+# a case measured minutes later. Each offloaded case is bracketed by the engine probe ``alone@worker`` (the same call,
+# thread role and intra-op thread count, on the case's layer shape and gradient dtype): one row per probe, config /
+# placement / prefetch = the case's, metric `adjacent_metric` of its position (``before``: after the warm-up's
+# updates drained, right before the counted step; ``after``: after the last timed step's updates drained).
+ADJACENT_POSITIONS = ("before", "after")
+
+
+def adjacent_metric(position: str) -> str:
+    """Metric of an adjacent probe row: ``cpu_adam_adjacent_<position>_Mparams_per_s``
+    (`simulator.validate_offload.ADJACENT_RE` reads it back)."""
+    if position not in ADJACENT_POSITIONS:
+        raise ValueError(f"bench: adjacent probe position must be one of {', '.join(ADJACENT_POSITIONS)}, "
+                         f"got {position!r}")
+    return f"cpu_adam_adjacent_{position}_Mparams_per_s"
+
+
+def case_grad(micro: int) -> str:
+    """Gradient dtype the engine's update reads in a case: fp32 accumulators with gradient accumulation, else bf16
+    (the rule `simulator.validate_offload.adam_input` uses)."""
+    return "fp32" if micro > 1 else "bf16"
+
+
+class AdjacentAdam:
+    """The engine probe ``alone@worker`` of `measure_engine_adam`, kept ready for one layer shape and gradient dtype
+    so that it can run next to each case (~1 s: one warm-up call + ``reps`` timed ones). Host buffers as the tier
+    ``cpu`` holds them (one ``[E, 3, P]`` fp32 tensor, pinned on CUDA), pinned gradients and weight mirror; on CUDA
+    the calls run on one worker thread with the engine's intra-op thread count (`cpu_adam.adam_threads`), as
+    ``ExpertOffload._worker`` runs them; on the CPU on the calling thread (the engine's executors are inline there,
+    `simulator.validate_offload.apriori_loads`). ``measure()`` -> Mparams/s (E x P over the median timed call)."""
+
+    def __init__(self, E: int, shapes: dict[str, tuple[int, ...]], grad: str, reps: int = 5) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from reference.offload.cpu_adam import adam_threads, adamw_layer_, expert_layout
+
+        if grad not in ("bf16", "fp32"):
+            raise ValueError(f"bench: adjacent probe gradient dtype must be bf16 or fp32, got {grad!r}")
+        if reps < 1:
+            raise ValueError(f"bench: adjacent probe needs reps >= 1, got {reps}")
+        cuda = torch.cuda.is_available()
+        self.E, self.grad, self.reps, self._adamw = E, grad, reps, adamw_layer_
+        self.offsets, self.decay, self.P = expert_layout(shapes)
+        self.state = torch.zeros(E, 3, self.P, pin_memory=cuda)
+        self.state[:, 0].fill_(0.02)
+        self.states = [(e, self.state[e]) for e in range(E)]
+        seed = torch.randn(1 << 16) * 1e-3
+        gdt = torch.bfloat16 if grad == "bf16" else torch.float32
+        self.grads = {}
+        for n, shp in shapes.items():
+            t = torch.empty((E, *shp), dtype=gdt, pin_memory=cuda)
+            flat, k = t.view(-1), seed.numel()  # the seed tiled, as the run-level probe fills its gradients
+            full = flat.numel() // k * k
+            flat[:full].view(-1, k).copy_(seed)
+            flat[full:].copy_(seed[: flat.numel() - full])
+            self.grads[n] = t
+        mirror_dtype = torch.bfloat16 if cuda else torch.float32
+        self.mirror = {n: torch.empty((E, *shp), dtype=mirror_dtype, pin_memory=cuda) for n, shp in shapes.items()}
+        self.scratch: dict = {}
+        self.step = 0
+        self.threads = adam_threads() if cuda else torch.get_num_threads()
+        self.worker = None
+        if cuda:
+            main = torch.get_num_threads()
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adam-adjacent",
+                                             initializer=torch.set_num_threads, initargs=(self.threads,))
+            self.threads = self.worker.submit(torch.get_num_threads).result()
+            torch.set_num_threads(main)
+
+    def _call(self) -> float:
+        self.step += 1
+        t = time.perf_counter()
+        self._adamw(self.states, self.grads, self.mirror, self.offsets, self.decay, step=self.step, lr=1e-4,
+                    beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01, impl="fused", scratch=self.scratch)
+        return time.perf_counter() - t
+
+    def measure(self) -> float:
+        ts = [self.worker.submit(self._call).result() if self.worker else self._call() for _ in range(1 + self.reps)]
+        return self.E * self.P / statistics.median(ts[1:]) / 1e6
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+            self.worker = None
+        self.state = self.states = self.grads = self.mirror = self.scratch = None
+
+
+def adjacent_recorder(rows: Rows, probe: AdjacentAdam | None, config: str, placement: str, prefetch: str):
+    """The ``adjacent`` callback of `run_case` for one case: ``position`` -> one flushed row (`adjacent_metric`);
+    a failed probe becomes a row ``adjacent_probe_error`` and a log line, never the case's failure. None when
+    there is no probe (the case then runs without adjacent probes)."""
+    if probe is None:
+        return None
+
+    def record(position: str) -> None:
+        t = time.perf_counter()
+        try:
+            rate = probe.measure()
+        except Exception as e:  # noqa: BLE001 - the case's own rows matter more than its probe
+            log(f"    adjacent AdamW probe ({position}) failed: {type(e).__name__}: {str(e)[:300]}")
+            rows.add(config, placement, prefetch, "adjacent_probe_error", 1)
+            return
+        rows.add(config, placement, prefetch, adjacent_metric(position), rate)
+        log(f"    adjacent AdamW probe {position}: E{probe.E} P{probe.P} grad={probe.grad}, {probe.threads} threads, "
+            f"{time.perf_counter() - t:.2f} s")
+
+    return record
+
+
 def _bf16_experts(model) -> None:
     """All-in-HBM baseline: run the experts on bf16 copies of the fp32 weights (what autocast would do),
     so it takes the same torch._grouped_mm path as the offload pool's bf16 slots."""
@@ -636,12 +754,15 @@ def _bf16_experts(model) -> None:
 
 def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int, steps: int, warmup: int,
              ssd_dir: Path, trace_path: Path | None, time_left, micro: int = 1, base=None,
-             profile_path: Path | None = None, adam_threads: int | None = None) -> dict:
+             profile_path: Path | None = None, adam_threads: int | None = None, adjacent=None) -> dict:
     """Train ``steps`` (after ``warmup``) steps of ``micro`` micro-batches of ``batch`` x ``seq`` tokens
     (gradients accumulated); returns the metrics. ``base``: an initialised CPU model to copy (initialising
     a large MoEDecoder draws its weights in fp64 and takes seconds). ``adam_threads``: the engine's (None: its
     rule; 0: torch's default, the engine before task hB); the thread counts the engine read back inside its
-    threads are returned as ``threads_main`` / ``threads_adam`` / ``threads_io``."""
+    threads are returned as ``threads_main`` / ``threads_adam`` / ``threads_io``. ``adjacent``: called with
+    ``"before"`` once the warm-up's updates drained (right before the counted step) and ``"after"`` once the last
+    timed step's updates drained (before a ``profile_path`` step), with the engine idle (`adjacent_recorder`);
+    only for an offloaded placement."""
     from reference.model import MoEDecoder
     from reference.offload.engine import ExpertOffload
     from reference.train import TrainConfig, make_optimizer
@@ -696,6 +817,8 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
         for step in range(warmup + 1 + steps):
             if step == warmup and eng is not None:
                 eng.wait()
+                if adjacent is not None:
+                    adjacent("before")
                 before = dict(eng.stats())
             if step > warmup and time_left() < 0:
                 break
@@ -710,6 +833,8 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
         if eng is not None:
             eng.wait()
             after = dict(eng.stats())  # the counter window ends here: the profiled step below stays out of it
+            if adjacent is not None and times:
+                adjacent("after")
         if profile_path is not None:  # one more (untimed) step under torch.profiler: where the time goes
             from torch.profiler import ProfilerActivity, profile
 
@@ -904,6 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ssd placement's CPU cache: this fraction of each MoE layer's experts (per layer)")
     p.add_argument("--no-thread-ab", dest="thread_ab", action="store_false",
                    help="skip the A/B cases (a ssd on, b cpu on) with the engine's AdamW on torch's default threads")
+    p.add_argument("--no-adjacent", dest="adjacent", action="store_false",
+                   help="skip the adjacent AdamW probes before and after each offloaded case (task hB3)")
     p.add_argument("--ds-cap-s", type=float, default=200.0,
                    help="time cap of the DeepSpeed child (its CPUAdam JIT build takes 1-2 min the first time)")
     return p
@@ -938,6 +1065,18 @@ def main(argv: list[str] | None = None) -> int:
     def note(config: str, placement: str, prefetch: str, what: str, why: str) -> None:
         notes.append({"config": config, "placement": placement, "prefetch": prefetch, "what": what, "why": why})
         (out / "offload_bench_notes.json").write_text(json.dumps(notes, indent=1))
+
+    def adjacent_probe(spec, micro: int) -> AdjacentAdam | None:
+        """The case's adjacent AdamW probe (`AdjacentAdam`) for a model; None (logged, noted) if it cannot be built."""
+        try:
+            t = time.perf_counter()
+            probe = AdjacentAdam(spec.experts, expert_shapes(spec), case_grad(micro))
+            log(f"adjacent AdamW probe E{probe.E} P{probe.P} grad={probe.grad} ready in {time.perf_counter() - t:.1f} s")
+            return probe
+        except Exception as e:  # noqa: BLE001 - the cases run without it
+            log(f"adjacent AdamW probe not built: {type(e).__name__}: {str(e)[:300]}")
+            note(spec.name, "-", "-", "adjacent_probe_error", f"{type(e).__name__}: {str(e)[:500]}")
+            return None
 
     def attempt(config: str, placement: str, prefetch: str, need_s: float, fn) -> dict | None:
         if left() < need_s:
@@ -984,17 +1123,26 @@ def main(argv: list[str] | None = None) -> int:
             base_a = MoEDecoder(spec, seed=0)
             log(f"a: model initialised on the CPU in {time.perf_counter() - t:.1f} s")
             base = None
-            for placement, depth in (("gpu", 0), ("cpu", 1), ("cpu", 0), ("ssd", 1), ("ssd", 0)):
-                pf = "-" if placement == "gpu" else ("on" if depth else "off")
-                need = 8.0 if args.quick else (25.0 if placement != "ssd" else 40.0)
-                prof = out / f"profile_a_{placement}.txt" if args.profile and depth == (placement != "gpu") else None
-                res = attempt(cfg_a, placement, pf, need, lambda placement=placement, depth=depth, prof=prof: run_case(
-                    spec, batch, seq, placement, depth, cache_a, steps, warmup, ssd_root / f"a_{placement}_{depth}",
-                    out / f"trace_a_{placement}_{'on' if depth else 'off'}.csv", left, micro_a, base_a, prof))
-                if res is not None and placement == "gpu":
-                    base = res["step_ms"]
-                elif res is not None and base:
-                    rows.add(cfg_a, placement, pf, "ratio_vs_gpu", res["step_ms"] / base)
+            adj_a = adjacent_probe(spec, micro_a) if args.adjacent else None
+            try:
+                for placement, depth in (("gpu", 0), ("cpu", 1), ("cpu", 0), ("ssd", 1), ("ssd", 0)):
+                    pf = "-" if placement == "gpu" else ("on" if depth else "off")
+                    need = 8.0 if args.quick else (25.0 if placement != "ssd" else 40.0)
+                    prof = out / f"profile_a_{placement}.txt" if args.profile and depth == (placement != "gpu") else None
+                    adj = adjacent_recorder(rows, adj_a if placement != "gpu" else None, cfg_a, placement, pf)
+                    res = attempt(cfg_a, placement, pf, need, lambda placement=placement, depth=depth, prof=prof, adj=adj:
+                                  run_case(spec, batch, seq, placement, depth, cache_a, steps, warmup,
+                                           ssd_root / f"a_{placement}_{depth}",
+                                           out / f"trace_a_{placement}_{'on' if depth else 'off'}.csv", left, micro_a,
+                                           base_a, prof, adjacent=adj))
+                    if res is not None and placement == "gpu":
+                        base = res["step_ms"]
+                    elif res is not None and base:
+                        rows.add(cfg_a, placement, pf, "ratio_vs_gpu", res["step_ms"] / base)
+            finally:
+                if adj_a is not None:
+                    adj_a.close()
+                adj_a = None
 
         def ab_a() -> None:  # the engine before task hB (torch's default threads): after (b), so it never costs (b)
             spec, batch, seq = sp["a"]
@@ -1023,20 +1171,28 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             base_b = MoEDecoder(spec, seed=0)
             log(f"b: model initialised on the CPU in {time.perf_counter() - t:.1f} s")
+            adj_b = adjacent_probe(spec, 1) if args.adjacent else None
             try:
                 done_b = {}
                 for placement in ("ssd", "cpu"):
                     # the H100 run 675640a: b ssd 63 s, b cpu 11 s (b cpu was skipped at 45 s while its A/B ran)
                     need = 8.0 if args.quick else (60.0 if placement == "ssd" else 20.0)
-                    done_b[placement] = attempt(cfg_b, placement, "on", need, lambda placement=placement: run_case(
-                        spec, batch, seq, placement, 1, cache_b, steps, warmup, ssd_root / f"b_{placement}",
-                        out / f"trace_b_{placement}_on.csv", left, 1, base_b))
+                    adj = adjacent_recorder(rows, adj_b, cfg_b, placement, "on")
+                    done_b[placement] = attempt(cfg_b, placement, "on", need, lambda placement=placement, adj=adj:
+                                                run_case(spec, batch, seq, placement, 1, cache_b, steps, warmup,
+                                                         ssd_root / f"b_{placement}", out / f"trace_b_{placement}_on.csv",
+                                                         left, 1, base_b, adjacent=adj))
+                if adj_b is not None:  # (the A/B twin runs without adjacent probes: listed, not predicted)
+                    adj_b.close()
+                    adj_b = None
                 # b cpu is the update chain alone: the thread layout's effect on the step (only beside its twin)
                 if args.thread_ab and done_b["cpu"] is not None:
                     attempt(ab_label(cfg_b), "cpu", "on", 8.0 if args.quick else 20.0, lambda: run_case(
                         spec, batch, seq, "cpu", 1, cache_b, steps, warmup, ssd_root / "b_cpu_ab",
                         out / "ab_trace_b_cpu_on.csv", left, 1, base_b, adam_threads=0))
             finally:
+                if adj_b is not None:
+                    adj_b.close()
                 if cuda:
                     torch.cuda.set_per_process_memory_fraction(1.0)
                     gc.collect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pandas as pd
 import pytest
 
 from reference.offload.bench import COLUMNS, main
@@ -36,9 +37,14 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     assert probes[probes["placement"] == "alone"]["used_for_fitting"].all()
     assert not probes[probes["placement"] != "alone"]["used_for_fitting"].any()
     off = val[(val["metric"] == "step_ms") & val["placement"].isin(["cpu", "ssd"]) & (val["status"] == "validated")]
-    assert off["cpu_adam_input"].str.startswith("engine probe 'alone'").all()
-    assert off[off["config"].str.startswith("a_")]["cpu_adam_input"].str.contains("grad=fp32:").all()
-    assert off[off["config"].str.startswith("b_")]["cpu_adam_input"].str.contains("grad=bf16:").all()
+    # (the run-level rule, which the adjacent probes of task hB3 replace here: checked without them)
+    runlevel = compare(pd.read_csv(out / "offload_train.csv", dtype=str).pipe(
+        lambda d: d[~d["metric"].str.startswith("cpu_adam_adjacent_")]), traces=out)
+    rl = runlevel[(runlevel["metric"] == "step_ms") & runlevel["placement"].isin(["cpu", "ssd"])
+                  & (runlevel["status"] == "validated")]
+    assert len(rl) == len(off) and rl["cpu_adam_input"].str.startswith("engine probe 'alone'").all()
+    assert rl[rl["config"].str.startswith("a_")]["cpu_adam_input"].str.contains("grad=fp32:").all()
+    assert rl[rl["config"].str.startswith("b_")]["cpu_adam_input"].str.contains("grad=bf16:").all()
     assert (val[val["metric"] == "step_ms"].query("placement == 'gpu'")["cpu_adam_input"] == "").all()
     # task hB: the engine's I/O cycle probe is the SSD input; the thread A/B cases are listed, not predicted
     cyc = val[val["metric"].str.startswith("ssd_cycle_")]
@@ -46,6 +52,14 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
     ab = val[val["config"].str.split().str[0].str.endswith("_torch_threads")]
     assert set(ab[ab["metric"] == "step_ms"]["placement"]) == {"ssd", "cpu"} and (ab["status"] == "not_modelled").all()
     assert (val[val["metric"] == "threads_adam"]["status"] == "not_modelled").all()
+    # task hB3: every offloaded case of (a) and (b), not the gpu one nor the A/B twins, bracketed by its own
+    # adjacent AdamW probes, which are its AdamW input
+    adj = val[val["metric"].str.startswith("cpu_adam_adjacent_")]
+    cases = {(c.split()[0], p, pf) for c, p, pf in zip(adj["config"], adj["placement"], adj["prefetch"])}
+    assert cases == {("a_compute_bound", p, pf) for p in ("cpu", "ssd") for pf in ("on", "off")} | {
+        ("b_over_budget", "ssd", "on"), ("b_over_budget", "cpu", "on")}
+    assert len(adj) == 2 * len(cases) and (adj["measured"] > 0).all() and (adj["status"] == "fitted").all()
+    assert off["cpu_adam_input"].str.startswith("adjacent probes of this case (mean of before").all()
     with open(out / "offload_train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
