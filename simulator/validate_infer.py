@@ -541,11 +541,12 @@ def explain(r, probed: bool = False, adjacent: tuple | None = None) -> str:
         return (f"host-bound: the counted kernels per step (results/profiles/op_counts.csv) x {host}; the reference "
                 "measured ~26 ms/step (NOTES.md), i.e. ~35 us per kernel in this code path")
     if mode == "resident" and metric in ("prefill_tokens_per_s", "block_compute_ms"):
-        return (f"compute + host: ~70 counted kernels per block x {host} and 4 host syncs per block; expert GEMMs "
-                "at the profile's grouped_gemm_fwd_routed rows (torch._grouped_mm on uneven routed groups) from 256 "
-                "rows per expert, below them (B <= 2: 64-128 rows) the aligned-group rate on tile-padded groups "
-                "(inference_costs.padded_rows), which the routed rows show is 27% fast at 256 rows; the same "
-                "batch's block time varies 2.3-3.1 ms (B = 1) across runs")
+        return (f"compute + host: ~70 counted kernels per block x {host} (sync latencies spread evenly over the "
+                "kernels) and 4 host syncs per block; expert GEMMs at the profile's grouped_gemm_fwd_routed rows "
+                "(64-2048 rows per expert), started after the dispatch lead's host time (5 kernels); every other "
+                "kernel at its price + 2.44 us (inference_costs.KERNEL_DEVICE_S, results/bench/infer_diag); B <= 2 "
+                "left 7-10% fast in the 76200c0 run (per-segment host split: results/bench/infer_syncprobe, not yet "
+                "analysed); the same batch's block time varies 2.3-3.1 ms (B = 1) across runs")
     if mode.startswith("expert") and metric == "decode_tokens_per_s":
         return ("copies and host work serialised per block (the remap's bincount sync waits for the copy; "
                 "a prefetched block's compute waits for its prefetch, which starts after the previous block's "

@@ -86,7 +86,12 @@ rows ``m`` between measured points; roofline with a warning outside the measured
 GEMMs at the profile's ``grouped_gemm_fwd_routed`` rows, torch._grouped_mm on uneven routed groups, inside
 their measured rows per expert: `inference_costs.BlockCosts.routed_gemms`). The
 reference's torch dispatcher (argsort, gather, weighted index-add) runs at the measured
-``TORCH_PERMUTE_GBPS``.
+``TORCH_PERMUTE_GBPS``. Every counted kernel of a segment but the grouped GEMMs also occupies the compute
+stream ``BlockCosts.kernel_s`` (`inference_costs.KERNEL_DEVICE_S`: the small kernels' fixed device time, from
+the engine's profiled prefill), and the grouped-FFN segment is issued as its lead (``BlockCosts.ffn_lead``: the
+dispatch permute and the offsets, `inference_costs.FFN_LEAD_KERNELS`) and then the GEMMs: right after the
+dispatcher's sync the stream idles while the host issues the lead, and the GEMMs start after it (a
+``dispatch_fwd`` trace span).
 
 Memory (bytes on the GPU, as ``reference/inference/engine.plan_memory``): dense weights + KV cache +
 an activation reserve (1.5 x the activation estimate) + the expert pool; ring ``K = pool // (E *
@@ -563,7 +568,7 @@ class InferenceRun:
         self.host_op_s = self._host_rate(phase_name, batch)
         prog = self._program(mode, phase_name)
         resident = cfg.mode == "resident"
-        yield from self._phase(prog.embedding, costs.embed(T), "embedding_fwd", -1)
+        yield from self._phase(prog.embedding, costs.embed(T) + costs.kernels(prog.embedding), "embedding_fwd", -1)
         predicted: dict[int, np.ndarray] = {}
         # experts with rows (the grouped GEMM skips empty groups): expected distinct experts of T tokens
         q = np.minimum(1.0, m.top_k * self.popularity)
@@ -575,15 +580,23 @@ class InferenceRun:
             wait = None  # the expert weights the next segment waits for (ring load / expert copies)
             k = None
             for i, seg in enumerate(segs):
+                n, lead = seg.kernels, 0
                 if seg.name == "attention":
                     work, phase = costs.attention(batch, q_len, start + q_len), "attention_fwd"
                 elif seg.name == "moe_0":
                     work, phase = costs.gate(T), "gate_fwd"
                 elif i == ffn_i:
                     work, phase = costs.experts(T, groups, fused=mode == "ring"), "experts_fwd"
+                    n -= costs.ffn_gemms  # priced by `experts`
+                    lead = min(seg.kernels, costs.ffn_lead(fused=mode == "ring"))
                 else:
                     work, phase = 0.0, f"{seg.name}_fwd"
-                ev = yield from self._phase(seg.kernels, work, phase, b, waits=(wait,))
+                if lead:  # the dispatch and offsets: issued (and run) before the first grouped GEMM can start
+                    yield from self._phase(lead, costs.kernels(lead), "dispatch_fwd", b, waits=(wait,))
+                    n -= lead
+                    ev = yield from self._phase(seg.kernels - lead, work + costs.kernels(n), phase, b)
+                else:
+                    ev = yield from self._phase(seg.kernels, work + costs.kernels(n), phase, b, waits=(wait,))
                 if seg.kernels or work:
                     wait = None
                 if seg.sync and not ev.processed:
@@ -628,7 +641,8 @@ class InferenceRun:
                 miss_n = self.cache.prefetch(nxt, sorted({int(e) for e in np.unique(guess)}))
                 if miss_n:
                     self.inflight_event = yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
-        yield from self._phase(prog.head, costs.head(batch), "head_fwd", -1)
+        # the head's GEMM is priced by `costs.head`; its norm (and any other kernel) carries the per-kernel time
+        yield from self._phase(prog.head, costs.head(batch) + costs.kernels(prog.head - 1), "head_fwd", -1)
 
     # -------------------------------------------------------------------------- the program
     def program(self, out: dict):

@@ -18,11 +18,21 @@ Quantised experts (`simulator.workload.inference_quant`): the workspace dequanti
 quantised GEMMs use the profile's ``dequant`` / ``qgemm_fwd`` rows when the profile has them
 (`simulator.workload.inference_profile`, sweep ``infer`` of ``kernels/profile.py``: the reference's
 own calls), else the analytic memory pass / bf16-rate assumption.
+
+Small kernels (issue 7, resident prefill at small batch): the per-operator prices above hold the data each
+operator moves, not the fixed device time of each of the ~70 kernels a block launches. `BlockCosts.kernels`
+charges `KERNEL_DEVICE_S` per counted kernel (every one but the priced grouped GEMMs, `BlockCosts.ffn_gemms`),
+measured in the engine's profiled prefill (`diag_kernel_device_s`, results/bench/infer_diag); it shows where
+the device is the critical path (B >= 2 of the bench model: ~0.17 ms per block). `FFN_LEAD_KERNELS` (counted
+from the reference) are the kernels the host issues after the dispatcher's last sync before the first grouped
+GEMM: the inference workload starts the GEMMs only after them (`BlockCosts.ffn_lead`).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +44,25 @@ from simulator.workload.inference_quant import dequant_bytes, gemm_factor, weigh
 # results/bench/moe_layer.csv, permute_T16384_k8_D2048 impl torch (H100, 2026-11-24): argsort + gather +
 # index_add round trip, 351.4 GB/s (our Triton permute: 2695 GB/s); reference/inference dispatches with torch
 TORCH_PERMUTE_GBPS = 351.4
+
+# Device time per counted kernel that the per-operator prices above do not hold (the launch, ramp and drain of
+# each small kernel and the gap before the next on the stream; composite operators such as bincount and
+# logsumexp launch several CUDA kernels per counted one): H100, the engine's own resident prefill forward
+# under torch.profiler (results/bench/infer_diag/kernels_resident_prefill_B{1,2,4}.txt, commit c456f2b, a
+# diagnostic run that is no row of results/bench/infer.csv): per block, the device time of every kernel but
+# the grouped GEMMs and the LM head ((Self CUDA total - aten::_grouped_mm - the head's GEMM) / 4 blocks: 357,
+# 449, 642 us at B = 1, 2, 4) less what `BlockCosts` prices for the same kernels (191, 276, 479 us) is 166,
+# 173, 162 us: a constant, over the 68 non-GEMM kernels a block counts (`inference_host`): 2.44, 2.55, 2.38
+# us; the median (`diag_kernel_device_s` recomputes it from the tables; a test checks this constant).
+KERNEL_DEVICE_S = 2.44e-6
+# Kernels ``engine.grouped_ffn`` and the dispatcher issue in the grouped-FFN segment before its first
+# grouped GEMM (the segment after the dispatcher's ``int(n_kept)`` sync): the permute (index, div,
+# index_select) and the offsets (cumsum, to int32), counted from the reference code (a CPU test re-counts
+# them). The device cannot start the expert GEMMs before the host has issued these: right after the sync
+# the stream is idle for their host time. The fused quantised GEMMs (``quant_grouped_ffn``) take the
+# dispatch's three (their own offsets are issued inside ``quant_mm``).
+FFN_LEAD_KERNELS = 5
+DISPATCH_LEAD_KERNELS = 3
 
 
 def grouped_mm_tile_m(rows_per_group: float, n: int) -> int:
@@ -66,6 +95,54 @@ def padded_rows(tokens: int, top_k: int, popularity, tile: int) -> float:
     return total
 
 
+DIAG = Path(__file__).resolve().parents[2] / "results" / "bench" / "infer_diag"
+DIAG_BLOCKS = 4  # the diagnostic's --layers (results/bench/infer_diag/README.md)
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _seconds(field: str) -> float:
+    for unit in ("us", "ms", "s"):
+        if field.endswith(unit):
+            return float(field[: -len(unit)]) * _UNITS[unit]
+    raise ValueError(f"not a profiler time: {field!r}")
+
+
+def read_kernel_table(path: str | Path) -> dict:
+    """A ``torch.profiler`` table (``key_averages().table``, as ``inference_diag`` writes it): ``{"total_s": Self
+    CUDA time total, "rows": [(name, self_cuda_s, calls), ...]}``."""
+    rows, total = [], None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("Self CUDA time total:"):
+            total = _seconds(line.split(":", 1)[1].strip())
+            continue
+        f = re.split(r"\s{2,}", line.strip())
+        if len(f) == 11 and f[-1].isdigit():
+            rows.append((f[0], _seconds(f[6]), int(f[-1])))
+    if total is None or not rows:
+        raise ValueError(f"{path}: not a torch.profiler kernel table")
+    return {"total_s": total, "rows": rows}
+
+
+def diag_kernel_device_s(costs: BlockCosts, kernels: int, diag: str | Path = DIAG, batches=(1, 2, 4),
+                         prompt_len: int = 256, blocks: int = DIAG_BLOCKS) -> dict:
+    """`KERNEL_DEVICE_S` recomputed from the diagnostic's resident prefill tables: per batch, the device time per
+    block of every kernel but the grouped GEMMs (``aten::_grouped_mm``) and the LM head (the one GEMM kernel
+    called once per forward) less what ``costs`` prices for them (attention + gate + experts - the grouped
+    GEMMs), over ``kernels`` (the counted non-GEMM kernels of a block). ``{batch: seconds}``."""
+    out = {}
+    for B in batches:
+        t = read_kernel_table(Path(diag) / f"kernels_resident_prefill_B{B}.txt")
+        gmm = sum(s for n, s, _ in t["rows"] if n == "aten::_grouped_mm")
+        head = sum(s for n, s, c in t["rows"] if c == 1 and n.startswith("nvjet"))
+        measured = (t["total_s"] - gmm - head) / blocks
+        T = B * prompt_len
+        groups = costs.m.experts
+        priced = (costs.attention(B, prompt_len, prompt_len) + costs.gate(T) + costs.experts(T, groups)
+                  - costs.gemms(T, groups))
+        out[B] = (measured - priced) / kernels
+    return out
+
+
 class BlockCosts:
     """GPU work (seconds) of the phases of one block, from a `CostModel` (see the module docstring).
     ``popularity``: per-expert routing probabilities (uniform if None), for the uneven group loads."""
@@ -77,6 +154,26 @@ class BlockCosts:
         self.gemm_factor = gemm_factor(quant, dequant)
         self.popularity = None if popularity is None else np.asarray(popularity, dtype=float)
         self.prof = InferProfile.of(cost)
+        self.kernel_s = KERNEL_DEVICE_S
+
+    @property
+    def ffn_gemms(self) -> int:
+        """Grouped GEMM kernels of the expert FFN (w1, w3, w2 for SwiGLU; w1, w2 for GELU): priced by
+        `experts`, so they carry no `kernel_s`."""
+        return 3 if self.m.activation == "swiglu" else 2
+
+    def ffn_lead(self, fused: bool = True) -> int:
+        """Kernels of the grouped-FFN segment issued before its first grouped GEMM (`FFN_LEAD_KERNELS`;
+        the fused quantised path: `DISPATCH_LEAD_KERNELS`)."""
+        return DISPATCH_LEAD_KERNELS if fused and self.fused_path else FFN_LEAD_KERNELS
+
+    @property
+    def fused_path(self) -> bool:
+        return self.quant is not None and self.dequant_path == "fused"
+
+    def kernels(self, n: int) -> float:
+        """Unpriced device time of ``n`` counted kernels (`KERNEL_DEVICE_S` each)."""
+        return max(0, n) * self.kernel_s
 
     def dequant(self, experts: int, kernels: int = 1) -> float:
         """Dequantising ``experts`` experts into the workspace: the profile's ``dequant`` rows (the
@@ -151,9 +248,9 @@ class BlockCosts:
         nbytes = 2 * (tokens * m.hidden + tokens * m.top_k * m.hidden) * m.dtype_bytes
         return nbytes / (TORCH_PERMUTE_GBPS * 1e9 * self.cm.gpu.hbm_GBps / 3350.0)
 
-    def experts(self, tokens: int, groups: int, fused: bool = True) -> float:
-        """Grouped SwiGLU/GELU FFN of ``tokens * top_k`` routed rows over ``groups`` experts with rows
-        (the grouped GEMM's empty groups cost nothing), the activation and the combine."""
+    def gemms(self, tokens: int, groups: int, fused: bool = True) -> float:
+        """The grouped GEMMs alone (w1, w3, w2) of `experts`: the fused quantised rows, the routed rows (bf16,
+        uniform routing, measured rows per expert), else the tile-padded rows at the aligned-group rate."""
         m, cm, dt = self.m, self.cm, self.m.dtype
         rows = tokens * m.top_k
         if rows <= 0 or groups <= 0:
@@ -162,14 +259,22 @@ class BlockCosts:
         mats = 3 if m.activation == "swiglu" else 2
         q = self.fused_gemms(per, groups) if fused else None
         if q is not None:  # measured fused quantised GEMMs (ring / resident groups)
-            t = q
-        elif (routed := self.routed_gemms(per, groups)) is not None:  # measured uneven routed groups
-            t = (mats - 1) * routed[0] + routed[1]
-        else:
-            r1, r2 = self.grouped_rows(tokens, groups, m.ffn), self.grouped_rows(tokens, groups, m.hidden)
-            t = (mats - 1) * cm.matmul(r1, m.ffn, m.hidden, dt, groups=groups)  # w1 (and w3)
-            t += cm.matmul(r2, m.hidden, m.ffn, dt, groups=groups)  # w2
-            t *= self.gemm_factor if fused else 1.0  # fused quantised GEMMs, no profile row (assumed rate)
+            return q
+        if (routed := self.routed_gemms(per, groups)) is not None:  # measured uneven routed groups
+            return (mats - 1) * routed[0] + routed[1]
+        r1, r2 = self.grouped_rows(tokens, groups, m.ffn), self.grouped_rows(tokens, groups, m.hidden)
+        t = (mats - 1) * cm.matmul(r1, m.ffn, m.hidden, dt, groups=groups)  # w1 (and w3)
+        t += cm.matmul(r2, m.hidden, m.ffn, dt, groups=groups)  # w2
+        return t * (self.gemm_factor if fused else 1.0)  # fused quantised GEMMs, no profile row (assumed rate)
+
+    def experts(self, tokens: int, groups: int, fused: bool = True) -> float:
+        """Grouped SwiGLU/GELU FFN of ``tokens * top_k`` routed rows over ``groups`` experts with rows
+        (the grouped GEMM's empty groups cost nothing), the activation and the combine."""
+        m, cm, dt = self.m, self.cm, self.m.dtype
+        rows = tokens * m.top_k
+        if rows <= 0 or groups <= 0:
+            return 0.0
+        t = self.gemms(tokens, groups, fused)
         # activation: SwiGLU F.silu(h1) * h3 (silu: read + write; mul: 2 reads + write), GELU read + write
         t += cm.elementwise("add", (5 if m.activation == "swiglu" else 2) * rows * m.ffn * m.dtype_bytes, dt)
         t += self.dispatch_combine(tokens) / 2  # combine
@@ -187,9 +292,20 @@ class BlockCosts:
 class FixedCosts:
     """Constant phase times (tests): attention and gate ``0`` unless given, experts ``experts_s``."""
 
-    def __init__(self, experts_s: float, attention_s: float = 0.0, gate_s: float = 0.0, dequant_s: float = 0.0) -> None:
+    ffn_gemms = 3
+    kernel_s = 0.0  # no unpriced device time per kernel: the tests' timelines stay exact
+
+    def __init__(self, experts_s: float, attention_s: float = 0.0, gate_s: float = 0.0, dequant_s: float = 0.0,
+                 ffn_lead: int = 0) -> None:
         self.experts_s, self.attention_s, self.gate_s = experts_s, attention_s, gate_s
         self.dequant_s = dequant_s  # per expert
+        self.lead = ffn_lead  # kernels before the first grouped GEMM (0: the experts' work starts at once)
+
+    def ffn_lead(self, fused=True):
+        return self.lead
+
+    def kernels(self, n):
+        return 0.0
 
     def dequant(self, experts, kernels=1):
         return self.dequant_s * experts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -139,3 +140,90 @@ def test_routed_rows_replace_the_padding_model_inside_their_range(tmp_path):
     skew = np.arange(1, E + 1) / np.arange(1, E + 1).sum()
     assert BlockCosts(m, cm, popularity=skew).routed_gemms(512, E) is None
     assert BlockCosts(m, cm, "int8", "workspace", popularity=U8).routed_gemms(512, E) is None
+
+
+# ---------------------------------------------------------------- issue 7: unpriced kernel time, the FFN lead
+def _h100_mixtral():
+    from simulator.workload.inference_costs import BlockCosts
+
+    m = model_preset("mixtral-8x7b").replace(layers=4, name="mixtral-8x7b-L4", dtype="bf16")
+    return BlockCosts(m, CostModel.auto(GPU, impl=("torch", "triton"), loglog=True))
+
+
+def test_kernel_device_s_is_the_diagnostic_residual():
+    """KERNEL_DEVICE_S is what the engine's profiled non-GEMM kernels take beyond BlockCosts' prices, per counted
+    kernel, and it is one constant across batches (a per-kernel overhead, not a size effect)."""
+    from simulator.workload.inference_costs import KERNEL_DEVICE_S, diag_kernel_device_s
+    from simulator.workload.inference_host import host_program
+
+    bc = _h100_mixtral()
+    n = host_program(None, "resident", "prefill").block_kernels - bc.ffn_gemms
+    assert n == 68
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # roofline fallbacks of the small router GEMM
+        per = diag_kernel_device_s(bc, n)
+    assert sorted(per) == [1, 2, 4]
+    assert float(np.median(list(per.values()))) == pytest.approx(KERNEL_DEVICE_S, abs=0.02e-6)
+    assert all(abs(v / KERNEL_DEVICE_S - 1) < 0.1 for v in per.values())
+    assert bc.kernels(10) == pytest.approx(10 * KERNEL_DEVICE_S) and bc.kernels(-1) == 0.0
+
+
+def test_read_kernel_table(tmp_path):
+    from simulator.workload.inference_costs import DIAG, read_kernel_table
+
+    t = read_kernel_table(DIAG / "kernels_resident_prefill_B2.txt")
+    assert t["total_s"] == pytest.approx(7.865e-3)
+    gmm = [r for r in t["rows"] if r[0] == "aten::_grouped_mm"]
+    assert gmm == [("aten::_grouped_mm", pytest.approx(5.963e-3), 12)]  # 3 per block, 4 blocks
+    bad = tmp_path / "x.txt"
+    bad.write_text("no table here\n")
+    with pytest.raises(ValueError, match="not a torch.profiler kernel table"):
+        read_kernel_table(bad)
+
+
+def test_gemms_are_the_routed_rows_and_experts_adds_the_rest():
+    bc = _h100_mixtral()
+    m = bc.m
+    T = 512  # B = 2, P = 256: 128 rows per expert, a measured routed row
+    w13, w2 = bc.routed_gemms(T * m.top_k / m.experts, m.experts)
+    assert bc.gemms(T, m.experts) == pytest.approx(2 * w13 + w2)
+    rest = bc.experts(T, m.experts) - bc.gemms(T, m.experts)
+    assert 0 < rest < 0.2 * bc.gemms(T, m.experts)
+    assert bc.ffn_gemms == 3 and bc.ffn_lead() == 5
+
+
+def test_ffn_lead_is_what_the_reference_issues_before_its_first_grouped_gemm(tmp_path):
+    """FFN_LEAD_KERNELS counted from the reference engine (CPU, tiny Mixtral store): after the last host sync of
+    a block's MoE part, the kernels before the first aten._grouped_mm."""
+    import torch
+
+    from reference.inference.engine import Engine, InferConfig, random_prompts
+    from reference.inference.store import ModelStore
+    from simulator import op_counts as oc
+    from simulator.workload.inference_costs import FFN_LEAD_KERNELS
+
+    oc.build_store(str(tmp_path / "store"))
+    store = ModelStore.load(tmp_path / "store", pin=False)
+    eng = Engine(store, InferConfig(mode="resident", device="cpu", trace=False), batch=2, max_len=24,
+                 prefill_tokens=32)
+    rec = oc._recorder()
+    idx = random_prompts(2, 16, store.spec.vocab)
+    with torch.no_grad():
+        eng.begin_pass(idx.numel())
+        eng.model(idx, eng._experts, None, 0, False)
+        rec.seq.clear()
+        with rec:
+            eng.begin_pass(idx.numel())
+            eng.model(idx, eng._experts, None, 0, False)
+    ops = [o for o in rec.seq if not isinstance(o, str) and not o.view]
+    leads, since = [], None
+    for o in ops:
+        if o.sync:
+            since = 0
+        elif o.name == "aten._grouped_mm":
+            if since is not None:
+                leads.append(since)
+            since = None
+        elif since is not None:
+            since += 1
+    assert leads == [FFN_LEAD_KERNELS] * len(eng.blocks)
