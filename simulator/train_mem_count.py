@@ -47,6 +47,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from simulator.op_count_table import check_or_write, to_csv
+from simulator.train_memory import config_key, unit_widths
+
 ROOT = Path(__file__).resolve().parent.parent
 SAVED_CSV = ROOT / "results" / "profiles" / "train_mem_saved.csv"
 SAVED_CSV_CUDA = ROOT / "results" / "profiles" / "train_mem_saved_cuda.csv"
@@ -71,23 +74,6 @@ CONFIGS = (
     ("paper-13.9b", {"layers": 2, "top_k": 1}),
     ("paper-13.9b", {"layers": 2, "top_k": 2}),
 )
-
-
-def config_key(m) -> str:
-    """The code path of model ``m`` whose saved tensors the table holds (widths and layer count left out)."""
-    cap = "none" if m.capacity_factor is None else f"{m.capacity_factor:g}"
-    parts = [f"k{m.top_k}", m.gate, f"cap{cap}", m.activation, m.norm, m.position]
-    for flag, name in ((m.tied_embeddings, "tied"), (m.bias, "bias"), (m.moe_every != 1, f"dense{m.moe_every}"),
-                       (m.shared_experts, f"shared{m.shared_experts}")):
-        if flag:
-            parts.append(name)
-    return " ".join(parts)
-
-
-def unit_widths(m) -> dict[str, int]:
-    """The value of each unit of `UNITS` for model ``m``."""
-    return {"D": m.hidden, "F": m.ffn, "V": m.vocab, "E": m.experts, "kE": m.top_k * m.experts, "k": m.top_k,
-            "H": m.heads, "1": 1}
 
 
 def _unit(width: int, m, region: str) -> str:
@@ -565,37 +551,6 @@ def leak_runs(device: str = "cpu", zero_stages=(0, 3), runs: int = 2) -> list[di
     return out
 
 
-def to_csv(rows: list[dict]) -> str:
-    """``rows`` as CSV text (header `COLUMNS`, "\\n" line ends)."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def check_or_write(path: Path, text: str, check: bool) -> int:
-    """With ``check``: 1 (one line on stderr) when the committed table differs from ``text``, else 0; without:
-    ``text`` written atomically."""
-    if check:
-        old = path.read_text() if path.is_file() else ""
-        if old != text:
-            print(f"train_mem_count: {path} differs from the reference code; rerun python -m simulator.train_mem_count",
-                  file=sys.stderr)
-            return 1
-        print(f"train_mem_count: {path} matches the reference code")
-        return 0
-    from semoe.io import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-    print(f"wrote {path} ({text.count(chr(10)) - 1} rows)")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -619,11 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = a.out or SAVED_CSV
     try:
-        text = to_csv(count_all(device=a.device))
+        text = to_csv(count_all(device=a.device), COLUMNS)
     except (ValueError, RuntimeError) as e:
         print(f"train_mem_count: error: {e}", file=sys.stderr)
         return 2
-    return check_or_write(out, text, a.check)
+    return check_or_write("train_mem_count", [(out, text)], a.check)
 
 
 if __name__ == "__main__":

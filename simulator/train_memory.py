@@ -112,7 +112,8 @@ def saved_table(path: Path = SAVED_CSV) -> dict[str, list[dict]]:
 
 
 def config_key(m: ModelSpec) -> str:
-    """`simulator.train_mem_count.config_key` (kept torch-free here: the same code path key)."""
+    """The code path of model ``m`` whose saved tensors the table holds (widths and layer count left out); torch-free,
+    so `simulator.train_mem_count` (the counter) imports it from here."""
     cap = "none" if m.capacity_factor is None else f"{m.capacity_factor:g}"
     parts = [f"k{m.top_k}", m.gate, f"cap{cap}", m.activation, m.norm, m.position]
     for flag, name in ((m.tied_embeddings, "tied"), (m.bias, "bias"), (m.moe_every != 1, f"dense{m.moe_every}"),
@@ -123,6 +124,7 @@ def config_key(m: ModelSpec) -> str:
 
 
 def unit_widths(m: ModelSpec) -> dict[str, int]:
+    """The value of each unit of the table (``D``, ``F``, ``V``, ``E``, ``kE``, ``k``, ``H``, ``1``) for model ``m``."""
     return {"D": m.hidden, "F": m.ffn, "V": m.vocab, "E": m.experts, "kE": m.top_k * m.experts, "k": m.top_k,
             "H": m.heads, "1": 1}
 

@@ -4,6 +4,7 @@ NVLink raw 450 GB/s x achievable 380/450 = exactly 380 GB/s (no NCCL cap for "Te
 
 from __future__ import annotations
 
+import numpy as np
 import simpy
 
 from semoe import ClusterSpec, GPUSpec, LinkSpec
@@ -34,3 +35,10 @@ def make_net(cluster: ClusterSpec, backend: str = "analytic"):
     return env, topo, make_network(backend, env, topo)
 
 
+def run_op(cluster, backend, build):
+    """Run the op ``build(topology)`` on a fresh network of ``cluster``: (per-rank finish times, network, op)."""
+    env, topo, net = make_net(cluster, backend)
+    op = build(topo)
+    ev = net.run(op)
+    env.run()
+    return np.asarray(ev.value), net, op

@@ -9,17 +9,10 @@ from simulator.hardware import SIMPLE
 from simulator.network import make_network
 from simulator.topology import Topology
 
-from sim_helpers import NIC, NVL, make_cluster, make_net
+from sim_helpers import NIC, NVL, make_cluster, run_op
 
 BASE = SIMPLE.base_latency_s
 
-
-def run_op(cluster, backend, build):
-    env, topo, net = make_net(cluster, backend)
-    op = build(topo)
-    ev = net.run(op)
-    env.run()
-    return np.asarray(ev.value), net, op
 
 
 def test_ring_allreduce_three_gpus_exact_timeline(backend):

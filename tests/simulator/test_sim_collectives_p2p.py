@@ -7,15 +7,8 @@ import pytest
 from simulator import collectives as C
 from simulator.hardware import LL128, SIMPLE
 
-from sim_helpers import NVL, make_cluster, make_net
+from sim_helpers import NVL, make_cluster, make_net, run_op
 
-
-def run_op(cluster, backend, build):
-    env, topo, net = make_net(cluster, backend)
-    op = build(topo)
-    ev = net.run(op)
-    env.run()
-    return np.asarray(ev.value), net, op
 
 
 def test_cap_sets_the_time_below_the_link_and_not_above(backend):
