@@ -49,3 +49,36 @@ def git_commit(dirty: bool = True) -> str:
         return sha
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+class RowAppender:
+    """Appends measurement rows ``date, commit, device, *fields`` to a CSV, flushed after each one, so a killed
+    benchmark loses nothing written; the header ``columns`` is written when the file is new or empty (several
+    processes may append to one file). ``date`` is the appender's start (UTC), ``commit`` `git_commit` unless given."""
+
+    def __init__(self, path: Path, columns, device: str, commit: str | None = None) -> None:
+        import csv
+        import datetime as dt
+
+        self.path = Path(path)
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        self.fh = self.path.open("a", newline="")
+        self.w = csv.writer(self.fh)
+        if new:
+            self.w.writerow(columns)
+        self.date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.commit, self.device = commit or git_commit(), device
+        self.count = 0
+
+    def write(self, *fields) -> str:
+        """One row; a float value (the last field) as ``%.6g``. Returns the value as written."""
+        *head, value = fields
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        self.w.writerow([self.date, self.commit, self.device, *head, value])
+        self.fh.flush()
+        self.count += 1
+        return value
+
+    def close(self) -> None:
+        self.fh.close()

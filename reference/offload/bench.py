@@ -72,8 +72,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime as dt
 import gc
 import json
 import os
@@ -87,7 +85,7 @@ from pathlib import Path
 
 import torch
 
-from semoe.io import git_commit
+from semoe.io import RowAppender
 from simulator.validate_offload import config_string  # torch- and pandas-free at import
 
 COLUMNS = ("date", "commit", "device", "config", "placement", "prefetch", "metric", "value")
@@ -98,30 +96,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-class Rows:
+class Rows(RowAppender):
     """Appends rows to DIR/offload_train.csv, flushed after each one."""
 
     def __init__(self, path: Path, device: str) -> None:
-        self.path = path
-        new = not path.is_file() or path.stat().st_size == 0
-        self.fh = path.open("a", newline="")
-        self.w = csv.writer(self.fh)
-        if new:
-            self.w.writerow(COLUMNS)
-        self.date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.commit, self.device = git_commit(), device
-        self.count = 0
+        super().__init__(path, COLUMNS, device)
 
     def add(self, config: str, placement: str, prefetch: str, metric: str, value) -> None:
-        if isinstance(value, float):
-            value = f"{value:.6g}"
-        self.w.writerow([self.date, self.commit, self.device, config, placement, prefetch, metric, value])
-        self.fh.flush()
-        self.count += 1
+        value = self.write(config, placement, prefetch, metric, value)
         log(f"  {config.split()[0] if config else config} {placement} {prefetch}: {metric} = {value}")
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 # ---------------------------------------------------------------------------------- configurations

@@ -38,7 +38,6 @@ Nothing here changes the engine; NOTES.md says what the data showed.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import re
@@ -46,6 +45,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from semoe.io import RowAppender
 
 COLUMNS = ("date", "commit", "device", "case", "metric", "value")
 CSV_NAME = "host_probe.csv"
@@ -66,32 +67,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-class Rows:
+class Rows(RowAppender):
     """Appends rows to DIR/host_probe.csv, flushed after each one (children append to the same file)."""
 
     def __init__(self, path: Path, device: str, commit: str | None = None) -> None:
-        from semoe.io import git_commit
-
-        new = not path.is_file() or path.stat().st_size == 0
-        self.fh = path.open("a", newline="")
-        self.w = csv.writer(self.fh)
-        if new:
-            self.w.writerow(COLUMNS)
-        self.date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.commit, self.device = commit or git_commit(), device
-        self.count = 0
+        super().__init__(path, COLUMNS, device, commit)
 
     def add(self, case: str, metric: str, value, quiet: bool = False) -> None:
-        if isinstance(value, float):
-            value = f"{value:.6g}"
-        self.w.writerow([self.date, self.commit, self.device, case, metric, value])
-        self.fh.flush()
-        self.count += 1
+        value = self.write(case, metric, value)
         if not quiet:
             log(f"  {case}: {metric} = {value}")
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 def case_name(**kv) -> str:
