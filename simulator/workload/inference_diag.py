@@ -199,6 +199,19 @@ def kernel_tables(store, dev: str, out: Path, P: int, batches: list[int], pool_s
     eng.close()
 
 
+def probe_model(quick: bool, layers: int):
+    """(device, model) of a GPU probe of the engine: the bench's ``mixtral-8x7b`` geometry at ``layers`` blocks,
+    bf16, on CUDA; ``quick``: the ``tiny`` preset on the CPU (CI smoke test)."""
+    import torch
+
+    from semoe.presets import model_preset
+
+    if quick:
+        return "cpu", model_preset("tiny").replace(dtype="bf16")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return dev, model_preset("mixtral-8x7b").replace(layers=layers, name=f"mixtral-8x7b-L{layers}", dtype="bf16")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -218,16 +231,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from reference.inference.build import build_random_store
     from reference.inference.store import ModelStore
-    from semoe.presets import model_preset
 
-    dev = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
+    dev, spec = probe_model(a.quick, a.layers)
     if a.quick:
-        spec = model_preset("tiny").replace(dtype="bf16")
         a.prompt_len, a.gen_len, a.reps, a.pool_slots = 8, 3, 1, 6  # 1.5 blocks of 4 experts
-        store_dir = a.out / "store"
-    else:
-        spec = model_preset("mixtral-8x7b").replace(layers=a.layers, name=f"mixtral-8x7b-L{a.layers}", dtype="bf16")
-        store_dir = a.store
+    store_dir = a.out / "store" if a.quick else a.store
     t0 = time.perf_counter()
     w = Writer(a.out)
     log(f"building {spec.name} into {store_dir} on {dev}")

@@ -221,15 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     from reference.inference.bench import PROBE_WIDTHS, QUICK_PROBE_WIDTHS, probe_spec
     from reference.inference.build import build_random_store
     from reference.inference.store import ModelStore
-    from semoe.presets import model_preset
+    from simulator.workload.inference_diag import probe_model
 
-    dev = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
+    dev, spec = probe_model(a.quick, a.layers)
     if a.quick:
-        spec = model_preset("tiny").replace(dtype="bf16")
         a.prompt_len, a.reps, batches = 8, 1, [1, 2]
         store_dir, widths = a.out / "store", QUICK_PROBE_WIDTHS
     else:
-        spec = model_preset("mixtral-8x7b").replace(layers=a.layers, name=f"mixtral-8x7b-L{a.layers}", dtype="bf16")
         store_dir, widths = a.store, PROBE_WIDTHS
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "sync.csv").write_text(",".join(SYNC_COLS) + "\n")
