@@ -17,7 +17,7 @@ from simulator.validate_offload import (
     rows,
 )
 
-CFG = "paper-13.9b-scaled L2 D512 E4 k1 F1024 bf16 B2 S256 steps6"
+from offload_cases import CFG
 
 
 def test_parse_config_compact_and_key_value_forms():

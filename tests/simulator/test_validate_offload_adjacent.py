@@ -18,9 +18,8 @@ from simulator.validate_offload import (
     parse_config,
 )
 
-CFG = "paper-13.9b-scaled L2 D512 E4 k1 F1024 bf16 B2 S256 steps6"
-P = 2 * 512 * 1024
-RUN = {"date": "d", "commit": "c", "device": "NVIDIA H100 80GB HBM3"}
+from offload_cases import CFG, P, RUN
+
 PROBE = dict(RUN, config=f"cpu_adam_engine E4 P{P} grad=bf16", placement="alone@worker", prefetch="-",
              metric=ENGINE_ADAM, value=4000.0)
 

@@ -11,8 +11,9 @@ from simulator.validate_offload import (
     markdown_tables,
 )
 
+from offload_cases import RUN
+
 CFG = "paper-13.9b-scaled L2 D512 E4 k1 F1024 bf16 B2 S256 steps6 cache=0"
-RUN = {"date": "d", "commit": "c", "device": "NVIDIA H100 80GB HBM3"}
 
 
 def _bw(metric, v):
