@@ -25,7 +25,8 @@ Ops
 - ``grouped_gemm_fwd`` / ``grouped_gemm_dgrad`` / ``grouped_gemm_wgrad``: E experts with m tokens each,
   ``[E*m, K] @ [E, K, N]`` (dgrad: ``[E*m, N] @ [E, K, N]^T`` -> reported with k=N, n=K as computed;
   wgrad: ``[E*m, K]^T @ [E*m, N]`` per expert, k=m); impl ``triton`` (ours) and ``torch``
-  (``torch._grouped_mm``, forward only); flop = 2*E*m*K*N.
+  (``torch._grouped_mm``: forward, and from sweep ``grouped_torch`` the dgrad / wgrad GEMMs its autograd issues,
+  `sweep_grouped_torch`); flop = 2*E*m*K*N.
 - ``gemm``: dense ``[m, k] @ [k, n]`` (torch.matmul); flop = 2*m*n*k.
 - ``sdpa_fwd`` / ``sdpa_fwd_bwd``: causal ``F.scaled_dot_product_attention`` on [batch, k heads, m, n];
   flop = 2*batch*k*m*m*n (causal forward: half of 4*b*h*s^2*d), fwd_bwd = 3.5x that.
@@ -165,6 +166,79 @@ def sweep_grouped_gemm(p: Profile, dtype=torch.bfloat16) -> None:
                 del a, b, g
             torch.cuda.empty_cache()
         print(f"  grouped gemm E={E} H={H} F={Fd} done ({time.time() - p.t0:.0f} s)", flush=True)
+
+
+def sweep_grouped_torch(p: Profile, dtype=torch.bfloat16, device: str = "cuda", shapes=None, rows=None,
+                        timer=None) -> None:
+    """``torch._grouped_mm`` forward and the two backward GEMMs autograd issues for it (``dgrad``: ``g @ b^T`` ->
+    [E*m, K]; ``wgrad``: ``a^T @ g`` per group -> [E, K, N]), impl ``torch``, on the reference's ``GroupedExperts``
+    layout (``b`` [E, K, N] as stored; ``a^T`` / ``b^T`` strided views as autograd passes them), both projections
+    of every ``GROUPED_SHAPES`` entry at rows per expert >= 256. Row keys as the Triton rows of
+    `sweep_grouped_gemm` (dgrad with n=K, k=N). ``shapes`` / ``rows`` / ``timer`` / ``device``: the CPU test's
+    tiny sizes."""
+    dt = _DT[dtype]
+    timer = timer or (lambda fn: _ms(fn) / 1e3)
+    for E, H, Fd in shapes or GROUPED_SHAPES:
+        for m in rows or [t for t in TOKENS_PER_EXPERT if t >= 256]:
+            if p.over_budget():
+                return
+            M = E * m
+            if M * max(H, Fd) > MAX_ROWS_X_COLS:
+                continue
+            offs = torch.cumsum(torch.full((E,), m, device=device, dtype=torch.int32), 0, dtype=torch.int32)
+            for K, N in ((H, Fd), (Fd, H)):
+                a = torch.randn(M, K, device=device, dtype=dtype)
+                b = torch.randn(E, K, N, device=device, dtype=dtype) / K**0.5
+                g = torch.randn(M, N, device=device, dtype=dtype)
+                flop = 2 * M * K * N
+                io = (M * K + E * K * N + M * N) * a.element_size()
+                bt, at = b.transpose(-2, -1), a.t()
+                try:
+                    p.add("grouped_gemm_fwd", "torch", dt, m=m, n=N, k=K, groups=E, io_bytes=io, flop=flop,
+                          time_s=timer(lambda: torch._grouped_mm(a, b, offs=offs)))
+                    p.add("grouped_gemm_dgrad", "torch", dt, m=m, n=K, k=N, groups=E, io_bytes=io, flop=flop,
+                          time_s=timer(lambda: torch._grouped_mm(g, bt, offs=offs)))
+                    p.add("grouped_gemm_wgrad", "torch", dt, m=m, n=N, k=K, groups=E, io_bytes=io, flop=flop,
+                          time_s=timer(lambda: torch._grouped_mm(at, g, offs=offs)))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"torch._grouped_mm {E}x{m} {K}x{N}: {exc}".splitlines()[0], flush=True)
+                del a, b, g, bt, at
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        print(f"  grouped torch E={E} H={H} F={Fd} done ({time.time() - p.t0:.0f} s)", flush=True)
+
+
+ROW_KEY = ("gpu", "op", "impl", "dtype", "batch", "m", "n", "k", "groups")
+
+
+def merge_into(base: Path, new: Path) -> tuple[int, int]:
+    """Rows of profile ``new`` into profile ``base`` (rewritten in place): a row of ``new`` replaces every ``base`` row
+    with its key (`ROW_KEY`: the same op, impl, dtype and shape measured on the same GPU) at the first one's place, the
+    others are appended. Returns (replaced, appended)."""
+    def read(path):
+        with Path(path).open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def key(r):
+        return tuple(str(float(r[c])) if c in ("batch", "m", "n", "k", "groups") else r[c] for c in ROW_KEY)
+
+    old, fresh = read(base), read(new)
+    by_key = {key(r): r for r in fresh}
+    out, seen, replaced = [], set(), 0
+    for r in old:
+        k = key(r)
+        if k in by_key:
+            if k not in seen:
+                out.append(by_key[k])
+                seen.add(k)
+                replaced += 1
+            continue
+        out.append(r)
+    appended = [r for k, r in by_key.items() if k not in seen]
+    prof = Profile("", 0)
+    prof.rows = out + appended
+    prof.write(Path(base))
+    return replaced, len(appended)
 
 
 def sweep_gemm(p: Profile, dtype=torch.bfloat16) -> None:
@@ -516,6 +590,7 @@ def _host_calls(p: Profile, device: str, sync, quick: bool) -> None:
 
 SWEEPS = {
     "grouped_gemm": sweep_grouped_gemm,
+    "grouped_torch": sweep_grouped_torch,
     "gemm": sweep_gemm,
     "sdpa": sweep_sdpa,
     "gating_permute": sweep_gating_permute,
@@ -532,7 +607,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default: results/profiles/<gpu>.csv")
     ap.add_argument("--sweeps", default=",".join(SWEEPS))
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
+    ap.add_argument("--merge-into", type=Path, default=None, metavar="PROFILE",
+                    help="no measuring: merge the rows of --out into PROFILE (same key replaced, others appended)")
     args = ap.parse_args(argv)
+    if args.merge_into is not None:
+        if args.out is None:
+            ap.error("--merge-into needs --out (the profile whose rows to merge)")
+        rep, app = merge_into(args.merge_into, args.out)
+        print(f"{args.merge_into}: {rep} rows replaced, {app} appended from {args.out}")
+        return 0
     if not torch.cuda.is_available():
         print("kernels.profile: needs a CUDA GPU (run it through the device tool)", file=sys.stderr)
         return 2
