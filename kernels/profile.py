@@ -173,13 +173,13 @@ def sweep_grouped_torch(p: Profile, dtype=torch.bfloat16, device: str = "cuda", 
     """``torch._grouped_mm`` forward and the two backward GEMMs autograd issues for it (``dgrad``: ``g @ b^T`` ->
     [E*m, K]; ``wgrad``: ``a^T @ g`` per group -> [E, K, N]), impl ``torch``, on the reference's ``GroupedExperts``
     layout (``b`` [E, K, N] as stored; ``a^T`` / ``b^T`` strided views as autograd passes them), both projections
-    of every ``GROUPED_SHAPES`` entry at rows per expert >= 256. Row keys as the Triton rows of
+    of every ``GROUPED_SHAPES`` entry at every ``TOKENS_PER_EXPERT``. Row keys as the Triton rows of
     `sweep_grouped_gemm` (dgrad with n=K, k=N). ``shapes`` / ``rows`` / ``timer`` / ``device``: the CPU test's
     tiny sizes."""
     dt = _DT[dtype]
     timer = timer or (lambda fn: _ms(fn) / 1e3)
     for E, H, Fd in shapes or GROUPED_SHAPES:
-        for m in rows or [t for t in TOKENS_PER_EXPERT if t >= 256]:
+        for m in rows or TOKENS_PER_EXPERT:
             if p.over_budget():
                 return
             M = E * m
@@ -208,37 +208,18 @@ def sweep_grouped_torch(p: Profile, dtype=torch.bfloat16, device: str = "cuda", 
         print(f"  grouped torch E={E} H={H} F={Fd} done ({time.time() - p.t0:.0f} s)", flush=True)
 
 
-ROW_KEY = ("gpu", "op", "impl", "dtype", "batch", "m", "n", "k", "groups")
-
-
-def merge_into(base: Path, new: Path) -> tuple[int, int]:
-    """Rows of profile ``new`` into profile ``base`` (rewritten in place): a row of ``new`` replaces every ``base`` row
-    with its key (`ROW_KEY`: the same op, impl, dtype and shape measured on the same GPU) at the first one's place, the
-    others are appended. Returns (replaced, appended)."""
+def append_to(base: Path, new: Path) -> int:
+    """Rows of profile ``new`` appended to profile ``base`` (rewritten in place). A shape measured again keeps both
+    rows: the cost model takes the mean time of a shape's measurements (`simulator.cost.Profile`). Returns the count."""
     def read(path):
         with Path(path).open(newline="") as f:
             return list(csv.DictReader(f))
 
-    def key(r):
-        return tuple(str(float(r[c])) if c in ("batch", "m", "n", "k", "groups") else r[c] for c in ROW_KEY)
-
     old, fresh = read(base), read(new)
-    by_key = {key(r): r for r in fresh}
-    out, seen, replaced = [], set(), 0
-    for r in old:
-        k = key(r)
-        if k in by_key:
-            if k not in seen:
-                out.append(by_key[k])
-                seen.add(k)
-                replaced += 1
-            continue
-        out.append(r)
-    appended = [r for k, r in by_key.items() if k not in seen]
     prof = Profile("", 0)
-    prof.rows = out + appended
+    prof.rows = old + fresh
     prof.write(Path(base))
-    return replaced, len(appended)
+    return len(fresh)
 
 
 def sweep_gemm(p: Profile, dtype=torch.bfloat16) -> None:
@@ -607,14 +588,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default: results/profiles/<gpu>.csv")
     ap.add_argument("--sweeps", default=",".join(SWEEPS))
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
-    ap.add_argument("--merge-into", type=Path, default=None, metavar="PROFILE",
-                    help="no measuring: merge the rows of --out into PROFILE (same key replaced, others appended)")
+    ap.add_argument("--append-to", type=Path, default=None, metavar="PROFILE",
+                    help="no measuring: append the rows of --out to PROFILE (a shape measured again keeps both rows)")
     args = ap.parse_args(argv)
-    if args.merge_into is not None:
+    if args.append_to is not None:
         if args.out is None:
-            ap.error("--merge-into needs --out (the profile whose rows to merge)")
-        rep, app = merge_into(args.merge_into, args.out)
-        print(f"{args.merge_into}: {rep} rows replaced, {app} appended from {args.out}")
+            ap.error("--append-to needs --out (the profile whose rows to append)")
+        print(f"{args.append_to}: {append_to(args.append_to, args.out)} rows appended from {args.out}")
         return 0
     if not torch.cuda.is_available():
         print("kernels.profile: needs a CUDA GPU (run it through the device tool)", file=sys.stderr)

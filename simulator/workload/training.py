@@ -65,7 +65,8 @@ parameter); with a capacity-limited gate, the slot ranks' one-hot cumsum (``gate
 ``REF_RANK_SCAN_S_PER_ROW`` per routed row, from the H100 step profile); the expert activation between the
 expert GEMMs (``expert_act_fwd`` / ``expert_act_bwd``: `_expert_act_bytes` at the profile's ``gelu`` rate);
 with the torch MoE backend (``expert_kernels="torch"``) the permutes on fp32 rows (``dispatch_fp32_fwd`` /
-``_bwd``: ``REF_DISPATCH_*``) and expert backward GEMMs at ``TORCH_EXPERT_BWD_FACTOR`` x 2 forward; global-norm gradient clipping (``grad_clip``: ``REF_CLIP_BYTES`` per parameter); torch's
+``_bwd``: ``REF_DISPATCH_*``) and expert GEMMs per projection, backward at the profile's torch dgrad / wgrad rows
+(`torch_expert_gemms`); global-norm gradient clipping (``grad_clip``: ``REF_CLIP_BYTES`` per parameter); torch's
 AdamW over fp32 states: ``ref_optimizer="foreach"`` (the default; torch's foreach AdamW,
 ``REF_ADAM_BYTES_PER_PARAM`` = 80 instead of 32) or ``"fused"`` (torch's fused AdamW, one kernel that reads
 param, grad, m, v and writes param, m, v: ``REF_FUSED_ADAM_BYTES_PER_PARAM`` = 28; what
@@ -186,6 +187,25 @@ EXPERT_KERNELS = (None, "torch", "triton")
 # profile_a_gpu.txt has 192 _grouped_mm calls per step, 3 CUTLASS kernels x 64 calls (fwd, dgrad, wgrad of the
 # two expert weights x 4 layers x 8 micro-batches), 476 ms in all at one average rate
 TORCH_EXPERT_BWD_FACTOR = 1.0
+
+
+def torch_expert_gemms(cm, rows: float, groups: int, hidden: int, ffn: int, mats: int, dtype: str) -> tuple[float, float]:
+    """(forward, backward) seconds of the reference's ``torch._grouped_mm`` expert GEMMs for ``groups`` experts of
+    ``rows`` rows each: the ``mats - 1`` input projections ``[rows, hidden] x [hidden, ffn]`` and the output projection
+    ``[rows, ffn] x [ffn, hidden]``, each at its own profile curve (the two shapes differ ~5-10% on the H100). Backward:
+    per projection the dgrad and wgrad GEMMs autograd issues, at the profile's ``grouped_gemm_dgrad`` /
+    ``grouped_gemm_wgrad`` torch rows (``kernels/profile.py`` sweep ``grouped_torch``; on config a's shapes they run at
+    ~1.8x the forward's time, not 2x); a profile without such rows prices them as ``2 x TORCH_EXPERT_BWD_FACTOR`` x
+    the forward."""
+    shapes = [(ffn, hidden)] * (mats - 1) + [(hidden, ffn)]  # (n, k) of each projection
+    fwd = sum(cm.matmul(rows, n, k, dtype, groups=groups) for n, k in shapes)
+    prof = cm.profile
+    if prof is None or not all(any(key[0] == op for key in prof.curves)
+                               for op in ("grouped_gemm_dgrad", "grouped_gemm_wgrad")):
+        return fwd, 2.0 * TORCH_EXPERT_BWD_FACTOR * fwd
+    bwd = sum(cm.matmul(rows, k, n, dtype, groups=groups, op="grouped_gemm_dgrad")
+              + cm.matmul(rows, n, k, dtype, groups=groups, op="grouped_gemm_wgrad") for n, k in shapes)
+    return fwd, bwd
 # reference.moe.dispatcher's torch permute / unpermute run on the fp32 residual stream, per element of the
 # [T*k, hidden] routed rows (bytes of HBM traffic, from the aten ops; the ideal model's gate term charges 8):
 # forward index_select gather fp32 (r4 w4), GroupedExperts' cast to bf16 (r4 w2), unpermute's weight mul (r2 w2),
@@ -349,11 +369,16 @@ class TrainingIteration:
             if impl == "reference" and expert_impl == "loop":  # one dense GEMM per local expert
                 per_exp = {x: mats * self.local_experts * ecm.matmul(x / self.local_experts, m.ffn, h, dt)
                            for x in np.unique(tin)}
+            elif impl == "reference" and expert_kernels == "torch":  # torch._grouped_mm: each projection's own curve
+                pair = {x: torch_expert_gemms(ecm, x / self.local_experts, self.local_experts, h, m.ffn, mats, dt)
+                        for x in np.unique(tin)}
+                per_exp = {x: f for x, (f, _) in pair.items()}
+                self.t_experts_bwd[i] = np.array([pair[x][1] for x in tin])
             else:
                 per_exp = {x: mats * ecm.matmul(x / self.local_experts, m.ffn, h, dt, groups=self.local_experts)
                            for x in np.unique(tin)}
             self.t_experts[i] = np.array([per_exp[x] for x in tin])
-            if impl == "reference" and expert_kernels == "torch":  # see TORCH_EXPERT_BWD_FACTOR
+            if impl == "reference" and expert_kernels == "torch" and i not in self.t_experts_bwd:  # the loop experts
                 self.t_experts_bwd[i] = 2.0 * TORCH_EXPERT_BWD_FACTOR * self.t_experts[i]
             if impl == "reference" and expert_kernels != "triton":  # fp32 dispatch (REF_DISPATCH_*)
                 el = self.tokens_out[i] * h  # routed rows x hidden, per rank

@@ -1,12 +1,13 @@
 """kernels.profile sweep ``grouped_torch`` (torch._grouped_mm forward + the dgrad / wgrad GEMMs autograd issues) on
-the CPU at tiny sizes, its rows feeding the cost model's curves, and ``merge_into``."""
+the CPU at tiny sizes, its rows feeding the cost model's curves, and ``append_to`` with the cost model's mean over
+repeated measurements of a shape."""
 
 import csv
 
 import pytest
 import torch
 
-from kernels.profile import COLUMNS, Profile, merge_into, sweep_grouped_torch
+from kernels.profile import COLUMNS, Profile, append_to, sweep_grouped_torch
 from simulator.cost import Profile as CostProfile
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
@@ -52,7 +53,7 @@ def test_cost_model_reads_the_torch_backward_curves(tmp_path):
     assert ("grouped_gemm_wgrad", "bf16", 32, 16, 2) in prof.curves
 
 
-def test_merge_replaces_same_key_and_appends_new(tmp_path):
+def test_appended_measurements_of_a_shape_are_averaged(tmp_path):
     base = tmp_path / "base.csv"
     new = tmp_path / "new.csv"
 
@@ -60,14 +61,18 @@ def test_merge_replaces_same_key_and_appends_new(tmp_path):
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
-            for op, m, t in rows:
-                w.writerow(dict(gpu="G", op=op, impl="torch", dtype="bf16", batch=1, m=m, n=4, k=4, groups=2,
+            for op, impl, m, t in rows:
+                w.writerow(dict(gpu="G", op=op, impl=impl, dtype="bf16", batch=1, m=m, n=4, k=4, groups=2,
                                 io_bytes=0, flop=1, time_s=t, TFLOPps=0, GBps=0))
 
-    write(base, [("grouped_gemm_fwd", 8, 1.0), ("gemm", 8, 2.0), ("grouped_gemm_fwd", 8, 3.0)])
-    write(new, [("grouped_gemm_fwd", 8.0, 9.0), ("grouped_gemm_wgrad", 8, 5.0)])
-    assert merge_into(base, new) == (1, 1)
+    write(base, [("grouped_gemm_fwd", "torch", 8, 1.0), ("grouped_gemm_fwd", "triton", 8, 7.0)])
+    write(new, [("grouped_gemm_fwd", "torch", 8.0, 3.0), ("grouped_gemm_wgrad", "torch", 8, 5.0)])
+    assert append_to(base, new) == 2
     with base.open(newline="") as f:
-        out = [(r["op"], float(r["time_s"])) for r in csv.DictReader(f)]
-    # the duplicate old rows of the key are gone, the new one sits at the first one's place
-    assert out == [("grouped_gemm_fwd", 9.0), ("gemm", 2.0), ("grouped_gemm_wgrad", 5.0)]
+        assert [float(r["time_s"]) for r in csv.DictReader(f)] == [1.0, 7.0, 3.0, 5.0]
+    flops = 2.0 * 8 * 4 * 4 * 2
+    torch_first = CostProfile.from_csv(base, impl=("torch", "triton"))
+    ms, fps = torch_first.curves[("grouped_matmul", "bf16", 4, 4, 2)]
+    assert fps[0] == pytest.approx(flops / 2.0)  # the mean of the torch impl's two measurements, not the first
+    triton_first = CostProfile.from_csv(base, impl=("triton", "torch"))
+    assert triton_first.curves[("grouped_matmul", "bf16", 4, 4, 2)][1][0] == pytest.approx(flops / 7.0)
