@@ -47,6 +47,10 @@ MEM_CLASSES = ("norm_fwd", "norm_bwd", "act", "gather", "scatter", "copy", "elem
 RATE_CLASSES = MEM_CLASSES + ("cast",)
 # in-place operators that only write their first argument (no read of it)
 WRITE_ONLY = frozenset({"aten.copy_", "aten.fill_", "aten.zero_", "aten.index_copy_"})
+# allocations that fill a new tensor (``zeros_like(x)``, ``x.new_zeros(...)``, ...): only their output is written;
+# the tensor argument gives the shape / dtype and is not read
+ALLOC_OPS = frozenset({"aten.zeros_like", "aten.ones_like", "aten.full_like", "aten.new_zeros", "aten.new_ones",
+                       "aten.new_full", "aten.zeros", "aten.ones", "aten.full"})
 # the capacity ranks' cumsum is priced as a latency-bound scan (training.REF_RANK_SCAN_S_PER_ROW), not as bytes
 MEM_SKIP = frozenset({"aten.cumsum"})
 
@@ -127,13 +131,15 @@ def _mem_unit(t, dims: dict, tokens: int) -> str | None:
 def _mem_pass(name: str, args, kwargs, out, dims: dict, tokens: int, params: set) -> tuple | None:
     """``(class, {unit: bytes per token per unit width})`` of one kernel's HBM traffic: its tensor inputs read
     and its outputs written (an in-place operator's first argument read and written once, or only written
-    for `WRITE_ONLY`); parameter-shaped tensors (weights, their gradients) are left out, as for the casts
+    for `WRITE_ONLY`; a filled allocation, `ALLOC_OPS`, only writes its output); parameter-shaped tensors (weights, their gradients) are left out, as for the casts
     (`simulator.workload.training` prices the parameter passes itself). None when nothing is counted."""
     import torch
     from torch.utils._pytree import tree_leaves
 
     ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    if name.endswith("_") and ins:  # in place: the first argument read and written (written only: WRITE_ONLY)
+    if name in ALLOC_OPS:  # a filled allocation: its output written, its arguments not read
+        traffic = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    elif name.endswith("_") and ins:  # in place: the first argument read and written (written only: WRITE_ONLY)
         traffic = [ins[0]] * (1 if name in WRITE_ONLY else 2) + [t for t in ins[1:] if t is not ins[0]]
     else:
         traffic = ins + [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -260,3 +260,19 @@ def test_mem_rates_table_read_and_probe_runs_on_cpu(tmp_path, monkeypatch):
     assert it.t_seg_cast[name] == pytest.approx(seg.cast_bytes(it.T, widths) / 1e12)
     ex = it.expert_local_params if 0 in it.a2a else 0
     assert it.t_cast[0] == pytest.approx(6 * (it.dense_layer[0] + ex) / 1e12)  # REF_CAST_BYTES per parameter
+
+
+def test_filled_allocations_write_their_output_only():
+    """``zeros_like(x)`` / ``x.new_zeros(...)`` take ``x`` for its shape and dtype: the kernel writes the new tensor and
+    reads nothing, unlike ``x.add(y)`` (both read, the output written) or ``x.zero_()`` (written only)."""
+    import torch
+
+    from simulator.train_op_record import _mem_pass
+
+    tokens, dims = 40, {"D": (48,), "F": (80,), "V": (272,), "E": (8,)}
+    x = torch.zeros(tokens, 48)  # fp32: 4 B per element -> 4 B per token per unit of D
+    for name, out in (("aten.zeros_like", torch.zeros_like(x)), ("aten.new_zeros", x.new_zeros(tokens, 48)),
+                      ("aten.full_like", torch.full_like(x, 2.0))):
+        assert _mem_pass(name, (x,), {}, out, dims, tokens, set()) == ("copy", {"D": 4.0}), name
+    assert _mem_pass("aten.add", (x, x), {}, x + x, dims, tokens, set()) == ("elem", {"D": 12.0})
+    assert _mem_pass("aten.zero_", (x,), {}, x, dims, tokens, set()) == ("copy", {"D": 4.0})
