@@ -91,6 +91,7 @@ from simulator.train_op_rates import (  # noqa: F401  (public names of this modu
     time_parts,
 )
 from simulator.train_op_record import (  # noqa: F401  (public names of this module)
+    ALLOC_OPS,
     CAST_UNITS,
     EXTRA_SYNC_OPS,
     GEMM_OPS,
