@@ -209,3 +209,19 @@ def test_new_train_rows_use_fused_adamw_notes(df):
     new = t[t["config"].str.contains("adamw-fused")]
     assert len(new) >= 4 and new["note"].str.contains("AdamW fused").all()
     assert t[~t["config"].str.contains("adamw-")]["note"].str.contains("AdamW foreach").all()
+
+
+def test_latest_runs_keep_each_sources_newest_dated_run():
+    from paper_repro.validate import latest_runs
+
+    rows = [dict(source="offload", run="aaa 2026-11-24T08:00:00Z", error=0.5),
+            dict(source="offload", run="bbb 2026-11-24T13:10:45Z", error=0.02),
+            dict(source="offload", run="bbb 2026-11-24T13:10:45Z", error=-0.03),
+            dict(source="infer", run="ccc 2026-11-24T12:41:18Z", error=0.01),
+            dict(source="infer", run="ddd 2026-11-24T06:58:41Z", error=0.7),
+            dict(source="moe_layer", run="65fffb4+wip3", error=0.04),  # no date: all its rows kept
+            dict(source="moe_layer", run="65fffb4+wip4", error=0.06)]
+    got = latest_runs(pd.DataFrame(rows))
+    assert sorted(got["run"]) == ["65fffb4+wip3", "65fffb4+wip4", "bbb 2026-11-24T13:10:45Z",
+                                  "bbb 2026-11-24T13:10:45Z", "ccc 2026-11-24T12:41:18Z"]
+    assert got["error"].abs().max() == pytest.approx(0.06)
