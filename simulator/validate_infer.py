@@ -74,6 +74,24 @@ first run that has them and not to be changed after seeing its errors:
   min-max and whether the prediction lies inside it; ``host_adj_*_median`` / ``_min`` / ``_max`` rows are
   adjacent probe rows (status ``input``).
 
+Pooled count rows (runs from 2026-11-24 ~15:40 on, the bench's ``pooled_rows``: the expert-aware pool's counts
+summed over the row's R passes, each a fresh engine on other prompts, so R routings). The rule, fixed before the
+first run that has them and not to be changed after seeing its errors:
+
+* ``hit_rate_pooled``, ``prefetched_used_frac_pooled`` and ``decode_GB_copied_per_step_pooled`` are predicted
+  by the simulator's pool pooled the same way, over `POOL_SEEDS` (32) simulated generates with routing seeds
+  0 .. 31 (ratios of sums: sum of hits / sum of lookups, sum of used / sum of prefetched, copied GB over all
+  decode steps; `pooled_prediction`); 32 seeds, not R, so the prediction is the expected pooled value and the
+  row's own sampling noise is the measured side's alone; the note gives that noise, one simulated pass's sd over
+  the seeds / sqrt(R) (R: the row's ``pool_passes``), and how many of them the measured value lies from the
+  prediction; within 10% is judged as for every other row;
+* ``pool_passes`` is listed with kind ``spread`` (not simulated); nopred ``prefetched_used_frac_pooled`` is
+  ``by_definition`` (0), as the single-pass row is;
+* the single-pass rows of earlier runs (``hit_rate``, ``prefetched_used_frac``, ``decode_GB_copied_per_step``:
+  one pass of one routing) keep their meaning and their rule (one simulated pass, the default routing seed); the
+  expert-aware decode throughput rows keep theirs (one simulated pass; the measured median over the R passes,
+  now R routings).
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 
@@ -185,7 +203,11 @@ def _model(c: dict):
 
 @cache
 def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int, predict: bool, budget: bool = True,
-         quant: str | None = None, dequant: str = "workspace", launch_s: float | None = None, probe=None):
+         quant: str | None = None, dequant: str = "workspace", launch_s: float | None = None, probe=None,
+         seed: int | None = None):
+    """One simulated run of a row's configuration (``seed``: the routing seed, `semoe.Workload.seed`; None: the
+    default workload's)."""
+    from semoe import Workload
     from simulator.workload.inference import InferConfig, simulate_inference
 
     c = parse_config(config)
@@ -198,8 +220,46 @@ def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int,
                       host_probe=probe if HOST_OP_S is None else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roofline fallbacks are listed once by `predict_all`
-        _, res = simulate_inference(model, cluster_preset("h100-single"), cfg, trace=False)
+        wl = None if seed is None else Workload(kind="infer", seq_len=c["P"], gen_len=c["G"], seed=seed)
+        _, res = simulate_inference(model, cluster_preset("h100-single"), cfg, workload=wl, trace=False)
     return model, res
+
+
+POOL_SEEDS = 32  # routing seeds of a pooled count row's prediction (`pooled_prediction`)
+# the bench's expert-aware count rows pooled over the row's repeats (reference/inference/bench.py pooled_rows)
+POOLED_SUFFIX = "_pooled"
+POOLED_METRICS = tuple(m + POOLED_SUFFIX for m in ("hit_rate", "prefetched_used_frac", "decode_GB_copied_per_step"))
+POOL_PASSES_METRIC = "pool_passes"
+
+
+@cache
+def pooled_prediction(config: str, batch: int, predict: bool, quant: str | None = None,
+                      seeds: int = POOL_SEEDS) -> dict:
+    """metric -> (pooled value, sd of one pass's value) of the expert-aware count rows: the simulator's pool over
+    ``seeds`` generates with routing seeds 0 .. seeds - 1 (the row's configuration; counts do not depend on the
+    host's speed, so the default host), pooled as the bench pools its repeats (ratios of sums:
+    `POOLED_METRICS`); the sd over the seeds of the single-pass values gives the sampling noise of a pooled row
+    of R passes, ~ sd / sqrt(R)."""
+    import numpy as np
+
+    c = parse_config(config)
+    G = c["G"]
+    tot = {"hits": 0, "misses": 0, "prefetched": 0, "used": 0, "fetch": 0.0}
+    per: dict = {m: [] for m in POOLED_METRICS}
+    for s in range(seeds):
+        _, res = _sim(config, "expert", batch, None, batch, predict, quant=quant, seed=s)
+        pre = res.prefetched if predict else 0
+        used = res.prefetch_used if predict else 0
+        for k, v in (("hits", res.hits), ("misses", res.misses), ("prefetched", pre), ("used", used),
+                     ("fetch", res.fetch_bytes_decode)):
+            tot[k] += v
+        per["hit_rate" + POOLED_SUFFIX].append(res.hit_rate)
+        per["prefetched_used_frac" + POOLED_SUFFIX].append(used / pre if pre else 0.0)
+        per["decode_GB_copied_per_step" + POOLED_SUFFIX].append(res.fetch_bytes_decode / max(1, G - 1) / 1e9)
+    pooled = {"hit_rate" + POOLED_SUFFIX: tot["hits"] / max(1, tot["hits"] + tot["misses"]),
+              "prefetched_used_frac" + POOLED_SUFFIX: tot["used"] / tot["prefetched"] if tot["prefetched"] else 0.0,
+              "decode_GB_copied_per_step" + POOLED_SUFFIX: tot["fetch"] / (seeds * max(1, G - 1)) / 1e9}
+    return {m: (pooled[m], float(np.std(per[m], ddof=1)) if seeds > 1 else float("nan")) for m in POOLED_METRICS}
 
 
 def _timing(metric: str, res, B: int, P: int, G: int, L: int):
@@ -306,7 +366,13 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         model, res = _sim(config, "expert", B, None, B, predict, quant=quant, dequant=dequant, launch_s=host_s,
                           probe=probe)
         v = _timing(metric, res, B, P, G, model.moe_layers)
-        if v is not None and metric.startswith("decode"):
+        pooled_note = ""
+        if metric in POOLED_METRICS:
+            val, sd = pooled_prediction(config, B, predict, quant)[metric]
+            v = (val, "bytes" if metric.startswith("decode_GB") else "ratio")
+            pooled_note = (f"the simulated pool over {POOL_SEEDS} routing seeds, pooled as the bench pools its repeats "
+                           f"(ratio of sums); one pass's sd over the seeds {sd:.3g}")
+        elif v is not None and metric.startswith("decode"):
             v = (v, "throughput")
         else:
             # the bench's pool statistics: expert-aware fetches and prefetches only (a ring pass copies
@@ -322,10 +388,12 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         note = (f"one-block-ahead prediction at the diagnostic's measured accuracy {predict_accuracy():.3f} "
                 "(results/bench/infer_diag, B = 1: wasted prefetch bytes / prefetched bytes)") if predict else ""
         if res.passes.get("expert", 0) == 0 and metric in ("decode_tokens_per_s", "decode_ms_per_step", "hit_rate",
-                                                            "prefetched_used_frac", "decode_GB_copied_per_step"):
+                                                            "prefetched_used_frac", "decode_GB_copied_per_step",
+                                                            *POOLED_METRICS):
             note = (f"ring fallback: {B} tokens per step are expected to touch >= {_fallback_frac():g} of the experts, so every "
                     "pass runs the ring (pool statistics stay 0; the ring's copies are not in them)")
-        return v[0], v[1], "; ".join(x for x in (note, qnote) if x)
+            pooled_note = ""
+        return v[0], v[1], "; ".join(x for x in (note, pooled_note, qnote) if x)
     return nan, "not_modelled", ""
 
 
@@ -381,7 +449,8 @@ def _adjacent_kernels(config: str, mode: str, phase: str, B: int, probe, copies:
 
 def is_spread(metric: str) -> bool:
     """A repeated row's spread row (``decode_tokens_per_s_min``, ``prefill_repeats``), not an adjacent probe row."""
-    return not metric.startswith(ADJ_PREFIX) and (metric.endswith(SPREAD_SUFFIXES) or metric.endswith(REPEATS_SUFFIX))
+    return metric == POOL_PASSES_METRIC or (not metric.startswith(ADJ_PREFIX) and (
+        metric.endswith(SPREAD_SUFFIXES) or metric.endswith(REPEATS_SUFFIX)))
 
 
 _ADJ_WHEN_TEXT = {"before": "right before the timed passes", "after": "right after the timed passes",
@@ -455,7 +524,7 @@ def _host_op_s() -> float:
 
 
 TRACES = ROOT / "results" / "bench" / "infer_trace"
-POOL_METRICS = ("hit_rate", "prefetched_used_frac", "decode_GB_copied_per_step")
+POOL_METRICS = ("hit_rate", "prefetched_used_frac", "decode_GB_copied_per_step", *POOLED_METRICS)
 
 
 @cache
@@ -463,8 +532,10 @@ def pool_replays(commit: str, traces: Path | None = None) -> dict:
     """(mode, batch) -> (replayed, engine) pool counters (hits, misses, prefetched, prefetch_used) of the bench
     run at ``commit`` whose expert pool calls were traced (``<traces>/*_<commit>_expert_trace.csv`` and
     ``..._expert_trace_stats.csv``: ``reference/inference/bench.py`` ``trace_pool_calls``): the simulator's pool
-    (`simulator.workload.inference.replay_pool_trace`) on the routing the engine saw. A diagnostic of the
-    hit-rate rows (the LRU mechanism apart from the routing), never a prediction's input."""
+    (`simulator.workload.inference.replay_pool_trace`) on the routing the engine saw. Traces with a ``repeat``
+    column (the bench's pooled repeats, each a fresh engine) are replayed per repeat and summed over them, as
+    the pooled rows sum the engine's counters. A diagnostic of the hit-rate rows (the LRU mechanism apart from the
+    routing), never a prediction's input."""
     import csv
     from collections import defaultdict
 
@@ -478,17 +549,23 @@ def pool_replays(commit: str, traces: Path | None = None) -> dict:
         calls, shape = defaultdict(list), {}
         with path.open() as f:
             for r in csv.DictReader(f):
-                k = (r["mode"], int(r["batch"]))
+                k = (r["mode"], int(r["batch"]), int(r.get("repeat") or 0))
                 calls[k].append((int(r["step"]), int(r["block"]), r["call"], tuple(int(e) for e in r["experts"].split())))
                 shape[k] = (int(r["pool_slots"]), int(r["ring_slots"]))
+        names = ("hits", "misses", "prefetched", "prefetch_used")
         with spath.open() as f:
             for s in csv.DictReader(f):
-                k = (s["mode"], int(s["batch"]))
-                if k not in shape:
-                    continue
-                engine = {m: int(s[m]) for m in ("hits", "misses", "prefetched", "prefetch_used")}
+                k = (s["mode"], int(s["batch"]), int(s.get("repeat") or 0))
+                engine = {m: int(s[m]) for m in names}
                 blocks = [int(b) for b in s["moe_blocks"].split()]
-                out[k] = (replay_pool_trace(calls[k], shape[k][0], int(s["experts"]), blocks, shape[k][1]), engine)
+                if k in shape:
+                    rep = replay_pool_trace(calls[k], shape[k][0], int(s["experts"]), blocks, shape[k][1])
+                elif sum(engine.values()) == 0:  # a pass that never called the pool (ring fallback): no trace rows
+                    rep = dict.fromkeys(names, 0)
+                else:
+                    continue
+                old = out.get(k[:2], (dict.fromkeys(names, 0), dict.fromkeys(names, 0)))
+                out[k[:2]] = ({m: old[0][m] + rep[m] for m in names}, {m: old[1][m] + engine[m] for m in names})
     return out
 
 
@@ -502,7 +579,8 @@ def _replay_note(r) -> str:
         return ""
     rep, eng = got
     look = eng["hits"] + eng["misses"]
-    if look == 0 or (r["metric"] == "hit_rate" and abs(eng["hits"] / look - float(r["value"])) > 1e-4):
+    if look == 0 or (r["metric"] in ("hit_rate", "hit_rate" + POOLED_SUFFIX)
+                     and abs(eng["hits"] / look - float(r["value"])) > 1e-4):
         return ""
     same = "equal" if rep == eng else "NOT equal"
     return (f"pool replay on this run's traced routing (results/bench/infer_trace): hits {rep['hits']}, misses "
@@ -596,7 +674,8 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
     rows = []
     # the bench plans the engine's memory for the largest batch of its run
     bmax_run = measured.groupby("date")["batch"].max().to_dict()
-    predicting = frozenset(measured.loc[measured["metric"] == "prefetched_used_frac", "date"])
+    predicting = frozenset(measured.loc[measured["metric"].isin(["prefetched_used_frac",
+                                                                 "prefetched_used_frac" + POOLED_SUFFIX]), "date"])
     probe = measured[(measured["mode"] == "-") & (measured["metric"] == RUN_HOST_METRIC)]
     host_run = {d: float(v) * 1e-6 for d, v in zip(probe["date"], probe["value"])} if HOST_OP_S is None else {}
     engine_probe = run_probes(measured)
@@ -628,6 +707,9 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
             note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r), adj_ms)) if x)
         if kind != "spread":
             note = "; ".join(x for x in (spread_note(measured, r, pred), note) if x)
+        if r["metric"] in POOLED_METRICS and not math.isnan(pred):
+            note = "; ".join(x for x in (note, pooled_noise_note(
+                measured, r, pred, parse_mode(r["mode"])[0] == "expert" and r["date"] in predicting)) if x)
         if "commit" in r:
             note = "; ".join(x for x in (note, _replay_note(r)) if x)
         rows.append({"date": r["date"], "mode": r["mode"], "batch": int(r["batch"]), "metric": r["metric"], "measured": meas,
@@ -659,7 +741,7 @@ def status(r, kind: str, pred: float) -> str:
     if kind == "not_modelled" or math.isnan(pred):
         return "not_modelled"
     base = parse_mode(r["mode"])[0]
-    if r["metric"] == "prefetched_used_frac" and base != "expert":
+    if r["metric"] in ("prefetched_used_frac", "prefetched_used_frac" + POOLED_SUFFIX) and base != "expert":
         return "by_definition"
     if _autotune_bug(r):
         return "measurement_bug"
@@ -765,6 +847,22 @@ def spread_note(measured: pd.DataFrame, r, pred: float) -> str:
     reps = f"median of {n:.0f} repeats" if n is not None else "median of the repeats"
     inside = "" if math.isnan(pred) else (", prediction inside it" if lo <= pred <= hi else ", prediction outside it")
     return f"{reps}: min {lo:.4g}, max {hi:.4g} ({(hi - lo) / float(r['value']):.1%} of the median{inside})"
+
+
+def pooled_noise_note(measured: pd.DataFrame, r, pred: float, predict: bool) -> str:
+    """A pooled count row's sampling noise: its R passes (row ``pool_passes``), the sd of an R-pass pool ~ one
+    simulated pass's sd over the routing seeds / sqrt(R) (`pooled_prediction`), and how many of those the
+    measured value lies from the prediction ('' without a ``pool_passes`` row or a spread)."""
+    n = _row_values(measured, r).get(POOL_PASSES_METRIC)
+    if not n or parse_mode(r["mode"])[2] is not None:
+        return ""
+    _, sd = pooled_prediction(r["config"], int(r["batch"]), predict)[r["metric"]]
+    if not sd > 0:
+        return ""
+    sd_r = sd / math.sqrt(n)
+    rel = f" ({sd_r / pred:.1%} of the prediction)" if pred else ""
+    return (f"pooled over {n:.0f} measured passes (other prompts each): sampling sd ~ {sd_r:.3g}{rel}, measured "
+            f"{abs(float(r['value']) - pred) / sd_r:.1f} sd away")
 
 
 def _adjacent_used(r, adj: dict | None) -> str | None:

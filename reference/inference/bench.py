@@ -34,18 +34,51 @@ Repeats (issue 7, since 151f5db's single-pass rows missed by up to 47% on host-b
 timed, probe: R + 1 probes, :func:`interleave`). A prefill repeat is one forward after one untimed warm-up
 forward per row; a resident decode repeat is an untimed ``generate(prompts, 2)`` then the timed
 ``generate(prompts, G)``; a ring decode repeat one ``generate``; an expert-aware repeat a fresh engine (a cold
-pool) and one ``generate``, whose pool trace and statistics rows are the first repeat's. The old metric names
-keep their meaning as the MEDIAN over the repeats (``prefill_tokens_per_s``, ``block_compute_ms``,
+pool) and one ``generate``, repeat 0 on the resident rows' prompts (its tokens are checked against them), repeat
+i > 0 on other random prompts (:func:`expert_prompt_seed`: another routing). The old metric names keep their
+meaning as the MEDIAN over the repeats (``prefill_tokens_per_s``, ``block_compute_ms``,
 ``prefill_frac_of_bound``, ``decode_tokens_per_s``); with R > 1 rows ``<metric>_min`` / ``<metric>_max`` give
 the spread, ``<phase>_repeats`` the R used, and the adjacent probe adds ``host_adj_*_median`` / ``_min`` /
 ``_max`` over its R + 1 probes (``_before`` / ``_after`` stay the first and the last probe). Every repeat's
-seconds and every probe's milliseconds are in ``DIR/repeats.csv`` (`REPEAT_COLUMNS`). R: ``--repeats``
-(default 5: the host-bound resident prefill and decode rows, cheap), ``--ring-repeats`` (3: ring prefill,
-copy-bound, ~0.45 s a forward on the H100), ``--expert-repeats`` (3), ``--ring-decode-repeats`` (1: ~3.6 s a
-generate, copy-bound); a row that starts after ``--repeat-until-s`` (270 s) of the run (from its argument
-parsing, ~10 s after the process starts) is timed once, so the suite stays under ~5.5 min on the H100 (~315 s
-expected: 236 s for 151f5db's single passes + ~80 s, two thirds of it the expert-aware repeats; expert_nopred
-B = 16 is the row the 270 s cut should hit).
+seconds and every probe's milliseconds are in ``DIR/repeats.csv`` (`REPEAT_COLUMNS`), and every expert-aware
+pass's pool counters (``what`` = ``pool_hits``, ``pool_misses``, ``pool_prefetched``, ``pool_prefetch_used``).
+
+Expert-aware count rows (runs from 2026-11-24 ~15:40 on): a pass's pool counts are small (76200c0's
+expert_nopred B = 4: 13 hits in 309 lookups) and a function of its routing, so they are POOLED over the row's R
+passes (:func:`pooled_rows`, sums over R fresh engines on R prompt sets): ``hit_rate_pooled`` (sum of hits / sum
+of lookups), ``prefetched_used_frac_pooled`` (sum of used / sum of prefetched experts),
+``decode_GB_copied_per_step_pooled`` (copied experts' GB per decode step over all R x (G - 1) steps) and
+``pool_passes`` (R). The single-pass rows ``hit_rate``, ``prefetched_used_frac`` and
+``decode_GB_copied_per_step`` of earlier runs (the first repeat's pass) are no longer written. Every pass's pool
+calls go to ``DIR/expert_trace.csv`` and its counters to ``DIR/expert_trace_stats.csv`` (column ``repeat``).
+
+R per row class (defaults since 2026-11-24 ~15:40; the 76200c0 run had 5 / 5 / 3 / 3 / 1): the sd of a
+host-bound row's prediction error is ~ sqrt(s_t^2 + (h s_p)^2), with s_t = 1.25 cv_t / sqrt(R) the sd of the
+timed repeats' median, s_p = 1.25 cv_p / sqrt(R + 1) that of the probes' median (a pass's noise is nearly
+independent of its probes': correlation 0.11) and h the prediction's sensitivity to its host input (d log
+predicted / d log host, from the simulator). From 76200c0's repeats.csv (cv per pass, mean over batches):
+
+==========================  =====  ==========  ==========  ======  =================  ==================
+row class                   flag   cv timed    cv probe    h       sd at 76200c0's R  sd at the new R
+==========================  =====  ==========  ==========  ======  =================  ==================
+resident decode             11     0.088       0.12        1.0     7.9% (R = 5)       5.5% (R = 11)
+resident prefill B1 / B2    9      0.010/.015  0.021/.033  .83/.36 1.1% / 1.0% (5)   0.8% / 0.8% (9)
+resident prefill B4-16      9      0.02-0.05   0.09-0.12   .16-.33 1.7-2.9% (5)       1.3-2.1% (9)
+ring prefill (K, batch)     1      0.002-0.015 -           0.01    0.1-1.1% (3)       0.2-1.5% (1)
+ring decode                 1      (1 pass)    -           0.00    copy-bound         unchanged
+expert-aware decode B1-8    4      0.012-0.038 0.07-0.17   .05-.27 1-3.5% (3)         1-3% (4)
+expert-aware at the ring    1      0.005       -           0.00    0.4% (3)           0.6% (1)
+fallback batch (B = 16)
+==========================  =====  ==========  ==========  ======  =================  ==================
+
+(flags: ``--decode-repeats``, ``--repeats``, ``--repeats``, ``--ring-repeats``, ``--ring-decode-repeats``,
+``--expert-repeats``). Pooled count rows, the simulator's sd of one pass over 30 routing seeds / sqrt(R), R = 4:
+expert_nopred hit_rate 6% (B1), 16% (B2: ~17 hits a pass), 5% (B4), 3.5% (B8); expert hit_rate <= 1.6%;
+GB copied per step <= 3.3%. Time (H100, from 76200c0's log): + 3.6 s resident prefill, + 16 s resident decode,
+- 11.5 s ring prefill, + 25.6 s expert-aware B1-8, - 8.4 s expert B16, - 4.3 s accelerate (``--accelerate-reps`` 1
+after its first forward): ~ + 21 s, ~ 320-325 s in all; a row that starts after ``--repeat-until-s`` (290 s) of the
+run (from its argument parsing, ~10 s after the process starts) is timed once, so a slow machine stays near
+~5.5 min.
 
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
@@ -324,7 +357,44 @@ def host_probe(spec, store_dir: Path, batches: list[int], P: int, G: int, reps: 
 _PEAK = {"saved": 0}  # the run's peak allocated bytes before the last adjacent host probe (`HostProber.adjacent`)
 
 
-TRACE_COLUMNS = ("mode", "batch", "pool_slots", "ring_slots", "step", "block", "call", "experts")
+TRACE_COLUMNS = ("mode", "batch", "pool_slots", "ring_slots", "step", "block", "call", "experts", "repeat")
+# the expert pool's counters of one generate (GenerateResult.stats keys), as repeats.csv names them (``pool_<name>``)
+POOL_COUNTERS = (("hits", "expert_hits"), ("misses", "expert_misses"), ("prefetched", "experts_prefetched"),
+                 ("prefetch_used", "prefetch_used"))
+# expert-aware count rows pooled over the row's repeats (`pooled_rows`); the single-pass rows of runs before
+# them (hit_rate, prefetched_used_frac, decode_GB_copied_per_step: the first repeat's pass) are no longer written
+POOLED_SUFFIX = "_pooled"
+POOL_PASSES_METRIC = "pool_passes"
+
+
+def expert_prompt_seed(batch: int, repeat: int) -> int:
+    """Prompt seed of an expert-aware decode repeat: repeat 0 decodes the resident rows' prompts (seed ``batch``,
+    its tokens are checked against them), repeat i > 0 other random prompts (another routing), so the pool
+    counters pooled over the repeats sample R routings, not one R times."""
+    return batch if repeat == 0 else 1000 * repeat + batch
+
+
+def falls_back(spec, batch: int) -> bool:
+    """Whether the expert-aware engine runs every decode step of ``batch`` tokens through the ring (the engine's
+    rule: ``batch`` tokens are expected to touch ``fallback_frac`` of the experts): its pool counters stay 0 and
+    its decode is the copy-bound ring, so one repeat suffices."""
+    from reference.inference.engine import expected_distinct_experts
+
+    return expected_distinct_experts(spec.experts, spec.top_k, batch) >= InferConfig().fallback_frac * spec.experts
+
+
+def pooled_rows(stats: list, expert_bytes: int, G: int) -> dict:
+    """The expert-aware count rows pooled over ``stats`` (the pool counters of R generates, each a fresh engine
+    on other prompts: `expert_prompt_seed`): ``hit_rate_pooled`` = sum of hits / sum of lookups,
+    ``prefetched_used_frac_pooled`` = sum of used prefetches / sum of prefetches (0 without any),
+    ``decode_GB_copied_per_step_pooled`` = the copied experts' GB (misses + prefetches) per decode step, over all
+    R x (G - 1) steps; ``pool_passes`` = R."""
+    tot = {k: sum(s[v] for s in stats) for k, v in POOL_COUNTERS}
+    steps = len(stats) * max(1, G - 1)
+    return {POOL_PASSES_METRIC: len(stats),
+            "hit_rate" + POOLED_SUFFIX: tot["hits"] / max(1, tot["hits"] + tot["misses"]),
+            "prefetched_used_frac" + POOLED_SUFFIX: tot["prefetch_used"] / max(1, tot["prefetched"]),
+            "decode_GB_copied_per_step" + POOLED_SUFFIX: (tot["misses"] + tot["prefetched"]) * expert_bytes / 1e9 / steps}
 
 
 def trace_pool_calls(eng: Engine) -> list:
@@ -348,9 +418,10 @@ def trace_pool_calls(eng: Engine) -> list:
     return calls
 
 
-def write_pool_trace(out: Path, mode: str, batch: int, eng: Engine, calls: list, stats: dict) -> None:
+def write_pool_trace(out: Path, mode: str, batch: int, eng: Engine, calls: list, stats: dict, repeat: int = 0) -> None:
     """Append ``calls`` (`trace_pool_calls`) to ``out/expert_trace.csv`` and the engine's pool counters to
-    ``out/expert_trace_stats.csv`` after each generate (a timeout keeps what was measured)."""
+    ``out/expert_trace_stats.csv`` after each generate (a timeout keeps what was measured); ``repeat``: the
+    row's repeat (each a fresh engine; column ``repeat`` of both files)."""
     path, spath = out / "expert_trace.csv", out / "expert_trace_stats.csv"
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -359,14 +430,15 @@ def write_pool_trace(out: Path, mode: str, batch: int, eng: Engine, calls: list,
             w.writerow(TRACE_COLUMNS)
         for step, block, call, experts in calls:
             w.writerow((mode, batch, eng.plan.pool_slots, eng.plan.ring_slots, step, block, call,
-                        " ".join(str(int(e)) for e in experts)))
+                        " ".join(str(int(e)) for e in experts), repeat))
     new = not spath.exists()
     with spath.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(("mode", "batch", "hits", "misses", "prefetched", "prefetch_used", "moe_blocks", "experts"))
+            w.writerow(("mode", "batch", "hits", "misses", "prefetched", "prefetch_used", "moe_blocks", "experts",
+                        "repeat"))
         w.writerow((mode, batch, stats["expert_hits"], stats["expert_misses"], stats["experts_prefetched"],
-                    stats["prefetch_used"], " ".join(str(b) for b in eng.blocks), eng.spec.experts))
+                    stats["prefetch_used"], " ".join(str(b) for b in eng.blocks), eng.spec.experts, repeat))
 
 
 def peak_GB() -> float:
@@ -431,14 +503,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default=None, help="default 1,2,4,8 (issue7), 1,8 (issue11), 1,2 (--quick)")
     p.add_argument("--slots", default="1,2,3,4")
     p.add_argument("--reps", type=int, default=3, help="forwards per host-probe prefill (median); H2D copies")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="issue7: timed repeats (median) of the resident prefill and decode rows (host-bound, cheap)")
-    p.add_argument("--ring-repeats", type=int, default=3, help="issue7: timed repeats of the ring prefill rows")
+    p.add_argument("--repeats", type=int, default=9,
+                   help="issue7: timed repeats (median) of the resident prefill rows (partly host-bound, ~0.1 s each)")
+    p.add_argument("--decode-repeats", type=int, default=11,
+                   help="issue7: timed repeats of the resident decode rows (host-bound, ~0.3 s each + its probe)")
+    p.add_argument("--ring-repeats", type=int, default=1,
+                   help="issue7: timed repeats of the ring prefill rows (copy-bound: 76200c0's spread 0.3-1.7%%)")
     p.add_argument("--ring-decode-repeats", type=int, default=1,
                    help="issue7: timed repeats of the ring decode rows (~3.6 s each on the H100)")
-    p.add_argument("--expert-repeats", type=int, default=3,
-                   help="issue7: timed repeats of the expert-aware decode rows (a fresh engine each)")
-    p.add_argument("--repeat-until-s", type=float, default=270.0,
+    p.add_argument("--expert-repeats", type=int, default=4,
+                   help="issue7: timed repeats of the expert-aware decode rows (a fresh engine and other prompts each; "
+                        "the pool's count rows pooled over them); 1 at a batch that falls back to the ring")
+    p.add_argument("--accelerate-reps", type=int, default=1,
+                   help="issue7: timed accelerate cpu_offload forwards after its first (untimed) one (~4.3 s each)")
+    p.add_argument("--repeat-until-s", type=float, default=290.0,
                    help="issue7: rows starting after this many seconds of the run are timed once")
     p.add_argument("--skip-accelerate", action="store_true")
     p.add_argument("--diagnose", action="store_true", help="decode determinism + profile, then exit")
@@ -454,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ring", action="store_true", help="issue11: skip the bf16/int8/fp8 ring section")
     a = p.parse_args(argv)
     t_start = time.perf_counter()  # issue 7's --repeat-until-s counts from here
-    for k in ("repeats", "ring_repeats", "ring_decode_repeats", "expert_repeats", "reps"):
+    for k in ("repeats", "decode_repeats", "ring_repeats", "ring_decode_repeats", "expert_repeats", "reps",
+              "accelerate_reps"):
         if getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
     if a.suite == "issue11" or (a.quick and a.suite is None):
@@ -589,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
             toks.append(r.tokens_BG)
             return r.decode_s
 
-        ts = repeated("decode", "resident", B, a.repeats, res_decode)
+        ts = repeated("decode", "resident", B, a.decode_repeats, res_decode)
         res_dec[B] = toks[0]
         spread_rows("resident", B, "decode_tokens_per_s", [decode_tps(B, G, x) for x in ts])
     del eng
@@ -638,37 +717,38 @@ def main(argv: list[str] | None = None) -> int:
     del eng
 
     # --- expert-aware decode (budget-sized LRU pool; prefill falls back to the ring): every repeat a fresh engine
-    # (a cold pool, as the row's first repeat); the pool trace and statistics are the first repeat's
+    # (a cold pool) on its own prompts (`expert_prompt_seed`); every repeat's pool calls traced, the count rows
+    # pooled over the repeats (`pooled_rows`); gpu_peak_GB is the first repeat's
     for predict, mname in ((True, "expert"), (False, "expert_nopred")):
         same = True
         for B in batches:
-            prompts = random_prompts(B, P, spec.vocab, seed=B)
             first: dict = {}
+            stats: list = []
 
             def expert_decode(i: int) -> float:
                 nonlocal same
+                prompts = random_prompts(B, P, spec.vocab, seed=expert_prompt_seed(B, i))
                 eng = engine("expert", B, predict=predict)
-                calls = trace_pool_calls(eng) if i == 0 else None
+                calls = trace_pool_calls(eng)
                 r = eng.generate(prompts, G)
-                same &= torch.equal(r.tokens_BG, res_dec[B])
-                if i == 0:
+                if i == 0:  # repeat 0 decodes the resident rows' prompts: the tokens must be equal
+                    same &= torch.equal(r.tokens_BG, res_dec[B])
                     first.update(stats=r.stats, gpu_peak=peak_GB())
-                    write_pool_trace(a.out, mname, B, eng, calls, r.stats)
-                elif r.stats["expert_hits"] != first["stats"]["expert_hits"]:
-                    log(f"{mname} B={B} repeat {i}: {r.stats['expert_hits']} pool hits, the first repeat's "
-                        f"{first['stats']['expert_hits']}")
+                write_pool_trace(a.out, mname, B, eng, calls, r.stats, repeat=i)
+                stats.append(r.stats)
+                with rep_path.open("a", newline="") as f:  # the pass's pool counters (repeats.csv)
+                    csv.writer(f).writerows((mname, B, "decode", i, f"pool_{k}", r.stats[v]) for k, v in POOL_COUNTERS)
                 eng.close()
                 del eng
                 return r.decode_s
 
-            ts = repeated("decode", mname, B, a.expert_repeats, expert_decode)
+            R = 1 if falls_back(spec, B) else a.expert_repeats
+            ts = repeated("decode", mname, B, R, expert_decode)
             s = first["stats"]
             spread_rows(mname, B, "decode_tokens_per_s", [decode_tps(B, G, x) for x in ts])
             row(mname, B, "pool_slots", s["pool_slots"])
-            row(mname, B, "hit_rate", s["expert_hits"] / max(1, s["expert_hits"] + s["expert_misses"]))
-            row(mname, B, "prefetched_used_frac", s["prefetch_used"] / max(1, s["experts_prefetched"]))
-            row(mname, B, "decode_GB_copied_per_step",
-                (s["expert_misses"] + s["experts_prefetched"]) * store.expert_bytes / 1e9 / max(1, G - 1))
+            for metric, value in pooled_rows(stats, store.expert_bytes, G).items():
+                row(mname, B, metric, value)
             row(mname, B, "gpu_peak_GB", first["gpu_peak"])
         row(mname, 0, "tokens_equal_resident", float(same))
 
@@ -676,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_accelerate:
         idx = random_prompts(Bmax, P, spec.vocab, seed=Bmax)
         try:
-            t, out = accelerate_prefill_s(store, idx, max(1, a.reps - 1))
+            t, out = accelerate_prefill_s(store, idx, a.accelerate_reps)
             row("accelerate", Bmax, "prefill_tokens_per_s", Bmax * P / t)
             row("ring", Bmax, "speedup_vs_accelerate", t / ring_prefill[Bmax])
             row("accelerate", Bmax, "maxabs_logit_diff_vs_resident", float((out - ref_last).abs().max()))

@@ -20,7 +20,8 @@ def quick_run(tmp_path_factory):
     # one batch (2: expert-aware decode without the ring fallback) keeps it short; every section runs; odd
     # repeats for the resident rows (the median is one repeat's), the ring decode single-pass
     assert bench.main(["--suite", "issue7", "--quick", "--out", str(out), "--reps", "1", "--batches", "2",
-                       "--repeats", "3", "--ring-repeats", "2", "--expert-repeats", "2", "--ring-decode-repeats", "1"]) == 0
+                       "--repeats", "3", "--decode-repeats", "3", "--ring-repeats", "2", "--expert-repeats", "2",
+                       "--ring-decode-repeats", "1"]) == 0
     rows = list(csv.DictReader((out / "infer_rows.csv").open()))
     return out, rows, {(r["mode"], int(r["batch"]), r["metric"]): float(r["value"]) for r in rows}
 
@@ -55,7 +56,7 @@ def test_quick_adjacent_probe_next_to_every_timed_row(quick_run):
     # order: the before probe precedes the timed passes, the after probe follows them (the row is written last)
     order = [(r["mode"], int(r["batch"]), r["metric"]) for r in rows]
     for mode, metric, phase in (("resident", "prefill_tokens_per_s", "prefill"), ("ring", "decode_tokens_per_s", "decode"),
-                                ("expert", "hit_rate", "decode")):
+                                ("expert", "hit_rate_pooled", "decode")):
         ms = bench.ADJ_METRICS[phase][0]
         before, after = order.index((mode, 2, f"{ms}_before")), order.index((mode, 2, f"{ms}_after"))
         assert before + 1 == after < order.index((mode, 2, metric)), mode  # nothing else probed in between
@@ -65,15 +66,17 @@ def test_quick_pool_trace_replays_to_the_engines_counts(quick_run):
     from simulator.workload.inference import replay_pool_trace
 
     out, _, _ = quick_run
+    stats = list(csv.DictReader((out / "expert_trace_stats.csv").open()))
+    # every repeat (a fresh engine on other prompts) is traced: 2 per mode
+    assert sorted((s["mode"], int(s["batch"]), int(s["repeat"])) for s in stats) == [
+        ("expert", 2, 0), ("expert", 2, 1), ("expert_nopred", 2, 0), ("expert_nopred", 2, 1)]
     calls, shape = defaultdict(list), {}
     for r in csv.DictReader((out / "expert_trace.csv").open()):
-        k = (r["mode"], int(r["batch"]))
+        k = (r["mode"], int(r["batch"]), int(r["repeat"]))
         calls[k].append((int(r["step"]), int(r["block"]), r["call"], tuple(int(e) for e in r["experts"].split())))
         shape[k] = (int(r["pool_slots"]), int(r["ring_slots"]))
-    stats = list(csv.DictReader((out / "expert_trace_stats.csv").open()))
-    assert {(s["mode"], int(s["batch"])) for s in stats} == {("expert", 2), ("expert_nopred", 2)}
     for s in stats:
-        k = (s["mode"], int(s["batch"]))
+        k = (s["mode"], int(s["batch"]), int(s["repeat"]))
         blocks = [int(b) for b in s["moe_blocks"].split()]
         got = replay_pool_trace(calls[k], shape[k][0], int(s["experts"]), blocks, shape[k][1])
         assert got == {m: int(s[m]) for m in ("hits", "misses", "prefetched", "prefetch_used")}, k
@@ -116,9 +119,10 @@ def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
     finally:
         V.pool_replays.cache_clear()
     for mode in ("expert", "expert_nopred"):
-        assert "pool replay on this run's traced routing" in d.loc[(mode, 2, "hit_rate"), "note"]
-        assert "equal to the engine's" in d.loc[(mode, 2, "hit_rate"), "note"]
-        assert "NOT equal" not in d.loc[(mode, 2, "hit_rate"), "note"]
+        note = d.loc[(mode, 2, "hit_rate_pooled"), "note"]
+        assert "pool replay on this run's traced routing" in note and "equal to the engine's" in note
+        assert "NOT equal" not in note
+        assert "pooled over 2 measured passes" in note and f"over {V.POOL_SEEDS} routing seeds" in note
     assert "pool replay" not in d.loc[("ring", 2, "decode_tokens_per_s"), "note"]
 
 
@@ -146,6 +150,7 @@ def test_quick_repeats_median_and_spread(quick_run):
     G, P = 3, 8  # --quick
     for (mode, ph), n in R.items():
         seq = reps[(mode, 2, ph)]
+        seq = [x for x in seq if x[1] in ("probe_ms", "timed_s")]  # (expert-aware: + each pass's pool counters)
         assert [w for _, w, _ in seq] == ["probe_ms", "timed_s"] * n + ["probe_ms"], mode
         assert [i for i, _, _ in seq] == [i // 2 for i in range(2 * n + 1)]
         secs = [v for _, w, v in seq if w == "timed_s"]
@@ -167,11 +172,45 @@ def test_quick_repeats_median_and_spread(quick_run):
     L = got[("-", 0, "host_probe_moe_blocks")]
     res = [2 * P / x for x in (v for _, w, v in reps[("resident", 2, "prefill")] if w == "timed_s")]
     assert got[("resident", 2, "block_compute_ms")] == pytest.approx(1e3 * 2 * P / statistics.median(res) / L, rel=1e-5)
-    # expert-aware repeats each build a fresh engine, but the pool trace and statistics are the first repeat's only
-    stats = list(csv.DictReader((out / "expert_trace_stats.csv").open()))
-    assert len(stats) == 2
+    # expert-aware repeats each build a fresh engine on other prompts: the count rows pool their counters
+    # (repeats.csv pool_* rows, one per pass and counter), no single-pass count rows any more
+    for mode in ("expert", "expert_nopred"):
+        pc = defaultdict(float)
+        for i, w, v in reps[(mode, 2, "decode")]:
+            if w.startswith("pool_"):
+                pc[w] += v
+        assert got[(mode, 2, "pool_passes")] == 2
+        assert got[(mode, 2, "hit_rate_pooled")] == pytest.approx(
+            pc["pool_hits"] / max(1, pc["pool_hits"] + pc["pool_misses"]), rel=1e-5)
+        assert (mode, 2, "hit_rate") not in got and (mode, 2, "decode_GB_copied_per_step") not in got
+        if mode == "expert_nopred":
+            assert pc["pool_prefetched"] == 0 and got[(mode, 2, "prefetched_used_frac_pooled")] == 0
 
 
 def test_repeats_must_be_positive(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--suite", "issue7", "--quick", "--out", str(tmp_path), "--repeats", "0"])
+
+
+def test_pooled_rows_are_ratios_of_sums():
+    """The pooled count rows sum the R passes' counters (a pass with many lookups weighs more), not average their
+    ratios: hits 0 of 2 and 8 of 10 pool to 8 / 12, not 0.4."""
+    st = [{"expert_hits": 0, "expert_misses": 2, "experts_prefetched": 4, "prefetch_used": 1},
+          {"expert_hits": 8, "expert_misses": 2, "experts_prefetched": 0, "prefetch_used": 0}]
+    got = bench.pooled_rows(st, expert_bytes=10**9, G=3)
+    assert got["pool_passes"] == 2
+    assert got["hit_rate_pooled"] == pytest.approx(8 / 12)
+    assert got["prefetched_used_frac_pooled"] == pytest.approx(1 / 4)
+    assert got["decode_GB_copied_per_step_pooled"] == pytest.approx((4 + 4) / (2 * 2))  # 8 experts of 1 GB, 4 steps
+    assert bench.pooled_rows(st[1:], 10**9, 3)["prefetched_used_frac_pooled"] == 0  # nothing prefetched
+
+
+def test_expert_repeats_prompts_and_fallback():
+    """Repeat 0 decodes the resident rows' prompts (seed = batch), later repeats other prompts; a batch whose
+    tokens are expected to touch >= 95% of the experts falls back to the ring (one repeat)."""
+    from semoe.presets import model_preset
+
+    seeds = [bench.expert_prompt_seed(4, i) for i in range(5)]
+    assert seeds[0] == 4 and len(set(seeds)) == 5 and not set(seeds[1:]) & {1, 2, 4, 8, 16}
+    spec = model_preset("mixtral-8x7b")  # 8 experts, top-2: 8 (1 - 0.75^B) >= 7.6 from B = 11
+    assert [bench.falls_back(spec, B) for B in (1, 2, 4, 8, 10, 11, 16)] == [False] * 5 + [True] * 2
