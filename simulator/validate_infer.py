@@ -95,6 +95,14 @@ first run that has them and not to be changed after seeing its errors:
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 
+Host syncs of the resident prefill (from 2026-11-24 ~15:00, every run): the simulations of bf16 resident rows
+with an engine probe (and the resident simulation inside the ring's bound) take `InferConfig.sync_split` from
+the H100 sync probe (``results/bench/infer_syncprobe``, run b57d4eb, apart from every bench run;
+`simulator.workload.inference_syncprobe.sync_shares`): each of the block's 4 host syncs costs its measured share
+of the block's host seconds (the run's probe's) after the device reached it, the kernels the rest. The shares are
+the probe's tiny-width spans, the seconds stay the run's; nothing of infer.csv goes in. ``--no-sync-split`` is
+the what-if without it (the host seconds spread evenly over the kernels), never used for the committed table.
+
 ``--host-op-us X`` is a what-if (host seconds per kernel replaced, engine probes ignored), never used for the
 committed table.
 """
@@ -204,7 +212,7 @@ def _model(c: dict):
 @cache
 def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int, predict: bool, budget: bool = True,
          quant: str | None = None, dequant: str = "workspace", launch_s: float | None = None, probe=None,
-         seed: int | None = None):
+         seed: int | None = None, sync_split: tuple = ()):
     """One simulated run of a row's configuration (``seed``: the routing seed, `semoe.Workload.seed`; None: the
     default workload's)."""
     from semoe import Workload
@@ -217,12 +225,25 @@ def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int,
                       plan_batch=plan_batch, predict=predict, quant=quant, dequant=dequant,
                       predict_accuracy=predict_accuracy() if predict else 1.0,
                       launch_s=HOST_OP_S if launch_s is None else launch_s,
-                      host_probe=probe if HOST_OP_S is None else None)
+                      host_probe=probe if HOST_OP_S is None else None,
+                      sync_split=sync_split if HOST_OP_S is None and probe is not None else ())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roofline fallbacks are listed once by `predict_all`
         wl = None if seed is None else Workload(kind="infer", seq_len=c["P"], gen_len=c["G"], seed=seed)
         _, res = simulate_inference(model, cluster_preset("h100-single"), cfg, workload=wl, trace=False)
     return model, res
+
+
+SYNC_SPLIT = True  # False: --no-sync-split what-if (the probe's host seconds spread evenly over the kernels)
+
+
+@cache
+def _sync_split() -> tuple:
+    """The resident prefill's host-sync shares (`simulator.workload.inference_syncprobe.sync_shares`: the H100
+    sync probe b57d4eb at tiny widths), () under ``--no-sync-split``."""
+    from simulator.workload.inference_syncprobe import sync_shares
+
+    return sync_shares() if SYNC_SPLIT else ()
 
 
 POOL_SEEDS = 32  # routing seeds of a pooled count row's prediction (`pooled_prediction`)
@@ -317,7 +338,7 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
     if base == "resident" or (base == "ring" and metric == "block_compute_ms"):
         # ring rows' block_compute_ms: the bench times the same experts resident (K = L)
         model, res = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant,
-                          launch_s=host_s, probe=res_probe)
+                          launch_s=host_s, probe=res_probe, sync_split=_sync_split())
         L = model.moe_layers
         if metric == "block_compute_ms":
             return 1e3 * res.prefill_s / L, "throughput", qnote
@@ -354,7 +375,7 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
             v = getattr(res, f"{which}_tokens_per_s") / getattr(bf, f"{which}_tokens_per_s")
             return v, "ratio", f"{which} tokens/s of the {quant} ring over the simulated bf16 ring"
         _, resident = _sim(config, "resident", B, None, bmax, False, budget=False, quant=quant, dequant=dequant,
-                           launch_s=host_s, probe=res_probe)
+                           launch_s=host_s, probe=res_probe, sync_split=_sync_split())
         bound_s = L * max(resident.prefill_s / L, E * eb / bw)
         if metric == "bound_prefill_tokens_per_s":
             return B * P / bound_s, "throughput", "issue 7's bound from simulated compute and the preset's PCIe"
@@ -619,12 +640,15 @@ def explain(r, probed: bool = False, adjacent: tuple | None = None) -> str:
         return (f"host-bound: the counted kernels per step (results/profiles/op_counts.csv) x {host}; the reference "
                 "measured ~26 ms/step (NOTES.md), i.e. ~35 us per kernel in this code path")
     if mode == "resident" and metric in ("prefill_tokens_per_s", "block_compute_ms"):
-        return (f"compute + host: ~70 counted kernels per block x {host} (sync latencies spread evenly over the "
-                "kernels) and 4 host syncs per block; expert GEMMs at the profile's grouped_gemm_fwd_routed rows "
-                "(64-2048 rows per expert), started after the dispatch lead's host time (5 kernels); every other "
-                "kernel at its price + 2.44 us (inference_costs.KERNEL_DEVICE_S, results/bench/infer_diag); B <= 2 "
-                "left 7-10% fast in the 76200c0 run (per-segment host split: results/bench/infer_syncprobe, not yet "
-                "analysed); the same batch's block time varies 2.3-3.1 ms (B = 1) across runs")
+        split = ("each sync's latency (the sync probe's share) serial" if _sync_split()
+                 else "sync latencies spread evenly")
+        return (f"compute + host: ~70 counted kernels per block x {host} ({split}) and 4 host syncs per block; "
+                "expert GEMMs at the profile's grouped_gemm_fwd_routed rows (64-2048 rows per expert), started "
+                "after the dispatch lead's host time (5 kernels); every other kernel at its price + 2.44 us "
+                "(inference_costs.KERNEL_DEVICE_S, results/bench/infer_diag); with the sync split B >= 4 lean 3-7% "
+                "slow (the split adds ~0.2 ms of serial sync latency per block at every batch; the sync probe's B = 8 "
+                "chain is slower still, so the rest of the block is priced slow there); the same batch's block time "
+                "varies 2.3-3.6 ms (B = 1) across runs")
     if mode.startswith("expert") and metric == "decode_tokens_per_s":
         return ("copies and host work serialised per block (the remap's bincount sync waits for the copy; "
                 "a prefetched block's compute waits for its prefetch, which starts after the previous block's "
@@ -650,6 +674,11 @@ def explain(r, probed: bool = False, adjacent: tuple | None = None) -> str:
                 "(3 bytes per weight) is charged; copy-bound ring rows are unaffected")
     if metric == "bound_prefill_tokens_per_s":
         return "bound uses the simulated resident compute; see resident prefill"
+    if parse_mode(mode)[0] == "ring" and metric in ("prefill_tokens_per_s", "prefill_frac_of_bound", "prefill_ms_per_block"):
+        return ("copy-bound: every block's experts over PCIe at the preset's 53.5 GB/s (~0.42 s a pass of 8 blocks), "
+                "the host hidden under the copies; a miss is a slow stretch of the machine's copies (the 41ed3d6 run: "
+                "ring_K4, ring B1 and B2, one pass each within ~6 s, at 0.50 s a pass against 0.42-0.45 s for its "
+                "other ring passes and every ring pass of 76200c0)")
     return ""
 
 
@@ -861,7 +890,8 @@ def pooled_noise_note(measured: pd.DataFrame, r, pred: float, predict: bool) -> 
         return ""
     sd_r = sd / math.sqrt(n)
     rel = f" ({sd_r / pred:.1%} of the prediction)" if pred else ""
-    return (f"pooled over {n:.0f} measured passes (other prompts each): sampling sd ~ {sd_r:.3g}{rel}, measured "
+    passes = f"{n:.0f} measured pass" + ("es" if n != 1 else "")
+    return (f"pooled over {passes} (other prompts each): sampling sd ~ {sd_r:.3g}{rel}, measured "
             f"{abs(float(r['value']) - pred) / sd_r:.1f} sd away")
 
 
@@ -957,8 +987,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", type=Path, default=OUT_PNG)
     ap.add_argument("--host-op-us", type=float, default=None,
                     help="what-if: host us per kernel instead of CostModel.host_op_s (never for the committed table)")
+    ap.add_argument("--no-sync-split", action="store_true",
+                    help="what-if: the resident prefill's host-sync latency spread evenly over the kernels (the "
+                         "model before the sync probe; never for the committed table)")
     a = ap.parse_args(argv)
-    global HOST_OP_S
+    global HOST_OP_S, SYNC_SPLIT
+    if a.no_sync_split:
+        SYNC_SPLIT = False
+        _sync_split.cache_clear()
+        _sim.cache_clear()
+        print("what-if: no host-sync split (the probe's seconds spread evenly over the kernels)")
     if a.host_op_us is not None:
         if a.host_op_us < 0:
             print("validate_infer: --host-op-us must be >= 0", file=sys.stderr)

@@ -66,7 +66,7 @@ resident prefill B1 / B2    9      0.010/.015  0.021/.033  .83/.36 1.1% / 1.0% (
 resident prefill B4-16      9      0.02-0.05   0.09-0.12   .16-.33 1.7-2.9% (5)       1.3-2.1% (9)
 ring prefill (K, batch)     1      0.002-0.015 -           0.01    0.1-1.1% (3)       0.2-1.5% (1)
 ring decode                 1      (1 pass)    -           0.00    copy-bound         unchanged
-expert-aware decode B1-8    4      0.012-0.038 0.07-0.17   .05-.27 1-3.5% (3)         1-3% (4)
+expert-aware decode B1-8    3      0.012-0.038 0.07-0.17   .05-.27 1-3.5% (3)         1-3.5% (3)
 expert-aware at the ring    1      0.005       -           0.00    0.4% (3)           0.6% (1)
 fallback batch (B = 16)
 ==========================  =====  ==========  ==========  ======  =================  ==================
@@ -76,9 +76,17 @@ fallback batch (B = 16)
 expert_nopred hit_rate 6% (B1), 16% (B2: ~17 hits a pass), 5% (B4), 3.5% (B8); expert hit_rate <= 1.6%;
 GB copied per step <= 3.3%. Time (H100, from 76200c0's log): + 3.6 s resident prefill, + 16 s resident decode,
 - 11.5 s ring prefill, + 25.6 s expert-aware B1-8, - 8.4 s expert B16, - 4.3 s accelerate (``--accelerate-reps`` 1
-after its first forward): ~ + 21 s, ~ 320-325 s in all; a row that starts after ``--repeat-until-s`` (290 s) of the
-run (from its argument parsing, ~10 s after the process starts) is timed once, so a slow machine stays near
-~5.5 min.
+after its first forward): ~ + 21 s, ~ 320-325 s in all expected. The first run with them (41ed3d6, R = 4
+expert-aware) took 341 s of wall time (324 s from its argument parsing; resident prefill 9 s, resident decode
+31 s, ring K sweep 8 s, ring prefill 7 s, ring decode 21 s, expert 64 s, expert_nopred 46 s with B = 8 cut to one
+repeat by the 290 s limit, ~59 s without, accelerate 21 s, store build and load 92 s): over the ~330 s budget, so
+``--expert-repeats`` is 3 since (~ -29 s; the pooled rows' sd at R = 3: expert_nopred hit_rate 7% (B1), 18% (B2),
+6% (B4), 4% (B8), GB copied per step <= 3.8%). That run also showed why single-pass ring rows are exposed: ring_K4,
+ring B1 and B2 (one pass each, within ~6 s of each other) took 0.50 s a pass against 0.42-0.45 s for the other
+ring passes of the run and every ring pass of 76200c0 (its resident B1 probes were 60% slower too): a slow stretch
+of the machine, which repeats seconds apart would not have averaged out either. A row that starts after
+``--repeat-until-s`` (290 s) of the run (from its argument parsing, ~10-17 s after the process starts) is timed
+once, so a slow machine stays near ~5.5 min.
 
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
@@ -511,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="issue7: timed repeats of the ring prefill rows (copy-bound: 76200c0's spread 0.3-1.7%%)")
     p.add_argument("--ring-decode-repeats", type=int, default=1,
                    help="issue7: timed repeats of the ring decode rows (~3.6 s each on the H100)")
-    p.add_argument("--expert-repeats", type=int, default=4,
+    p.add_argument("--expert-repeats", type=int, default=3,
                    help="issue7: timed repeats of the expert-aware decode rows (a fresh engine and other prompts each; "
                         "the pool's count rows pooled over them); 1 at a batch that falls back to the ring")
     p.add_argument("--accelerate-reps", type=int, default=1,

@@ -10,7 +10,12 @@ Resources (SimPy processes, one GPU of the cluster):
   `inference_host.HostProbe`: the host program measured at tiny widths in the same run, per mode, phase
   and batch), a pass's kernels cost that probe's seconds over the counted kernels of the probed pass (the
   median over the probed batches of the same mechanism: `HostProbe.rate`)
-  (scaled per block when the probe model has another block count; bf16 experts only);
+  (scaled per block when the probe model has another block count; bf16 experts only). Resident prefill passes
+  with ``InferConfig.sync_split`` (`inference_syncprobe.sync_shares`: the H100 sync probe's per-sync shares of a
+  block's host time at tiny widths, ~15% for the 4 syncs) pay each host sync's share of the block's host seconds
+  as a latency after the device reached the sync (the bincount's device-to-host round trip: the device idles),
+  and the kernels the rest, instead of spreading it evenly over the kernels (where the part issued while the
+  device runs the previous block's expert GEMMs was hidden);
 * the **compute stream**, which runs kernels in issue order; a segment of ``n`` kernels with GPU work
   ``w`` issued from host time ``h`` starts when the stream is free and its inputs are ready, and ends
   at ``max(start + w, h + n * host_op_s)`` (it cannot end before its last kernel was issued). So a
@@ -153,9 +158,15 @@ class InferConfig:
     # the engine's host time per pass measured in the same bench run at tiny widths (bf16 experts): the
     # host seconds per kernel of the paths it probed (else launch_s / CostModel.host_op_s)
     host_probe: HostProbe | None = None
+    # resident prefill passes: ``(segment, share)`` of the host syncs' own latency in a block's host time
+    # (`inference_syncprobe.sync_shares`, the probe's tiny widths): each such sync costs share x the block's host
+    # seconds after the device reached it (serial), the kernels the rest (() : spread evenly over the kernels)
+    sync_split: tuple = ()
 
     def __post_init__(self) -> None:
         check_quant(self.quant, self.dequant)
+        if any(not 0 <= sh < 1 for _, sh in self.sync_split) or sum(sh for _, sh in self.sync_split) >= 1:
+            raise SpecError(f"InferConfig.sync_split: shares must be in [0, 1) and sum below 1, got {self.sync_split}")
         if self.host_probe is not None and not isinstance(self.host_probe, HostProbe):
             raise SpecError(f"InferConfig.host_probe: a HostProbe or None, got {type(self.host_probe).__name__}")
         if self.launch_s is not None and self.launch_s < 0:
@@ -446,6 +457,7 @@ class InferenceRun:
         # still in flight (``ExpertCache.inflight``) makes the compute stream wait for it
         self.inflight_event = None
         self.host_ops = 0
+        self.sync_wait_s = 0.0  # host seconds of the syncs' own latency (`InferConfig.sync_split`)
         self.step = -1
         mem, p = sim.memory, self.plan
         host_bytes = p.blocks * p.experts * p.expert_bytes
@@ -567,6 +579,13 @@ class InferenceRun:
         phase_name = "prefill" if q_len > 1 else "decode"
         self.host_op_s = self._host_rate(phase_name, batch)
         prog = self._program(mode, phase_name)
+        sync_lat: dict = {}
+        if cfg.sync_split and cfg.mode == "resident" and phase_name == "prefill":
+            # the syncs' latency in the serial chain (after the device reached them), the kernels the rest of the
+            # block's host seconds: a block's host total is unchanged, so a host-bound (tiny width) pass is too
+            block_s = self.host_op_s * prog.block_kernels
+            sync_lat = {seg: sh * block_s for seg, sh in cfg.sync_split}
+            self.host_op_s *= 1.0 - sum(sh for _, sh in cfg.sync_split)
         resident = cfg.mode == "resident"
         yield from self._phase(prog.embedding, costs.embed(T) + costs.kernels(prog.embedding), "embedding_fwd", -1)
         predicted: dict[int, np.ndarray] = {}
@@ -601,6 +620,9 @@ class InferenceRun:
                     wait = None
                 if seg.sync and not ev.processed:
                     yield ev
+                if seg.sync and sync_lat.get(seg.name):
+                    self.sync_wait_s += sync_lat[seg.name]
+                    yield self.env.timeout(sync_lat[seg.name])
                 if seg.marker == "acquire" and mode == "ring":  # Ring.acquire: loads, wait, dequant
                     if not resident:
                         yield from self._ring_issue(prog)

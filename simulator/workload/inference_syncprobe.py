@@ -191,6 +191,34 @@ def summarise(sync_csv: str | Path):
     return res.sort_values(["width", "batch", "span"], key=lambda c: c.map(order) if c.name == "span" else c)
 
 
+SYNC_SEGMENTS = {"moe_0 sync": "moe_0", "moe_1 sync": "moe_1", "moe_3 sync": "moe_3", "moe_4 sync": "moe_4"}
+RESULTS = Path(__file__).resolve().parent.parent.parent / "results" / "bench" / "infer_syncprobe"
+
+
+def sync_shares(sync_csv: str | Path | None = None, width: str = "tiny") -> tuple:
+    """The host syncs' shares of a resident prefill block's host time at the engine host probe's tiny widths
+    (``width``; the committed H100 run b57d4eb, ``results/bench/infer_syncprobe/sync.csv``, by default): per sync
+    segment of the counted program (`SYNC_SEGMENTS`: the router's, the aux statistics' and the dispatcher's
+    ``bincount`` and the dispatcher's ``int()``), its span (the call to the return: the op's host cost, the
+    wait and the device-to-host round trip; at tiny widths the device keeps up, so nearly all of it is the sync's
+    own latency) over the sum of the block's spans, the mean over the probed batches. ``(segment, share)`` pairs,
+    in program order (`InferConfig.sync_split`); () when the file is absent. An input measured apart from every
+    bench run (the shares, not the seconds: the run's own probe sets the host seconds)."""
+    path = Path(sync_csv) if sync_csv is not None else RESULTS / "sync.csv"
+    if not path.is_file():
+        return ()
+    sm = summarise(path)
+    sm = sm[sm["width"] == width]
+    if sm.empty:
+        return ()
+    per = []
+    for _, g in sm.groupby("batch"):
+        tot = float(g["host_ms"].sum())
+        per.append({SYNC_SEGMENTS[n]: float(v) / tot for n, v in zip(g["span"], g["host_ms"]) if n in SYNC_SEGMENTS})
+    segs = [seg for seg in SYNC_SEGMENTS.values() if all(seg in p for p in per)]
+    return tuple((seg, sum(p[seg] for p in per) / len(per)) for seg in segs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)

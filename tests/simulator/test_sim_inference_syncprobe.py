@@ -61,3 +61,54 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     assert "--batches" in capsys.readouterr().err
     assert S.main(["--out", str(tmp_path), "--summary"]) == 2
     assert "sync.csv not found" in capsys.readouterr().err
+
+
+def test_sync_shares_of_the_committed_h100_probe():
+    """The H100 sync probe (b57d4eb, tiny widths): each of the 4 host syncs of a resident prefill block (router,
+    aux statistics and dispatcher bincounts, the dispatcher's int()) takes a few % of the block's host time,
+    ~15% together; none without the file."""
+    sh = S.sync_shares()
+    assert [seg for seg, _ in sh] == ["moe_0", "moe_1", "moe_3", "moe_4"]
+    assert all(0.005 < v < 0.1 for _, v in sh) and 0.1 < sum(v for _, v in sh) < 0.2
+    assert dict(sh)["moe_4"] < dict(sh)["moe_0"]  # int() of one value is the lightest
+    assert S.sync_shares(S.RESULTS / "absent.csv") == ()
+
+
+def test_sync_split_serialises_the_sync_latency():
+    """`InferConfig.sync_split`: a resident prefill block's host seconds (the probe's) are split into the syncs'
+    latency, paid after the device reached each sync, and the kernels' rest. A host-bound pass (device work 0)
+    keeps its time; with device work before the router's sync, the latency of the 4 syncs after it lands in the
+    serial chain, so the pass is longer by S x the kernels issued while the device was busy; decode unchanged."""
+    from sim_helpers import make_cluster
+
+    from semoe import ModelSpec, SpecError
+    from simulator.engine import Sim
+    from simulator.workload.inference import FixedCosts, InferConfig, InferenceRun
+    from simulator.workload.inference_host import HostProbe, host_program
+
+    m = ModelSpec(name="tiny-moe", layers=2, hidden=64, heads=4, vocab=128, max_seq=256, ffn=128, experts=4,
+                  top_k=1, activation="swiglu", norm="rmsnorm", position="rope", dtype="bf16")
+    prog = host_program(None, "resident", "prefill")
+    pass_s = 10e-3
+    probe = HostProbe(2, (("resident", "prefill", 1, pass_s, 0.0),))
+    split = (("moe_0", 0.06), ("moe_1", 0.04), ("moe_3", 0.04), ("moe_4", 0.01))
+    S_ = sum(v for _, v in split)
+
+    def run(costs, sp):
+        cfg = InferConfig(mode="resident", prompt_len=16, gen_len=3, host_probe=probe, sync_split=sp)
+        return InferenceRun(m, cfg, Sim(make_cluster(gpn=1), profile=None), costs=costs).run()
+
+    flat, cut = run(FixedCosts(0.0), ()), run(FixedCosts(0.0), split)
+    assert flat.prefill_s == pytest.approx(pass_s, rel=1e-9)
+    # host-bound: the same seconds, less the split of the embedding / head kernels (3 of the pass's)
+    rate = pass_s / prog.kernels(2)
+    assert cut.prefill_s == pytest.approx(pass_s - S_ * rate * (prog.embedding + prog.head), rel=1e-9)
+    assert cut.decode_s == pytest.approx(flat.decode_s, rel=1e-12)  # decode: not split
+    att = 5 * pass_s  # device-bound up to the router's sync: the host issued attention + moe_0 meanwhile
+    flat, cut = run(FixedCosts(0.0, attention_s=att), ()), run(FixedCosts(0.0, attention_s=att), split)
+    before = sum(s.kernels for s in prog.block[:2])  # attention, moe_0: issued under the device's work
+    # (the embedding and head kernels, serial, at the split's lower per-kernel rate)
+    extra = 2 * S_ * rate * before - S_ * rate * (prog.embedding + prog.head)
+    assert cut.prefill_s - flat.prefill_s == pytest.approx(extra, rel=1e-6) and extra > 0
+    with pytest.raises(SpecError, match="sync_split"):
+        InferConfig(sync_split=(("moe_0", 0.6), ("moe_1", 0.5)))

@@ -69,3 +69,26 @@ def test_single_pass_rows_keep_their_rule():
     one = V._sim(CONFIG, "expert", 4, None, 4, False)[1]
     assert d.loc[("expert_nopred", 4, "hit_rate"), "predicted"] == pytest.approx(one.hit_rate)
     assert "pooled" not in d.loc[("expert_nopred", 4, "hit_rate"), "note"]
+
+
+def test_resident_prefill_takes_the_sync_split(monkeypatch):
+    """bf16 resident rows with an engine probe are simulated with the sync probe's split (each host sync's latency
+    serial): at B = 1 of the 76200c0 run the prefill is slower than with the probe's seconds spread evenly;
+    decode is not split; rows without a probe take no split."""
+    m = pd.read_csv(V.MEASURED, dtype={"commit": str})
+    run = m[(m["commit"] == "76200c0") & (m["mode"].isin(["resident", "-"]) | m["metric"].str.startswith("host_"))]
+    assert set(run["date"]) == {"2026-11-24T12:41:18Z"}
+    keys = [("resident", 1, "prefill_tokens_per_s"), ("resident", 1, "decode_tokens_per_s")]
+    assert V._sync_split()
+    with_split = V.predict_all(run).set_index(["mode", "batch", "metric"]).loc[keys, "predicted"]
+    monkeypatch.setattr(V, "SYNC_SPLIT", False)
+    V._sync_split.cache_clear()
+    V._sim.cache_clear()
+    try:
+        flat = V.predict_all(run).set_index(["mode", "batch", "metric"]).loc[keys, "predicted"]
+    finally:
+        monkeypatch.setattr(V, "SYNC_SPLIT", True)
+        V._sync_split.cache_clear()
+        V._sim.cache_clear()
+    assert with_split.iloc[0] < 0.97 * flat.iloc[0]  # ~0.2 ms of serial sync latency per ~2.4 ms block
+    assert with_split.iloc[1] == pytest.approx(flat.iloc[1], rel=1e-9)
