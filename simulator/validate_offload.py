@@ -73,6 +73,29 @@ everything else (SSD, PCIe, the other cases) keeps the rules below. A case witho
 case whose probes failed: row ``adjacent_probe_error``) keeps the run-level rule of hB / hD2, unchanged. The adjacent
 rows themselves are model inputs (status ``fitted``, compared with the simulator's own AdamW rate).
 
+A-priori rule of task hH (written 2026-11-24 ~14:40 UTC, BEFORE the GPU run that first has these probes, and not
+to be changed after its errors are seen): in b ssd on (run b57d4eb) the update ran at 0.62x its adjacent idle probes,
+beside the busy SSD I/O thread, which no idle probe can see. From task hH on the bench brackets each ssd case (a and
+b), right after each adjacent probe, with the contention probe (`reference.offload.bench.ContentionProbe`): the
+engine's SSD I/O cycle alone (expert-state blocks read back into fresh tensors, then written back over their old
+versions, on one I/O thread), then the case's AdamW call beside that thread's reads and beside its write-backs, and
+those reads / writes beside the update; the update alone is the adjacent idle probe just taken. Rows: metric
+``contention_<position>_<quantity>_<condition>_<unit>`` (`CONTENTION_RE`; ``adam`` in Mparams/s with conditions
+``alone`` / ``beside_read`` / ``beside_write``, ``io_read`` / ``io_write`` / ``io_prep`` in GB/s with ``alone`` /
+``beside``), config / placement / prefetch = the case's. A case that has them (`contention_probes`) takes, per
+(quantity, condition) of `CONTENTION_FACTORS`, the MEAN over its probe positions of that value / the quantity's
+``alone`` value at the same position (a position lacking either is skipped; factors as measured, not clipped:
+`contention_input`) as the factors ``contention_cpu_adam_read`` / ``contention_cpu_adam_write`` /
+``contention_disk_read`` / ``contention_disk_write`` / ``contention_ssd_write_prep`` of its simulation
+(`simulator.workload.training`'s ``io_rates``): while the node's CPU update runs beside an SSD read (a write-back),
+the update proceeds at its a-priori rate (the rule of hB3, unchanged) times the ``_read`` (``_write``) factor and
+the read (each part of the write: prep, write) at its a-priori rate (hB's I/O cycle probe, unchanged) times its
+factor; alone, each at its a-priori rate (a rate switch, `simulator.workload.host_share`). The diagnostic simulation
+given a case's own trace rates takes no factors (the in-trace rates already contain the contention). A case without
+contention probes (every run before hH, the cpu and gpu cases, a case whose probe failed: row
+``contention_probe_error``) keeps its rules, unchanged. The contention rows are model inputs (used_for_fitting,
+status ``not_modelled``: the simulator has no contention of its own).
+
 A-priori vs diagnostic (task hD2): the ``validated`` rows are predictions whose inputs are the run's probes only
 (CPU AdamW: the engine probe with nothing beside the update, `ADAM_LOADS_APRIORI`; SSD: the engine's block read /
 write / rewrite-prep probes where the run has them, else the plain-file and fresh-name ones). For every run with
@@ -437,6 +460,53 @@ def adjacent_input(adjacent: dict[str, float] | None) -> tuple[float, str] | Non
     return mean * 1e6, f"adjacent probes of this case (mean of {parts}): {mean:.0f} Mparams/s"
 
 
+# task hH: the case's AdamW and SSD I/O, alone and beside each other (reference.offload.bench.contention_metric)
+CONTENTION_RE = re.compile(r"^contention_([a-z0-9]+)_(adam|io_read|io_write|io_prep)_(alone|beside(?:_read|_write)?)_"
+                           r"(?:Mparams_per_s|GBps)$")
+# (quantity, condition) of a contention row over its quantity's ``alone`` -> the simulation's io_rates factor
+# (simulator.workload.training.CONTENTION_KEYS): the update beside the I/O thread's reads / write-backs (or beside
+# either), each I/O part beside the update
+CONTENTION_FACTORS = {("adam", "beside_read"): "contention_cpu_adam_read",
+                      ("adam", "beside_write"): "contention_cpu_adam_write", ("adam", "beside"): "contention_cpu_adam",
+                      ("io_read", "beside"): "contention_disk_read", ("io_write", "beside"): "contention_disk_write",
+                      ("io_prep", "beside"): "contention_ssd_write_prep"}
+
+
+def contention_probes(df) -> dict[tuple, dict[tuple[str, str, str], float]]:
+    """``(date, commit, device, config, placement, prefetch) -> {(position, quantity, condition): value}`` from a
+    bench frame's contention rows (`CONTENTION_RE`); a row repeated keeps the mean."""
+    got: dict[tuple, dict[tuple, list[float]]] = {}
+    for r in df.itertuples(index=False):
+        m = CONTENTION_RE.match(str(r.metric))
+        if m:
+            key = (r.date, r.commit, r.device, str(r.config), str(r.placement), str(r.prefetch))
+            got.setdefault(key, {}).setdefault((m[1], m[2], m[3]), []).append(float(r.value))
+    return {k: {q: sum(v) / len(v) for q, v in d.items()} for k, d in got.items()}
+
+
+def contention_input(probes: dict[tuple[str, str, str], float] | None) -> tuple[dict[str, float], str] | None:
+    """Task hH's a-priori contention factors of a case: per (quantity, condition) of `CONTENTION_FACTORS`, the mean
+    over its probe positions of that value / the quantity's ``alone`` value at the same position (positions lacking
+    either, or with a non-positive / non-finite value, skipped) -> ``({io_rates key: factor}, label)``; None
+    without any."""
+    probes = probes or {}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for (pos, q, cond), v in sorted(probes.items()):
+        if (q, cond) not in CONTENTION_FACTORS:
+            continue
+        alone = probes.get((pos, q, "alone"))
+        if alone and alone > 0 and v > 0 and math.isfinite(alone) and math.isfinite(v):
+            ratios.setdefault((q, cond), []).append(v / alone)
+    if not ratios:
+        return None
+    order = list(CONTENTION_FACTORS)
+    ratios = dict(sorted(ratios.items(), key=lambda kv: order.index(kv[0])))
+    factors = {CONTENTION_FACTORS[k]: sum(v) / len(v) for k, v in ratios.items()}
+    label = "contention (beside / alone, mean of " + ", ".join(
+        f"{q} {cond} x{sum(v) / len(v):.2f} over {len(v)}" for (q, cond), v in ratios.items()) + ")"
+    return factors, label
+
+
 def layer_size(cfg: OffloadConfig) -> tuple[int, int]:
     """``(E, P)``: experts per MoE layer and parameters per expert of the configuration's model (the engine's
     per-expert flat vector: w1, w3 with SwiGLU, w2, and the biases when the model has them)."""
@@ -472,10 +542,11 @@ def adam_input(probes: dict[tuple, float], cfg: OffloadConfig, placement: str, d
 
 
 def case_io(io: tuple, probes: dict[tuple, float], cfg: OffloadConfig, placement: str, device: str,
-            adjacent: dict[str, float] | None = None) -> tuple[tuple, str]:
+            adjacent: dict[str, float] | None = None, contention: dict | None = None) -> tuple[tuple, str]:
     """A case's simulation inputs: its run's ``io`` with the CPU AdamW rates (``cpu_adam`` and
     ``cpu_adam_fp32grad``) replaced by the mean of the case's own adjacent probes (``adjacent``, task hB3:
-    `adjacent_input`) where it has them, else by `adam_input`'s when the run has engine probes; and which AdamW
+    `adjacent_input`) where it has them, else by `adam_input`'s when the run has engine probes; plus, where the case
+    has contention probes (``contention``, task hH: `contention_input`), the host contention factors; and which AdamW
     input the case uses (a label; '' for a placement without a CPU optimizer)."""
     try:
         tier = parse_placement(placement)
@@ -485,15 +556,21 @@ def case_io(io: tuple, probes: dict[tuple, float], cfg: OffloadConfig, placement
         return io, ""
     got = adjacent_input(adjacent) or adam_input(probes, cfg, placement, device)
     rates = dict(io)
+    con = contention_input(contention)
+    if con is not None:
+        rates.update(con[0])
+    extra = f"; {con[1]}" if con else ""
     if got is not None:
         rates["cpu_adam"] = rates["cpu_adam_fp32grad"] = got[0]
-        return tuple(sorted(rates.items())), got[1]
+        return tuple(sorted(rates.items())), got[1] + extra
+    if con is not None:
+        io = tuple(sorted(rates.items()))
     key = "cpu_adam_fp32grad" if cfg.micro_batches > 1 and rates.get("cpu_adam_fp32grad") else "cpu_adam"
     if rates.get(key):
         name = "cpu_adam_fp32grad_Mparams_per_s" if key == "cpu_adam_fp32grad" else "cpu_adam_Mparams_per_s"
         return io, (f"isolated probe {name}: {rates[key] / 1e6:.0f} Mparams/s (older run: no engine AdamW "
-                    "probe)")
-    return io, "the simulator's assumption (profile / host DRAM bandwidth): no probe in this run"
+                    "probe)") + extra
+    return io, "the simulator's assumption (profile / host DRAM bandwidth): no probe in this run" + extra
 
 
 def simulate(cfg: OffloadConfig, placement: str, depth: int, io: tuple = ()) -> dict:
@@ -926,6 +1003,7 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                 d[plain] = d.pop(cycle)
     probes = engine_adam_probes(df)
     adjacent = adjacent_probes(df)  # task hB3: each case's own AdamW probes, before and after it
+    contention = contention_probes(df)  # task hH: each ssd case's AdamW and I/O, alone and beside each other
     routed = routing_traces(traces)  # each traced case's routing record (H2D rows, `ROUTED_METRICS`)
     runs = set(zip(df["date"], df["commit"], df["device"]))
     for run in runs:  # the reference code each run executed (its GPU AdamW and expert GEMM path)
@@ -998,6 +1076,22 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                             "rate (assumption)")
             out.append(row)
             continue
+        m = CONTENTION_RE.match(str(r.metric))
+        if m:
+            what = ({"alone": "the update alone", "beside": "the update beside the SSD I/O",
+                     "beside_read": "the update beside the I/O thread's reads",
+                     "beside_write": "the update beside the I/O thread's write-backs"}[m[3]] if m[2] == "adam" else
+                    f"the SSD I/O's {m[2].removeprefix('io_')} {'beside the update' if m[3] == 'beside' else 'alone'}")
+            row.update(used_for_fitting=True, note=(
+                f"model input (task hH): contention probe {m[1]} this case, {what}; this case's simulations take the "
+                "mean over its probes of beside / alone per quantity as the rate factor while the update and the "
+                "SSD I/O both run (the simulator has no contention of its own: no prediction)"))
+            out.append(row)
+            continue
+        if r.metric == "contention_probe_error":
+            row["note"] = "a contention probe of this case that failed (see the bench log): not an input"
+            out.append(row)
+            continue
         if r.metric == "adjacent_probe_error":
             row["note"] = "an adjacent AdamW probe of this case that failed (see the bench log): not an input"
             out.append(row)
@@ -1018,9 +1112,9 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
         try:
             cfg = parse_config(r.config)
             depth = parse_prefetch(r.prefetch, cfg.depth)
+            case = (r.date, r.commit, r.device, str(r.config), str(r.placement), str(r.prefetch))
             io, adam_label = case_io(io, probes.get((r.date, r.commit, r.device), {}), cfg, r.placement, r.device,
-                                     adjacent.get((r.date, r.commit, r.device, str(r.config), str(r.placement),
-                                                   str(r.prefetch))))
+                                     adjacent.get(case), contention.get(case))
             row["cpu_adam_input"] = adam_label
             s = simulate(cfg, r.placement, depth, io)
         except ValueError as e:
@@ -1041,7 +1135,8 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                 note += f"; cache hit rate {s['cache_hit_rate']:.2f}"
             rates = [(k, v) for k, v in io if not k.startswith("_")]
             if rates:
-                note += "; measured inputs: " + ", ".join(f"{k} {v:.3g}/s" for k, v in rates)
+                note += "; measured inputs: " + ", ".join(f"{k} x{v:.3g}" if k.startswith("contention_") else
+                                                          f"{k} {v:.3g}/s" for k, v in rates)
             note += "; reference: " + ", ".join(f"{k[1:]} {v}" for k, v in io if k.startswith("_"))
             if adam_label:
                 note += f"; CPU AdamW input: {adam_label}"
@@ -1078,7 +1173,8 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
                                 "predicted: the run's block-prep probe that its simulations use "
                                 "(ssd_block_rewrite_prep_GBps where the run has it, else ssd_block_prep_GBps, whose "
                                 "renames went to fresh names: no unlink of an old version)"})
-        out += _trace_rows(df, traces, run_of_traces, inputs, prep_note, probes.get(run_of_traces, {}), adjacent)
+        out += _trace_rows(df, traces, run_of_traces, inputs, prep_note, probes.get(run_of_traces, {}), adjacent,
+                           contention)
     for d in trace_dirs(traces):  # every run with traces: the step given its own measured phase rates
         run = trace_run(d)
         if run in runs:
@@ -1089,7 +1185,7 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
 
 
 def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, probes: dict | None = None,
-                adjacent: dict | None = None) -> list[dict]:
+                adjacent: dict | None = None, contention: dict | None = None) -> list[dict]:
     """Per-phase rows: each trace's measured busy time and bytes per step beside the simulation's."""
     out = []
     run_io = tuple(sorted(inputs.get(run, {}).items()))
@@ -1102,8 +1198,9 @@ def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, prob
         measured = trace_phases(path, cfg.warmup, cfg.steps or None)
         if not measured:
             continue
-        io, adam_label = case_io(run_io, probes or {}, cfg, placement, device, (adjacent or {}).get(
-            (date, commit, device, str(sel["config"].iloc[0]), placement, prefetch)))
+        case = (date, commit, device, str(sel["config"].iloc[0]), placement, prefetch)
+        io, adam_label = case_io(run_io, probes or {}, cfg, placement, device, (adjacent or {}).get(case),
+                                 (contention or {}).get(case))
         s = simulate(cfg, placement, parse_prefetch(prefetch, cfg.depth), io)
         for metric, (key, what, sim_keys) in TRACE_METRICS.items():
             m = measured.get(key, 0.0)
@@ -1286,6 +1383,39 @@ def markdown_tables(df) -> str:
                         runlevel = f"{x.measured:.0f}"
                 c = ["-" if k not in pos else f"{pos[k]:.0f}" for k in ("before", "after")]
                 out.append(f"| {label} | {placement} | {prefetch} | {c[0]} | {c[1]} | {mean:.0f} | {tr} | {runlevel} |")
+            out.append("")
+        con = r[r["metric"].str.match(CONTENTION_RE.pattern)]
+        if not con.empty:
+            out += [("Contention probes (task hH: right after each adjacent probe of an ssd case; the update alone = that "
+                     "adjacent probe): the update alone / beside the SSD I/O thread's reads / beside its write-backs "
+                     "(Mparams/s), the I/O parts alone / beside the update (GB/s); the factors row is what the case's "
+                     "simulation takes (`contention_input`: mean over positions of beside / alone):"), "",
+                    ("| config | placement | prefetch | position | AdamW alone | beside reads | beside writes | read "
+                     "alone / beside | write alone / beside | prep alone / beside |"),
+                    "|---|---|---|---|---|---|---|---|---|---|"]
+            for (label, placement, prefetch), g in con.groupby(["label", "placement", "prefetch"], sort=False):
+                vals = {}
+                for m, v in zip(g["metric"], g["measured"]):
+                    mm = CONTENTION_RE.match(m)
+                    vals[(mm[1], mm[2], mm[3])] = float(v)
+
+                def cell(pos, q, cond, fmt, vals=vals):
+                    v = vals.get((pos, q, cond))
+                    return "-" if v is None else format(v, fmt)
+
+                for pos in sorted({k[0] for k in vals}, key=lambda p_: (p_ != "before", p_)):
+                    io = [f"{cell(pos, q, 'alone', '.3g')} / {cell(pos, q, 'beside', '.3g')}"
+                          for q in ("io_read", "io_write", "io_prep")]
+                    out.append(f"| {label} | {placement} | {prefetch} | {pos} | {cell(pos, 'adam', 'alone', '.0f')} | "
+                               f"{cell(pos, 'adam', 'beside_read', '.0f')} | {cell(pos, 'adam', 'beside_write', '.0f')} | "
+                               f"{' | '.join(io)} |")
+                got = contention_input(vals)
+                if got is not None:
+                    f = {k: f"x{v:.2f}" for k, v in got[0].items()}
+                    out.append(f"| {label} | {placement} | {prefetch} | factors | - | "
+                               f"{f.get('contention_cpu_adam_read', '-')} | {f.get('contention_cpu_adam_write', '-')} | "
+                               f"{f.get('contention_disk_read', '-')} | {f.get('contention_disk_write', '-')} | "
+                               f"{f.get('contention_ssd_write_prep', '-')} |")
             out.append("")
         if not ph.empty:
             out += [("Per phase, per counted step, from the run's traces (`trace_window`: each step's asynchronous "

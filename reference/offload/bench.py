@@ -58,6 +58,17 @@ warm-up's updates drained, right before the counted step) and ``after`` (the las
 rows ``cpu_adam_adjacent_{before,after}_Mparams_per_s`` with the case's config / placement / prefetch
 (`adjacent_metric`); `simulator.validate_offload` takes their mean as that case's a-priori AdamW input.
 
+Contention probes (task hH, issue 6; ``--no-contention`` to skip): in b ssd on the update ran beside the busy SSD I/O
+thread at 0.62x its idle adjacent probes (run b57d4eb), which no idle probe can see. Every ssd case of (a) and (b) is
+therefore also bracketed, right after each adjacent probe, by `ContentionProbe` (~2-3 s): the engine's SSD I/O cycle
+(3 expert-state blocks read back, then written back over their old versions, on one I/O thread) alone, then the same
+AdamW call beside the I/O thread's reads and beside its write-backs, and those reads / writes beside the update (the
+"alone" AdamW is the adjacent probe just taken); rows `contention_metric` (``contention_<before|after>_<quantity>_
+<condition>_<Mparams_per_s|GBps>``, `CONTENTION_PAIRS`) with the case's config / placement / prefetch.
+`simulator.validate_offload` takes the beside / alone ratios as the slowdown of the update and of the I/O while both
+run (`simulator.workload.host_share`). To pay for them, the engine-AdamW sweep no longer probes the ``:t<N>`` thread
+counts and the loaded ``:tall`` twins (``ADAM_LOADS_CUDA``).
+
 ``config``: `simulator.validate_offload.config_string` of the case (label first, e.g. ``a_compute_bound
 preset=tiny L4 D1024 ... steps=3 warmup=2 cache=6 micro_batches=8``), so that every row can be
 simulated as it is (``python -m simulator.validate_offload``). ``cache=`` is the CPU cache capacity in
@@ -74,6 +85,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -319,9 +331,9 @@ ENGINE_ADAM_METRIC = "cpu_adam_engine_Mparams_per_s"
 # and I/O threads) by default, ``:t<N>`` N of them, ``:tall`` torch's default (one per core: the engine before hB).
 # On the CPU the engine's executors are inline, so ``alone`` is its thread role there; the worker and the SSD
 # thread are probed so CI runs every path.
-ADAM_LOADS_CUDA = ("alone", "alone@worker", "alone@worker:t1", "alone@worker:t2", "alone@worker:t4", "alone@worker:t8",
-                   "alone@worker:tall", "gpu@worker", "gpu@worker:tall", "gpu+pcie+ssd@worker",
-                   "gpu+pcie+ssd@worker:tall")
+# (task hH: the :t1 / :t2 / :t4 / :t8 sweep and the loaded :tall twins, diagnostics of task hB that runs 675640a and
+# b57d4eb recorded, are no longer probed: their ~10 s pay for the contention probes of the ssd cases)
+ADAM_LOADS_CUDA = ("alone", "alone@worker", "alone@worker:tall", "gpu@worker", "gpu+pcie+ssd@worker")
 ADAM_LOADS_CPU = ("alone", "alone@worker", "alone@worker:t1", "ssd@worker")
 # the SSD I/O thread's block reads and writes while the update runs beside it (loads with ``ssd``): diagnostics
 SSD_BESIDE_ADAM = ("ssd_beside_adam_read_GBps", "ssd_beside_adam_write_GBps")
@@ -695,26 +707,203 @@ class AdjacentAdam:
         self.state = self.states = self.grads = self.mirror = self.scratch = None
 
 
-def adjacent_recorder(rows: Rows, probe: AdjacentAdam | None, config: str, placement: str, prefetch: str):
+def adjacent_recorder(rows: Rows, probe: AdjacentAdam | None, config: str, placement: str, prefetch: str,
+                      contention=None):
     """The ``adjacent`` callback of `run_case` for one case: ``position`` -> one flushed row (`adjacent_metric`);
     a failed probe becomes a row ``adjacent_probe_error`` and a log line, never the case's failure. None when
-    there is no probe (the case then runs without adjacent probes)."""
+    there is no probe (the case then runs without adjacent probes). ``contention`` (a `ContentionProbe`, task hH:
+    the ssd cases): after the idle probe, the update beside the I/O cycle and the cycle beside the update, one row
+    per `contention_metric`; its failure becomes a row ``contention_probe_error``."""
     if probe is None:
         return None
 
     def record(position: str) -> None:
         t = time.perf_counter()
+        rate = None
         try:
             rate = probe.measure()
         except Exception as e:  # noqa: BLE001 - the case's own rows matter more than its probe
             log(f"    adjacent AdamW probe ({position}) failed: {type(e).__name__}: {str(e)[:300]}")
             rows.add(config, placement, prefetch, "adjacent_probe_error", 1)
+        else:
+            rows.add(config, placement, prefetch, adjacent_metric(position), rate)
+            log(f"    adjacent AdamW probe {position}: E{probe.E} P{probe.P} grad={probe.grad}, {probe.threads} "
+                f"threads, {time.perf_counter() - t:.2f} s")
+        if contention is None:
             return
-        rows.add(config, placement, prefetch, adjacent_metric(position), rate)
-        log(f"    adjacent AdamW probe {position}: E{probe.E} P{probe.P} grad={probe.grad}, {probe.threads} threads, "
-            f"{time.perf_counter() - t:.2f} s")
+        t = time.perf_counter()
+        try:
+            got = contention.measure(rate)  # the idle probe just taken is its "alone" AdamW
+        except Exception as e:  # noqa: BLE001 - as above
+            log(f"    contention probe ({position}) failed: {type(e).__name__}: {str(e)[:300]}")
+            rows.add(config, placement, prefetch, "contention_probe_error", 1)
+            return
+        for (quantity, condition), v in sorted(got.items()):
+            rows.add(config, placement, prefetch, contention_metric(position, quantity, condition), v)
+        log(f"    contention probe {position}: {time.perf_counter() - t:.2f} s")
 
     return record
+
+
+# ------------------------------------------------------------------ AdamW beside the SSD I/O (task hH, issue 6)
+# In b ssd on (run b57d4eb) the engine's update ran at 1025 Mparams/s while its adjacent idle probes read 1642: there
+# the update runs beside the busy SSD I/O thread (crc32, serialisation, file I/O, page-cache copies), which an idle
+# probe cannot see. `ContentionProbe` measures that beside each ssd case: the case's AdamW call (`AdjacentAdam`, the
+# engine's ``alone@worker`` call) alone; the engine's I/O cycle (`measure_ssd_cycle`'s code path: blocks read back
+# into fresh tensors, then written back over their old versions, on one thread with one intra-op thread as the
+# engine's I/O executor) alone; then the update beside the I/O thread's reads, and beside its write-backs. Rows
+# (config / placement / prefetch = the case's): `contention_metric` (position, quantity, condition).
+CONTENTION_QUANTITIES = ("adam", "io_read", "io_write", "io_prep")
+# (quantity, condition) pairs measured: the update alone, beside a read loop, beside a write-back loop; each I/O part
+# alone (one cycle) and beside the update
+CONTENTION_PAIRS = (("adam", "alone"), ("adam", "beside_read"), ("adam", "beside_write"), ("io_read", "alone"),
+                    ("io_read", "beside"), ("io_write", "alone"), ("io_write", "beside"), ("io_prep", "alone"),
+                    ("io_prep", "beside"))
+
+
+def contention_metric(position: str, quantity: str, condition: str) -> str:
+    """Metric of a contention probe row: ``contention_<position>_<quantity>_<condition>_<unit>``, unit
+    ``Mparams_per_s`` for ``adam``, ``GBps`` for the I/O parts (`simulator.validate_offload.CONTENTION_RE` reads it
+    back); (quantity, condition) one of `CONTENTION_PAIRS` (``beside_read`` / ``beside_write``: the update beside the
+    I/O thread's reads / write-backs; ``beside``: an I/O part beside the update)."""
+    if position not in ADJACENT_POSITIONS:
+        raise ValueError(f"bench: contention probe position must be one of {', '.join(ADJACENT_POSITIONS)}, "
+                         f"got {position!r}")
+    if (quantity, condition) not in CONTENTION_PAIRS:
+        raise ValueError(f"bench: contention probe (quantity, condition) must be one of {CONTENTION_PAIRS}, got "
+                         f"({quantity!r}, {condition!r})")
+    unit = "Mparams_per_s" if quantity == "adam" else "GBps"
+    return f"contention_{position}_{quantity}_{condition}_{unit}"
+
+
+class ContentionProbe:
+    """The engine's AdamW call and its SSD I/O, alone and at the same time (task hH), for one case.
+
+    ``adam``: the case's `AdjacentAdam` (its layer shape and gradient dtype; its calls on the engine's optimizer
+    thread role). The I/O: ``blocks`` blocks of ``block_numel`` fp32 (an expert's ``[3, P]`` state) in an
+    `SSDStore` under ``ssd_dir``, written once (their previous versions), then on one I/O thread
+    (``ThreadPoolExecutor(1)`` with one intra-op thread, as `reference.offload.engine.host_executors`' I/O worker)
+    read into freshly allocated tensors (crc32 checked; no page-cache drop, as in the run, which reads back what it
+    wrote one step earlier) and written back over their old versions (crc32, temp file + fsync, the rename that
+    unlinks the old version). `measure` -> `CONTENTION_PAIRS`:
+
+    * ``alone``: ``adam`` = ``adam.measure()`` with nothing beside it (or ``adam_alone``: the case's adjacent idle
+      probe, taken right before by the caller: the same call); ``io_*`` = one cycle (every block read, then every
+      block written) with nothing beside it: bytes over the timed reads, the timed writes (create + write + fsync),
+      the rest of each write call (crc32 + rename);
+    * ``beside_read`` / ``beside_write``: the I/O thread reads (writes) the blocks in a loop while AdamW calls run
+      back to back for at least ``window_s`` and ``reps`` calls (one warm-up call first, not counted): ``adam`` = E x
+      P over the median call; ``io_read`` (``io_write``, ``io_prep``) ``beside`` = the I/O operations that ran
+      entirely inside the AdamW window (else those whose midpoint did).
+    """
+
+    def __init__(self, adam, ssd_dir: Path, block_numel: int, blocks: int = 4, window_s: float = 0.6,
+                 reps: int = 3) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from reference.offload.ssd import SSDStore
+
+        if blocks < 1 or block_numel < 1:
+            raise ValueError(f"bench: contention probe needs blocks >= 1 and block_numel >= 1, got {blocks}, "
+                             f"{block_numel}")
+        if window_s <= 0 or reps < 1:
+            raise ValueError(f"bench: contention probe needs window_s > 0 and reps >= 1, got {window_s}, {reps}")
+        self.adam, self.root, self.k, self.numel = adam, Path(ssd_dir), blocks, block_numel
+        self.window_s, self.reps = window_s, reps
+        self.ops: list[tuple[str, int, float, float]] = []  # (kind, bytes, start, end) on the host clock
+        self.store = SSDStore(self.root, on_io=self._on_io)
+        self.src = torch.randn(block_numel)
+        for i in range(blocks):
+            self.store.write((0, i), self.src)  # the previous versions, which the write-backs replace
+        self.ops.clear()
+        main = torch.get_num_threads()
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="contention-ssd", initializer=torch.set_num_threads,
+                                     initargs=(1,))
+        self.io_threads = self.io.submit(torch.get_num_threads).result()
+        torch.set_num_threads(main)
+
+    def _on_io(self, kind: str, key, nbytes: int, t0: float, t1: float) -> None:
+        self.ops.append(("read" if kind == "ssd_read" else "write", nbytes, t0, t1))
+
+    def _read(self, i: int) -> None:
+        self.store.read((0, i), torch.empty(self.numel))
+
+    def _write(self, i: int) -> None:
+        t = time.perf_counter()
+        self.store.write((0, i), self.src)
+        t1 = time.perf_counter()
+        w = self.ops[-1]
+        # the rest of the call (crc32 before the timed write, the rename over the old version after)
+        self.ops.append(("prep", w[1], t, t + max(t1 - t - (w[3] - w[2]), 0.0)))
+
+    def _cycle(self) -> None:
+        """One I/O cycle: every block read, then every block written back (on the I/O thread)."""
+        for i in range(self.k):
+            self._read(i)
+        for i in range(self.k):
+            self._write(i)
+
+    def _loop(self, op, stop) -> None:
+        """``op`` over the blocks in turn until ``stop`` is set (on the I/O thread)."""
+        i = 0
+        while not stop.is_set():
+            op(i % self.k)
+            i += 1
+
+    @staticmethod
+    def _rates(ops: list, t0: float = -math.inf, t1: float = math.inf) -> dict[str, float]:
+        out = {}
+        for kind in ("read", "write", "prep"):
+            sel = [(b, e - s) for k, b, s, e in ops if k == kind and s >= t0 and e <= t1]
+            if not sel:  # an operation longer than the window: those whose midpoint fell in it
+                sel = [(b, e - s) for k, b, s, e in ops if k == kind and t0 <= (s + e) / 2 <= t1]
+            if sel:
+                out[f"io_{kind}"] = sum(b for b, _ in sel) / max(sum(d for _, d in sel), 1e-9) / GB
+        return out
+
+    def _adam_call(self) -> float:
+        a = self.adam
+        return a.worker.submit(a._call).result() if a.worker else a._call()
+
+    def _beside(self, op) -> tuple[float, dict[str, float]]:
+        """AdamW calls back to back while the I/O thread loops ``op``: (Mparams/s, the I/O rates in the window)."""
+        import threading
+
+        a = self.adam
+        self.ops.clear()
+        stop = threading.Event()
+        fut = self.io.submit(self._loop, op, stop)
+        try:
+            while not self.ops and not fut.done():  # the I/O thread is at work before the update starts
+                time.sleep(0.001)
+            self._adam_call()  # warm-up call (as AdjacentAdam.measure), beside the I/O already
+            ts, w0 = [], time.perf_counter()
+            while len(ts) < self.reps or time.perf_counter() - w0 < self.window_s:
+                ts.append(self._adam_call())
+            w1 = time.perf_counter()
+        finally:
+            stop.set()
+            fut.result()
+        return a.E * a.P / statistics.median(ts) / 1e6, self._rates(self.ops, w0, w1)
+
+    def measure(self, adam_alone: float | None = None) -> dict[tuple[str, str], float]:
+        """``{(quantity, condition): rate}`` (Mparams/s for adam, GB/s for io_*), see the class docstring."""
+        out = {("adam", "alone"): adam_alone if adam_alone is not None else self.adam.measure()}
+        self.ops.clear()
+        self.io.submit(self._cycle).result()
+        out.update({(q, "alone"): v for q, v in self._rates(self.ops).items()})
+        for kind, op in (("read", self._read), ("write", self._write)):
+            rate, io = self._beside(op)
+            out[("adam", f"beside_{kind}")] = rate
+            out.update({(q, "beside"): v for q, v in io.items()})
+        return out
+
+    def close(self) -> None:
+        import shutil
+
+        self.io.shutdown(wait=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.src = self.store = None
 
 
 def _bf16_experts(model) -> None:
@@ -1014,6 +1203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the A/B cases (a ssd on, b cpu on) with the engine's AdamW on torch's default threads")
     p.add_argument("--no-adjacent", dest="adjacent", action="store_false",
                    help="skip the adjacent AdamW probes before and after each offloaded case (task hB3)")
+    p.add_argument("--no-contention", dest="contention", action="store_false",
+                   help="skip the contention probes (AdamW beside the SSD I/O cycle) around the ssd cases (task hH)")
     p.add_argument("--ds-cap-s", type=float, default=200.0,
                    help="time cap of the DeepSpeed child (its CPUAdam JIT build takes 1-2 min the first time)")
     return p
@@ -1048,6 +1239,24 @@ def main(argv: list[str] | None = None) -> int:
     def note(config: str, placement: str, prefetch: str, what: str, why: str) -> None:
         notes.append({"config": config, "placement": placement, "prefetch": prefetch, "what": what, "why": why})
         (out / "offload_bench_notes.json").write_text(json.dumps(notes, indent=1))
+
+    def contention_probe(adj: AdjacentAdam | None, spec, name: str) -> ContentionProbe | None:
+        """The ssd cases' contention probe (task hH) on the model's adjacent probe; None (logged, noted) if it
+        cannot be built. Blocks: one expert's ``[3, P]`` fp32 state each (quick: small), 3 of them (quick 2)."""
+        if adj is None or not args.contention:
+            return None
+        try:
+            t = time.perf_counter()
+            numel = (1 << 16) if args.quick else 3 * adj.P
+            probe = ContentionProbe(adj, ssd_root / f"contention_{name}", numel, blocks=2 if args.quick else 3,
+                                    window_s=0.05 if args.quick else 0.6)
+            log(f"contention probe {name}: {probe.k} blocks of {numel * 4 / GB:.3g} GB ready in "
+                f"{time.perf_counter() - t:.1f} s")
+            return probe
+        except Exception as e:  # noqa: BLE001 - the cases run without it
+            log(f"contention probe not built: {type(e).__name__}: {str(e)[:300]}")
+            note(spec.name, "ssd", "-", "contention_probe_error", f"{type(e).__name__}: {str(e)[:500]}")
+            return None
 
     def adjacent_probe(spec, micro: int) -> AdjacentAdam | None:
         """The case's adjacent AdamW probe (`AdjacentAdam`) for a model; None (logged, noted) if it cannot be built."""
@@ -1107,12 +1316,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"a: model initialised on the CPU in {time.perf_counter() - t:.1f} s")
             base = None
             adj_a = adjacent_probe(spec, micro_a) if args.adjacent else None
+            con_a = None
             try:
+                con_a = contention_probe(adj_a, spec, "a")
                 for placement, depth in (("gpu", 0), ("cpu", 1), ("cpu", 0), ("ssd", 1), ("ssd", 0)):
                     pf = "-" if placement == "gpu" else ("on" if depth else "off")
                     need = 8.0 if args.quick else (25.0 if placement != "ssd" else 40.0)
                     prof = out / f"profile_a_{placement}.txt" if args.profile and depth == (placement != "gpu") else None
-                    adj = adjacent_recorder(rows, adj_a if placement != "gpu" else None, cfg_a, placement, pf)
+                    adj = adjacent_recorder(rows, adj_a if placement != "gpu" else None, cfg_a, placement, pf,
+                                            con_a if placement == "ssd" else None)
                     res = attempt(cfg_a, placement, pf, need, lambda placement=placement, depth=depth, prof=prof, adj=adj:
                                   run_case(spec, batch, seq, placement, depth, cache_a, steps, warmup,
                                            ssd_root / f"a_{placement}_{depth}",
@@ -1123,9 +1335,11 @@ def main(argv: list[str] | None = None) -> int:
                     elif res is not None and base:
                         rows.add(cfg_a, placement, pf, "ratio_vs_gpu", res["step_ms"] / base)
             finally:
+                if con_a is not None:
+                    con_a.close()
                 if adj_a is not None:
                     adj_a.close()
-                adj_a = None
+                adj_a = con_a = None
 
         def ab_a() -> None:  # the engine before task hB (torch's default threads): after (b), so it never costs (b)
             spec, batch, seq = sp["a"]
@@ -1155,16 +1369,22 @@ def main(argv: list[str] | None = None) -> int:
             base_b = MoEDecoder(spec, seed=0)
             log(f"b: model initialised on the CPU in {time.perf_counter() - t:.1f} s")
             adj_b = adjacent_probe(spec, 1) if args.adjacent else None
+            con_b = None
             try:
+                con_b = contention_probe(adj_b, spec, "b")
                 done_b = {}
                 for placement in ("ssd", "cpu"):
-                    # the H100 run 675640a: b ssd 63 s, b cpu 11 s (b cpu was skipped at 45 s while its A/B ran)
-                    need = 8.0 if args.quick else (60.0 if placement == "ssd" else 20.0)
-                    adj = adjacent_recorder(rows, adj_b, cfg_b, placement, "on")
+                    # the H100 run 675640a: b ssd 63 s, b cpu 11 s (b cpu was skipped at 45 s while its A/B ran);
+                    # b57d4eb: b ssd 70 s, b cpu 14 s with its adjacent probes (task hH: b cpu needs 16 s, not 20)
+                    need = 8.0 if args.quick else (60.0 if placement == "ssd" else 16.0)
+                    adj = adjacent_recorder(rows, adj_b, cfg_b, placement, "on", con_b if placement == "ssd" else None)
                     done_b[placement] = attempt(cfg_b, placement, "on", need, lambda placement=placement, adj=adj:
                                                 run_case(spec, batch, seq, placement, 1, cache_b, steps, warmup,
                                                          ssd_root / f"b_{placement}", out / f"trace_b_{placement}_on.csv",
                                                          left, 1, base_b, adjacent=adj))
+                if con_b is not None:
+                    con_b.close()
+                    con_b = None
                 if adj_b is not None:  # (the A/B twin runs without adjacent probes: listed, not predicted)
                     adj_b.close()
                     adj_b = None
@@ -1174,6 +1394,8 @@ def main(argv: list[str] | None = None) -> int:
                         spec, batch, seq, "cpu", 1, cache_b, steps, warmup, ssd_root / "b_cpu_ab",
                         out / "ab_trace_b_cpu_on.csv", left, 1, base_b, adam_threads=0))
             finally:
+                if con_b is not None:
+                    con_b.close()
                 if adj_b is not None:
                     adj_b.close()
                 if cuda:

@@ -47,7 +47,10 @@ state reads of layer i staged at its first forward of the step, once the previou
 (the staging task waits on the same thread); the reads and writes share one I/O queue; the GPU pool has
 ``max(2, d + 1)`` slots (layer i in slot i % S) and a layer still in its slot is not copied again until
 the step's update; with gradient accumulation the D2H ships fp32 accumulators (``REF_ACC_GRAD_BYTES``);
-three steps are simulated and the last (steady state) is reported. SSD bandwidths:
+three steps are simulated and the last (steady state) is reported. Host contention (task hH, with the
+``io_rates`` factors ``contention_*``): while a node's CPU update and its SSD I/O (reads, write-backs and their
+crc32 / serialisation) both run, each proceeds at its measured rate beside the other
+(`simulator.workload.host_share`). SSD bandwidths:
 ``io_rates`` (a bench run's own measurement), else the profile's ``disk_read`` / ``disk_write`` rows
 (`CostModel.transfer_time`), else the cluster spec's. CPU optimizer throughput: ``io_rates['cpu_adam']``,
 else the profile's ``cpu_adam`` row (parameters/s), else an assumption: AdamW over flat fp32 buffers is
@@ -157,9 +160,15 @@ from simulator import collectives as C
 from simulator.engine import Sim
 from simulator.workload import offload as O
 from simulator.workload import routing
+from simulator.workload.host_share import HostShare
 
 CATS = ("compute", "comm", "copy", "optimizer")
 ADAM_BYTES_PER_PARAM = 32  # read param+grad+master+m+v (16 B), write param+master+m+v (16 B)
+# task hH: ``io_rates`` factors (beside / alone rate, dimensionless) of the CPU update while SSD I/O runs and of each
+# part of the SSD I/O while the update runs (`simulator.workload.host_share`); none given: no contention (as before)
+CONTENTION_KEYS = ("contention_cpu_adam", "contention_cpu_adam_read", "contention_cpu_adam_write", "contention_disk_read",
+                   "contention_disk_write", "contention_ssd_write_prep")
+SSD_PHASES = ("ssd_read", "ssd_write", "ssd_writeback")
 CPU_ADAM_BYTES_PER_PARAM = 32  # assumption (no measurement): the same pass over DRAM, fused CPU AdamW
 IMPLS = ("ideal", "reference")
 # ---- reference.train's extra HBM traffic (bytes), from the aten ops it issues (see the module docstring)
@@ -281,7 +290,12 @@ class TrainingIteration:
         ``disk_read`` / ``disk_write`` (bytes/s), ``cpu_adam`` (parameters/s, 16-bit gradients),
         ``cpu_adam_fp32grad`` (parameters/s with fp32 gradients: used when ``micro_batches > 1``); ``ssd_write_prep`` (bytes/s,
         no default: 0 cost): the host work before each SSD block write on the same I/O queue (serialise +
-        crc32 in `reference.offload.ssd`). ``ref_optimizer`` (with ``impl="reference"``): the GPU AdamW of
+        crc32 in `reference.offload.ssd`); ``contention_cpu_adam_read`` / ``contention_cpu_adam_write`` (else
+        ``contention_cpu_adam``) / ``contention_disk_read`` / ``contention_disk_write`` / ``contention_ssd_write_prep``
+        (task hH; factors, beside / alone rate): while the node's CPU update runs beside an SSD read (write), the
+        update proceeds at its rate times the ``_read`` (``_write``) factor and the read (each part of the write) at
+        its rate times its factor (a rate switch, `simulator.workload.host_share`; the busy times and trace rows are
+        the elapsed ones); none given: no contention. ``ref_optimizer`` (with ``impl="reference"``): the GPU AdamW of
         the reference, ``foreach`` (``REF_ADAM_BYTES_PER_PARAM``) or ``fused``
         (``REF_FUSED_ADAM_BYTES_PER_PARAM``). ``expert_kernels``: ``torch`` / ``triton`` profile rows for the
         expert GEMMs (None: the cost model's preference). ``host_program`` (`simulator.train_host.TrainProgram`,
@@ -432,6 +446,9 @@ class TrainingIteration:
         self.ssd_r = [simpy.Resource(env, 1) for _ in range(nodes)]
         self.ssd_w = self.ssd_r
         self.cpu = [simpy.Resource(env, 1) for _ in range(nodes)]
+        # task hH: the CPU update and the SSD I/O slow each other while both run (``io_rates`` contention factors)
+        self.host_share = ([HostShare(env) for _ in range(nodes)]
+                           if any(self.io_rates.get(k) for k in CONTENTION_KEYS) else None)
         self.bytes: dict[str, float] = {}  # per phase, summed over ranks
         self.busy: dict[str, float] = {}  # seconds per host-side engine phase (cpu_adam, ssd_*), summed
         self.opt_procs: list[list] = [[] for _ in range(self.W)]
@@ -672,21 +689,39 @@ class TrainingIteration:
         with res.request() as req:
             yield req
             t0 = self.env.now
-            yield self.env.timeout(dur)
+            if self.host_share is not None and (phase in SSD_PHASES or phase == "cpu_adam"):  # task hH
+                if phase == "cpu_adam":  # (the ideal schedule's per-expert stages)
+                    cls, beside = "adam", self._adam_beside(dur)
+                else:
+                    op = "disk_read" if phase == "ssd_read" else "disk_write"
+                    cls, beside = f"io_{op[5:]}", {"adam": self._io_time(op, nbytes, contended=True)}
+                yield from self.host_share[r // self.c.gpus_per_node].run(cls, dur, beside)
+                dur = self.env.now - t0
+            else:
+                yield self.env.timeout(dur)
             self.busy[phase] = self.busy.get(phase, 0.0) + dur
             self.sim.record(r, layer, -1, phase, t0, self.env.now, nbytes, 0, resource)
         self._count(phase, nbytes)
 
-    def _io_time(self, op: str, nbytes: float) -> float:
-        """``disk_read`` / ``disk_write`` of ``nbytes``: ``io_rates``, else the profile, else the cluster spec."""
+    def _io_time(self, op: str, nbytes: float, contended: bool = False) -> float:
+        """``disk_read`` / ``disk_write`` of ``nbytes``: ``io_rates``, else the profile, else the cluster spec.
+        ``contended`` (task hH): beside the CPU update, each part at its rate times its ``contention_*`` factor."""
         if nbytes <= 0:
             return 0.0
+        f = (lambda k: self.io_rates.get(f"contention_{k}") or 1.0) if contended else (lambda k: 1.0)
         # reference.offload serialises and checksums (crc32) a block on its I/O thread before writing it
-        prep = nbytes / self.io_rates["ssd_write_prep"] if op == "disk_write" and self.io_rates.get("ssd_write_prep") else 0.0
+        prep = (nbytes / (self.io_rates["ssd_write_prep"] * f("ssd_write_prep"))
+                if op == "disk_write" and self.io_rates.get("ssd_write_prep") else 0.0)
         if self.io_rates.get(op):
-            return prep + nbytes / self.io_rates[op]
+            return prep + nbytes / (self.io_rates[op] * f(op))
         bw = self.c.ssd_read_GBps if op == "disk_read" else self.c.ssd_write_GBps
-        return prep + self.sim.cost.transfer_time(op, nbytes, bw)
+        return prep + self.sim.cost.transfer_time(op, nbytes, bw) / f(op)
+
+    def _adam_beside(self, dur: float) -> dict[str, float]:
+        """Task hH: the CPU update's duration beside the node's SSD reads / writes (``contention_cpu_adam_read`` /
+        ``_write`` factors, else ``contention_cpu_adam``, else none)."""
+        g = self.io_rates.get("contention_cpu_adam") or 1.0
+        return {f"io_{k}": dur / (self.io_rates.get(f"contention_cpu_adam_{k}") or g) for k in ("read", "write")}
 
     def _ssd(self, r, kind, nbytes, layer, phase):
         """A read or write of ``nbytes`` on the rank's node SSD (one disk: reads and writes queue on it)."""
@@ -779,7 +814,11 @@ class TrainingIteration:
                                             rb, "ssd")
                 if len(ex):
                     t0, dur = self.env.now, self.cpu_adam_time(P * len(ex))
-                    yield self.env.timeout(dur)
+                    if self.host_share is not None:  # task hH: slower while SSD I/O runs beside it
+                        yield from self.host_share[node].run("adam", dur, self._adam_beside(dur))
+                        dur = self.env.now - t0
+                    else:
+                        yield self.env.timeout(dur)
                     self.busy["cpu_adam"] = self.busy.get("cpu_adam", 0.0) + dur
                     self.sim.record(r, layer, -1, "cpu_adam", t0, self.env.now, 0, 0, "cpu")
                     self._count("cpu_adam", 0.0)

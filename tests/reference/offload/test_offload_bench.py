@@ -60,6 +60,21 @@ def test_bench_quick_writes_rows_and_traces(tmp_path):
         ("b_over_budget", "ssd", "on"), ("b_over_budget", "cpu", "on")}
     assert len(adj) == 2 * len(cases) and (adj["measured"] > 0).all() and (adj["status"] == "fitted").all()
     assert off["cpu_adam_input"].str.startswith("adjacent probes of this case (mean of before").all()
+    # task hH: every ssd case (a on / off, b on), not the cpu ones, also bracketed by its contention probes (AdamW
+    # and the SSD I/O cycle, alone and beside each other), whose beside / alone ratios its simulation takes
+    con = val[val["metric"].str.startswith("contention_")]
+    ccases = {(c.split()[0], p, pf) for c, p, pf in zip(con["config"], con["placement"], con["prefetch"])}
+    assert ccases == {("a_compute_bound", "ssd", "on"), ("a_compute_bound", "ssd", "off"), ("b_over_budget", "ssd", "on")}
+    assert len(con) == 3 * 2 * 9 and (con["measured"] > 0).all() and con["used_for_fitting"].all()
+    ssd = off[off["placement"] == "ssd"]
+    assert ssd["cpu_adam_input"].str.contains("; contention (beside / alone", regex=False).all()
+    assert not off[off["placement"] == "cpu"]["cpu_adam_input"].str.contains("contention").any()
+    for pos in ("before", "after"):  # the "alone" AdamW of a contention probe is the adjacent idle probe just taken
+        for (lab, p, pf), g in con.groupby([con["config"].str.split().str[0], "placement", "prefetch"]):
+            alone = g[g["metric"] == f"contention_{pos}_adam_alone_Mparams_per_s"]["measured"]
+            idle = adj[(adj["config"].str.split().str[0] == lab) & (adj["placement"] == p) & (adj["prefetch"] == pf)
+                       & (adj["metric"] == f"cpu_adam_adjacent_{pos}_Mparams_per_s")]["measured"]
+            assert len(alone) == len(idle) == 1 and float(alone.iloc[0]) == pytest.approx(float(idle.iloc[0]))
     with open(out / "offload_train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
