@@ -96,6 +96,15 @@ contention probes (every run before hH, the cpu and gpu cases, a case whose prob
 ``contention_probe_error``) keeps its rules, unchanged. The contention rows are model inputs (used_for_fitting,
 status ``not_modelled``: the simulator has no contention of its own).
 
+A-priori rule of the lead (session 5, `results/validation/offload_step_mean_rule.md`, committed with 0eab4a0 before
+its first run, implemented by task hH): for runs from `STEP_MEAN_RULE`'s commit on, each case's step time is scored
+as ``step_ms_mean``: the mean duration of the case's timed steps, read from its trace's ``step`` rows (the same timed
+steps over which the bench takes its ``step_ms`` median: `timed_steps`), and ``tokens_per_s_mean`` = tokens per step
+(micro-batches x batch x seq) / that mean, both ``validated`` with the prediction of the median rows; the bench's
+median ``step_ms`` / ``tokens_per_s`` rows of these runs are listed beside them with the same prediction and status
+``derived`` (shown, not counted: `rows` passes them to ``semoe validate`` as ``derived``), so a case is scored once.
+A case whose trace did not come back keeps its median rows validated. Older runs keep their rules.
+
 A-priori vs diagnostic (task hD2): the ``validated`` rows are predictions whose inputs are the run's probes only
 (CPU AdamW: the engine probe with nothing beside the update, `ADAM_LOADS_APRIORI`; SSD: the engine's block read /
 write / rewrite-prep probes where the run has them, else the plain-file and fresh-name ones). For every run with
@@ -627,6 +636,29 @@ PROFILED_CASES = (("a_compute_bound", "cpu", "on"), ("a_compute_bound", "ssd", "
 _CONTAINS: dict = {}
 
 
+# the lead's rule (results/validation/offload_step_mean_rule.md): step time scored as the mean of the timed steps from
+# this commit on (fallback date without git: its commit time)
+STEP_MEAN_RULE = ("0eab4a0", "2026-11-24T14:45:27Z")
+STEP_MEAN_METRICS = {"step_ms": "step_ms_mean", "tokens_per_s": "tokens_per_s_mean"}
+DERIVED = "derived"  # status: a median row scored through its mean twin (`STEP_MEAN_RULE`); shown, not counted
+
+
+def step_mean_rule(commit: str, date: str) -> bool:
+    """Whether the lead's rule (`STEP_MEAN_RULE`) applies to a run: its date is an ISO date (a placeholder such as a
+    test's ``d`` never qualifies) and its commit contains the rule's (git), else that date is from the rule's on."""
+    return bool(re.match(r"\d{4}-\d\d-\d\d", str(date))) and _contains(STEP_MEAN_RULE, commit, date)
+
+
+def timed_steps(path: Path, warmup: int, counted: int) -> list[float]:
+    """Durations (s) of a bench trace's timed steps: its ``step`` rows after the warm-up and the counted step
+    (`reference.offload.bench.run_case`: ``warmup`` steps, one counted step, then the timed ones; ``counted`` =
+    the config's ``steps``, i.e. timed + 1), in order."""
+    from semoe.trace import read_csv
+
+    steps = sorted((r for r in read_csv(path) if r.phase == "step"), key=lambda r: r.start_s)
+    return [r.end_s - r.start_s for r in steps[warmup + 1 : warmup + max(counted, 1)]]
+
+
 def _contains(fix: tuple[str, str], commit: str, date: str) -> bool:
     key = (fix, str(commit), str(date))
     if key not in _CONTAINS:
@@ -1150,6 +1182,11 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
             if bug:
                 status, note = MEASUREMENT_BUG, f"{bug}; {note}"
             row.update(predicted=pred, error=err, status=status, note=note)
+            twin = _step_mean_row(row, cfg, routed.get((r.date, r.commit, r.device, str(r.config).split(" ", 1)[0],
+                                                        str(r.placement), str(r.prefetch))))
+            if twin is not None:
+                out.append(row)
+                row = twin
         out.append(row)
     if run_of_traces is not None:
         prep = inputs.get(run_of_traces, {}).get("ssd_write_prep")
@@ -1182,6 +1219,30 @@ def compare(bench: Path | pd.DataFrame = BENCH, traces: Path | None = TRACES) ->
     res = pd.DataFrame(out, columns=list(OUT_COLUMNS))
     res["cpu_adam_input"] = res["cpu_adam_input"].fillna("")
     return res
+
+
+def _step_mean_row(row: dict, cfg: OffloadConfig, trace: Path | None) -> dict | None:
+    """The lead's rule (`STEP_MEAN_RULE`): for a validated ``step_ms`` / ``tokens_per_s`` row of a run from that commit
+    on whose case has a trace with timed steps, mark ``row`` `DERIVED` (in place) and return its ``*_mean`` twin
+    (measured from the trace's timed steps, the same prediction, validated); else None."""
+    if (row["metric"] not in STEP_MEAN_METRICS or row["status"] != "validated" or trace is None
+            or not step_mean_rule(row["commit"], row["date"])):
+        return None
+    ts = timed_steps(trace, cfg.warmup, cfg.steps)
+    if not ts:
+        return None
+    mean = sum(ts) / len(ts)
+    measured = 1e3 * mean if row["metric"] == "step_ms" else cfg.micro_batches * cfg.batch * cfg.seq / mean
+    pred = row["predicted"]
+    twin = dict(row, metric=STEP_MEAN_METRICS[row["metric"]], measured=measured,
+                error=pred / measured - 1 if measured and not math.isnan(pred) else float("nan"),
+                note=(f"the mean of the {len(ts)} timed steps in {trace.name} ("
+                      + ", ".join(f"{1e3 * t:.0f}" for t in ts) + " ms; results/validation/offload_step_mean_rule.md); "
+                      + row["note"]))
+    row.update(status=DERIVED, note=(f"{DERIVED}: the bench's median of the timed steps, scored as its "
+                                     f"{STEP_MEAN_METRICS[row['metric']]} twin (results/validation/"
+                                     f"offload_step_mean_rule.md); " + row["note"]))
+    return twin
 
 
 def _trace_rows(df, traces: Path, run: tuple, inputs: dict, prep_note: str, probes: dict | None = None,
@@ -1255,7 +1316,11 @@ def _diagnostic_rows(df, traces: Path, run: tuple, inputs: dict, probes: dict, a
             s_pri = simulate(cfg, placement, depth, io)
         except ValueError:
             continue
-        measured = float(r["value"])
+        measured, what = float(r["value"]), "the median of the timed steps"
+        if step_mean_rule(commit, date):  # the lead's rule: compared with the mean of the timed steps
+            ts = timed_steps(path, cfg.warmup, cfg.steps)
+            if ts:
+                measured, what = 1e3 * sum(ts) / len(ts), f"the mean of the {len(ts)} timed steps"
         pred = s_diag["step_time_s"] * 1e3
         used = ", ".join(f"{DIAG_RATES[k]} {got[k] / (1e6 if k == 'cpu_adam' else 1e9):.4g} "
                          f"{'Mparams/s' if k == 'cpu_adam' else 'GB/s'}" for k in DIAG_RATES if k in got)
@@ -1263,7 +1328,8 @@ def _diagnostic_rows(df, traces: Path, run: tuple, inputs: dict, probes: dict, a
                     "prefetch": prefetch, "metric": "step_ms", "measured": measured, "predicted": pred,
                     "error": pred / measured - 1 if measured else float("nan"), "used_for_fitting": True,
                     "status": DIAGNOSTIC,
-                    "note": (f"diagnostic, not a prediction: simulated with this run's phase rates from {path.name} "
+                    "note": (f"diagnostic, not a prediction (measured: {what}): simulated with this run's phase rates "
+                             f"from {path.name} "
                              f"({used or 'no host phase: the a-priori inputs'}); the a-priori simulation gives "
                              f"{s_pri['step_time_s'] * 1e3:.1f} ms"),
                     "cpu_adam_input": (f"this run's trace: {got['cpu_adam'] / 1e6:.0f} Mparams/s" if "cpu_adam" in got
@@ -1287,6 +1353,9 @@ def rows(path: Path | str = BENCH) -> list[dict]:
         if r.status in ("validated", "fitted"):
             res.append(_row("offload", run, r.config, metric, r.measured, r.predicted, note=r.note, kind=kind,
                             status=r.status, fitted=bool(r.used_for_fitting)))
+        elif r.status == DERIVED:  # a median step row scored through its mean twin (`STEP_MEAN_RULE`)
+            res.append(_row("offload", run, r.config, metric, r.measured, r.predicted, note=r.note, kind=kind,
+                            status="derived"))
         elif r.status == MEASUREMENT_BUG:  # a bench defect fixed later (`measurement_bug`): shown, not scored
             res.append(_row("offload", run, r.config, metric, r.measured, r.predicted, status="not_modelled",
                             note=f"{MEASUREMENT_BUG}: {r.note}", kind=kind))
@@ -1344,7 +1413,9 @@ def markdown_tables(df) -> str:
     runs = list(dict.fromkeys(d["run"]))[::-1]  # newest (last appended) first
     for run in runs:
         r = d[d["run"] == run]
-        st = r[(r["metric"] == "step_ms") & (r["status"] == "validated")]
+        st = r[r["metric"].isin(["step_ms", "step_ms_mean"]) & (r["status"] == "validated")]
+        med = {(x.label, x.placement, x.prefetch): x for x in r[(r["metric"] == "step_ms") & (r["status"] == DERIVED)]
+               .itertuples(index=False)}
         ph = r[r["metric"].str.startswith("trace_") & (r["status"] == "validated")]
         dg = r[(r["metric"] == "step_ms") & (r["status"] == DIAGNOSTIC)]
         if st.empty and ph.empty and not r["metric"].isin(COUNTER_METRICS).any():
@@ -1352,11 +1423,16 @@ def markdown_tables(df) -> str:
         out += [f"### Run {run} ({r['device'].iloc[0]})", ""]
         if not st.empty:
             out += [("Step time (ms), a-priori (inputs: the run's probes only; CPU AdamW: the engine probe with "
-                     "nothing beside the update):"), "", "| config | placement | prefetch | measured | simulated | error | CPU AdamW input |",
-                    "|---|---|---|---|---|---|---|"]
+                     "nothing beside the update); scored: the median of the timed steps, or from the lead's rule "
+                     "(`STEP_MEAN_RULE`) their mean, with the median's error beside it:"), "",
+                    ("| config | placement | prefetch | scored | measured | simulated | error | median: measured, error | "
+                    "CPU AdamW input |"), "|---|---|---|---|---|---|---|---|---|"]
             for x in st.itertuples(index=False):
-                out.append(f"| {x.label} | {x.placement} | {x.prefetch} | {x.measured:.0f} | {x.predicted:.0f} | "
-                           f"{_pct(x.error)} | {x.cpu_adam_input or '-'} |")
+                m = med.get((x.label, x.placement, x.prefetch))
+                mc = f"{m.measured:.0f}, {_pct(m.error)}" if m is not None else "-"
+                out.append(f"| {x.label} | {x.placement} | {x.prefetch} | "
+                           f"{'mean' if x.metric == 'step_ms_mean' else 'median'} | {x.measured:.0f} | "
+                           f"{x.predicted:.0f} | {_pct(x.error)} | {mc} | {x.cpu_adam_input or '-'} |")
             out.append("")
         adj = r[r["metric"].str.match(ADJACENT_RE.pattern)]
         if not adj.empty:
@@ -1508,7 +1584,7 @@ def write_markdown(df, path: Path) -> None:
 def plot(df, path: Path) -> bool:
     """Measured vs predicted step time per configuration (bars) and the error (text); False without matplotlib
     or step_ms rows."""
-    st = df[(df["metric"] == "step_ms") & (df["status"] == "validated")]
+    st = df[df["metric"].isin(["step_ms", "step_ms_mean"]) & (df["status"] == "validated")]  # (mean: STEP_MEAN_RULE)
     if st.empty:
         return False
     try:

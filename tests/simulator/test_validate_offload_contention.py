@@ -6,7 +6,6 @@ import math
 import pandas as pd
 import pytest
 import simpy
-from offload_cases import CFG, RUN
 
 from simulator.validate_offload import (
     CONTENTION_FACTORS,
@@ -17,6 +16,8 @@ from simulator.validate_offload import (
     markdown_tables,
 )
 from simulator.workload.host_share import HostShare
+
+from offload_cases import CFG, RUN
 
 
 def _timeline(jobs):
