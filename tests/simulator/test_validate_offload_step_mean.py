@@ -20,7 +20,7 @@ from simulator.validate_offload import (
 CFG = "a_compute_bound preset=paper-13.9b L2 D512 E4 k1 F1024 bf16 B2 S256 steps=4 warmup=1"
 # warm-up 1 step, the counted step, then 3 timed ones: 100, 200, 600 ms (median 200, mean 300)
 DURS = (0.9, 0.05, 0.1, 0.2, 0.6)
-NEW = {"date": "2026-11-24T15:00:00Z", "commit": "not-a-commit", "device": "NVIDIA H100 80GB HBM3"}
+NEW = {"date": "2026-11-24T14:46:04Z", "commit": "not-a-commit", "device": "NVIDIA H100 80GB HBM3"}
 OLD = dict(NEW, date="2026-11-24T13:10:45Z")
 
 
@@ -49,6 +49,7 @@ def test_timed_steps_are_those_after_the_warmup_and_the_counted_step(tmp_path):
     assert step_mean_rule("x", NEW["date"]) and not step_mean_rule("x", OLD["date"])
     assert not step_mean_rule("x", "d")  # a placeholder date never qualifies
     assert step_mean_rule("0eab4a0", "2026-11-24T14:46:04Z")  # the first run of the rule (git or its date)
+    assert not step_mean_rule("x", "2026-11-24T15:00:00Z")  # withdrawn after its first run: later runs score the median
 
 
 def test_from_the_rule_on_the_mean_is_scored_and_the_median_is_derived(tmp_path):
