@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from reference.offload.bench import Rows, _bf16_experts, log
+from reference.offload.bench_cases import _bf16_experts
+from reference.offload.bench_rows import Rows, log
 
 CASES = (("gpu", True), ("gpu", False), ("cpu", True), ("cpu", False))
 GB = 1e9

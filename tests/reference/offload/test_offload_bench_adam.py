@@ -80,6 +80,8 @@ def test_worker_probe_times_the_update_on_the_worker_thread(tmp_path, monkeypatc
     caller's thread."""
     import threading
 
+    # measure_engine_adam's own module: the ADAM_LOADS_CPU it reads is patched below
+    from reference.offload import bench_adam as bench
     from reference.offload import cpu_adam
 
     seen = []
@@ -143,6 +145,9 @@ def test_rewrite_prep_probe_counts_the_rename_over_the_old_version(tmp_path, mon
 def test_gpu_load_loop_runs_on_the_cpu_stand_in_and_a_failed_load_is_a_row(tmp_path, monkeypatch):
     """The GPU load's loop (matmuls, the copies of both directions, the stop) runs on small CPU tensors, so
     the GPU run does not meet it for the first time; a load that fails costs only its own rows."""
+    # measure_engine_adam's own module: the _Load it runs is patched below
+    from reference.offload import bench_adam as bench
+
     with bench._Load({"gpu", "pcie"}, tmp_path / "load", 1 << 10, device="cpu") as load:
         time.sleep(0.1)
     assert load.rounds["gpu"] > 0 and not load.errors and not load.threads[0].is_alive()
