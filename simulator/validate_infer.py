@@ -92,6 +92,41 @@ first run that has them and not to be changed after seeing its errors:
   expert-aware decode throughput rows keep theirs (one simulated pass; the measured median over the R passes,
   now R routings).
 
+Adjacent copy probes (runs from 2026-11-24 ~16:00 on; ``reference/inference/bench.py`` ``H2DProber``): next to
+each host probe slot of a copy-bound row (ring prefill and decode, ``ring_K<k>``, expert-aware decode; probe,
+timed, probe, ..., timed, probe) the bench times the pinned H2D bandwidth (2 copies of 1 GiB of a block's pinned
+expert buffer, CUDA events), rows ``h2d_adj_<phase>_GBps_before`` / ``_after`` (the first and the last probe) and,
+with R > 1, ``_median`` / ``_min`` / ``_max`` over all R + 1 probes (status ``input``), because the machine's copies
+drift within one run (41ed3d6: three ring rows at 0.85 of the bound beside a normal run-level probe). The rule, fixed
+before the first run that has them and not to be changed after seeing its errors:
+
+* a row whose (mode, batch) has copy probes of the metric's phase (``decode_*``: decode, else prefill) simulates
+  that pass with the cluster's PCIe bandwidth = the MEDIAN of its R + 1 copy probes (``_median``), or with R = 1
+  the MEAN of its before and after probes, instead of the ``h100-single`` preset's 53.5 GB/s (`run_h2d`,
+  `_h2d_used`); this is every throughput metric of the row's own simulation (``prefill_tokens_per_s``,
+  ``prefill_ms_per_block``, ``prefill_frac_of_bound``'s simulated pass, ``decode_tokens_per_s``,
+  ``decode_ms_per_step``) of ring, ``ring_K<k>`` and expert-aware rows (expert-aware B = 16 runs the ring);
+* the bound (``bound_prefill_tokens_per_s`` and the numerator of ``prefill_frac_of_bound``) keeps the preset's
+  bandwidth (the bench's bound takes the run-level ``h2d_pinned_GBps``, within ~1% of the preset); pool counts,
+  bytes and memory rows do not depend on the bandwidth; the host input follows the adjacent host rule above;
+* rows without copy probes (every run before it, quantised and compiled rows) keep the preset's bandwidth;
+* a copy probe row's ``predicted`` is the preset's bandwidth, so its error shows the drift of the machine's copies;
+  ``--no-copy-probes`` is the what-if without them (never for the committed table).
+
+Decode routing persistence (issue 7, from 2026-11-24 ~15:10; `simulator.workload.inference_persist`): the
+expert-aware simulation draws each decode step's routing independently; whether consecutive steps of a sequence
+share experts is measured on ONE run's trace, the calibration run ``PERSIST_COMMIT`` (76200c0, its traced B = 1
+pass: 48 consecutive step pairs, one token's top-2 per block), as ``q`` (`routing_persistence`: each expert of a
+token repeats its previous step's with probability q; matched to the mean overlap of consecutive steps). The rule:
+
+* the expert-aware simulations (throughput and pool rows) of runs with pooled count rows (from 41ed3d6 on, R passes
+  on other prompts each) take ``InferConfig.route_persist = q``: held out, apart from their repeat 0, which decodes
+  the calibration pass's prompts with the same weights (the same routing);
+* runs before them decode the calibration run's prompts with the same weights (the same routing as 76200c0's
+  pass), so they keep independent draws and validate nothing new about it; the calibration run's pool rows are
+  noted as such;
+* ``--no-persist`` is the what-if with independent draws everywhere (never for the committed table).
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 
@@ -189,6 +224,14 @@ ADJ_METRICS = {"prefill": ("host_adj_prefill_ms", "host_adj_prefill_copies"),
                "decode": ("host_adj_decode_ms_per_step", "host_adj_decode_copies_per_step")}
 ADJ_WHEN = ("before", "after")
 ADJ_MEDIAN = "median"  # repeated rows: the median of all the row's adjacent probes (its host input)
+# the adjacent copy probes (reference/inference/bench.py H2DProber): the pinned H2D bandwidth next to each host probe
+# of a copy-bound row (rule: module doc, "Adjacent copy probes")
+H2D_PREFIX = "h2d_adj_"
+USE_H2D = True  # False: --no-copy-probes what-if (the preset's PCIe for every row)
+H2D_METRICS = {"prefill": "h2d_adj_prefill_GBps", "decode": "h2d_adj_decode_GBps"}
+# the metrics whose simulated pass takes the row's copy probes (the bound's bandwidth stays the preset's)
+H2D_THROUGHPUT = ("prefill_tokens_per_s", "prefill_ms_per_block", "prefill_frac_of_bound", "decode_tokens_per_s",
+                  "decode_ms_per_step")
 # the spread of a repeated row (bench --repeats): min / max of its timed repeats and the repeats run
 SPREAD_SUFFIXES = ("_min", "_max")
 REPEATS_SUFFIX = "_repeats"
@@ -212,9 +255,10 @@ def _model(c: dict):
 @cache
 def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int, predict: bool, budget: bool = True,
          quant: str | None = None, dequant: str = "workspace", launch_s: float | None = None, probe=None,
-         seed: int | None = None, sync_split: tuple = ()):
+         seed: int | None = None, sync_split: tuple = (), pcie_GBps: float | None = None, persist: float = 0.0):
     """One simulated run of a row's configuration (``seed``: the routing seed, `semoe.Workload.seed`; None: the
-    default workload's)."""
+    default workload's; ``pcie_GBps``: the pinned H2D bandwidth in place of the preset's, a row's adjacent copy
+    probes (`run_h2d`); ``persist``: the decode routing's persistence, `InferConfig.route_persist`)."""
     from semoe import Workload
     from simulator.workload.inference import InferConfig, simulate_inference
 
@@ -226,12 +270,23 @@ def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int,
                       predict_accuracy=predict_accuracy() if predict else 1.0,
                       launch_s=HOST_OP_S if launch_s is None else launch_s,
                       host_probe=probe if HOST_OP_S is None else None,
-                      sync_split=sync_split if HOST_OP_S is None and probe is not None else ())
+                      sync_split=sync_split if HOST_OP_S is None and probe is not None else (),
+                      route_persist=persist)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roofline fallbacks are listed once by `predict_all`
         wl = None if seed is None else Workload(kind="infer", seq_len=c["P"], gen_len=c["G"], seed=seed)
-        _, res = simulate_inference(model, cluster_preset("h100-single"), cfg, workload=wl, trace=False)
+        _, res = simulate_inference(model, _cluster(pcie_GBps), cfg, workload=wl, trace=False)
     return model, res
+
+
+def _cluster(pcie_GBps: float | None = None):
+    """The ``h100-single`` preset, its PCIe bandwidth replaced by ``pcie_GBps`` when given (a row's copy probes)."""
+    c = cluster_preset("h100-single")
+    if pcie_GBps is None:
+        return c
+    if not pcie_GBps > 0:
+        raise ValueError(f"validate_infer: pcie_GBps must be > 0, got {pcie_GBps}")
+    return c.replace(pcie=c.pcie.replace(bandwidth_GBps=float(pcie_GBps)))
 
 
 SYNC_SPLIT = True  # False: --no-sync-split what-if (the probe's host seconds spread evenly over the kernels)
@@ -255,7 +310,7 @@ POOL_PASSES_METRIC = "pool_passes"
 
 @cache
 def pooled_prediction(config: str, batch: int, predict: bool, quant: str | None = None,
-                      seeds: int = POOL_SEEDS) -> dict:
+                      seeds: int = POOL_SEEDS, persist: float = 0.0) -> dict:
     """metric -> (pooled value, sd of one pass's value) of the expert-aware count rows: the simulator's pool over
     ``seeds`` generates with routing seeds 0 .. seeds - 1 (the row's configuration; counts do not depend on the
     host's speed, so the default host), pooled as the bench pools its repeats (ratios of sums:
@@ -268,7 +323,7 @@ def pooled_prediction(config: str, batch: int, predict: bool, quant: str | None 
     tot = {"hits": 0, "misses": 0, "prefetched": 0, "used": 0, "fetch": 0.0}
     per: dict = {m: [] for m in POOLED_METRICS}
     for s in range(seeds):
-        _, res = _sim(config, "expert", batch, None, batch, predict, quant=quant, seed=s)
+        _, res = _sim(config, "expert", batch, None, batch, predict, quant=quant, seed=s, persist=persist)
         pre = res.prefetched if predict else 0
         used = res.prefetch_used if predict else 0
         for k, v in (("hits", res.hits), ("misses", res.misses), ("prefetched", pre), ("used", used),
@@ -291,7 +346,8 @@ def _timing(metric: str, res, B: int, P: int, G: int, L: int):
 
 
 def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: float | None = None,
-                probe=None, adj: dict | None = None) -> tuple[float, str, str]:
+                probe=None, adj: dict | None = None, h2d: dict | None = None,
+                persist: float = 0.0) -> tuple[float, str, str]:
     """(predicted value, kind, note) for one measured row. ``predicting_runs``: dates of the runs whose
     ``expert`` mode prefetched one block ahead (the bench wrote ``prefetched_used_frac`` rows; run 1 of
     2026-11-24 predates the predictor, so its ``expert`` rows ran without it). ``host_s``: the run's own
@@ -299,7 +355,9 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
     ``probe``: the run's engine host probe (`HostProbe`, its ``host_*`` rows): bf16 resident, ring and
     expert-aware rows take their host seconds per kernel from it. ``adj``: the run's adjacent probes
     (`run_adjacent`): where the row's (mode, batch) has one, it replaces ``probe`` for that pass
-    (`with_adjacent`, the rule in the module doc)."""
+    (`with_adjacent`, the rule in the module doc). ``h2d``: the run's adjacent copy probes (`run_h2d`): where the
+    row's (mode, phase, batch) has them, its simulated pass takes their bandwidth (`_h2d_used`). ``persist``: the
+    decode routing's persistence of the expert-aware simulations (`routing_persistence`; 0: independent draws)."""
     mode, B, metric, config = r["mode"], int(r["batch"]), r["metric"], r["config"]
     c = parse_config(config)
     P, G = c["P"], c["G"]
@@ -329,6 +387,9 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         return _predict_probe_row(r, c, probe, host_s)
     if metric.startswith(ADJ_PREFIX):
         return _predict_adjacent_row(r, c, probe, adj or {}, host_s)
+    if metric.startswith(H2D_PREFIX):
+        return _predict_h2d_row(r)
+    pcie = _h2d_used(r, h2d)
     base, slots, quant, dequant = parse_mode(mode)
     qnote = (f"{quant} experts ({'fused GEMMs' if dequant == 'fused' else 'dequantised into a workspace'})"
              if quant else "")
@@ -346,7 +407,7 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         return (nan, "not_modelled", "") if v is None else (v, "throughput", qnote)
     if base == "ring":
         model, res = _sim(config, "ring", B, slots, bmax, False, quant=quant, dequant=dequant, launch_s=host_s,
-                          probe=probe)
+                          probe=probe, pcie_GBps=pcie)
         L, E, eb = model.moe_layers, model.experts, res.plan.expert_bytes
         bw = cluster_preset("h100-single").pcie.bandwidth_GBps * 1e9
         if metric in ("budget_K", "ring_K"):
@@ -385,11 +446,11 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
     if base in ("expert", "expert_nopred"):
         predict = base == "expert" and r["date"] in predicting_runs
         model, res = _sim(config, "expert", B, None, B, predict, quant=quant, dequant=dequant, launch_s=host_s,
-                          probe=probe)
+                          probe=probe, pcie_GBps=pcie, persist=persist)
         v = _timing(metric, res, B, P, G, model.moe_layers)
         pooled_note = ""
         if metric in POOLED_METRICS:
-            val, sd = pooled_prediction(config, B, predict, quant)[metric]
+            val, sd = pooled_prediction(config, B, predict, quant, persist=persist)[metric]
             v = (val, "bytes" if metric.startswith("decode_GB") else "ratio")
             pooled_note = (f"the simulated pool over {POOL_SEEDS} routing seeds, pooled as the bench pools its repeats "
                            f"(ratio of sums); one pass's sd over the seeds {sd:.3g}")
@@ -470,7 +531,7 @@ def _adjacent_kernels(config: str, mode: str, phase: str, B: int, probe, copies:
 
 def is_spread(metric: str) -> bool:
     """A repeated row's spread row (``decode_tokens_per_s_min``, ``prefill_repeats``), not an adjacent probe row."""
-    return metric == POOL_PASSES_METRIC or (not metric.startswith(ADJ_PREFIX) and (
+    return metric == POOL_PASSES_METRIC or (not metric.startswith((ADJ_PREFIX, H2D_PREFIX)) and (
         metric.endswith(SPREAD_SUFFIXES) or metric.endswith(REPEATS_SUFFIX)))
 
 
@@ -611,10 +672,10 @@ def _replay_note(r) -> str:
             + (" and predictor" if r["mode"] == "expert" else ""))
 
 
-def explain(r, probed: bool = False, adjacent: tuple | None = None) -> str:
+def explain(r, probed: bool = False, adjacent: tuple | None = None, pcie: float | None = None) -> str:
     """Why a throughput row misses 10% (mechanisms the simulator leaves out; see NOTES.md). ``probed``: the
     row's host time came from its run's engine probe; ``adjacent``: (before, after) ms of the adjacent probe the
-    row's simulation took its host from."""
+    row's simulation took its host from; ``pcie``: the GB/s of the row's copy probes its simulation took."""
     mode, metric, date = r["mode"], r["metric"], r["date"]
     host = "the run's engine probe's seconds per kernel of this path" if probed else _host_note()
     if adjacent is not None and len(adjacent) > 2:
@@ -675,6 +736,10 @@ def explain(r, probed: bool = False, adjacent: tuple | None = None) -> str:
     if metric == "bound_prefill_tokens_per_s":
         return "bound uses the simulated resident compute; see resident prefill"
     if parse_mode(mode)[0] == "ring" and metric in ("prefill_tokens_per_s", "prefill_frac_of_bound", "prefill_ms_per_block"):
+        if pcie is not None:
+            return (f"copy-bound: every block's experts over PCIe at the {pcie:.2f} GB/s of the row's own copy probes, "
+                    "the host hidden under the copies; a miss is a copy path the 1 GiB probe copies do not see (the "
+                    "ring's per-block copies on the engine's copy stream beside its compute)")
         return ("copy-bound: every block's experts over PCIe at the preset's 53.5 GB/s (~0.42 s a pass of 8 blocks), "
                 "the host hidden under the copies; a miss is a slow stretch of the machine's copies (the 41ed3d6 run: "
                 "ring_K4, ring B1 and B2, one pass each within ~6 s, at 0.50 s a pass against 0.42-0.45 s for its "
@@ -709,10 +774,24 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
     host_run = {d: float(v) * 1e-6 for d, v in zip(probe["date"], probe["value"])} if HOST_OP_S is None else {}
     engine_probe = run_probes(measured)
     adjacent = run_adjacent(measured)
+    h2d_runs = run_h2d(measured)
+    pooled_runs = frozenset(measured.loc[measured["metric"] == POOL_PASSES_METRIC, "date"])
+    pers = routing_persistence() if PERSIST else None
     for _, r in measured.iterrows():
         pr = engine_probe.get(r["date"])
         adj = adjacent.get(r["date"])
-        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]), pr, adj)
+        h2d = h2d_runs.get(r["date"])
+        q = _persist_for(r, pers, pooled_runs)
+        pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]), pr, adj,
+                                       h2d, q)
+        bw = _h2d_used(r, h2d) if kind == "throughput" else None
+        if bw is not None:
+            note = "; ".join(x for x in (note, _h2d_note(measured, r, bw)) if x)
+        if pers is not None and q > 0 and kind != "spread":
+            note = "; ".join(x for x in (note, f"decode routing: {pers.note()}, held out") if x)
+        elif pers is not None and _calibration_row(r, kind):
+            cal = "the routing-persistence calibration run (its B = 1 trace); its own rows keep independent draws"
+            note = "; ".join(x for x in (note, cal) if x)
         used = _adjacent_used(r, adj) if pr is not None else None
         adj_ms = _adjacent_ms(measured, r, used) if kind == "throughput" else None
         if kind == "throughput" and used and adj_ms and len(adj_ms) > 2:
@@ -733,18 +812,64 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
             err = pred / meas - 1 if not math.isnan(pred) else float("nan")
         within = bool(abs(err) <= 0.10) if not math.isnan(err) else None
         if within is False and kind == "throughput":
-            note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r), adj_ms)) if x)
+            note = "; ".join(x for x in (note, explain(r, pr is not None and _probed(r), adj_ms, bw)) if x)
         if kind != "spread":
             note = "; ".join(x for x in (spread_note(measured, r, pred), note) if x)
         if r["metric"] in POOLED_METRICS and not math.isnan(pred):
             note = "; ".join(x for x in (note, pooled_noise_note(
-                measured, r, pred, parse_mode(r["mode"])[0] == "expert" and r["date"] in predicting)) if x)
+                measured, r, pred, parse_mode(r["mode"])[0] == "expert" and r["date"] in predicting, q)) if x)
         if "commit" in r:
             note = "; ".join(x for x in (note, _replay_note(r)) if x)
         rows.append({"date": r["date"], "mode": r["mode"], "batch": int(r["batch"]), "metric": r["metric"], "measured": meas,
                          "predicted": pred, "error": err, "within_10pct": within, "kind": kind, "status": status(r, kind, pred),
                          "note": note})
     return pd.DataFrame(rows)
+
+
+def _h2d_note(measured: pd.DataFrame, r, bw: float) -> str:
+    """Where a row's PCIe bandwidth came from (its copy probes, `_h2d_used`)."""
+    phase = "decode" if r["metric"].startswith("decode") else "prefill"
+    v = _row_values(measured, r)
+    m = H2D_METRICS[phase]
+    if f"{m}_{ADJ_MEDIAN}" in v:
+        return (f"PCIe: {bw:.2f} GB/s, the median of this row's {phase} copy probes interleaved with its repeats "
+                f"({v.get(m + '_min', float('nan')):.2f}-{v.get(m + '_max', float('nan')):.2f})")
+    return (f"PCIe: {bw:.2f} GB/s, the mean of this row's {phase} copy probes right before and after it "
+            f"({v.get(m + '_before', float('nan')):.2f} / {v.get(m + '_after', float('nan')):.2f})")
+
+
+# routing persistence of the expert-aware decode (`simulator.workload.inference_persist`): measured on ONE run's
+# traced B = 1 routing (the calibration run), applied to the expert-aware simulations of the runs with pooled count
+# rows (from 41ed3d6 on: R passes on other prompts each); earlier runs decode the calibration run's prompts with
+# the same weights (the same routing), so they keep independent draws (rule: module doc)
+PERSIST_COMMIT = "76200c0"
+PERSIST = True  # False: --no-persist what-if (independent draws everywhere)
+
+
+@cache
+def routing_persistence(traces: Path | None = None, commit: str = PERSIST_COMMIT):
+    """The calibration run's routing persistence (`inference_persist.Persistence`) from its expert trace; None
+    when the trace is absent."""
+    from simulator.workload.inference_persist import routing_persistence as estimate
+
+    path = (traces or TRACES) / f"2026-11-24_{commit}_expert_trace.csv"
+    if not path.is_file():
+        return None
+    m = model_preset("mixtral-8x7b")
+    return estimate(path, m.experts, m.top_k)
+
+
+def _persist_for(r, pers, pooled_runs: frozenset) -> float:
+    """The decode routing persistence a row's expert-aware simulation takes: the calibration's ``q`` for runs with
+    pooled rows (held out), else 0."""
+    if pers is None or r["date"] not in pooled_runs or str(r.get("commit", "")) == PERSIST_COMMIT:
+        return 0.0
+    return pers.q if parse_mode(r["mode"])[0] in ("expert", "expert_nopred") else 0.0
+
+
+def _calibration_row(r, kind: str) -> bool:
+    return (str(r.get("commit", "")) == PERSIST_COMMIT and str(r["mode"]).startswith("expert")
+            and r["metric"] in POOL_METRICS and kind != "spread")
 
 
 RUN1_DATE = "2026-11-24T04:05"  # bench run 1: cuDNN SDPA rebuilt a plan per decode step (NOTES.md)
@@ -845,6 +970,44 @@ def with_adjacent(probe, adj: dict | None, key: str, probe_mode: str, batch: int
     return HostProbe(probe.blocks, pts)
 
 
+def run_h2d(measured: pd.DataFrame) -> dict:
+    """date -> {(row mode, phase, batch): GB/s}: the run's adjacent copy probes (bench ``H2DProber``), the median of
+    a repeated row's R + 1 probes (``h2d_adj_<phase>_GBps_median``), else the mean of its before and after probes
+    (the rule in the module doc); none under ``--no-copy-probes``."""
+    if not USE_H2D:
+        return {}
+    keep = measured[measured["metric"].str.startswith(H2D_PREFIX)]
+    out: dict = {}
+    for (date, mode, batch), g in keep.groupby(["date", "mode", "batch"]):
+        vals = dict(zip(g["metric"], g["value"].astype(float)))
+        for phase, m in H2D_METRICS.items():
+            med = vals.get(f"{m}_{ADJ_MEDIAN}")
+            v = [med] if med is not None else [vals[f"{m}_{w}"] for w in ADJ_WHEN if f"{m}_{w}" in vals]
+            if v and all(x > 0 for x in v):
+                out.setdefault(date, {})[(mode, phase, int(batch))] = sum(v) / len(v)
+    return out
+
+
+def _h2d_used(r, h2d: dict | None) -> float | None:
+    """The PCIe GB/s a row's own simulation takes from its copy probes (`run_h2d`; None: the preset's)."""
+    if not h2d or r["metric"] not in H2D_THROUGHPUT:
+        return None
+    base, _, quant, _ = parse_mode(r["mode"])
+    if quant is not None or base not in ("ring", "expert", "expert_nopred"):
+        return None
+    phase = "decode" if r["metric"].startswith("decode") else "prefill"
+    return h2d.get((r["mode"], phase, int(r["batch"])))
+
+
+def _predict_h2d_row(r) -> tuple[float, str, str]:
+    """An adjacent copy probe row (an input of its run): predicted as the preset's bandwidth, so its error shows the
+    drift of the machine's copies from it."""
+    bw = cluster_preset("h100-single").pcie.bandwidth_GBps
+    when = r["metric"].rsplit("_", 1)[-1]
+    return bw, "input", (f"pinned H2D copy probe next to the row's timed passes ({_ADJ_WHEN_TEXT.get(when, when)}); "
+                         "predicted: the h100-single preset's bandwidth")
+
+
 def _row_values(measured: pd.DataFrame, r) -> dict:
     """metric -> value of the rows of ``r``'s run, mode and batch."""
     g = measured[(measured["date"] == r["date"]) & (measured["mode"] == r["mode"]) & (measured["batch"] == r["batch"])]
@@ -878,14 +1041,14 @@ def spread_note(measured: pd.DataFrame, r, pred: float) -> str:
     return f"{reps}: min {lo:.4g}, max {hi:.4g} ({(hi - lo) / float(r['value']):.1%} of the median{inside})"
 
 
-def pooled_noise_note(measured: pd.DataFrame, r, pred: float, predict: bool) -> str:
+def pooled_noise_note(measured: pd.DataFrame, r, pred: float, predict: bool, persist: float = 0.0) -> str:
     """A pooled count row's sampling noise: its R passes (row ``pool_passes``), the sd of an R-pass pool ~ one
     simulated pass's sd over the routing seeds / sqrt(R) (`pooled_prediction`), and how many of those the
     measured value lies from the prediction ('' without a ``pool_passes`` row or a spread)."""
     n = _row_values(measured, r).get(POOL_PASSES_METRIC)
     if not n or parse_mode(r["mode"])[2] is not None:
         return ""
-    _, sd = pooled_prediction(r["config"], int(r["batch"]), predict)[r["metric"]]
+    _, sd = pooled_prediction(r["config"], int(r["batch"]), predict, persist=persist)[r["metric"]]
     if not sd > 0:
         return ""
     sd_r = sd / math.sqrt(n)
@@ -968,6 +1131,12 @@ def summarise(df: pd.DataFrame) -> str:
         if len(k):
             lines.append(f"{kind} rows within 10%: {int(k['within_10pct'].sum())} / {len(k)}")
     lines.append(f"not modelled: {int((df['kind'] == 'not_modelled').sum())} rows")
+    val = df[(df["status"] == "validated") & df["within_10pct"].notna()] if "status" in df else df.iloc[:0]
+    for date in sorted(val["date"].unique())[-3:]:  # the latest runs
+        g = val[val["date"] == date]
+        gt = g[g["kind"] == "throughput"]
+        lines.append(f"run {date}: validated rows within 10%: {int(g['within_10pct'].astype(bool).sum())} / {len(g)} "
+                     f"(throughput {int(gt['within_10pct'].astype(bool).sum())} / {len(gt)})")
     rep = t[t["note"].fillna("").str.contains("repeats: min")]
     if len(rep):
         lines.append(f"repeated throughput rows (median of the repeats): {len(rep)}, prediction inside the repeats' "
@@ -990,8 +1159,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sync-split", action="store_true",
                     help="what-if: the resident prefill's host-sync latency spread evenly over the kernels (the "
                          "model before the sync probe; never for the committed table)")
+    ap.add_argument("--no-persist", action="store_true",
+                    help="what-if: independent decode routing everywhere (no routing persistence; never for the "
+                         "committed table)")
+    ap.add_argument("--no-copy-probes", action="store_true",
+                    help="what-if: the preset's PCIe bandwidth for every row, the copy probes ignored (never for the "
+                         "committed table)")
     a = ap.parse_args(argv)
-    global HOST_OP_S, SYNC_SPLIT
+    global HOST_OP_S, SYNC_SPLIT, PERSIST, USE_H2D
+    if a.no_copy_probes:
+        USE_H2D = False
+        print("what-if: copy probes ignored (the preset's PCIe bandwidth)")
+    if a.no_persist:
+        PERSIST = False
+        print("what-if: no decode routing persistence (independent draws)")
     if a.no_sync_split:
         SYNC_SPLIT = False
         _sync_split.cache_clear()

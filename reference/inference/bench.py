@@ -64,7 +64,7 @@ row class                   flag   cv timed    cv probe    h       sd at 76200c0
 resident decode             11     0.088       0.12        1.0     7.9% (R = 5)       5.5% (R = 11)
 resident prefill B1 / B2    9      0.010/.015  0.021/.033  .83/.36 1.1% / 1.0% (5)   0.8% / 0.8% (9)
 resident prefill B4-16      9      0.02-0.05   0.09-0.12   .16-.33 1.7-2.9% (5)       1.3-2.1% (9)
-ring prefill (K, batch)     1      0.002-0.015 -           0.01    0.1-1.1% (3)       0.2-1.5% (1)
+ring prefill (K, batch)     2      0.002-0.015 -           0.01    0.1-1.1% (3)       0.2-1.3% (2)
 ring decode                 1      (1 pass)    -           0.00    copy-bound         unchanged
 expert-aware decode B1-8    3      0.012-0.038 0.07-0.17   .05-.27 1-3.5% (3)         1-3.5% (3)
 expert-aware at the ring    1      0.005       -           0.00    0.4% (3)           0.6% (1)
@@ -87,6 +87,15 @@ ring passes of the run and every ring pass of 76200c0 (its resident B1 probes we
 of the machine, which repeats seconds apart would not have averaged out either. A row that starts after
 ``--repeat-until-s`` (290 s) of the run (from its argument parsing, ~10-17 s after the process starts) is timed
 once, so a slow machine stays near ~5.5 min.
+
+Adjacent copy probes (runs from 2026-11-24 ~16:00 on): the copy-bound rows (ring prefill and decode, ``ring_K<k>``,
+expert-aware decode: :func:`copy_bound`) get a pinned H2D probe (:class:`H2DProber`: 2 copies of 1 GiB of a block's
+pinned expert buffer on a side stream, CUDA events, ~40 ms) right after each of their host probes, so one before and
+after every timed repeat (rows ``h2d_adj_<phase>_GBps_before`` / ``_after``, with R > 1 ``_median`` / ``_min`` /
+``_max``; every probe in ``repeats.csv`` as ``what`` = ``h2d_GBps``): the run-level ``h2d_pinned_GBps`` is one probe
+at the run's start, and 41ed3d6's slow ring rows (above) ran beside a normal one. With them the ring prefill rows are
+timed twice (``--ring-repeats`` 2, ~ + 6 s); the probes add ~73 x ~50 ms ~ 4 s: ~320-325 s expected on the H100.
+``--skip-h2d-probe`` leaves them out; ``--h2d-probe-mb`` sets the copy size.
 
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
@@ -163,6 +172,75 @@ def h2d_GBps(store: ModelStore, reps: int = 5) -> float:
         ts.append(a.elapsed_time(b) / 1e3)
     del dst
     return src.numel() / statistics.median(ts[1:]) / 1e9
+
+
+# issue 7's adjacent copy probes (runs from 2026-11-24 ~16:00 on): the pinned H2D bandwidth right before and after
+# (interleaved with) each copy-bound row's timed passes, as the host probe does for the host
+# rows <metric>_before / _after (/ _median / _min / _max with R > 1), per phase (a ring row (mode, batch) times both)
+H2D_ADJ_METRICS = {"prefill": "h2d_adj_prefill_GBps", "decode": "h2d_adj_decode_GBps"}
+H2D_PROBE_BYTES = 1 << 30  # bytes per probe copy (~20 ms on the H100's ~53 GB/s)
+H2D_PROBE_COPIES = 2  # timed copies per probe: bandwidth = their bytes / their summed seconds
+
+
+def copy_bound(row_mode: str) -> bool:
+    """Rows whose timed passes are bound by the pinned H2D copies (ring prefill / decode, ring_K<k>, expert-aware
+    decode, whose fallback batch runs the ring): they get an adjacent copy probe (`H2DProber`)."""
+    return row_mode.startswith(("ring", "expert"))
+
+
+class H2DProber:
+    """The pinned H2D bandwidth at one moment of the run: ``copies`` copies of the first ``nbytes`` of one block's
+    pinned expert buffer (the engine's copy source) into a device buffer on a side stream, CUDA events around
+    them; GB/s = bytes / the copies' summed seconds. The device buffer is allocated per probe and dropped, its
+    memory kept out of the run's ``gpu_peak_GB`` (`peak_GB`). CPU: the same copy, wall-clock timed."""
+
+    def __init__(self, store: ModelStore, nbytes: int = H2D_PROBE_BYTES, copies: int = H2D_PROBE_COPIES) -> None:
+        if nbytes < 1 or copies < 1:
+            raise ValueError(f"H2DProber: nbytes and copies must be >= 1, got {nbytes}, {copies}")
+        src = store.layer_buffers[store.moe_blocks[0]].view(-1)
+        self.src = src[: min(src.numel(), nbytes // src.element_size())]
+        self.copies = copies
+        self.stream = torch.cuda.Stream() if CUDA else None
+
+    def measure(self) -> float:
+        """GB/s of ``copies`` pinned -> device copies of ``src`` now."""
+        _PEAK["saved"] = max(_PEAK["saved"], torch.cuda.max_memory_allocated() if CUDA else 0)
+        dst = torch.empty_like(self.src, device=DEV)
+        nbytes = self.src.numel() * self.src.element_size() * self.copies
+        if not CUDA:
+            t = time.perf_counter()
+            for _ in range(self.copies):
+                dst.copy_(self.src)
+            sec = time.perf_counter() - t
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self.stream):
+                a.record(self.stream)
+                for _ in range(self.copies):
+                    dst.copy_(self.src, non_blocking=True)
+                b.record(self.stream)
+            b.synchronize()
+            sec = a.elapsed_time(b) / 1e3
+        del dst
+        if CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()  # the run's peak so far is in _PEAK["saved"]
+        return nbytes / max(sec, 1e-12) / 1e9
+
+
+def h2d_rows(row, row_mode: str, B: int, phase: str, gbps: list) -> None:
+    """Rows of a copy-bound row's adjacent copy probes (`H2DProber`, one per host-probe slot of `interleave`):
+    ``h2d_adj_<phase>_GBps_before`` (the first), ``_after`` (the last), with more than two probes (R > 1)
+    ``_median`` / ``_min`` / ``_max`` over all R + 1 of them (the median is the row's PCIe input, validate_infer's
+    rule)."""
+    m = H2D_ADJ_METRICS[phase]
+    row(row_mode, B, f"{m}_before", gbps[0])
+    row(row_mode, B, f"{m}_after", gbps[-1])
+    if len(gbps) > 2:
+        row(row_mode, B, f"{m}_median", statistics.median(gbps))
+        row(row_mode, B, f"{m}_min", min(gbps))
+        row(row_mode, B, f"{m}_max", max(gbps))
 
 
 def host_op_s() -> float:
@@ -298,7 +376,7 @@ class HostProber:
         free_cuda()
 
     def around(self, phase: str, row_mode: str, B: int, repeats: int, fn, name: str | None = None,
-               slots: int | None = None, log_rep=None) -> list:
+               slots: int | None = None, log_rep=None, also=None) -> list:
         """``repeats`` timed repeats ``fn(i)`` of a row interleaved with the probe of its code path (``name`` or
         ``row_mode``, ``phase``, ``B``; ``slots``: the ring's K of ring_K<k> rows): probe, fn(0), probe, fn(1), ...,
         fn(R - 1), probe (`interleave`). Returns the repeats' results. Rows (``row_mode``, ``B``):
@@ -306,7 +384,8 @@ class HostProber:
         ``_median`` / ``_min`` / ``_max`` over all R + 1 probes (the median is the row's host input), and
         ``host_adj_<phase>_copies[_per_step]`` (the mean over the probes). ``log_rep(phase, i, what, value)``
         gets every probe's milliseconds (``what`` = ``probe_ms``). The probes' device memory is kept out of
-        the run's ``gpu_peak_GB`` (`peak_GB`)."""
+        the run's ``gpu_peak_GB`` (`peak_GB`). ``also()`` (the copy probe of copy-bound rows) runs right after each
+        host probe, so it is the measurement nearest to the timed pass that follows."""
         ms_metric, cp_metric = ADJ_METRICS[phase]
         name = name or row_mode
         got: list = []
@@ -321,6 +400,8 @@ class HostProber:
                 log_rep(phase, len(got) - 1, "probe_ms", got[-1][0])
             if len(got) == 1:
                 self.row(row_mode, B, f"{ms_metric}_before", got[0][0])
+            if also is not None:
+                also()
 
         vals = interleave(repeats, fn, probe)
         self.row(row_mode, B, f"{ms_metric}_after", got[-1][0])
@@ -515,8 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="issue7: timed repeats (median) of the resident prefill rows (partly host-bound, ~0.1 s each)")
     p.add_argument("--decode-repeats", type=int, default=11,
                    help="issue7: timed repeats of the resident decode rows (host-bound, ~0.3 s each + its probe)")
-    p.add_argument("--ring-repeats", type=int, default=1,
-                   help="issue7: timed repeats of the ring prefill rows (copy-bound: 76200c0's spread 0.3-1.7%%)")
+    p.add_argument("--ring-repeats", type=int, default=2,
+                   help="issue7: timed repeats of the ring prefill rows (copy-bound: 76200c0's spread 0.3-1.7%%; "
+                        "each beside its adjacent copy probes)")
     p.add_argument("--ring-decode-repeats", type=int, default=1,
                    help="issue7: timed repeats of the ring decode rows (~3.6 s each on the H100)")
     p.add_argument("--expert-repeats", type=int, default=3,
@@ -534,11 +616,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="a tiny CPU model (CI smoke test): issue11 unless --suite issue7 is given")
     p.add_argument("--skip-host-probe", action="store_true", help="issue7: skip the engine host probe")
+    p.add_argument("--skip-h2d-probe", action="store_true",
+                   help="issue7: skip the adjacent pinned H2D copy probes of the copy-bound rows")
+    p.add_argument("--h2d-probe-mb", type=float, default=H2D_PROBE_BYTES / 2**20,
+                   help=f"issue7: MiB per adjacent copy probe copy (x {H2D_PROBE_COPIES} copies; ~20 ms each on the H100)")
     p.add_argument("--compile-mode", default="reduce-overhead", help="issue11: resident decode compile mode")
     p.add_argument("--ring-slots", type=int, default=None, help="issue11: ring K (default: from --budget-gb)")
     p.add_argument("--skip-compile", action="store_true", help="issue11: skip the compiled section")
     p.add_argument("--skip-ring", action="store_true", help="issue11: skip the bf16/int8/fp8 ring section")
     a = p.parse_args(argv)
+    if a.h2d_probe_mb <= 0:
+        p.error(f"--h2d-probe-mb must be > 0, got {a.h2d_probe_mb}")
     t_start = time.perf_counter()  # issue 7's --repeat-until-s counts from here
     for k in ("repeats", "decode_repeats", "ring_repeats", "ring_decode_repeats", "expert_repeats", "reps",
               "accelerate_reps"):
@@ -604,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         prober = host_probe(spec, probe_dir, batches, P, G, a.reps, plans, row, QUICK_PROBE_WIDTHS if a.quick else None)
         log(f"host probe: {time.perf_counter() - t0:.1f} s")
 
+    h2d = None if a.skip_h2d_probe else H2DProber(store, int(a.h2d_probe_mb * 2**20))
     rep_path = a.out / "repeats.csv"
     rep_path.write_text(",".join(REPEAT_COLUMNS) + "\n")
 
@@ -626,10 +715,19 @@ def main(argv: list[str] | None = None) -> int:
             log_rep(phase, i, "timed_s", sec)
             return sec
 
+        gbps: list = []
+
+        def copy_probe() -> None:  # the adjacent copy probe of a copy-bound row (`H2DProber`)
+            gbps.append(h2d.measure())
+            log_rep(phase, len(gbps) - 1, "h2d_GBps", gbps[-1])
+
+        also = copy_probe if copy_bound(row_mode) and h2d is not None else None
         if prober is None:
-            secs = interleave(repeats, timed_fn)
+            secs = interleave(repeats, timed_fn, also)
         else:
-            secs = prober.around(phase, row_mode, batch, repeats, timed_fn, name, slots, log_rep)
+            secs = prober.around(phase, row_mode, batch, repeats, timed_fn, name, slots, log_rep, also)
+        if gbps:
+            h2d_rows(row, row_mode, batch, phase, gbps)
         row(row_mode, batch, f"{phase}_repeats", repeats)
         return secs
 

@@ -98,8 +98,15 @@ def test_quick_validate_uses_the_adjacent_probe(quick_run):
         assert "interleaved with its repeats (median" in d.loc[("resident", B, "decode_tokens_per_s"), "note"]
         # the single-pass ring decode keeps the mean of its before and after probes
         assert "measured right before and after it" in d.loc[("ring", B, "decode_tokens_per_s"), "note"]
-    assert (d.loc[[k for k in d.index if k[2].endswith(("_min", "_max", "_repeats")) and not k[2].startswith("host_")],
-                  "kind"] == "spread").all()
+    assert (d.loc[[k for k in d.index if k[2].endswith(("_min", "_max", "_repeats"))
+                   and not k[2].startswith(("host_", "h2d_"))], "kind"] == "spread").all()
+    # the copy-bound rows take their own copy probes' bandwidth (the rule), which are inputs
+    assert (d.loc[[k for k in d.index if k[2].startswith("h2d_adj_")], "status"] == "input").all()
+    bw = got[("ring", 2, "h2d_adj_prefill_GBps_median")]
+    assert f"PCIe: {bw:.2f} GB/s, the median of this row's prefill copy probes" in d.loc[("ring", 2, "prefill_tokens_per_s"), "note"]
+    bw = (got[("ring", 2, "h2d_adj_decode_GBps_before")] + got[("ring", 2, "h2d_adj_decode_GBps_after")]) / 2
+    assert f"PCIe: {bw:.2f} GB/s, the mean of this row's decode copy probes" in d.loc[("ring", 2, "decode_tokens_per_s"), "note"]
+    assert "PCIe:" not in str(d.loc[("resident", 2, "prefill_tokens_per_s"), "note"])
 
 
 def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
@@ -214,3 +221,52 @@ def test_expert_repeats_prompts_and_fallback():
     assert seeds[0] == 4 and len(set(seeds)) == 5 and not set(seeds[1:]) & {1, 2, 4, 8, 16}
     spec = model_preset("mixtral-8x7b")  # 8 experts, top-2: 8 (1 - 0.75^B) >= 7.6 from B = 11
     assert [bench.falls_back(spec, B) for B in (1, 2, 4, 8, 10, 11, 16)] == [False] * 5 + [True] * 2
+
+
+def test_quick_adjacent_copy_probes_of_the_copy_bound_rows(quick_run):
+    """Every copy-bound row (ring_K<k>, ring prefill / decode, expert-aware decode) gets a pinned H2D copy probe in
+    every host-probe slot (R + 1, right after the host probe, so nearest the timed pass): rows
+    h2d_adj_<phase>_GBps_before / _after (first / last) and with R > 1 _median / _min / _max over all of them
+    (per phase: a ring (mode, batch) times prefill and decode); resident rows get none."""
+    import statistics
+
+    out, rows, got = quick_run
+    reps = defaultdict(list)
+    for r in csv.DictReader((out / "repeats.csv").open()):
+        reps[(r["mode"], int(r["batch"]), r["phase"])].append((int(r["repeat"]), r["what"], float(r["value"])))
+    R = {("ring_K1", "prefill"): 2, ("ring", "prefill"): 2, ("ring", "decode"): 1, ("expert", "decode"): 2,
+         ("expert_nopred", "decode"): 2}
+    for (mode, ph), n in R.items():
+        m = bench.H2D_ADJ_METRICS[ph]
+        seq = [x for x in reps[(mode, 2, ph)] if x[1] in ("probe_ms", "h2d_GBps", "timed_s")]
+        assert [w for _, w, _ in seq] == ["probe_ms", "h2d_GBps", "timed_s"] * n + ["probe_ms", "h2d_GBps"], mode
+        gb = [v for _, w, v in seq if w == "h2d_GBps"]
+        assert all(v > 0 for v in gb)
+        assert got[(mode, 2, f"{m}_before")] == pytest.approx(gb[0], rel=1e-5)
+        assert got[(mode, 2, f"{m}_after")] == pytest.approx(gb[-1], rel=1e-5)
+        if n > 1:
+            assert got[(mode, 2, f"{m}_median")] == pytest.approx(statistics.median(gb), rel=1e-5)
+            assert got[(mode, 2, f"{m}_min")] == pytest.approx(min(gb), rel=1e-5)
+            assert got[(mode, 2, f"{m}_max")] == pytest.approx(max(gb), rel=1e-5)
+        else:
+            assert (mode, 2, f"{m}_median") not in got
+    h2d = {(r["mode"], r["metric"]) for r in rows if r["metric"].startswith("h2d_adj_")}
+    assert {mode for mode, _ in h2d} == {"ring_K1", "ring", "expert", "expert_nopred"}
+    assert not any(w == "h2d_GBps" for k, v in reps.items() if k[0] == "resident" for _, w, _ in v)
+    assert bench.copy_bound("ring_K3") and bench.copy_bound("expert_nopred") and not bench.copy_bound("resident")
+
+
+def test_h2d_prober_measures_a_positive_bandwidth_and_rejects_bad_sizes():
+    from types import SimpleNamespace
+
+    import torch
+
+    store = SimpleNamespace(moe_blocks=[3], layer_buffers={3: torch.zeros(1 << 16, dtype=torch.uint8)})
+    p = bench.H2DProber(store, nbytes=1 << 12, copies=2)
+    assert p.src.numel() == 1 << 12  # a slice of the block's buffer, not all of it
+    assert p.measure() > 0
+    assert bench.H2DProber(store, nbytes=1 << 20).src.numel() == 1 << 16  # capped at the buffer
+    with pytest.raises(ValueError, match="nbytes and copies must be >= 1"):
+        bench.H2DProber(store, nbytes=0)
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "issue7", "--quick", "--out", "/tmp/x_never", "--h2d-probe-mb", "0"])
