@@ -1,5 +1,5 @@
-"""simulator.validate_offload, task hB3: a case bracketed by adjacent AdamW probes takes their mean as its CPU AdamW
-input; a case (or run) without them keeps the run-level engine probe."""
+"""simulator.validate_offload (code: simulator.validate_offload_inputs), task hB3: a case bracketed by adjacent AdamW
+probes takes their mean as its CPU AdamW input; a case (or run) without them keeps the run-level engine probe."""
 
 import math
 

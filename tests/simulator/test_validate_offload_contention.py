@@ -1,5 +1,6 @@
 """Task hH: the CPU update and the SSD I/O slow each other while both run (simulator.workload.host_share), with the
-bench's contention probes as the factors (simulator.validate_offload's a-priori rule of hH)."""
+bench's contention probes as the factors (simulator.validate_offload's a-priori rule of hH, code:
+simulator.validate_offload_inputs)."""
 
 import math
 

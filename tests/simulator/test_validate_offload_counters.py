@@ -1,4 +1,5 @@
-"""simulator.validate_offload, task hF: the offload bench's byte and counter rows.
+"""simulator.validate_offload (code: simulator.validate_offload_bytes), task hF: the offload bench's byte and counter
+rows.
 
 The H2D bytes follow the engine's copy schedule (checked here against the reference engine itself) times the experts
 the router sends tokens to (the run's routing record); counter rows of the bench's old counter windows are

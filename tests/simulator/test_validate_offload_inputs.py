@@ -1,7 +1,7 @@
 """simulator.validate_offload: which CPU AdamW input each simulated case takes (the engine probe of its run with
 nothing beside the update, layer size, gradient dtype), the engine's block read / write / rewrite-prep probes, the
 trace window of the counted steps, the diagnostic simulation given a run's own trace rates, and the generated
-markdown tables."""
+markdown tables (code: simulator.validate_offload_inputs, _traces, _report)."""
 
 import pandas as pd
 import pytest

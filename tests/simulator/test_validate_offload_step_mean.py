@@ -1,6 +1,6 @@
 """The lead's a-priori rule (results/validation/offload_step_mean_rule.md): from its commit on, an offload case's step
 time is scored as the mean of its trace's timed steps (``step_ms_mean``, ``tokens_per_s_mean``); the bench's median
-rows become ``derived``."""
+rows become ``derived`` (code: simulator.validate_offload_inputs, _traces)."""
 
 import json
 

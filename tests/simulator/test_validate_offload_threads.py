@@ -1,5 +1,6 @@
 """simulator.validate_offload after task hB: the engine's I/O-cycle probe is the SSD input where a run has it, the
-thread A/B cases and the thread diagnostics are listed (not predicted), and the markdown shows the A/B."""
+thread A/B cases and the thread diagnostics are listed (not predicted), and the markdown shows the A/B (code:
+simulator.validate_offload_inputs)."""
 
 import pandas as pd
 
