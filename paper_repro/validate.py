@@ -445,6 +445,10 @@ def infer_rows(path: Path) -> list[dict]:
                     rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="fitted",
                                      fitted=True, note="host probe of this run, an input of its predictions; predicted "
                                                        "= the counted-kernels model it replaces" + (f": {note}" if note else "")))
+            elif str(m["metric"]).startswith("h2d_adj_"):
+                rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="fitted", fitted=True,
+                                 note="copy probe of this run (pinned H2D next to the row's timed passes), an input of "
+                                      "its copy-bound rows; predicted = the preset's bandwidth"))
             else:
                 rows.append(_row(src, run, m["config"], metric, m["value"], p["predicted"], status="fitted", fitted=True,
                                  note="model input: the preset's PCIe bandwidth is HARDWARE.md's measurement of this link"))

@@ -65,7 +65,9 @@ under uniform top-k routing, ``E (1 - (1 - k/E)^T)``, reaches ``fallback_frac * 
 rule, fallback_frac 0.95); otherwise each block's tokens are routed by sampling (seeded): every token
 picks ``top_k`` distinct experts without replacement with probabilities from the workload's expert
 popularity (`simulator.workload.routing`: uniform, zipf, lognormal, histogram; Gumbel top-k), and the
-LRU cache decides hits and misses. ``predict=True`` models the reference's one-block-ahead prefetch with a
+LRU cache decides hits and misses. ``route_persist`` q > 0 correlates consecutive decode steps: each of a token's
+top-k experts at a block repeats its previous step's with probability q (`inference_persist`, measured on an
+engine trace; 0: independent draws). ``predict=True`` models the reference's one-block-ahead prefetch with a
 predictor of accuracy ``predict_accuracy`` (1.0 perfect; `mispredict`: each expert it names for a token is
 the token's true one with that probability, else another expert; validate_infer takes it from the engine
 diagnostic, results/bench/infer_diag): a wrong guess is a wasted prefetch copy (and evicts an LRU entry)
@@ -162,9 +164,15 @@ class InferConfig:
     # (`inference_syncprobe.sync_shares`, the probe's tiny widths): each such sync costs share x the block's host
     # seconds after the device reached it (serial), the kernels the rest (() : spread evenly over the kernels)
     sync_split: tuple = ()
+    # decode routing persistence (`inference_persist`): each of a token's top-k experts at a block repeats its
+    # expert of the previous decode step with this probability, else is drawn fresh (0: independent draws, the
+    # random stream consumed exactly as without it)
+    route_persist: float = 0.0
 
     def __post_init__(self) -> None:
         check_quant(self.quant, self.dequant)
+        if not 0 <= self.route_persist <= 1:
+            raise SpecError(f"InferConfig.route_persist: must be in [0, 1], got {self.route_persist}")
         if any(not 0 <= sh < 1 for _, sh in self.sync_split) or sum(sh for _, sh in self.sync_split) >= 1:
             raise SpecError(f"InferConfig.sync_split: shares must be in [0, 1) and sum below 1, got {self.sync_split}")
         if self.host_probe is not None and not isinstance(self.host_probe, HostProbe):
@@ -459,6 +467,7 @@ class InferenceRun:
         self.host_ops = 0
         self.sync_wait_s = 0.0  # host seconds of the syncs' own latency (`InferConfig.sync_split`)
         self.step = -1
+        self.prev_route: dict = {}  # block -> the last decode step's routing [tokens, k] (route_persist)
         mem, p = sim.memory, self.plan
         host_bytes = p.blocks * p.experts * p.expert_bytes
         mem.alloc(0.0, 0, "hbm", "dense_params", p.dense_bytes)
@@ -567,6 +576,22 @@ class InferenceRun:
             self.rates[key] = self.base_host_op_s if r is None else r
         return self.rates[key]
 
+    def _route(self, block: int, T: int, q_len: int) -> np.ndarray:
+        """The routing [T, top_k] of ``block`` in this forward: independent draws (`sample_topk`), or in a decode
+        step after another with ``route_persist`` > 0 each expert kept from the previous step's with that
+        probability (`inference_persist.persist_topk`)."""
+        q, k = self.cfg.route_persist, self.m.top_k
+        prev = self.prev_route.get(block) if q_len == 1 else None
+        if q > 0 and prev is not None and prev.shape[0] == T:
+            from simulator.workload.inference_persist import persist_topk
+
+            ids = persist_topk(self.popularity, prev, q, k, self.rng)
+        else:
+            ids = sample_topk(self.popularity, T, k, self.rng)
+        if q > 0:
+            self.prev_route[block] = ids if q_len == 1 else None
+        return ids
+
     # -------------------------------------------------------------------------- one forward
     def forward(self, batch: int, q_len: int, start: int):
         cfg, m, costs = self.cfg, self.m, self.costs
@@ -637,7 +662,7 @@ class InferenceRun:
                     if not resident:
                         yield from self._ring_issue(prog)
                 elif seg.marker == "fetch" and mode == "expert":  # ids on the host: copy the misses
-                    ids = predicted.pop(b) if b in predicted else sample_topk(self.popularity, T, m.top_k, self.rng)
+                    ids = predicted.pop(b) if b in predicted else self._route(b, T, q_len)
                     needed = sorted({int(e) for e in np.unique(ids)})
                     groups = len(needed)
                     miss, used = self.cache.fetch(b, needed)
@@ -657,7 +682,7 @@ class InferenceRun:
                 gev = yield from self._phase(prog.unit("predict"), costs.gate(T), "gate_predict", nxt)
                 if not gev.processed:
                     yield gev
-                ids_n = sample_topk(self.popularity, T, m.top_k, self.rng)
+                ids_n = self._route(nxt, T, q_len)
                 predicted[nxt] = ids_n  # the routing block nxt will use
                 guess = mispredict(ids_n, self.popularity, cfg.predict_accuracy, self.rng)
                 miss_n = self.cache.prefetch(nxt, sorted({int(e) for e in np.unique(guess)}))

@@ -92,3 +92,28 @@ def test_resident_prefill_takes_the_sync_split(monkeypatch):
         V._sim.cache_clear()
     assert with_split.iloc[0] < 0.97 * flat.iloc[0]  # ~0.2 ms of serial sync latency per ~2.4 ms block
     assert with_split.iloc[1] == pytest.approx(flat.iloc[1], rel=1e-9)
+
+
+def test_routing_persistence_applies_to_runs_with_pooled_rows_only(monkeypatch):
+    """Under --persist the calibration run's persistence (76200c0's B = 1 trace) is an input of the expert-aware rows
+    of runs with pooled rows (held out, noted); a run without pooled rows keeps independent draws; by default (the
+    committed table: rejected on held-out data) every row keeps independent draws."""
+    pers = V.routing_persistence()
+    assert pers is not None and 0 <= pers.q <= 1 and pers.pairs >= 40 and pers.source.startswith("2026-11-24_76200c0")
+    pooled = rows(("expert_nopred", 1, "hit_rate_pooled", 0.3), ("expert_nopred", 1, "pool_passes", 3),
+                  ("expert_nopred", 1, "decode_tokens_per_s", 9.0), ("ring", 1, "decode_tokens_per_s", 2.3))
+    single = rows(("expert_nopred", 1, "hit_rate", 0.3))
+    q0 = V.pooled_prediction(CONFIG, 1, False)["hit_rate_pooled"][0]
+    qq = V.pooled_prediction(CONFIG, 1, False, persist=pers.q)["hit_rate_pooled"][0]
+    d0 = V.predict_all(pooled).set_index(["mode", "batch", "metric"])
+    assert not V.PERSIST and d0.loc[("expert_nopred", 1, "hit_rate_pooled"), "predicted"] == pytest.approx(q0)
+    monkeypatch.setattr(V, "PERSIST", True)
+    d = V.predict_all(pooled).set_index(["mode", "batch", "metric"])
+    d1 = V.predict_all(single).set_index(["mode", "batch", "metric"])
+    assert d.loc[("expert_nopred", 1, "hit_rate_pooled"), "predicted"] == pytest.approx(qq)
+    assert "held out" in d.loc[("expert_nopred", 1, "hit_rate_pooled"), "note"]
+    assert "routing persistence" not in str(d.loc[("ring", 1, "decode_tokens_per_s"), "note"])
+    assert d1.loc[("expert_nopred", 1, "hit_rate"), "predicted"] == pytest.approx(
+        V._sim(CONFIG, "expert", 1, None, 1, False)[1].hit_rate)
+    if pers.q > 0:  # the persistence raises the B = 1 pool's hits (the previous step's experts are still resident)
+        assert qq > q0
