@@ -56,11 +56,13 @@ def test_fitted_rows_are_exactly_the_calibration_points(df):
     assert set(fit["status"]) == {"fitted"}
     layer = fit[fit["source"] == "moe_layer"]
     assert list(zip(layer["run"], layer["config"], layer["metric"])) == [("65fffb4+wip3", "mixtral_like", "fwd_bwd_ms")]
-    # the measured pinned H2D bandwidth, and each run's host probe (the engine's code path at tiny widths)
+    # the measured pinned H2D bandwidth, each run's host probe (the engine's code path at tiny widths) and the copy
+    # probes next to the copy-bound rows
     infer_fit = set(fit.loc[fit["source"] == "infer", "metric"].str.split().str[-1])
     assert "h2d_pinned_GBps" in infer_fit
-    probes = {f"host_adj_{ph}_{stat}" for ph in ("prefill_ms", "decode_ms_per_step")
-              for stat in ("before", "after", "median", "min", "max")}
+    stats = ("before", "after", "median", "min", "max")
+    probes = {f"host_adj_{ph}_{stat}" for ph in ("prefill_ms", "decode_ms_per_step") for stat in stats}
+    probes |= {f"h2d_adj_{ph}_GBps_{stat}" for ph in ("prefill", "decode") for stat in stats}  # the copy probes
     assert infer_fit <= {"h2d_pinned_GBps", "host_op_us", "host_prefill_ms", "host_decode_ms_per_step",
                          "host_probe_moe_blocks"} | probes
     assert not df.loc[df["status"] != "fitted", "used_for_fitting"].any()
