@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from simulator import validate_infer as V
+from simulator import validate_infer_predict as VP  # the part that reads SYNC_SPLIT
 
 CONFIG = "mixtral-8x7b-L8 bf16 budget=10GB P=256 G=8"
 
@@ -81,13 +82,13 @@ def test_resident_prefill_takes_the_sync_split(monkeypatch):
     keys = [("resident", 1, "prefill_tokens_per_s"), ("resident", 1, "decode_tokens_per_s")]
     assert V._sync_split()
     with_split = V.predict_all(run).set_index(["mode", "batch", "metric"]).loc[keys, "predicted"]
-    monkeypatch.setattr(V, "SYNC_SPLIT", False)
+    monkeypatch.setattr(VP, "SYNC_SPLIT", False)
     V._sync_split.cache_clear()
     V._sim.cache_clear()
     try:
         flat = V.predict_all(run).set_index(["mode", "batch", "metric"]).loc[keys, "predicted"]
     finally:
-        monkeypatch.setattr(V, "SYNC_SPLIT", True)
+        monkeypatch.setattr(VP, "SYNC_SPLIT", True)
         V._sync_split.cache_clear()
         V._sim.cache_clear()
     assert with_split.iloc[0] < 0.97 * flat.iloc[0]  # ~0.2 ms of serial sync latency per ~2.4 ms block

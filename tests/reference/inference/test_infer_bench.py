@@ -119,7 +119,9 @@ def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
     commit = rows[0]["commit"]
     for name in ("expert_trace.csv", "expert_trace_stats.csv"):
         shutil.copy(out / name, tmp_path / f"2026-12-01_{commit}_{name}")
-    monkeypatch.setattr(V, "TRACES", tmp_path)
+    from simulator import validate_infer_predict
+
+    monkeypatch.setattr(validate_infer_predict, "TRACES", tmp_path)  # the part that reads it
     V.pool_replays.cache_clear()
     try:
         d = V.predict_all(pd.read_csv(out / "infer_rows.csv", dtype={"commit": str})).set_index(["mode", "batch", "metric"])
