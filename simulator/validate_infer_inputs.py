@@ -175,11 +175,19 @@ def run_adjacent(measured: pd.DataFrame) -> dict:
     for (date, mode, batch), g in keep.groupby(["date", "mode", "batch"]):
         vals = dict(zip(g["metric"], g["value"].astype(float)))
         for phase, (ms_metric, cp_metric) in ADJ_METRICS.items():
-            med = vals.get(f"{ms_metric}_{ADJ_MEDIAN}")
-            ms = [med] if med is not None else [vals[f"{ms_metric}_{w}"] for w in ADJ_WHEN if f"{ms_metric}_{w}" in vals]
-            if ms and all(v > 0 for v in ms):
-                out.setdefault(date, {})[(mode, phase, int(batch))] = (1e-3 * sum(ms) / len(ms), vals.get(cp_metric, 0.0))
+            ms = adjacent_value(vals, ms_metric)
+            if ms is not None:
+                out.setdefault(date, {})[(mode, phase, int(batch))] = (1e-3 * ms, vals.get(cp_metric, 0.0))
     return out
+
+
+def adjacent_value(vals: dict, metric: str) -> float | None:
+    """A row's adjacent probe value of ``metric`` from its run's rows ``vals`` (metric -> value): the median of a
+    repeated row's probes (``<metric>_median``), else the mean of the probes right before and right after its timed
+    passes; None when it has none or one is not positive."""
+    med = vals.get(f"{metric}_{ADJ_MEDIAN}")
+    v = [med] if med is not None else [vals[f"{metric}_{w}"] for w in ADJ_WHEN if f"{metric}_{w}" in vals]
+    return sum(v) / len(v) if v and all(x > 0 for x in v) else None
 
 
 def with_adjacent(probe, adj: dict | None, key: str, probe_mode: str, batch: int):
@@ -207,10 +215,9 @@ def run_h2d(measured: pd.DataFrame) -> dict:
     for (date, mode, batch), g in keep.groupby(["date", "mode", "batch"]):
         vals = dict(zip(g["metric"], g["value"].astype(float)))
         for phase, m in H2D_METRICS.items():
-            med = vals.get(f"{m}_{ADJ_MEDIAN}")
-            v = [med] if med is not None else [vals[f"{m}_{w}"] for w in ADJ_WHEN if f"{m}_{w}" in vals]
-            if v and all(x > 0 for x in v):
-                out.setdefault(date, {})[(mode, phase, int(batch))] = sum(v) / len(v)
+            v = adjacent_value(vals, m)
+            if v is not None:
+                out.setdefault(date, {})[(mode, phase, int(batch))] = v
     return out
 
 
