@@ -170,6 +170,7 @@ class Profile:
             if r["op"] in ("sdpa_fwd", "sdpa_fwd_bwd"):
                 self.sdpa_times[(r["op"], r["dtype"])][(r.get("batch", 1), r["m"], r["n"], r["k"])] = r["time_s"]
         self.curves = arrays(curves)
+        self.curve_ops = {key[0] for key in self.curves}  # the ops with a measured curve (e.g. torch dgrad / wgrad)
         self.mem_curves = arrays(mem)
         self.transfer_curves = {k: v for k, v in arrays(xfer).items()}
         # host seconds per dispatched operator, by impl ('reference': the reference model; 'torch': a bare op)

@@ -51,8 +51,7 @@ def torch_expert_gemms(cm, rows: float, groups: int, hidden: int, ffn: int, mats
     shapes = [(ffn, hidden)] * (mats - 1) + [(hidden, ffn)]  # (n, k) of each projection
     fwd = sum(cm.matmul(rows, n, k, dtype, groups=groups) for n, k in shapes)
     prof = cm.profile
-    if prof is None or not all(any(key[0] == op for key in prof.curves)
-                               for op in ("grouped_gemm_dgrad", "grouped_gemm_wgrad")):
+    if prof is None or not {"grouped_gemm_dgrad", "grouped_gemm_wgrad"} <= prof.curve_ops:
         return fwd, 2.0 * TORCH_EXPERT_BWD_FACTOR * fwd
     bwd = sum(cm.matmul(rows, k, n, dtype, groups=groups, op="grouped_gemm_dgrad")
               + cm.matmul(rows, n, k, dtype, groups=groups, op="grouped_gemm_wgrad") for n, k in shapes)
