@@ -25,7 +25,7 @@ Ops
 - ``grouped_gemm_fwd`` / ``grouped_gemm_dgrad`` / ``grouped_gemm_wgrad``: E experts with m tokens each,
   ``[E*m, K] @ [E, K, N]`` (dgrad: ``[E*m, N] @ [E, K, N]^T`` -> reported with k=N, n=K as computed;
   wgrad: ``[E*m, K]^T @ [E*m, N]`` per expert, k=m); impl ``triton`` (ours) and ``torch``
-  (``torch._grouped_mm``: forward, and from sweep ``grouped_torch`` the dgrad / wgrad GEMMs its autograd issues,
+  (``torch._grouped_mm``, sweep ``grouped_torch``: the forward and the dgrad / wgrad GEMMs its autograd issues,
   `sweep_grouped_torch`); flop = 2*E*m*K*N.
 - ``gemm``: dense ``[m, k] @ [k, n]`` (torch.matmul); flop = 2*m*n*k.
 - ``sdpa_fwd`` / ``sdpa_fwd_bwd``: causal ``F.scaled_dot_product_attention`` on [batch, k heads, m, n];
@@ -133,6 +133,8 @@ def _ms(fn, rep=60, warmup=20, grad_to_none=None) -> float:
 
 # ----------------------------------------------------------------------------------- sweeps
 def sweep_grouped_gemm(p: Profile, dtype=torch.bfloat16) -> None:
+    """Our Triton grouped GEMM (forward, dgrad, wgrad) on every ``GROUPED_SHAPES`` entry; ``torch._grouped_mm``'s rows
+    of the same shapes come from `sweep_grouped_torch` (sweep ``grouped_torch``)."""
     from kernels.grouped_gemm import gmm_fwd, gmm_wgrad
 
     dt = _DT[dtype]
@@ -156,13 +158,6 @@ def sweep_grouped_gemm(p: Profile, dtype=torch.bfloat16) -> None:
                       time_s=_ms(lambda: gmm_fwd(g, b, counts, trans_b=True)) / 1e3)
                 p.add("grouped_gemm_wgrad", "triton", dt, **shape,
                       time_s=_ms(lambda: gmm_wgrad(a, g, counts)) / 1e3)
-                if hasattr(torch, "_grouped_mm"):
-                    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-                    try:
-                        p.add("grouped_gemm_fwd", "torch", dt, **shape,
-                              time_s=_ms(lambda: torch._grouped_mm(a, b, offs=offs)) / 1e3)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"torch._grouped_mm {E}x{m} {K}x{N}: {exc}".splitlines()[0], flush=True)
                 del a, b, g
             torch.cuda.empty_cache()
         print(f"  grouped gemm E={E} H={H} F={Fd} done ({time.time() - p.t0:.0f} s)", flush=True)
