@@ -137,6 +137,24 @@ independent draws (q = 0, the model before); ``--persist`` repeats the check. Th
 the same in every run (``expert_prompt_seed``, weights seed 0), so the pooled rows of different runs re-measure
 the same routings: they are not independent samples of it.
 
+Count passes and a new random model (runs from 2026-11-24 ~20:00 on: the bench's ``--count-passes`` and
+``--weights-seed``, row ``weights_seed``; `reference.inference.bench` module doc). Why: a pooled count row of R = 3
+passes has a sampling sd of 6-18% of its value (expert_nopred hit_rate), so within 10% could not be judged on it,
+and every run before decoded the same four prompt sets with the same weights, so their rows re-measured one
+routing sample (39db250's expert_nopred B4 -12.9%: the step-1 expert unions of the two ring-left blocks, 12.5 in
+those four routings against 10.9 expected, while the mean over every block and step matches uniform routing,
+5.455 a block against 5.469). The rule, fixed before the first run that has them and not to be changed after
+seeing its errors:
+
+* such a run's pooled count rows pool the row's timed repeats AND its untimed count passes (``pool_passes`` = all
+  of them; expert_nopred B1 17, B2 48, B4 11, B8 5 unless ``--count-until-s`` cut them), each a fresh engine on
+  other prompts of the run's new model;
+* they are predicted as the rule for pooled rows above, over `POOL_SEEDS_SAMPLED` (1024) routing seeds instead of
+  32 (the prediction's own Monte-Carlo sd <= 1% of every row); the note gives the sampling sd of the row's R passes;
+  within 10% is judged as for every other row, and nothing else changes (independent routing draws, the
+  persistence rejected above stays off);
+* rows of earlier runs keep their rules and their 32 seeds.
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 
@@ -215,8 +233,10 @@ from simulator.validate_infer_inputs import (  # noqa: F401  (public names of th
 from simulator.validate_infer_predict import (  # noqa: F401  (public names of this module)
     PERSIST_COMMIT,
     POOL_SEEDS,
+    POOL_SEEDS_SAMPLED,
     SYNC_SPLIT,
     TRACES,
+    WEIGHTS_SEED_METRIC,
     _calibration_row,
     _persist_for,
     _sim,
@@ -258,14 +278,16 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
     adjacent = run_adjacent(measured)
     h2d_runs = run_h2d(measured)
     pooled_runs = frozenset(measured.loc[measured["metric"] == POOL_PASSES_METRIC, "date"])
+    sampled_runs = frozenset(measured.loc[measured["metric"] == WEIGHTS_SEED_METRIC, "date"])
     pers = routing_persistence() if PERSIST else None
     for _, r in measured.iterrows():
         pr = engine_probe.get(r["date"])
         adj = adjacent.get(r["date"])
         h2d = h2d_runs.get(r["date"])
         q = _persist_for(r, pers, pooled_runs)
+        seeds = POOL_SEEDS_SAMPLED if r["date"] in sampled_runs else POOL_SEEDS
         pred, kind, note = predict_row(r, int(bmax_run[r["date"]]), predicting, host_run.get(r["date"]), pr, adj,
-                                       h2d, q)
+                                       h2d, q, seeds)
         bw = _h2d_used(r, h2d) if kind == "throughput" else None
         if bw is not None:
             note = "; ".join(x for x in (note, _h2d_note(measured, r, bw)) if x)
@@ -299,7 +321,7 @@ def predict_all(measured: pd.DataFrame) -> pd.DataFrame:
             note = "; ".join(x for x in (spread_note(measured, r, pred), note) if x)
         if r["metric"] in POOLED_METRICS and not math.isnan(pred):
             note = "; ".join(x for x in (note, pooled_noise_note(
-                measured, r, pred, parse_mode(r["mode"])[0] == "expert" and r["date"] in predicting, q)) if x)
+                measured, r, pred, parse_mode(r["mode"])[0] == "expert" and r["date"] in predicting, q, seeds)) if x)
         if "commit" in r:
             note = "; ".join(x for x in (note, _replay_note(r)) if x)
         rows.append({"date": r["date"], "mode": r["mode"], "batch": int(r["batch"]), "metric": r["metric"], "measured": meas,

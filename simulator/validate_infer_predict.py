@@ -79,6 +79,11 @@ def _sync_split() -> tuple:
 
 
 POOL_SEEDS = 32  # routing seeds of a pooled count row's prediction (`pooled_prediction`)
+# routing seeds of the pooled rows of runs with a weights-seed row (the bench's count passes and --weights-seed,
+# from 2026-11-24 ~20:00): their rows pool up to 48 passes, so the prediction's own Monte-Carlo sd must be well
+# below theirs (one pass's sd / sqrt(1024): <= 1% of every row)
+POOL_SEEDS_SAMPLED = 1024
+WEIGHTS_SEED_METRIC = "weights_seed"
 
 
 @cache
@@ -120,7 +125,7 @@ def _timing(metric: str, res, B: int, P: int, G: int, L: int):
 
 def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: float | None = None,
                 probe=None, adj: dict | None = None, h2d: dict | None = None,
-                persist: float = 0.0) -> tuple[float, str, str]:
+                persist: float = 0.0, pool_seeds: int = POOL_SEEDS) -> tuple[float, str, str]:
     """(predicted value, kind, note) for one measured row. ``predicting_runs``: dates of the runs whose
     ``expert`` mode prefetched one block ahead (the bench wrote ``prefetched_used_frac`` rows; run 1 of
     2026-11-24 predates the predictor, so its ``expert`` rows ran without it). ``host_s``: the run's own
@@ -130,7 +135,8 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
     (`run_adjacent`): where the row's (mode, batch) has one, it replaces ``probe`` for that pass
     (`with_adjacent`, the rule in the module doc). ``h2d``: the run's adjacent copy probes (`run_h2d`): where the
     row's (mode, phase, batch) has them, its simulated pass takes their bandwidth (`_h2d_used`). ``persist``: the
-    decode routing's persistence of the expert-aware simulations (`routing_persistence`; 0: independent draws)."""
+    decode routing's persistence of the expert-aware simulations (`routing_persistence`; 0: independent draws).
+    ``pool_seeds``: routing seeds of the pooled count rows' prediction (`pooled_prediction`)."""
     mode, B, metric, config = r["mode"], int(r["batch"]), r["metric"], r["config"]
     c = parse_config(config)
     P, G = c["P"], c["G"]
@@ -155,6 +161,8 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
             return _host_op_s() * 1e6, "input", "the profile's host_op row (this run's probe replaces it for the run)"
         if metric == PROBE_BLOCKS_METRIC:
             return m.moe_layers, "input", "the host probe's MoE blocks (the run's)"
+        if metric == WEIGHTS_SEED_METRIC:
+            return nan, "not_modelled", "the random model's weights seed (which routings the run sampled)"
         return nan, "not_modelled", ""
     if metric in PROBE_METRICS:
         return _predict_probe_row(r, c, probe, host_s)
@@ -223,9 +231,9 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         v = _timing(metric, res, B, P, G, model.moe_layers)
         pooled_note = ""
         if metric in POOLED_METRICS:
-            val, sd = pooled_prediction(config, B, predict, quant, persist=persist)[metric]
+            val, sd = pooled_prediction(config, B, predict, quant, seeds=pool_seeds, persist=persist)[metric]
             v = (val, "bytes" if metric.startswith("decode_GB") else "ratio")
-            pooled_note = (f"the simulated pool over {POOL_SEEDS} routing seeds, pooled as the bench pools its repeats "
+            pooled_note = (f"the simulated pool over {pool_seeds} routing seeds, pooled as the bench pools its repeats "
                            f"(ratio of sums); one pass's sd over the seeds {sd:.3g}")
         elif v is not None and metric.startswith("decode"):
             v = (v, "throughput")

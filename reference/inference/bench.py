@@ -97,6 +97,23 @@ at the run's start, and 41ed3d6's slow ring rows (above) ran beside a normal one
 timed twice (``--ring-repeats`` 2, ~ + 6 s); the probes add ~73 x ~50 ms ~ 4 s: ~320-325 s expected on the H100.
 ``--skip-h2d-probe`` leaves them out; ``--h2d-probe-mb`` sets the copy size.
 
+Count passes and the weights seed (runs from 2026-11-24 ~20:00 on). A pooled count row of R = 3 passes is not
+precise enough to be judged within 10%: the simulator's sd of one pass (1024 routing seeds) is, relative to the
+row, expert_nopred hit_rate 13.5% (B1), 31% (B2: ~18 hits a pass), 10.8% (B4), 7.0% (B8), decode GB copied per
+step <= 5.3%; expert (one-block-ahead prediction) hit_rate <= 3.4%, prefetched_used_frac <= 4.9%, GB <= 5.2%. And
+every run before decoded the same prompts with the same weights, so their pooled rows re-measured the same four
+routings (B4: 12.5 experts in the two ring-left blocks at decode step 1 against 10.9 expected; the grand mean over
+all blocks and steps 5.455 a block against 5.469). So: ``--weights-seed`` (row ``weights_seed``) builds another
+random model, whose routings are new samples, and after the accelerate baseline the count rows' (mode, batch) in
+``--count-passes`` get untimed passes (each a fresh engine on other prompts, traced like the timed ones, repeat
+index continuing) until they have R passes: the default ``COUNT_PASSES_DEFAULT`` (expert_nopred B1 17, B2 48, B4
+11, B8 5) makes every pooled row's sampling sd <= 10% / 3 of its value (B2: 4.5%, capped for time), the expert rows'
+R = 3 already do. The passes go round-robin over the rows and none starts after ``--count-until-s`` (520 s) of the
+run, so a slow machine pools fewer (``pool_passes`` gives R). Expected cost on the H100 (passes of 76200c0's log:
+~2 s at B1, ~2.5 s at B2, ~3 s at B4, ~3.5 s at B8): ~ 14 x 2 + 45 x 2.5 + 8 x 3 + 2 x 3.5 ~ 170 s, ~ 450-480 s in
+all. The pooled rows are now written at the end of the run (after the count passes), the expert-aware rows'
+``pool_slots`` and ``gpu_peak_GB`` with their first pass.
+
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
 bf16 ring against int8 / fp8 rings (dequantize-into-workspace and fused GEMMs) with their quality
@@ -147,6 +164,8 @@ from reference.inference.bench_probes import (  # noqa: F401
 )
 from reference.inference.bench_rows import (  # noqa: F401
     COLUMNS,
+    COUNT_PASSES_DEFAULT,
+    COUNT_PASSES_QUICK,
     POOL_COUNTERS,
     POOL_PASSES_METRIC,
     POOLED_SUFFIX,
@@ -155,6 +174,7 @@ from reference.inference.bench_rows import (  # noqa: F401
     decode_tps,
     expert_prompt_seed,
     falls_back,
+    parse_count_passes,
     pooled_rows,
     trace_pool_calls,
     write_pool_trace,
@@ -191,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--expert-repeats", type=int, default=3,
                    help="issue7: timed repeats of the expert-aware decode rows (a fresh engine and other prompts each; "
                         "the pool's count rows pooled over them); 1 at a batch that falls back to the ring")
+    p.add_argument("--count-passes", default=None,
+                   help="issue7: passes the expert-aware count rows pool, 'MODE:B=R,B=R;MODE:B=R' (the timed repeats, "
+                        f"then untimed passes up to R; 'none': the timed repeats only); default {COUNT_PASSES_DEFAULT} "
+                        f"({COUNT_PASSES_QUICK} with --quick)")
+    p.add_argument("--count-until-s", type=float, default=520.0,
+                   help="issue7: no count pass starts after this many seconds of the run")
+    p.add_argument("--weights-seed", type=int, default=0,
+                   help="issue7: seed of the random model's weights (another seed: other routings of every prompt)")
     p.add_argument("--accelerate-reps", type=int, default=1,
                    help="issue7: timed accelerate cpu_offload forwards after its first (untimed) one (~4.3 s each)")
     p.add_argument("--repeat-until-s", type=float, default=290.0,
@@ -223,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         a.batches = a.batches or ("1,2" if a.quick else "1,8")
         return suite_issue11(a)
     a.batches = a.batches or ("1,2" if a.quick else "1,2,4,8")
+    a.count_passes = a.count_passes if a.count_passes is not None else (
+        COUNT_PASSES_QUICK if a.quick else COUNT_PASSES_DEFAULT)
+    try:
+        parse_count_passes(a.count_passes)
+    except ValueError as e:
+        p.error(str(e))
     if a.quick:  # issue 7 on a tiny CPU model: every section's code path, no accelerate
         a.preset, a.layers, a.prompt_len, a.gen_len, a.slots = "tiny", 2, 8, 3, "1"
         a.skip_accelerate = True

@@ -31,6 +31,7 @@ from reference.inference.bench_rows import (
     decode_tps,
     expert_prompt_seed,
     falls_back,
+    parse_count_passes,
     pooled_rows,
     trace_pool_calls,
     write_pool_trace,
@@ -99,7 +100,7 @@ def suite_issue7(a, t_start: float) -> int:
             w.writerows(rows)
 
     log(f"building {spec.name} into {a.store}")
-    build_random_store(a.store, spec, torch.bfloat16, seed=0, gen_device=DEV, progress=log)
+    build_random_store(a.store, spec, torch.bfloat16, seed=a.weights_seed, gen_device=DEV, progress=log)
     store = ModelStore.load(a.store, progress=log)
     L, E = len(store.moe_blocks), spec.experts
     if a.quick:  # a budget of 1.5 blocks' experts: ring K = 1 < L, expert-aware misses
@@ -111,6 +112,7 @@ def suite_issue7(a, t_start: float) -> int:
     layer_bytes = store.expert_bytes * E
     log(f"loaded: {L} blocks x {layer_bytes / 1e9:.2f} GB experts (pinned={store.pinned}), dense {store.dense_bytes / 1e9:.2f} GB")
     row("-", 0, "expert_GB_total", L * layer_bytes / 1e9)
+    row("-", 0, "weights_seed", a.weights_seed)
     bw = h2d_GBps(store)
     row("-", 0, "h2d_pinned_GBps", bw)
     row("-", 0, "host_op_us", 1e6 * host_op_s())
@@ -258,40 +260,39 @@ def suite_issue7(a, t_start: float) -> int:
     del eng
 
     # --- expert-aware decode (budget-sized LRU pool; prefill falls back to the ring): every repeat a fresh engine
-    # (a cold pool) on its own prompts (`expert_prompt_seed`); every repeat's pool calls traced, the count rows
-    # pooled over the repeats (`pooled_rows`); gpu_peak_GB is the first repeat's
-    for predict, mname in ((True, "expert"), (False, "expert_nopred")):
-        same = True
+    # (a cold pool) on its own prompts (`expert_prompt_seed`); every repeat's pool calls traced; the count rows are
+    # written in the last section, pooled over the timed repeats and the untimed count passes; gpu_peak_GB is the
+    # first repeat's
+    pools: dict = {}  # (mode, batch) -> every pass's pool counters (timed repeats first)
+    same_tokens: dict = {}
+    first: dict = {}  # (mode, batch) -> pool slots and peak GPU GB of its first pass
+
+    def expert_pass(mname: str, B: int, i: int) -> float:
+        """Pass ``i`` of (``mname``, ``B``): a fresh engine, one traced generate on prompts ``expert_prompt_seed(B,
+        i)``, its counters kept for the pooled rows and in repeats.csv; returns its decode seconds."""
+        prompts = random_prompts(B, P, spec.vocab, seed=expert_prompt_seed(B, i))
+        eng = engine("expert", B, predict=mname == "expert")
+        calls = trace_pool_calls(eng)
+        r = eng.generate(prompts, G)
+        if i == 0:  # repeat 0 decodes the resident rows' prompts: the tokens must be equal
+            same_tokens[mname] = same_tokens.get(mname, True) and torch.equal(r.tokens_BG, res_dec[B])
+            first[(mname, B)] = (r.stats["pool_slots"], peak_GB())
+        write_pool_trace(a.out, mname, B, eng, calls, r.stats, repeat=i)
+        pools.setdefault((mname, B), []).append(r.stats)
+        with rep_path.open("a", newline="") as f:  # the pass's pool counters (repeats.csv)
+            csv.writer(f).writerows((mname, B, "decode", i, f"pool_{k}", r.stats[v]) for k, v in POOL_COUNTERS)
+        eng.close()
+        del eng
+        return r.decode_s
+
+    for mname in ("expert", "expert_nopred"):
         for B in batches:
-            first: dict = {}
-            stats: list = []
-
-            def expert_decode(i: int) -> float:
-                nonlocal same
-                prompts = random_prompts(B, P, spec.vocab, seed=expert_prompt_seed(B, i))
-                eng = engine("expert", B, predict=predict)
-                calls = trace_pool_calls(eng)
-                r = eng.generate(prompts, G)
-                if i == 0:  # repeat 0 decodes the resident rows' prompts: the tokens must be equal
-                    same &= torch.equal(r.tokens_BG, res_dec[B])
-                    first.update(stats=r.stats, gpu_peak=peak_GB())
-                write_pool_trace(a.out, mname, B, eng, calls, r.stats, repeat=i)
-                stats.append(r.stats)
-                with rep_path.open("a", newline="") as f:  # the pass's pool counters (repeats.csv)
-                    csv.writer(f).writerows((mname, B, "decode", i, f"pool_{k}", r.stats[v]) for k, v in POOL_COUNTERS)
-                eng.close()
-                del eng
-                return r.decode_s
-
             R = 1 if falls_back(spec, B) else a.expert_repeats
-            ts = repeated("decode", mname, B, R, expert_decode)
-            s = first["stats"]
+            ts = repeated("decode", mname, B, R, lambda i, m=mname, b=B: expert_pass(m, b, i))
             spread_rows(mname, B, "decode_tokens_per_s", [decode_tps(B, G, x) for x in ts])
-            row(mname, B, "pool_slots", s["pool_slots"])
-            for metric, value in pooled_rows(stats, store.expert_bytes, G).items():
-                row(mname, B, metric, value)
-            row(mname, B, "gpu_peak_GB", first["gpu_peak"])
-        row(mname, 0, "tokens_equal_resident", float(same))
+            row(mname, B, "pool_slots", first[(mname, B)][0])
+            row(mname, B, "gpu_peak_GB", first[(mname, B)][1])
+        row(mname, 0, "tokens_equal_resident", float(same_tokens[mname]))
 
     # --- accelerate cpu_offload on the same prefill batch
     if not a.skip_accelerate:
@@ -303,5 +304,33 @@ def suite_issue7(a, t_start: float) -> int:
             row("accelerate", Bmax, "maxabs_logit_diff_vs_resident", float((out - ref_last).abs().max()))
         except Exception as e:  # report, keep the other rows
             log(f"accelerate baseline failed: {type(e).__name__}: {e}")
+    # --- count passes (untimed): more expert-aware passes of the rows in --count-passes, round-robin over them
+    # until each has its passes or --count-until-s of the run has gone; then every (mode, batch)'s pooled rows
+    count_passes(pools, parse_count_passes(a.count_passes), expert_pass, lambda: time.perf_counter() - t_start,
+                 a.count_until_s, lambda B: falls_back(spec, B))
+    for (mname, B), stats in pools.items():
+        for metric, value in pooled_rows(stats, store.expert_bytes, G).items():
+            row(mname, B, metric, value)
     log("done")
     return 0
+
+
+def count_passes(pools: dict, want: dict, run_pass, elapsed, until_s: float, fallback) -> int:
+    """Add passes to ``pools`` ((mode, batch) -> pass counters) until each (mode, batch) in ``want`` has ``want``
+    passes, one pass per key in turn (so a stop leaves them in proportion), stopping once ``elapsed()`` exceeds
+    ``until_s``; keys the run did not time and ring-fallback batches are skipped. ``run_pass(mode, batch, i)``
+    appends pass ``i``. Returns the passes run."""
+    todo = {k: n for k, n in want.items() if k in pools and not fallback(k[1]) and n > len(pools[k])}
+    done = 0
+    while todo:
+        for key in list(todo):
+            if elapsed() > until_s:
+                log(f"count passes: past --count-until-s {until_s:g} s after {done} passes; pooled: "
+                    + ", ".join(f"{m} B={b}: {len(pools[(m, b)])}" for m, b in want if (m, b) in pools))
+                return done
+            run_pass(*key, len(pools[key]))
+            done += 1
+            if len(pools[key]) >= todo[key]:
+                del todo[key]
+    log(f"count passes: {done} run")
+    return done

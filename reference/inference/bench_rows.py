@@ -31,6 +31,36 @@ POOLED_SUFFIX = "_pooled"
 POOL_PASSES_METRIC = "pool_passes"
 
 
+# expert-aware passes the count rows pool, per (mode, batch): the row's timed repeats, then untimed count passes
+# (fresh engines on other prompts, `suite_issue7`'s last section) up to this many. Pre-registered before the first
+# run with them (2026-11-24 ~20:00) from the simulator's sd of one pass over 1024 routing seeds (bench.py module
+# doc): the pooled row's sampling sd <= 10% / 3 of its value; expert_nopred B = 2 (31% a pass) capped at 48 (4.5%)
+COUNT_PASSES_DEFAULT = "expert_nopred:1=17,2=48,4=11,8=5"
+COUNT_PASSES_QUICK = "expert_nopred:2=3"
+
+
+def parse_count_passes(spec: str) -> dict[tuple[str, int], int]:
+    """``"MODE:B=R,B=R;MODE:B=R"`` -> {(mode, batch): passes}; ``""`` or ``"none"``: {} (no count passes). Modes:
+    ``expert``, ``expert_nopred``; B and R positive integers. Raises ValueError naming the bad part."""
+    out: dict[tuple[str, int], int] = {}
+    if spec.strip().lower() in ("", "none"):
+        return out
+    for part in spec.split(";"):
+        mode, sep, rest = part.strip().partition(":")
+        if not sep or mode not in ("expert", "expert_nopred") or not rest.strip():
+            raise ValueError(f"count passes: {part.strip()!r} is not MODE:B=R,... with MODE expert or expert_nopred")
+        for item in rest.split(","):
+            b, sep, r = item.strip().partition("=")
+            try:
+                B, R = int(b), int(r)
+            except ValueError:
+                B = R = 0
+            if not sep or B < 1 or R < 1:
+                raise ValueError(f"count passes: {item.strip()!r} of {mode} is not B=R with positive integers")
+            out[(mode, B)] = R
+    return out
+
+
 def expert_prompt_seed(batch: int, repeat: int) -> int:
     """Prompt seed of an expert-aware decode repeat: repeat 0 decodes the resident rows' prompts (seed ``batch``,
     its tokens are checked against them), repeat i > 0 other random prompts (another routing), so the pool

@@ -67,9 +67,10 @@ def test_quick_pool_trace_replays_to_the_engines_counts(quick_run):
 
     out, _, _ = quick_run
     stats = list(csv.DictReader((out / "expert_trace_stats.csv").open()))
-    # every repeat (a fresh engine on other prompts) is traced: 2 per mode
+    # every pass (a fresh engine on other prompts) is traced: the 2 timed repeats per mode and expert_nopred's
+    # count pass (--quick: COUNT_PASSES_QUICK, 3 passes at B = 2)
     assert sorted((s["mode"], int(s["batch"]), int(s["repeat"])) for s in stats) == [
-        ("expert", 2, 0), ("expert", 2, 1), ("expert_nopred", 2, 0), ("expert_nopred", 2, 1)]
+        ("expert", 2, 0), ("expert", 2, 1), ("expert_nopred", 2, 0), ("expert_nopred", 2, 1), ("expert_nopred", 2, 2)]
     calls, shape = defaultdict(list), {}
     for r in csv.DictReader((out / "expert_trace.csv").open()):
         k = (r["mode"], int(r["batch"]), int(r["repeat"]))
@@ -127,11 +128,11 @@ def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
         d = V.predict_all(pd.read_csv(out / "infer_rows.csv", dtype={"commit": str})).set_index(["mode", "batch", "metric"])
     finally:
         V.pool_replays.cache_clear()
-    for mode in ("expert", "expert_nopred"):
+    for mode, passes in (("expert", 2), ("expert_nopred", 3)):
         note = d.loc[(mode, 2, "hit_rate_pooled"), "note"]
         assert "pool replay on this run's traced routing" in note and "equal to the engine's" in note
         assert "NOT equal" not in note
-        assert "pooled over 2 measured passes" in note and f"over {V.POOL_SEEDS} routing seeds" in note
+        assert f"pooled over {passes} measured passes" in note and f"over {V.POOL_SEEDS_SAMPLED} routing seeds" in note
     assert "pool replay" not in d.loc[("ring", 2, "decode_tokens_per_s"), "note"]
 
 
@@ -182,13 +183,13 @@ def test_quick_repeats_median_and_spread(quick_run):
     res = [2 * P / x for x in (v for _, w, v in reps[("resident", 2, "prefill")] if w == "timed_s")]
     assert got[("resident", 2, "block_compute_ms")] == pytest.approx(1e3 * 2 * P / statistics.median(res) / L, rel=1e-5)
     # expert-aware repeats each build a fresh engine on other prompts: the count rows pool their counters
-    # (repeats.csv pool_* rows, one per pass and counter), no single-pass count rows any more
-    for mode in ("expert", "expert_nopred"):
+    # (repeats.csv pool_* rows, one per pass and counter: expert_nopred's count pass too), no single-pass count rows
+    for mode, passes in (("expert", 2), ("expert_nopred", 3)):
         pc = defaultdict(float)
         for i, w, v in reps[(mode, 2, "decode")]:
             if w.startswith("pool_"):
                 pc[w] += v
-        assert got[(mode, 2, "pool_passes")] == 2
+        assert got[(mode, 2, "pool_passes")] == passes
         assert got[(mode, 2, "hit_rate_pooled")] == pytest.approx(
             pc["pool_hits"] / max(1, pc["pool_hits"] + pc["pool_misses"]), rel=1e-5)
         assert (mode, 2, "hit_rate") not in got and (mode, 2, "decode_GB_copied_per_step") not in got
@@ -272,3 +273,60 @@ def test_h2d_prober_measures_a_positive_bandwidth_and_rejects_bad_sizes():
         bench.H2DProber(store, nbytes=0)
     with pytest.raises(SystemExit):
         bench.main(["--suite", "issue7", "--quick", "--out", "/tmp/x_never", "--h2d-probe-mb", "0"])
+
+
+def test_quick_count_passes_pool_into_the_count_rows(quick_run):
+    """expert_nopred's count rows pool its 2 timed repeats and 1 untimed count pass (3 routings), expert's its 2
+    timed repeats; the count pass is in repeats.csv with its pool counters but no timed seconds; the weights seed
+    is a row."""
+    out, _, got = quick_run
+    assert got[("-", 0, "weights_seed")] == 0
+    assert got[("expert_nopred", 2, "pool_passes")] == 3 and got[("expert", 2, "pool_passes")] == 2
+    assert got[("expert_nopred", 2, "decode_repeats")] == 2  # the timed rows keep their repeats
+    rep = pd.read_csv(out / "repeats.csv")
+    nopred = rep[(rep["mode"] == "expert_nopred") & (rep["batch"] == 2)]
+    assert sorted(nopred[nopred["what"] == "timed_s"]["repeat"]) == [0, 1]
+    assert sorted(nopred[nopred["what"] == "pool_hits"]["repeat"]) == [0, 1, 2]
+    stats = pd.read_csv(out / "expert_trace_stats.csv")
+    s = stats[stats["mode"] == "expert_nopred"]
+    assert got[("expert_nopred", 2, "hit_rate_pooled")] == pytest.approx(
+        s["hits"].sum() / (s["hits"].sum() + s["misses"].sum()), rel=1e-5)
+
+
+def test_count_passes_round_robin_until_time_or_done():
+    """Count passes go one per (mode, batch) in turn up to each one's R, skip ring-fallback batches and rows the
+    run did not time, and stop once the run's time is past --count-until-s (the rows keep what they have)."""
+    from reference.inference.bench_issue7 import count_passes
+
+    def run(pools, want, until=1e9, budget=None):
+        order, clock = [], [0.0]
+
+        def run_pass(mode, B, i):
+            assert i == len(pools[(mode, B)])
+            pools[(mode, B)].append({"i": i})
+            order.append((mode, B))
+            clock[0] += 1.0
+
+        n = count_passes(pools, want, run_pass, lambda: clock[0], until, lambda B: B >= 16)
+        return n, order
+
+    pools = {("expert_nopred", 1): [{}] * 3, ("expert_nopred", 2): [{}] * 3, ("expert_nopred", 16): [{}]}
+    n, order = run({k: list(v) for k, v in pools.items()},
+                   {("expert_nopred", 1): 5, ("expert_nopred", 2): 4, ("expert_nopred", 16): 9, ("expert", 4): 9})
+    assert n == 3 and order == [("expert_nopred", 1), ("expert_nopred", 2), ("expert_nopred", 1)]
+    p = {k: list(v) for k, v in pools.items()}
+    n, order = run(p, {("expert_nopred", 1): 50, ("expert_nopred", 2): 50}, until=4.5)
+    assert n == 5 and len(p[("expert_nopred", 1)]) == 6 and len(p[("expert_nopred", 2)]) == 5
+    assert run({k: list(v) for k, v in pools.items()}, {("expert_nopred", 1): 2})[0] == 0  # has more already
+
+
+def test_parse_count_passes_and_errors(tmp_path):
+    assert bench.parse_count_passes("expert_nopred:1=17,2=48;expert:4=5") == {
+        ("expert_nopred", 1): 17, ("expert_nopred", 2): 48, ("expert", 4): 5}
+    assert bench.parse_count_passes("none") == {} == bench.parse_count_passes("")
+    assert bench.parse_count_passes(bench.COUNT_PASSES_DEFAULT)[("expert_nopred", 2)] == 48
+    for bad in ("ring:1=3", "expert_nopred:1=0", "expert_nopred:x=3", "expert_nopred", "expert_nopred:1"):
+        with pytest.raises(ValueError, match="count passes"):
+            bench.parse_count_passes(bad)
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "issue7", "--quick", "--out", str(tmp_path), "--count-passes", "expert:2=-1"])
