@@ -4,7 +4,7 @@
 ``[k*E, (k+1)*E)`` (one block's experts); an LRU order over the resident keys picks victims for the
 expert-aware mode (free slots first, then the least recently used key not in ``keep``). Only the
 bookkeeping lives here: ``reference/inference/ring.py`` (``ExpertPool``) adds the tensors and copies,
-``simulator/workload/inference.py`` (``ExpertCache``) adds hit/miss counting.
+``simulator/workload/inference_pool.py`` (``ExpertCache``) adds hit/miss counting.
 """
 
 from __future__ import annotations

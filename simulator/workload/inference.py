@@ -106,306 +106,47 @@ expert_bytes)``, expert ``C = pool // expert_bytes`` (quantised: quantised exper
 workspace reserved first). Peak HBM reported: dense + KV + pool + the
 activation estimate of the largest forward (without the 1.5 reserve factor). Host DRAM holds every
 block's experts (pinned), the SSD their store files.
+
+Modules: this one holds `InferenceRun` (set-up, the forward pass, the timed program) and `simulate_inference`;
+`inference_config` (`InferConfig`), `inference_pool` (`ExpertCache`, `replay_pool_trace`, the sampled routing),
+`inference_streams` (the streams, the copies and the ring), `inference_pass` (a pass's mechanism, host program,
+host rate and routing) and `inference_result` (`InferenceResult`); the costs, host program, memory plan,
+quantisation and routing persistence live in the other `inference_*` modules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
-import simpy
 
 from semoe import ModelSpec, SpecError, Workload
-from semoe.expert_slots import ExpertSlots
 from simulator.cost import CostModel
 from simulator.workload import routing
+from simulator.workload.inference_config import MODES, InferConfig
 from simulator.workload.inference_costs import (  # noqa: F401
     TORCH_PERMUTE_GBPS,
     BlockCosts,
     FixedCosts,
 )
-from simulator.workload.inference_host import HostProbe, HostProgram, host_program
+from simulator.workload.inference_host import HostProbe, host_program  # noqa: F401 (HostProbe re-exported)
 from simulator.workload.inference_memory import (  # noqa: F401 (re-exported)
     MemoryPlan,
     activation_estimate_bytes,
     kv_cache_bytes,
     plan_memory,
 )
-from simulator.workload.inference_quant import check_quant
-
-MODES = ("ring", "expert", "resident")
-
-
-@dataclass(frozen=True)
-class InferConfig:
-    """One simulated ``semoe infer`` run (the reference's InferConfig plus the generation sizes)."""
-
-    mode: str = "ring"
-    batch: int = 1
-    prompt_len: int = 256
-    gen_len: int = 8
-    gpu_budget_bytes: float | None = None  # None: the GPU's memory
-    slots: int | None = None  # ring slots K (None: from the budget)
-    fallback_frac: float = 0.95
-    predict: bool = False
-    # one-block-ahead predictor: the chance that each expert the predictor names for a token is one the token
-    # is then routed to (1.0: perfect); a wrong guess names another expert (popularity-weighted): its prefetch
-    # is wasted bandwidth and the true expert is fetched on demand (see `predict_accuracy` in validate_infer)
-    predict_accuracy: float = 1.0
-    launch_s: float | None = None  # host seconds per kernel (None: CostModel.host_op_s)
-    plan_batch: int | None = None  # batch the engine's memory plan was made for (default: batch)
-    warmup_passes: int = 1  # prefill passes before the timed one (the bench warms up once)
-    quant: str | None = None  # expert weights: None (model dtype), "int8" or "fp8" (inference_quant)
-    dequant: str = "workspace"  # "workspace" (the reference) or "fused" (scale in the GEMM epilogue)
-    # the engine's host time per pass measured in the same bench run at tiny widths (bf16 experts): the
-    # host seconds per kernel of the paths it probed (else launch_s / CostModel.host_op_s)
-    host_probe: HostProbe | None = None
-    # resident prefill passes: ``(segment, share)`` of the host syncs' own latency in a block's host time
-    # (`inference_syncprobe.sync_shares`, the probe's tiny widths): each such sync costs share x the block's host
-    # seconds after the device reached it (serial), the kernels the rest (() : spread evenly over the kernels)
-    sync_split: tuple = ()
-    # decode routing persistence (`inference_persist`): each of a token's top-k experts at a block repeats its
-    # expert of the previous decode step with this probability, else is drawn fresh (0: independent draws, the
-    # random stream consumed exactly as without it)
-    route_persist: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_quant(self.quant, self.dequant)
-        if not 0 <= self.route_persist <= 1:
-            raise SpecError(f"InferConfig.route_persist: must be in [0, 1], got {self.route_persist}")
-        if any(not 0 <= sh < 1 for _, sh in self.sync_split) or sum(sh for _, sh in self.sync_split) >= 1:
-            raise SpecError(f"InferConfig.sync_split: shares must be in [0, 1) and sum below 1, got {self.sync_split}")
-        if self.host_probe is not None and not isinstance(self.host_probe, HostProbe):
-            raise SpecError(f"InferConfig.host_probe: a HostProbe or None, got {type(self.host_probe).__name__}")
-        if self.launch_s is not None and self.launch_s < 0:
-            raise SpecError(f"InferConfig.launch_s: must be >= 0, got {self.launch_s}")
-        if self.mode not in MODES:
-            raise SpecError(f"InferConfig.mode: {self.mode!r} is not one of {', '.join(MODES)}")
-        for name in ("batch", "prompt_len", "gen_len"):
-            if getattr(self, name) < 1:
-                raise SpecError(f"InferConfig.{name}: {name} ({getattr(self, name)}) must be >= 1")
-        if self.slots is not None and self.slots < 1:
-            raise SpecError(f"InferConfig.slots: slots ({self.slots}) must be >= 1")
-        if not 0 <= self.predict_accuracy <= 1:
-            raise SpecError(f"InferConfig.predict_accuracy: must be in [0, 1], got {self.predict_accuracy}")
-        if not 0 < self.fallback_frac <= 1:
-            raise SpecError(f"InferConfig.fallback_frac: fallback_frac ({self.fallback_frac}) must be in (0, 1]")
-        if self.gpu_budget_bytes is not None and self.gpu_budget_bytes <= 0:
-            raise SpecError(f"InferConfig.gpu_budget_bytes: must be > 0, got {self.gpu_budget_bytes}")
+from simulator.workload.inference_pass import InferencePassMixin
+from simulator.workload.inference_pool import (  # noqa: F401 (re-exported)
+    ExpertCache,
+    expected_distinct_experts,
+    mispredict,
+    replay_pool_trace,
+    sample_topk,
+)
+from simulator.workload.inference_result import InferenceResult
+from simulator.workload.inference_streams import InferenceStreamsMixin, Stream
 
 
-# ------------------------------------------------------------------------------------ expert cache
-class ExpertCache(ExpertSlots):
-    """The reference's ``ExpertPool`` registry without tensors (``semoe.expert_slots``): its ``fetch`` and
-    ``prefetch`` bookkeeping statement for statement (which keys are copied into which slots, the LRU moves,
-    the in-flight prefetched keys), counting hits, misses, prefetched and used prefetched experts as the
-    engine's statistics do; ring slot k is slots ``[k*E, (k+1)*E)``. `replay_pool_trace` checks it against
-    the engine's counts on the routing the engine saw."""
-
-    def __init__(self, capacity: int, experts: int) -> None:
-        super().__init__(capacity, experts)
-        self.hits = self.misses = 0
-        self.prefetched = self.prefetch_used = 0
-        self.inflight: set = set()  # ExpertPool.inflight: prefetched keys whose copy may still run
-
-    def load_block(self, block: int, k: int) -> None:
-        self.assign_block(block, k)
-
-    def fetch(self, block: int, needed: list[int]) -> tuple[list[tuple[int, int]], bool]:
-        """``ExpertPool.fetch``: make ``needed`` experts of ``block`` resident; returns the missed keys (to
-        copy) and whether a key still in flight from a prefetch is used (the compute stream then waits for the
-        prefetch copies; ``inflight`` is cleared, as it is after a miss copy, which follows every earlier copy)."""
-        keys = [(block, e) for e in needed]
-        miss = [k for k in keys if k not in self.where]
-        self.hits += len(keys) - len(miss)
-        self.misses += len(miss)
-        for k in keys:
-            if k in self.where:
-                self.lru.move_to_end(k)
-        used = self.inflight.intersection(keys)
-        if used:
-            self.prefetch_used += len(used)
-            self.inflight.clear()
-        if miss:
-            for key, slot in zip(miss, self.victims(len(miss), set(keys))):
-                self.assign(slot, key)
-            self.inflight.clear()
-        return miss, bool(used)
-
-    def prefetch(self, block: int, experts: list[int]) -> list[tuple[int, int]]:
-        """``ExpertPool.prefetch``: the predicted experts of ``block`` not resident (at most ``capacity - E``)
-        take the least recently used slots outside the prediction; returns those keys (to copy)."""
-        predicted = {(block, e) for e in experts}
-        for k in predicted & self.where.keys():  # the engine's statement: the same (set) order of LRU moves
-            self.lru.move_to_end(k)
-        keys = [(block, e) for e in experts if (block, e) not in self.where][: self.capacity - self.E]
-        if not keys:
-            return []
-        for key, slot in zip(keys, self.victims(len(keys), predicted)):
-            self.assign(slot, key)
-        self.inflight.update(keys)
-        self.prefetched += len(keys)
-        return keys
-
-    def ring_pass(self, blocks: list[int], K: int) -> None:
-        """The loads of one ring pass over ``blocks`` from this state (``Ring`` after a reset: groups
-        ``g % K`` load ``blocks[g % L]`` for g = 0 .. L + K - 1, the last K for the next pass)."""
-        L = len(blocks)
-        for g in range(L + K if K < L else L):
-            k, b = g % K, blocks[g % L]
-            if not self.group_holds(k, b):
-                self.load_block(b, k)
-
-
-def replay_pool_trace(calls, capacity: int, experts: int, blocks: list[int], ring_slots: int) -> dict:
-    """The simulator's pool (`ExpertCache`) on a routing the engine saw (``reference/inference/bench.py``
-    ``trace_pool_calls``: ``(step, block, "fetch" | "prefetch", experts)`` of one expert-aware ``generate``,
-    after its ring prefill): hits, misses, prefetched and used prefetched experts, to compare with the
-    engine's statistics of the same generate. The LRU mechanism is checked apart from the routing: the
-    simulation samples routing, the replay takes the engine's."""
-    cache = ExpertCache(capacity, experts)
-    cache.ring_pass(list(blocks), ring_slots)  # generate's prefill: a ring pass over the same pool
-    for _, block, call, ids in calls:
-        if call == "fetch":
-            cache.fetch(int(block), [int(e) for e in ids])
-        elif call == "prefetch":
-            cache.prefetch(int(block), [int(e) for e in ids])
-        else:
-            raise SpecError(f"replay_pool_trace: call {call!r} is not fetch or prefetch")
-    return {"hits": cache.hits, "misses": cache.misses, "prefetched": cache.prefetched,
-            "prefetch_used": cache.prefetch_used}
-
-
-def expected_distinct_experts(E: int, k: int, tokens: int) -> float:
-    """Uniform top-k routing: expected number of distinct experts ``T`` tokens touch."""
-    return E * (1.0 - (1.0 - k / E) ** tokens)
-
-
-def sample_topk(p: np.ndarray, tokens: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """[tokens, k] distinct experts per token, drawn without replacement with probabilities ``p``
-    (Gumbel top-k = successive sampling without replacement)."""
-    g = np.log(np.maximum(p, 1e-300))[None, :] + rng.gumbel(size=(tokens, p.size))
-    return np.argsort(-g, axis=1)[:, :k]
-
-
-def mispredict(ids: np.ndarray, p: np.ndarray, accuracy: float, rng: np.random.Generator) -> np.ndarray:
-    """A one-block-ahead predictor's guess of routing ``ids`` ([tokens, k]): each named expert is the true
-    one with probability ``accuracy``, else another expert not among the token's true ones, drawn with
-    probabilities ``p`` (the popularity)."""
-    out = ids.copy()
-    if accuracy >= 1.0:
-        return out
-    wrong = rng.random(ids.shape) >= accuracy
-    for t, j in zip(*np.nonzero(wrong)):
-        q = p.copy()
-        q[ids[t]] = 0.0
-        if q.sum() <= 0:
-            continue
-        out[t, j] = rng.choice(p.size, p=q / q.sum())
-    return out
-
-
-# ------------------------------------------------------------------------------------ the simulation
-@dataclass
-class _Item:
-    dur: float
-    waits: tuple
-    min_end: float
-    done: simpy.Event
-    phase: str
-    layer: int
-    nbytes: float = 0.0
-
-
-class _Stream:
-    """A CUDA stream: runs submitted items in order, each after its wait events."""
-
-    def __init__(self, env: simpy.Environment, name: str, record) -> None:
-        self.env, self.name, self.record = env, name, record
-        self.queue = simpy.Store(env)
-        self.last: simpy.Event | None = None
-        self.busy = 0.0
-        env.process(self._run())
-
-    def submit(self, dur: float, phase: str, layer: int, waits=(), min_end: float = 0.0, nbytes: float = 0.0) -> simpy.Event:
-        ev = self.env.event()
-        self.queue.put(_Item(dur, tuple(w for w in waits if w is not None), min_end, ev, phase, layer, nbytes))
-        self.last = ev
-        return ev
-
-    def _run(self):
-        env = self.env
-        while True:
-            it = yield self.queue.get()
-            for w in it.waits:
-                if not w.processed:
-                    yield w
-            t0 = env.now
-            end = max(t0 + it.dur, it.min_end)
-            if end > t0:
-                yield env.timeout(end - t0)
-            self.busy += end - t0
-            self.record(it.layer, it.phase, t0, end, it.nbytes, self.name)
-            it.done.succeed()
-
-
-@dataclass
-class InferenceResult:
-    prefill_s: float
-    decode_s: float
-    batch: int
-    prompt_len: int
-    gen_len: int
-    plan: MemoryPlan
-    bytes_copied_decode: float
-    hits: int
-    misses: int
-    passes: dict = field(default_factory=dict)
-    fetch_bytes_decode: float = 0.0  # expert-aware passes' copies (misses + prefetches), ring copies excluded
-    prefetched: int = 0  # experts prefetched one block ahead (whole run)
-    prefetch_used: int = 0  # of them, those their block then used
-    host_op_s: dict = field(default_factory=dict)  # (phase, batch) -> host seconds per kernel used
-    compute_busy_s: float = 0.0
-    copy_busy_s: float = 0.0
-    oom: str = ""
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.batch * self.prompt_len / self.prefill_s if self.prefill_s > 0 else float("inf")
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        n = self.batch * (self.gen_len - 1)
-        return n / self.decode_s if self.decode_s > 0 and n else float("nan")
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / max(1, self.hits + self.misses)
-
-    def summary(self) -> dict:
-        p = self.plan
-        steps = max(1, self.gen_len - 1)
-        return {
-            "step_time_s": self.prefill_s + self.decode_s,
-            "tokens_per_s": self.decode_tokens_per_s,
-            "prefill_s": self.prefill_s,
-            "prefill_tokens_per_s": self.prefill_tokens_per_s,
-            "decode_s": self.decode_s,
-            "decode_tokens_per_s": self.decode_tokens_per_s,
-            "decode_bytes_copied_per_step": self.bytes_copied_decode / steps,
-            "hit_rate": self.hit_rate,
-            "ring_slots": p.ring_slots,
-            "pool_slots": p.pool_slots,
-            "peak_hbm_bytes": p.peak_hbm_bytes,
-            "peak_dram_bytes": float(p.blocks * p.experts * p.expert_bytes),
-            "peak_ssd_bytes": float(p.blocks * p.experts * p.expert_bytes),
-            "oom": self.oom,
-            "compute_busy_s": self.compute_busy_s,
-            "copy_busy_s": self.copy_busy_s,
-        }
-
-
-class InferenceRun:
+class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
     """Simulate ``semoe infer`` (``reference.inference.Engine.generate``) of ``model`` on GPU 0 of
     ``sim``'s cluster: ``cfg.warmup_passes`` untimed prefill passes, a timed prefill pass (the bench's
     ``timed(forward)``), then ``generate``: a prefill and ``gen_len - 1`` timed decode steps.
@@ -451,8 +192,8 @@ class InferenceRun:
         self.popularity = routing.expert_popularity(model, self.workload, self.rng)
         self.costs = costs if costs is not None else BlockCosts(model, sim.cost, cfg.quant, cfg.dequant,
                                                                 popularity=self.popularity)
-        self.compute = _Stream(self.env, "compute", self._record)
-        self.copy = _Stream(self.env, "pcie_h2d", self._record)
+        self.compute = Stream(self.env, "compute", self._record)
+        self.copy = Stream(self.env, "pcie_h2d", self._record)
         # ring state (Ring in the reference): global block counters, per-slot events
         self.g_load = self.g_compute = 0
         self.load_done: list = [None] * max(self.K, 1)
@@ -480,117 +221,6 @@ class InferenceRun:
             for k, b in enumerate(self.blocks):
                 self.cache.load_block(b, k)
             self.g_load = self.L
-
-    # -------------------------------------------------------------------------- helpers
-    def _record(self, layer, phase, t0, t1, nbytes, resource):
-        self.sim.record(0, layer, self.step, phase, t0, t1, nbytes, 0, resource)
-
-    def _issue(self, n_ops: int):
-        """Host issues ``n_ops`` kernels (``host_op_s`` each)."""
-        self.host_ops += n_ops
-        d = n_ops * self.host_op_s
-        if d > 0:
-            yield self.env.timeout(d)
-
-    def _phase(self, n_ops: int, work: float, phase: str, layer: int, waits=()):
-        """Issue a phase of ``n_ops`` kernels with ``work`` seconds of GPU time on the compute stream."""
-        ev = self.compute.submit(work, phase, layer, waits, min_end=self.env.now + n_ops * self.host_op_s)
-        yield from self._issue(n_ops)
-        return ev
-
-    def _copy(self, nbytes: float, calls: int, layer: int, phase: str, waits=()):
-        dur = nbytes / self.bw + calls * self.pcie_lat
-        self.bytes_copied += nbytes
-        return self.copy.submit(dur, phase, layer, waits, nbytes=nbytes)
-
-    def _sync_all(self):
-        """torch.cuda.synchronize(): both streams drained."""
-        for s in (self.compute, self.copy):
-            if s.last is not None and not s.last.processed:
-                yield s.last
-
-    # -------------------------------------------------------------------------- ring
-    def _ring_issue(self, prog: HostProgram):
-        """Issue loads up to K blocks ahead of the block being computed (Ring._issue)."""
-        eb = self.plan.expert_bytes
-        calls = max(1, prog.unit("copy_block"))
-        while self.g_load < self.g_compute + self.K:
-            k, b = self.g_load % self.K, self.blocks[self.g_load % self.L]
-            if not self.cache.group_holds(k, b):
-                self.cache.load_block(b, k)
-                self.load_done[k] = self._copy(self.E * eb, calls, b, "h2d_experts", waits=(self.compute_done[k],))
-                yield from self._issue(prog.unit("copy_block"))
-            self.g_load += 1
-
-    def _ring_reset(self):
-        self.g_load = self.g_compute
-        self.load_done = [self.compute.last] * self.K  # cross_wait: after the other mechanism's work
-        self.compute_done = [self.compute.last] * self.K
-
-    def _dequant(self, prog: HostProgram, experts: int, layer: int, waits=()):
-        """Quantised, workspace path: dequantise ``experts`` experts on the compute stream."""
-        unit = "dequant_block" if experts == self.E and prog.unit("dequant_block") else "dequant_expert"
-        n = prog.unit(unit) * (1 if unit == "dequant_block" else experts)
-        return (yield from self._phase(n, self.costs.dequant(experts, max(1, n)), "dequant", layer, waits))
-
-    def _copy_misses(self, prog: HostProgram, b: int, miss: list, phase: str):
-        calls = max(1, prog.unit("copy_expert")) * len(miss)
-        self.fetch_bytes += len(miss) * self.plan.expert_bytes
-        ev = self._copy(len(miss) * self.plan.expert_bytes, calls, b, phase, waits=(self.compute.last,))
-        yield from self._issue(prog.unit("copy_expert") * len(miss))
-        return ev
-
-    # -------------------------------------------------------------------------- host rate
-    def _mode_of(self, tokens: int) -> str:
-        """The mechanism of a pass of ``tokens`` tokens: expert-aware mode falls back to the ring when they
-        are expected to touch ``fallback_frac`` of the experts (the reference's rule)."""
-        if self.cfg.mode != "expert":
-            return "ring"
-        want_ring = expected_distinct_experts(self.E, self.m.top_k, tokens) >= self.cfg.fallback_frac * self.E
-        return "ring" if want_ring and self.K >= 1 else "expert"
-
-    def _program(self, mode: str, phase: str) -> HostProgram:
-        return self.programs[(self.cfg.mode if mode == "ring" and self.cfg.mode == "resident" else mode, phase)]
-
-    def probe_pass_kernels(self, phase: str, batch: int, copies: float) -> float:
-        """Counted kernels of one pass of the host probe (`HostProbe`): its blocks, its copy calls (ring
-        blocks or experts) and, expert-aware with prediction, the one-block-ahead gates."""
-        L = self.cfg.host_probe.blocks
-        mode = self._mode_of(batch * (self.cfg.prompt_len if phase == "prefill" else 1))
-        prog = self._program(mode, phase)
-        n = prog.kernels(L) + prog.unit("copy_block" if mode == "ring" else "copy_expert") * copies
-        if mode == "expert" and self.cfg.predict:
-            n += prog.unit("predict") * (L - 1)
-        return n
-
-    def _host_rate(self, phase: str, batch: int) -> float:
-        """Host seconds per kernel of a pass: the run's probe of this code path, else ``host_op_s``."""
-        key = (phase, batch)
-        if key not in self.rates:
-            probe, r = self.cfg.host_probe, None
-            if self.probe_key is not None and probe.has(self.probe_key, phase):
-                q = self.cfg.prompt_len if phase == "prefill" else 1
-                mode = self._mode_of(batch * q)
-                r = probe.rate(self.probe_key, phase, batch, lambda b, c: self.probe_pass_kernels(phase, b, c),
-                               keep=lambda b: self._mode_of(b * q) == mode)
-            self.rates[key] = self.base_host_op_s if r is None else r
-        return self.rates[key]
-
-    def _route(self, block: int, T: int, q_len: int) -> np.ndarray:
-        """The routing [T, top_k] of ``block`` in this forward: independent draws (`sample_topk`), or in a decode
-        step after another with ``route_persist`` > 0 each expert kept from the previous step's with that
-        probability (`inference_persist.persist_topk`)."""
-        q, k = self.cfg.route_persist, self.m.top_k
-        prev = self.prev_route.get(block) if q_len == 1 else None
-        if q > 0 and prev is not None and prev.shape[0] == T:
-            from simulator.workload.inference_persist import persist_topk
-
-            ids = persist_topk(self.popularity, prev, q, k, self.rng)
-        else:
-            ids = sample_topk(self.popularity, T, k, self.rng)
-        if q > 0:
-            self.prev_route[block] = ids if q_len == 1 else None
-        return ids
 
     # -------------------------------------------------------------------------- one forward
     def forward(self, batch: int, q_len: int, start: int):

@@ -1,6 +1,6 @@
 """Routing persistence of decode steps: does a token route to the experts it routed to one step earlier?
 
-The expert-aware simulation samples each decode step's routing independently (`inference.sample_topk`). A
+The expert-aware simulation samples each decode step's routing independently (`inference_pool.sample_topk`). A
 real greedy decode may not: consecutive tokens of one sequence could share experts (issue 7: the pooled hit
 rates of expert_nopred B4 / B8 were ~11% above the simulation in every run). This module measures that from
 an engine trace and gives the simulator a one-number input for it.
@@ -113,7 +113,7 @@ def persist_topk(p: np.ndarray, prev: np.ndarray, q: float, k: int, rng: np.rand
     """[tokens, k] routing of a decode step given the previous step's ``prev`` ([tokens, k], same block): each
     slot keeps its ``prev`` expert with probability ``q``; the rest are drawn without replacement with
     probabilities ``p`` among the experts not kept (Gumbel top-k)."""
-    from simulator.workload.inference import sample_topk
+    from simulator.workload.inference_pool import sample_topk
 
     keep = rng.random(prev.shape) < q
     fresh = sample_topk(p, prev.shape[0], p.size, rng)  # every token's full order of the experts
