@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -43,6 +41,13 @@ from pathlib import Path
 import torch
 
 from reference.offload.bench_cases import _bf16_experts
+from reference.offload.bench_loop import (
+    case_device,
+    micro_batches,
+    release,
+    step_metrics,
+    timed_steps,
+)
 from reference.offload.bench_rows import Rows, log
 
 CASES = (("gpu", True), ("gpu", False), ("cpu", True), ("cpu", False))
@@ -146,12 +151,9 @@ def run_case(spec, batch: int, seq: int, placement: str, prefetch: bool, steps: 
     from reference.parallel.parallelize import parallelize
     from reference.train import TrainConfig, make_optimizer
     from semoe.plan_spec import OffloadPlacement, ParallelPlan
-    from semoe.trace import TraceRow, write_csv
+    from semoe.trace import write_csv
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    cuda, device = case_device()
     depth = 1 if prefetch else 0
     off = {} if placement == "gpu" else {"offload": OffloadPlacement(expert_params=placement,
                                                                      expert_optimizer=placement)}
@@ -176,17 +178,13 @@ def run_case(spec, batch: int, seq: int, placement: str, prefetch: bool, steps: 
         raise RuntimeError("bench_2d: ZeRO-3 shards did not move with the model")
     opt = make_optimizer(model, TrainConfig(steps=warmup + steps, lr=1e-4, warmup_steps=1))
     gen = torch.Generator(device=device).manual_seed(0)
-    times, step_rows = [], []
     t_origin = trace.t0
 
     def train_step() -> float:
         opt.zero_grad(set_to_none=True)
-        for m in range(micro):
-            sync.set_sync(m == micro - 1)  # gradient accumulation: the expert buckets reduce once, at the end
-            x = torch.randint(0, spec.vocab, (batch, seq + 1), device=device, generator=gen)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(x[:, :-1], x[:, 1:])
-            (out.loss / micro).backward()
+        # gradient accumulation: the expert buckets reduce once, at the end
+        out = micro_batches(model, spec, batch, seq, micro, device, amp, gen,
+                            before=lambda m: sync.set_sync(m == micro - 1))
         sync.finish()
         sync.clip(1.0)
         if eng is not None:
@@ -194,31 +192,18 @@ def run_case(spec, batch: int, seq: int, placement: str, prefetch: bool, steps: 
         opt.step()
         return float(out.loss.detach())  # synchronises
 
+    def label_spans(step: int) -> None:
+        if isinstance(trace, SpanLog):
+            trace.step = step
+
     try:
-        for step in range(warmup + steps):
-            if step >= warmup and time_left() < 0:
-                break
-            if isinstance(trace, SpanLog):
-                trace.step = step
-            t0 = time.perf_counter()
-            loss = train_step()
-            t1 = time.perf_counter()
-            if step >= warmup:
-                times.append(t1 - t0)
-            step_rows.append(TraceRow(0, -1, step, "step", t0 - t_origin, t1 - t_origin, 0, 0, "compute"))
-            log(f"    step {step}: {1e3 * (t1 - t0):.1f} ms, loss {loss:.4f}")
+        times, step_rows = timed_steps(train_step, warmup + steps, warmup, time_left, t_origin, label_spans)
         if eng is not None:
             eng.wait()
     finally:
         if eng is not None:
             eng.close()
-    if not times:
-        raise RuntimeError("no step measured within the time budget")
-    med = statistics.median(times)
-    res = {"step_ms": 1e3 * med, "tokens_per_s": micro * batch * seq / med, "steps": len(times),
-           "micro_batches": micro}
-    if cuda:
-        res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / GB
+    res = step_metrics(times, micro, batch, seq, cuda)
     rows = trace.trace_rows()
     res.update(summarise_trace(rows, set(range(warmup, warmup + len(times)))))
     if eng is not None:
@@ -227,9 +212,7 @@ def run_case(spec, batch: int, seq: int, placement: str, prefetch: bool, steps: 
         res["cpu_adam_ms_per_step"] = 1e3 * s["cpu_adam_s"] / max(1, s["steps"])
     write_csv(sorted(rows + step_rows, key=lambda r: r.start_s), trace_path)
     model = opt = eng = sync = trace = None  # (not del: train_step closes over them)
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    release(cuda)
     return res
 
 
@@ -292,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     fh.write(f"{placement} {pf}\n{traceback.format_exc()}\n")
                 log(f"  failed: {type(e).__name__}: {str(e)[:300]}")
                 rows.add(config, placement, pf, "error", 1)
-                gc.collect()
-                if cuda:
-                    torch.cuda.empty_cache()
+                release(cuda)
                 continue
             for k, v in res.items():
                 rows.add(config, placement, pf, k, float(v) if isinstance(v, float) else v)

@@ -5,10 +5,8 @@ ZeRO-Offload in a child process (config (c), `run_deepspeed`)."""
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -16,6 +14,13 @@ from pathlib import Path
 
 import torch
 
+from reference.offload.bench_loop import (
+    case_device,
+    micro_batches,
+    release,
+    step_metrics,
+    timed_steps,
+)
 from reference.offload.bench_rows import GB, Rows, log
 
 
@@ -120,10 +125,7 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
     from semoe.plan_spec import OffloadPlacement, ParallelPlan
     from semoe.trace import TraceRow, write_csv
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    cuda, device = case_device()
     t_build = time.perf_counter()
     # on the CPU: offloaded experts never occupy the GPU in fp32
     model = copy.deepcopy(base) if base is not None else MoEDecoder(spec, seed=0)
@@ -142,15 +144,10 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
     opt = make_optimizer(model, cfg)
     build_s = time.perf_counter() - t_build
     gen = torch.Generator(device=device).manual_seed(0)
-    times, step_rows = [], []
 
     def train_step() -> float:
         opt.zero_grad(set_to_none=True)
-        for _ in range(micro):
-            x = torch.randint(0, spec.vocab, (batch, seq + 1), device=device, generator=gen)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(x[:, :-1], x[:, 1:])
-            (out.loss / micro).backward()
+        out = micro_batches(model, spec, batch, seq, micro, device, amp, gen)
         if eng is not None:
             eng.clip_grad_norm_(model, 1.0)
             eng.step(1e-4)
@@ -161,25 +158,20 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
 
     t_origin = eng.t0 if eng is not None else time.perf_counter()
     before = None
+
     # counters: over steps warmup .. warmup + steps (steps + 1 of them), opened after eng.wait() so that the
     # last warm-up step's host updates and SSD I/O (asynchronous) are not counted in the window; the times
     # are those of the steps after that first counted one (each overlaps its predecessor's updates)
+    def open_window(step: int) -> None:
+        nonlocal before
+        if step == warmup and eng is not None:
+            eng.wait()
+            if adjacent is not None:
+                adjacent("before")
+            before = dict(eng.stats())
+
     try:
-        for step in range(warmup + 1 + steps):
-            if step == warmup and eng is not None:
-                eng.wait()
-                if adjacent is not None:
-                    adjacent("before")
-                before = dict(eng.stats())
-            if step > warmup and time_left() < 0:
-                break
-            t0 = time.perf_counter()
-            loss = train_step()
-            t1 = time.perf_counter()
-            if step > warmup:
-                times.append(t1 - t0)
-            step_rows.append(TraceRow(0, -1, step, "step", t0 - t_origin, t1 - t_origin, 0, 0, "compute"))
-            log(f"    step {step}: {1e3 * (t1 - t0):.1f} ms, loss {loss:.4f}")
+        times, step_rows = timed_steps(train_step, warmup + 1 + steps, warmup + 1, time_left, t_origin, open_window)
         after = None
         if eng is not None:
             eng.wait()
@@ -204,13 +196,7 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
     finally:
         if eng is not None:
             eng.close()
-    if not times:
-        raise RuntimeError("no step measured within the time budget")
-    med = statistics.median(times)
-    res = {"step_ms": 1e3 * med, "tokens_per_s": micro * batch * seq / med, "build_s": build_s,
-           "steps": len(times), "micro_batches": micro}
-    if cuda:
-        res["peak_mem_gb"] = torch.cuda.max_memory_allocated() / GB
+    res = step_metrics(times, micro, batch, seq, cuda, build_s)
     if eng is not None:
         s, n = after, len(times) + 1  # the counted steps (see above)
         b = before or {k: 0 for k in s}
@@ -235,9 +221,7 @@ def run_case(spec, batch: int, seq: int, placement: str, depth: int, cache: int,
     elif trace_path is not None:
         write_csv(step_rows, trace_path)
     model = opt = eng = None  # (not del: train_step closes over them)
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    release(cuda)
     return res
 
 

@@ -4,7 +4,7 @@ offloaded case, on the CPU."""
 from __future__ import annotations
 
 import csv
-import inspect
+import re
 
 import pytest
 
@@ -56,21 +56,23 @@ def test_a_failing_probe_becomes_a_row_not_the_cases_failure(tmp_path):
 
 
 @pytest.mark.parametrize("placement", ["cpu", "gpu"])
-def test_run_case_probes_with_the_engine_idle_right_before_the_counted_step_and_after_the_last(tmp_path, placement):
+def test_run_case_probes_with_the_engine_idle_right_before_the_counted_step_and_after_the_last(tmp_path, capsys,
+                                                                                             placement):
     from semoe.presets import load_model
 
     spec = load_model("tiny").replace(name="adj", layers=2)
-    seen = []
+    seen, out = [], []
 
-    def adjacent(position):  # where run_case is when it calls: its step counter and timed steps so far
-        f = inspect.currentframe().f_back.f_locals
-        seen.append((position, f["step"], len(f["times"])))
+    def adjacent(position):  # where run_case is when it calls: the steps it has run (logged) so far
+        out.append(capsys.readouterr().out)
+        seen.append((position, [int(s) for s in re.findall(r"step (\d+): ", "".join(out))]))
 
     res = bench.run_case(spec, 2, 16, placement, 1, 0, 2, 1, tmp_path / "ssd", None, lambda: 100.0, 1,
                          adjacent=adjacent)
     assert res["steps"] == 2
     if placement == "cpu":
-        # before: at the counted step (warmup=1), after eng.wait(), no timed step yet; after: all 2 timed steps done
-        assert seen == [("before", 1, 0), ("after", 3, 2)]
+        # warmup=1, then the counted step 1 and 2 timed steps: before at the counted step (warm-up step 0 done), after
+        # eng.wait(); after: once all of them ran
+        assert seen == [("before", [0]), ("after", [0, 1, 2, 3])]
     else:  # no CPU update to bracket
         assert seen == []
