@@ -155,6 +155,15 @@ seeing its errors:
   persistence rejected above stays off);
 * rows of earlier runs keep their rules and their 32 seeds.
 
+Result (run 4a49973, 2026-11-24 19:34Z, weights seed 1, every count pass run): the 25 pooled count rows are within
+5.5% (expert_nopred hit_rate B1 -1.6%, B2 +3.2%, B4 +0.2%, B8 +0.3% over 17 / 48 / 11 / 5 passes; expert hit_rate
+-2.0 .. -5.5%): with a new model and enough passes the uniform independent routing predicts the pool's counts, and
+the earlier B4 / B8 gap was the four routings the seed-0 runs re-measured. The same run's timing rows missed more
+than 39db250's (90 of 105 validated rows within 10%): the expert-aware decode was 9-35% slower than predicted (the
+sign of every run so far: +2 .. +7% on 39db250's quiet machine; per block ~1.3 ms more non-copy time than the
+tiny-width probe's host time, not yet located), and single-pass ring decode rows sat beside one copy probe that
+dipped to 31-45 GB/s while the passes around it ran at full speed.
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 

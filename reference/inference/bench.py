@@ -112,7 +112,9 @@ R = 3 already do. The passes go round-robin over the rows and none starts after 
 run, so a slow machine pools fewer (``pool_passes`` gives R). Expected cost on the H100 (passes of 76200c0's log:
 ~2 s at B1, ~2.5 s at B2, ~3 s at B4, ~3.5 s at B8): ~ 14 x 2 + 45 x 2.5 + 8 x 3 + 2 x 3.5 ~ 170 s, ~ 450-480 s in
 all. The pooled rows are now written at the end of the run (after the count passes), the expert-aware rows'
-``pool_slots`` and ``gpu_peak_GB`` with their first pass.
+``pool_slots`` and ``gpu_peak_GB`` with their first pass; a count pass's decode seconds go to ``repeats.csv``
+(``what`` = ``count_decode_s``: not a timed row, no probes beside it). The first run with them (4a49973) took 523 s
+of wall time on the H100 (the 69 count passes 171 s).
 
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the

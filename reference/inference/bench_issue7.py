@@ -306,7 +306,12 @@ def suite_issue7(a, t_start: float) -> int:
             log(f"accelerate baseline failed: {type(e).__name__}: {e}")
     # --- count passes (untimed): more expert-aware passes of the rows in --count-passes, round-robin over them
     # until each has its passes or --count-until-s of the run has gone; then every (mode, batch)'s pooled rows
-    count_passes(pools, parse_count_passes(a.count_passes), expert_pass, lambda: time.perf_counter() - t_start,
+    def count_pass(mname: str, B: int, i: int) -> None:  # its decode seconds in repeats.csv (not a timed row)
+        sec = expert_pass(mname, B, i)
+        with rep_path.open("a", newline="") as f:
+            csv.writer(f).writerow((mname, B, "decode", i, "count_decode_s", f"{sec:.6g}"))
+
+    count_passes(pools, parse_count_passes(a.count_passes), count_pass, lambda: time.perf_counter() - t_start,
                  a.count_until_s, lambda B: falls_back(spec, B))
     for (mname, B), stats in pools.items():
         for metric, value in pooled_rows(stats, store.expert_bytes, G).items():

@@ -287,6 +287,8 @@ def test_quick_count_passes_pool_into_the_count_rows(quick_run):
     nopred = rep[(rep["mode"] == "expert_nopred") & (rep["batch"] == 2)]
     assert sorted(nopred[nopred["what"] == "timed_s"]["repeat"]) == [0, 1]
     assert sorted(nopred[nopred["what"] == "pool_hits"]["repeat"]) == [0, 1, 2]
+    assert list(nopred[nopred["what"] == "count_decode_s"]["repeat"]) == [2]  # its untimed-row seconds
+    assert (nopred[nopred["what"] == "count_decode_s"]["value"] > 0).all()
     stats = pd.read_csv(out / "expert_trace_stats.csv")
     s = stats[stats["mode"] == "expert_nopred"]
     assert got[("expert_nopred", 2, "hit_rate_pooled")] == pytest.approx(
