@@ -39,6 +39,18 @@ from simulator.validate_infer_inputs import (
 from simulator.workload.inference_host import PROBE_BLOCKS_METRIC, PROBE_METRICS
 
 
+AFTER_COPY = False  # True: --after-copy (the decode probe's host factor on the expert-aware decode; a what-if)
+
+
+@cache
+def _after_copy() -> tuple:
+    """(a, b) of `inference_aftercopy.calibrate` (the decode probe run, apart from every bench run)."""
+    from simulator.workload.inference_aftercopy import calibrate
+
+    c = calibrate()
+    return (c.a, c.b)
+
+
 @cache
 def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int, predict: bool, budget: bool = True,
          quant: str | None = None, dequant: str = "workspace", launch_s: float | None = None, probe=None,
@@ -58,7 +70,9 @@ def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int,
                       launch_s=inputs.HOST_OP_S if launch_s is None else launch_s,
                       host_probe=probe if inputs.HOST_OP_S is None else None,
                       sync_split=sync_split if inputs.HOST_OP_S is None and probe is not None else (),
-                      route_persist=persist)
+                      route_persist=persist,
+                      host_after_copy=_after_copy() if (AFTER_COPY and mode == "expert" and quant is None
+                                                        and probe is not None and inputs.HOST_OP_S is None) else ())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roofline fallbacks are listed once by `predict_all`
         wl = None if seed is None else Workload(kind="infer", seq_len=c["P"], gen_len=c["G"], seed=seed)

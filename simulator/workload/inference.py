@@ -205,6 +205,7 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
         # ExpertPool.inflight_event: the copy stream's event after the last prefetch; a fetch that uses a key
         # still in flight (``ExpertCache.inflight``) makes the compute stream wait for it
         self.inflight_event = None
+        self.last_copy_s = 0.0  # the latest block's expert copy seconds (`InferConfig.host_after_copy`)
         self.host_ops = 0
         self.sync_wait_s = 0.0  # host seconds of the syncs' own latency (`InferConfig.sync_split`)
         self.step = -1
@@ -250,9 +251,13 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
         segs = prog.block
         # the segment holding the grouped FFN: the last one with kernels (before "post")
         ffn_i = max(i for i, s in enumerate(segs) if s.name.startswith("moe_") and s.kernels > 0)
+        base_host = self.host_op_s
+        after_copy = cfg.host_after_copy if mode == "expert" and q_len == 1 else ()
         for idx, b in enumerate(self.blocks):
             wait = None  # the expert weights the next segment waits for (ring load / expert copies)
             k = None
+            if after_copy:  # the spans before the fetch: after the previous block's copies
+                self.host_op_s = base_host * (1.0 + after_copy[0] + after_copy[1] * self.last_copy_s)
             for i, seg in enumerate(segs):
                 n, lead = seg.kernels, 0
                 if seg.name == "attention":
@@ -300,6 +305,9 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
                         # ExpertPool.fetch: a prefetched expert is used, the compute stream waits for the
                         # prefetch copies (one event covers every earlier copy on the copy stream)
                         wait = self.inflight_event
+                    if after_copy:  # the spans after the fetch: after this block's copies
+                        self.last_copy_s = len(miss) * self.plan.expert_bytes / self.bw
+                        self.host_op_s = base_host * (1.0 + after_copy[0] + after_copy[1] * self.last_copy_s)
                     if miss:  # the misses' copy follows every earlier copy
                         wait = yield from self._copy_misses(prog, b, miss, "h2d_experts")
                     if self.dequant_expert:
@@ -318,6 +326,9 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
                 miss_n = self.cache.prefetch(nxt, sorted({int(e) for e in np.unique(guess)}))
                 if miss_n:
                     self.inflight_event = yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
+                    if after_copy:
+                        self.last_copy_s += len(miss_n) * self.plan.expert_bytes / self.bw
+        self.host_op_s = base_host
         # the head's GEMM is priced by `costs.head`; its norm (and any other kernel) carries the per-kernel time
         yield from self._phase(prog.head, costs.head(batch) + costs.kernels(prog.head - 1), "head_fwd", -1)
 

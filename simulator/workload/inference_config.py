@@ -44,9 +44,15 @@ class InferConfig:
     # expert of the previous decode step with this probability, else is drawn fresh (0: independent draws, the
     # random stream consumed exactly as without it)
     route_persist: float = 0.0
+    # expert-aware decode passes: the host seconds per kernel of a block x (1 + a + b x copy_s), ``(a, b)`` from the
+    # decode probe (`inference_aftercopy`); copy_s: the expert copies' seconds of the block (its spans after the
+    # fetch) or of the block before (its spans before the fetch); () : the probe's host rate unchanged
+    host_after_copy: tuple = ()
 
     def __post_init__(self) -> None:
         check_quant(self.quant, self.dequant)
+        if self.host_after_copy and (len(self.host_after_copy) != 2 or min(self.host_after_copy) < 0):
+            raise SpecError(f"InferConfig.host_after_copy: (a, b) with a, b >= 0, got {self.host_after_copy}")
         if not 0 <= self.route_persist <= 1:
             raise SpecError(f"InferConfig.route_persist: must be in [0, 1], got {self.route_persist}")
         if any(not 0 <= sh < 1 for _, sh in self.sync_split) or sum(sh for _, sh in self.sync_split) >= 1:
