@@ -17,7 +17,10 @@ one is there, plus the tiny store) runs, per width (``tiny``: `probe_spec` at th
 rep, mode (``expert_nopred``, ``expert`` = with the one-block-ahead prefetch) and batch, two fresh engines on the
 same prompts (so the same routing, the same copies): a plain one (prefill through the ring, then ``--gen-len`` - 1
 decode steps as ``Engine.generate``, timed) and an instrumented one (the same, the decode steps with the markers
-and the engine's copy / compute timeline on). The pool has ``--pool-slots`` expert slots at both widths (the
+and the engine's copy / compute timeline on). Width ``tiny_wait`` (``--widths``): the tiny engine with every fetch
+holding its copies ``--wait-ms-per-expert`` per copied expert on the copy stream (``torch.cuda._sleep``), so the
+host waits at the sync after the copies about as long as at the run's widths: is the run's extra host time the
+widths' or the long waits'? The pool has ``--pool-slots`` expert slots at both widths (the
 engine budget as the bench's host probe computes it, `_probe_budget_gb`). Writes, flushed after every pass:
 
 * ``DIR/decode_sync.csv`` (`SYNC_COLS`): one row per marker of the instrumented decode steps: ``start`` (before
@@ -57,6 +60,7 @@ TL_COLS = ("width", "mode", "batch", "rep", "step", "block", "phase", "resource"
 PASS_COLS = ("width", "mode", "batch", "rep", "steps", "plain_ms_per_step", "instrumented_ms_per_step",
              "plain_experts_copied", "instrumented_experts_copied")
 MODES = {"expert_nopred": False, "expert": True}  # probe mode -> Engine prediction (as the bench's rows)
+WIDTHS = ("tiny", "tiny_wait", "run")  # run order
 
 
 class DecodeMarkers(Markers):
@@ -191,16 +195,51 @@ def decode(eng, prompts, G: int, sync, mk: DecodeMarkers | None = None) -> tuple
     return sec, eng.pool.copies - c0
 
 
+def sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond on this device (timed with CUDA events)."""
+    import torch
+
+    n = 20_000_000
+    torch.cuda._sleep(n // 10)  # warm-up
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    torch.cuda._sleep(n)
+    b.record()
+    b.synchronize()
+    return n / a.elapsed_time(b)
+
+
 class Probe:
     """The passes of one width: engines on ``store`` with ``pool_slots`` expert slots, rows to ``out``."""
 
-    def __init__(self, store, dev: str, width: str, P: int, G: int, pool_slots: int, out: Path) -> None:
+    def __init__(self, store, dev: str, width: str, P: int, G: int, pool_slots: int, out: Path,
+                 wait_ms_per_expert: float = 0.0) -> None:
         import torch
 
         self.torch, self.store, self.dev, self.width = torch, store, dev, width
         self.P, self.G, self.pool_slots, self.out = P, G, pool_slots, out
         self.cuda = dev == "cuda"
         self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.wait_ms = wait_ms_per_expert
+        self.cycles_per_ms = sleep_cycles_per_ms() if self.cuda and wait_ms_per_expert > 0 else 0.0
+
+    def _delay_copies(self, pool) -> None:
+        """Width ``tiny_wait``: every fetch that copies n experts first holds the copy stream ``n x wait_ms``
+        (``torch.cuda._sleep``; CPU: the host sleeps), so the tiny engine waits for its copies about as long as the
+        run's engine does, with the same tiny host work around the wait."""
+        orig, torch = pool.fetch, self.torch
+
+        def fetch(block, needed):
+            n = sum((block, e) not in pool.where for e in needed)
+            if n:
+                if self.cuda:
+                    with torch.cuda.stream(pool.sync.copy):
+                        torch.cuda._sleep(int(n * self.wait_ms * self.cycles_per_ms))
+                else:
+                    time.sleep(n * self.wait_ms / 1e3)
+            return orig(block, needed)
+
+        pool.fetch = fetch
 
     def engine(self, mode: str, B: int):
         from reference.inference.bench_probes import _probe_budget_gb
@@ -211,6 +250,8 @@ class Probe:
         eng = Engine(self.store, cfg, batch=B, max_len=self.P + self.G, prefill_tokens=B * self.P)
         if eng.plan.pool_slots != self.pool_slots:
             log(f"{self.width} {mode} B={B}: pool {eng.plan.pool_slots} slots, asked {self.pool_slots}")
+        if self.wait_ms > 0:
+            self._delay_copies(eng.pool)
         return eng
 
     def _drop(self, eng) -> None:
@@ -424,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-len", type=int, default=8)
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--modes", default="expert_nopred,expert")
-    ap.add_argument("--widths", default="tiny,run")
+    ap.add_argument("--widths", default="tiny,run",
+                    help="of tiny, run, tiny_wait (tiny with --wait-ms-per-expert of copy-stream delay per copy)")
+    ap.add_argument("--wait-ms-per-expert", type=float, default=6.6,
+                    help="tiny_wait: copy-stream delay per copied expert (a Mixtral expert at ~53 GB/s: 6.6 ms)")
     ap.add_argument("--pool-slots", type=int, default=12, help="expert slots (12 at 4 blocks: the bench's 24 at 8)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--weights-seed", type=int, default=0)
@@ -450,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.gen_len < 2:
         print("inference_decodeprobe: --gen-len must be >= 2 (one decode step at least)", file=sys.stderr)
         return 2
-    if not set(modes) <= set(MODES) or not set(widths) <= {"tiny", "run"}:
-        print(f"inference_decodeprobe: --modes from {sorted(MODES)}, --widths from tiny,run; got {a.modes!r}, "
+    if not set(modes) <= set(MODES) or not set(widths) <= set(WIDTHS) or a.wait_ms_per_expert < 0:
+        print(f"inference_decodeprobe: --modes from {sorted(MODES)}, --widths from {','.join(WIDTHS)}, "
+              f"--wait-ms-per-expert >= 0; got {a.modes!r}, "
               f"{a.widths!r}", file=sys.stderr)
         return 2
     import torch
@@ -476,16 +521,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, cols in (("decode_sync", SYNC_COLS), ("decode_timeline", TL_COLS), ("decode_passes", PASS_COLS)):
         (a.out / f"{name}.csv").write_text(",".join(cols) + "\n")
     t0 = time.perf_counter()
-    cases = {"tiny": (probe_spec(spec, tiny_w), store_dir.with_name(store_dir.name + "_decodetiny")),
-             "run": (spec, store_dir)}
-    for width in ("tiny", "run"):
+    tiny = (probe_spec(spec, tiny_w), store_dir.with_name(store_dir.name + "_decodetiny"))
+    cases = {"tiny": tiny, "tiny_wait": tiny, "run": (spec, store_dir)}
+    for width in WIDTHS:
         if width not in widths:
             continue
         sp, d = cases[width]
         log(f"building {sp.name} into {d} on {dev}")
         build_random_store(d, sp, torch.bfloat16, seed=a.weights_seed, gen_device=dev, progress=log)
         store = ModelStore.load(d, progress=log)
-        pr = Probe(store, dev, width, a.prompt_len, a.gen_len, a.pool_slots, a.out)
+        pr = Probe(store, dev, width, a.prompt_len, a.gen_len, a.pool_slots, a.out,
+                   a.wait_ms_per_expert if width == "tiny_wait" else 0.0)
+        if pr.cycles_per_ms:
+            log(f"{width}: {a.wait_ms_per_expert:g} ms of copy-stream delay per copied expert "
+                f"({pr.cycles_per_ms:.0f} sleep cycles per ms)")
         for rep in range(a.reps):
             if rep and time.perf_counter() - t0 > a.until_s:
                 log(f"{width}: past --until-s {a.until_s:g} s, {rep} reps")

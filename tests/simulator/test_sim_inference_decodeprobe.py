@@ -152,3 +152,19 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
     assert "--modes" in capsys.readouterr().err
     assert D.main(["--out", str(tmp_path), "--summary"]) == 2
     assert "decode_sync.csv not found" in capsys.readouterr().err
+
+
+def test_tiny_wait_delays_each_copied_expert(tmp_path):
+    """Width tiny_wait: every fetch holds its copies --wait-ms-per-expert per copied expert (on the CPU the host
+    sleeps inside the fetch call), the engine and its routing otherwise the tiny width's."""
+    assert D.main(["--out", str(tmp_path), "--quick", "--widths", "tiny_wait", "--modes", "expert_nopred",
+                   "--wait-ms-per-expert", "5"]) == 0
+    sy = pd.read_csv(tmp_path / "decode_sync.csv")
+    assert set(sy["width"]) == {"tiny_wait"}
+    calls = sy[sy["marker"] == "fetch_call"].reset_index(drop=True)
+    rets = sy[sy["marker"] == "fetch_ret"].reset_index(drop=True)
+    ms = 1e3 * (rets["host_s"] - calls["host_s"])
+    assert (rets["n_copied"] > 0).any()
+    assert (ms >= 5.0 * rets["n_copied"] - 1e-6).all()  # n x 5 ms at least
+    assert (ms[rets["n_copied"] == 0] < 5.0).all()  # no copy, no delay
+    assert D.main(["--out", str(tmp_path), "--wait-ms-per-expert", "-1"]) == 2
