@@ -176,6 +176,20 @@ probes (2026-11-24 12:41Z, 14:30Z, 15:19Z, 19:34Z), the mean |error| of the expe
 (``decode_tokens_per_s``, modes expert and expert_nopred, B = 1-8) falls, and no validated row of those runs that
 was within 10% leaves it; otherwise it stays a what-if and the table keeps the probe's host rate.
 
+Result (2026-11-24 ~20:45, the check run before the table changed): ADOPTED. The calibration (three expert_nopred
+batches of the probe) gives host x (1 + 0.424 + 6.42/s x the block's copy seconds). Mean |error| of the
+expert-aware decode rows: 12:41Z 4.9% -> 1.9%, 14:30Z 12.7% -> 6.7%, 15:19Z 5.0% -> 2.0%, 19:34Z 17.1% -> 10.5%;
+no validated row of those runs left the 10% band (1, 4, 0 and 3 rows entered it). The committed table applies it
+to every expert-aware simulation of a bf16 row with an engine probe (decode passes only); ``--no-after-copy`` is
+the what-if without it.
+
+First run after it (037e537, 2026-11-24 20:55Z, weights seed 2, the count passes, every input as above): 102 of
+105 validated rows within 10% (MAPE 3.3%, max 17.6%); the 10 expert-aware decode rows within 6.7% (max B16 ring
+fallback +6.7%, B1-B8 -1.6 .. +5.2%); the 25 count rows within 8%. The three misses are at B = 16: resident decode
++17.6% (its 11 repeats spread 453-883 tokens/s, the prediction inside them: host noise) and the ring prefill with
+K = 1 and with the budget's K (+12.0%, +11.7%: two passes 9-10% apart beside steady copy probes, at the batch where
+a block's compute nears its copy).
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 
@@ -258,6 +272,7 @@ from simulator.validate_infer_predict import (  # noqa: F401  (public names of t
     SYNC_SPLIT,
     TRACES,
     WEIGHTS_SEED_METRIC,
+    after_copy_note,
     _calibration_row,
     _persist_for,
     _sim,
@@ -396,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--persist", action="store_true",
                     help="held-out check: the expert-aware decode routing of runs with pooled rows persists with the q "
                          "of 76200c0's trace (rejected: module doc; never for the committed table)")
-    ap.add_argument("--after-copy", action="store_true",
-                    help="held-out check: the expert-aware decode's host x (1 + a + b x the block's copy seconds) "
-                         "from the decode probe (simulator.workload.inference_aftercopy; module doc)")
+    ap.add_argument("--no-after-copy", action="store_true",
+                    help="what-if: the expert-aware decode at the tiny-width probe's host rate, without the decode "
+                         "probe's host factor (the model before it; never for the committed table)")
     ap.add_argument("--no-copy-probes", action="store_true",
                     help="what-if: the preset's PCIe bandwidth for every row, the copy probes ignored (never for the "
                          "committed table)")
@@ -406,10 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_copy_probes:
         _set("USE_H2D", False)
         print("what-if: copy probes ignored (the preset's PCIe bandwidth)")
-    if a.after_copy:
-        _set("AFTER_COPY", True)
+    if a.no_after_copy:
+        _set("AFTER_COPY", False)
         _sim.cache_clear()
-        print("held-out check: the decode probe's host factor on the expert-aware decode (inference_aftercopy)")
+        print("what-if: the expert-aware decode without the decode probe's host factor (inference_aftercopy)")
     if a.persist:
         _set("PERSIST", True)
         print("held-out check: decode routing persistence from 76200c0's trace (runs with pooled rows)")

@@ -39,7 +39,17 @@ from simulator.validate_infer_inputs import (
 from simulator.workload.inference_host import PROBE_BLOCKS_METRIC, PROBE_METRICS
 
 
-AFTER_COPY = False  # True: --after-copy (the decode probe's host factor on the expert-aware decode; a what-if)
+# the decode probe's host factor on the expert-aware decode (`inference_aftercopy`): adopted by the rule of
+# validate_infer's module doc (held-out check 2026-11-24 ~20:45); False: --no-after-copy, the what-if without it
+AFTER_COPY = True
+
+
+@cache
+def after_copy_note() -> str:
+    """The decode probe's host factor, for the notes of the rows that take it."""
+    from simulator.workload.inference_aftercopy import calibrate
+
+    return calibrate().note()
 
 
 @cache
@@ -270,6 +280,9 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
             note = (f"ring fallback: {B} tokens per step are expected to touch >= {_fallback_frac():g} of the experts, so every "
                     "pass runs the ring (pool statistics stay 0; the ring's copies are not in them)")
             pooled_note = ""
+        elif (v[1] == "throughput" and AFTER_COPY and quant is None and probe is not None and inputs.HOST_OP_S is None
+              and metric.startswith("decode")):
+            note = "; ".join(x for x in (note, after_copy_note()) if x)
         return v[0], v[1], "; ".join(x for x in (note, pooled_note, qnote) if x)
     return nan, "not_modelled", ""
 
