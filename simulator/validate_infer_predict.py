@@ -45,19 +45,24 @@ AFTER_COPY = True
 
 
 @cache
+def _after_copy_calibration():
+    """`inference_aftercopy.calibrate` of the decode probe run (apart from every bench run), read once."""
+    from simulator.workload.inference_aftercopy import calibrate
+
+    return calibrate()
+
+
 def after_copy_note() -> str:
     """The decode probe's host factor, for the notes of the rows that take it."""
-    from simulator.workload.inference_aftercopy import calibrate
-
-    return calibrate().note()
+    return _after_copy_calibration().note()
 
 
-@cache
-def _after_copy() -> tuple:
-    """(a, b) of `inference_aftercopy.calibrate` (the decode probe run, apart from every bench run)."""
-    from simulator.workload.inference_aftercopy import calibrate
-
-    c = calibrate()
+def _after_copy(quant: str | None, probe) -> tuple:
+    """``InferConfig.host_after_copy`` of an expert-aware simulation: the calibration's (a, b) for bf16 rows with an
+    engine probe (the probe's tiny-width host rate is what it scales), else ()."""
+    if not (AFTER_COPY and quant is None and probe is not None and inputs.HOST_OP_S is None):
+        return ()
+    c = _after_copy_calibration()
     return (c.a, c.b)
 
 
@@ -81,8 +86,7 @@ def _sim(config: str, mode: str, batch: int, slots: int | None, plan_batch: int,
                       host_probe=probe if inputs.HOST_OP_S is None else None,
                       sync_split=sync_split if inputs.HOST_OP_S is None and probe is not None else (),
                       route_persist=persist,
-                      host_after_copy=_after_copy() if (AFTER_COPY and mode == "expert" and quant is None
-                                                        and probe is not None and inputs.HOST_OP_S is None) else ())
+                      host_after_copy=_after_copy(quant, probe) if mode == "expert" else ())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roofline fallbacks are listed once by `predict_all`
         wl = None if seed is None else Workload(kind="infer", seq_len=c["P"], gen_len=c["G"], seed=seed)
@@ -280,8 +284,7 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
             note = (f"ring fallback: {B} tokens per step are expected to touch >= {_fallback_frac():g} of the experts, so every "
                     "pass runs the ring (pool statistics stay 0; the ring's copies are not in them)")
             pooled_note = ""
-        elif (v[1] == "throughput" and AFTER_COPY and quant is None and probe is not None and inputs.HOST_OP_S is None
-              and metric.startswith("decode")):
+        elif v[1] == "throughput" and metric.startswith("decode") and _after_copy(quant, probe):
             note = "; ".join(x for x in (note, after_copy_note()) if x)
         return v[0], v[1], "; ".join(x for x in (note, pooled_note, qnote) if x)
     return nan, "not_modelled", ""

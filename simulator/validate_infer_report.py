@@ -22,6 +22,7 @@ from simulator.validate_infer_inputs import (
     parse_mode,
 )
 from simulator.validate_infer_predict import (
+    POOL_SEEDS,
     _sync_split,
     pool_replays,
     pooled_prediction,
@@ -180,15 +181,14 @@ def spread_note(measured: pd.DataFrame, r, pred: float) -> str:
 
 
 def pooled_noise_note(measured: pd.DataFrame, r, pred: float, predict: bool, persist: float = 0.0,
-                      seeds: int | None = None) -> str:
+                      seeds: int = POOL_SEEDS) -> str:
     """A pooled count row's sampling noise: its R passes (row ``pool_passes``), the sd of an R-pass pool ~ one
     simulated pass's sd over the routing seeds / sqrt(R) (`pooled_prediction`), and how many of those the
     measured value lies from the prediction ('' without a ``pool_passes`` row or a spread)."""
     n = _row_values(measured, r).get(POOL_PASSES_METRIC)
     if not n or parse_mode(r["mode"])[2] is not None:
         return ""
-    kw = {} if seeds is None else {"seeds": seeds}
-    _, sd = pooled_prediction(r["config"], int(r["batch"]), predict, persist=persist, **kw)[r["metric"]]
+    _, sd = pooled_prediction(r["config"], int(r["batch"]), predict, seeds=seeds, persist=persist)[r["metric"]]
     if not sd > 0:
         return ""
     sd_r = sd / math.sqrt(n)

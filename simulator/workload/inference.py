@@ -253,11 +253,15 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
         ffn_i = max(i for i, s in enumerate(segs) if s.name.startswith("moe_") and s.kernels > 0)
         base_host = self.host_op_s
         after_copy = cfg.host_after_copy if mode == "expert" and q_len == 1 else ()
+
+        def after_copy_rate() -> float:  # `InferConfig.host_after_copy` after the latest expert copies
+            return base_host * (1.0 + after_copy[0] + after_copy[1] * self.last_copy_s)
+
         for idx, b in enumerate(self.blocks):
             wait = None  # the expert weights the next segment waits for (ring load / expert copies)
             k = None
             if after_copy:  # the spans before the fetch: after the previous block's copies
-                self.host_op_s = base_host * (1.0 + after_copy[0] + after_copy[1] * self.last_copy_s)
+                self.host_op_s = after_copy_rate()
             for i, seg in enumerate(segs):
                 n, lead = seg.kernels, 0
                 if seg.name == "attention":
@@ -307,7 +311,7 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
                         wait = self.inflight_event
                     if after_copy:  # the spans after the fetch: after this block's copies
                         self.last_copy_s = len(miss) * self.plan.expert_bytes / self.bw
-                        self.host_op_s = base_host * (1.0 + after_copy[0] + after_copy[1] * self.last_copy_s)
+                        self.host_op_s = after_copy_rate()
                     if miss:  # the misses' copy follows every earlier copy
                         wait = yield from self._copy_misses(prog, b, miss, "h2d_experts")
                     if self.dequant_expert:
