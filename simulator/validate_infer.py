@@ -190,6 +190,20 @@ fallback +6.7%, B1-B8 -1.6 .. +5.2%); the 25 count rows within 8%. The three mis
 K = 1 and with the budget's K (+12.0%, +11.7%: two passes 9-10% apart beside steady copy probes, at the batch where
 a block's compute nears its copy).
 
+In-pass copies and five ring prefill repeats (runs from 2026-11-24 ~22:40 on; ``reference/inference/bench.py``
+module doc). 037e537's two B = 16 ring prefill misses each had one pass 10-22% slower than the other beside copy
+probes at full speed (so did 6 of the 20 ring passes at K >= 2, B = 8 / 16, of the two noisy runs; none of the quiet
+runs'). The bench now times each ring prefill row 5 times (``--ring-repeats``) and traces the copies of every timed
+ring pass. The rule, fixed before the first run that has them and not to be changed after seeing its errors:
+
+* the throughput rows keep every rule above (the median of the R repeats; the copy probes' median as the pass's
+  PCIe bandwidth): nothing of the traced copies goes into any prediction;
+* a row ``<phase>_copy_GBps_in_pass`` (the copy engine's rate inside the row's timed passes: the traced copies'
+  bytes over their summed spans, median over the repeats) is predicted by the bandwidth its pass is simulated at
+  (`copy_rate_assumed`: the row's copy probes, else the preset), kind ``bandwidth``, status ``validated``: the
+  simulator assumes the copies inside a pass run at the probes' rate, unslowed by the compute beside them, and this
+  row checks it; its ``_min`` / ``_max`` rows are spread rows.
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 

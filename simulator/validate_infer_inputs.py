@@ -232,6 +232,20 @@ def _h2d_used(r, h2d: dict | None) -> float | None:
     return h2d.get((r["mode"], phase, int(r["batch"])))
 
 
+COPY_IN_PASS = "_copy_GBps_in_pass"  # the bench's traced ring passes: the copy engine's rate inside the pass
+
+
+def copy_rate_assumed(r, h2d: dict | None) -> tuple[float, str]:
+    """(GB/s, source) the simulation of a ring row's ``<phase>`` pass copies at: the row's adjacent copy probes
+    (`_h2d_used` of the phase's throughput metric), else the ``h100-single`` preset's; a row
+    ``<phase>_copy_GBps_in_pass`` is predicted by it (the module doc's rule for in-pass copies)."""
+    phase = r["metric"].split("_", 1)[0]
+    probe = _h2d_used({"mode": r["mode"], "batch": r["batch"], "metric": f"{phase}_tokens_per_s"}, h2d)
+    if probe is not None:
+        return probe, f"the {phase} copy probes interleaved with the row's repeats (the rate its pass is simulated at)"
+    return cluster_preset("h100-single").pcie.bandwidth_GBps, "the h100-single preset's pinned H2D bandwidth"
+
+
 def _row_values(measured: pd.DataFrame, r) -> dict:
     """metric -> value of the rows of ``r``'s run, mode and batch."""
     g = measured[(measured["date"] == r["date"]) & (measured["mode"] == r["mode"]) & (measured["batch"] == r["batch"])]

@@ -17,6 +17,7 @@ from simulator.validate_infer_inputs import (
     _ADJ_WHEN_TEXT,
     ADJ_PREFIX,
     COMPILED,
+    COPY_IN_PASS,
     H2D_PREFIX,
     NOT_MODELLED,
     NOT_MODELLED_PREFIXES,
@@ -30,6 +31,7 @@ from simulator.validate_infer_inputs import (
     _host_op_s,
     _model,
     adjacent_metric,
+    copy_rate_assumed,
     is_spread,
     parse_config,
     parse_mode,
@@ -198,6 +200,9 @@ def predict_row(r, bmax: int, predicting_runs: frozenset = frozenset(), host_s: 
         return _predict_adjacent_row(r, c, probe, adj or {}, host_s)
     if metric.startswith(H2D_PREFIX):
         return _predict_h2d_row(r)
+    if metric.endswith(COPY_IN_PASS) and parse_mode(mode)[0] == "ring":
+        bw, src = copy_rate_assumed(r, h2d)
+        return bw, "bandwidth", f"the copy engine's rate inside the timed passes against {src}"
     pcie = _h2d_used(r, h2d)
     base, slots, quant, dequant = parse_mode(mode)
     qnote = (f"{quant} experts ({'fused GEMMs' if dequant == 'fused' else 'dequantised into a workspace'})"

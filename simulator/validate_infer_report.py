@@ -249,7 +249,7 @@ def summarise(df: pd.DataFrame) -> str:
              + (", ".join(probed) if probed and inputs.HOST_OP_S is None else "none"),
              (f"throughput rows within 10%: {int(t['within_10pct'].sum())} / {len(t)} "
              f"(validated rows: {int(v['within_10pct'].sum())} / {len(v)})")]
-    for kind in ("memory", "count", "ratio", "bytes", "size"):
+    for kind in ("memory", "count", "ratio", "bytes", "size", "bandwidth"):
         k = df[df["kind"] == kind]
         if len(k):
             lines.append(f"{kind} rows within 10%: {int(k['within_10pct'].sum())} / {len(k)}")

@@ -116,6 +116,22 @@ all. The pooled rows are now written at the end of the run (after the count pass
 (``what`` = ``count_decode_s``: not a timed row, no probes beside it). The first run with them (4a49973) took 523 s
 of wall time on the H100 (the 69 count passes 171 s).
 
+In-pass copies, five ring prefill repeats and the collector's pauses (runs from 2026-11-24 ~22:40 on). In the
+two noisy runs 4a49973 and 037e537, 6 of the 20 ring prefill passes at K >= 2 and B = 8 / 16 took 0.46-0.54 s
+against 0.42-0.45 s for the others (and for every such pass of the quiet runs 76200c0 and 39db250), each beside
+copy probes at full speed; with R = 2 one slow pass moves the row's median by 5-11% (037e537's ring_K1 and ring
+B = 16 rows, +12%). Pre-registered before the next run: ``--ring-repeats`` 5 (~ + 1.5 s a row, ~ + 15 s), so up to
+two slow passes leave the median alone; and the ring engines of the timed ring rows are traced (`Timeline`: CUDA
+events around every block's copy on the copy stream, after its wait for the slot's release), so every timed ring
+pass also reports the copy engine's own rate inside the pass, beside the compute (`pass_copies`): row
+``<phase>_copy_GBps_in_pass`` (median over the repeats; ``_min`` / ``_max``) and, per repeat in ``repeats.csv``,
+``copy_GBps_in_pass``, ``copy_busy_s`` (summed copy spans) and ``copy_GB``. The simulator assumes the copies inside a
+pass run at the row's adjacent probe rate (no slow-down from the concurrent compute); these rows check that, and
+show whether a slow pass had slow copies (the machine) or idle copy time (the schedule). Every timed repeat also
+logs the cyclic garbage collector's seconds and collections inside it (``repeats.csv``: ``gc_s``, ``gc_n``;
+`GcClock`), to check the host-bound rows' slow repeats (037e537's resident B = 16 decode: 11 repeats 453-883
+tokens/s) against its pauses.
+
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
 bf16 ring against int8 / fp8 rings (dequantize-into-workspace and fused GEMMs) with their quality
@@ -205,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="issue7: timed repeats (median) of the resident prefill rows (partly host-bound, ~0.1 s each)")
     p.add_argument("--decode-repeats", type=int, default=11,
                    help="issue7: timed repeats of the resident decode rows (host-bound, ~0.3 s each + its probe)")
-    p.add_argument("--ring-repeats", type=int, default=2,
-                   help="issue7: timed repeats of the ring prefill rows (copy-bound: 76200c0's spread 0.3-1.7%%; "
-                        "each beside its adjacent copy probes)")
+    p.add_argument("--ring-repeats", type=int, default=5,
+                   help="issue7: timed repeats of the ring prefill rows (copy-bound; 5 since 2026-11-24 ~22:40: "
+                        "module doc; each beside its adjacent copy probes)")
     p.add_argument("--ring-decode-repeats", type=int, default=1,
                    help="issue7: timed repeats of the ring decode rows (~3.6 s each on the H100)")
     p.add_argument("--expert-repeats", type=int, default=3,

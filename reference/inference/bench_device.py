@@ -34,6 +34,27 @@ def timed(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+class GcClock:
+    """Seconds the cyclic garbage collector ran inside a ``with`` block, and its collections (``gc.callbacks``):
+    the bench's timed repeats log them (``repeats.csv``: ``gc_s``, ``gc_n``), so a slow repeat can be checked
+    against the collector's pauses."""
+
+    def __enter__(self) -> "GcClock":
+        self.s, self.n, self._t = 0.0, 0, None
+        gc.callbacks.append(self._cb)
+        return self
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.s += time.perf_counter() - self._t
+            self.n += 1
+            self._t = None
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._cb)
+
 
 _PEAK = {"saved": 0}  # the run's peak allocated bytes before the last adjacent host probe (`HostProber.adjacent`)
 

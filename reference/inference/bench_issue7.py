@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from reference.inference.bench_device import CUDA, DEV, free_cuda, log, peak_GB, timed
+from reference.inference.bench_device import CUDA, DEV, GcClock, free_cuda, log, peak_GB, timed
 from reference.inference.bench_probes import (
     QUICK_PROBE_WIDTHS,
     H2DProber,
@@ -31,6 +31,7 @@ from reference.inference.bench_rows import (
     decode_tps,
     expert_prompt_seed,
     falls_back,
+    pass_copies,
     parse_count_passes,
     pooled_rows,
     trace_pool_calls,
@@ -133,6 +134,10 @@ def suite_issue7(a, t_start: float) -> int:
     rep_path = a.out / "repeats.csv"
     rep_path.write_text(",".join(REPEAT_COLUMNS) + "\n")
 
+    def rep_row(row_mode: str, batch: int, phase: str, i: int, what: str, value: float) -> None:
+        with rep_path.open("a", newline="") as f:
+            csv.writer(f).writerow((row_mode, batch, phase, i, what, f"{value:.6g}"))
+
     def repeated(phase: str, row_mode: str, batch: int, repeats: int, fn, name: str | None = None,
                  slots: int | None = None) -> list:
         """``fn(i)`` -> seconds of timed repeat i of row (``row_mode``, ``batch``): ``repeats`` of them (one after
@@ -144,12 +149,14 @@ def suite_issue7(a, t_start: float) -> int:
             repeats = 1
 
         def log_rep(ph: str, i: int, what: str, value: float) -> None:
-            with rep_path.open("a", newline="") as f:
-                csv.writer(f).writerow((row_mode, batch, ph, i, what, f"{value:.6g}"))
+            rep_row(row_mode, batch, ph, i, what, value)
 
         def timed_fn(i: int) -> float:
-            sec = fn(i)
+            with GcClock() as gcc:  # the collector's pauses inside the repeat (repeats.csv only)
+                sec = fn(i)
             log_rep(phase, i, "timed_s", sec)
+            log_rep(phase, i, "gc_s", gcc.s)
+            log_rep(phase, i, "gc_n", gcc.n)
             return sec
 
         gbps: list = []
@@ -179,14 +186,29 @@ def suite_issue7(a, t_start: float) -> int:
         return med
 
     def engine(mode: str, batch: int, slots: int | None = None, budget: float | None = a.budget_gb,
-               predict: bool = True) -> Engine:
+               predict: bool = True, trace: bool = False) -> Engine:
         free_cuda()
-        cfg = InferConfig(mode=mode, gpu_budget_gb=budget, slots=slots, device=DEV, trace=False, predict=predict)
+        cfg = InferConfig(mode=mode, gpu_budget_gb=budget, slots=slots, device=DEV, trace=trace, predict=predict)
         return Engine(store, cfg, batch=batch, max_len=P + G, prefill_tokens=batch * P)
 
-    def forward_s(eng: Engine, idx: torch.Tensor):
-        """One timed prefill forward (synchronised): a prefill repeat."""
-        return lambda i: timed(lambda: eng.forward(idx, all_logits=False), 1)
+    def forward_s(eng: Engine, idx: torch.Tensor, copies: list | None = None):
+        """One timed prefill forward (synchronised): a prefill repeat; ``copies`` (a traced ring engine) gets the
+        pass's `pass_copies` (read after the timed region)."""
+        def run(i: int) -> float:
+            if copies is not None:
+                eng.timeline.spans.clear()  # the warm-up's / the last repeat's spans
+            sec = timed(lambda: eng.forward(idx, all_logits=False), 1)
+            if copies is not None:
+                copies.append(pass_copies(eng))
+            return sec
+        return run
+
+    def copy_rows(row_mode: str, batch: int, phase: str, copies: list) -> None:
+        """Every traced repeat's copies in repeats.csv, and row ``<phase>_copy_GBps_in_pass`` (median, spread)."""
+        for i, c in enumerate(copies):
+            for what in ("copy_GBps_in_pass", "copy_busy_s", "copy_GB"):
+                rep_row(row_mode, batch, phase, i, what, c[what])
+        spread_rows(row_mode, batch, f"{phase}_copy_GBps_in_pass", [c["copy_GBps_in_pass"] for c in copies])
 
     # --- resident: compute time per block (all experts on the GPU; budget not applied)
     comp = {}
@@ -218,23 +240,27 @@ def suite_issue7(a, t_start: float) -> int:
 
     # --- ring prefill over K (batch Bmax) and over batch (budget K), against the bound
     for K in [int(k) for k in a.slots.split(",")]:
-        eng = engine("ring", Bmax, slots=K)
+        eng = engine("ring", Bmax, slots=K, trace=True)
         idx = random_prompts(Bmax, P, spec.vocab, seed=Bmax).to(DEV)
         eng.forward(idx, all_logits=False)  # untimed warm-up
-        ts = repeated("prefill", f"ring_K{K}", Bmax, a.ring_repeats, forward_s(eng, idx), "ring", slots=K)
+        copies: list = []
+        ts = repeated("prefill", f"ring_K{K}", Bmax, a.ring_repeats, forward_s(eng, idx, copies), "ring", slots=K)
+        copy_rows(f"ring_K{K}", Bmax, "prefill", copies)
         row(f"ring_K{K}", Bmax, "gpu_peak_GB", peak_GB())
         bound = ring_bound_s([comp[Bmax]] * L, layer_bytes, bw * 1e9)
         spread_rows(f"ring_K{K}", Bmax, "prefill_tokens_per_s", [Bmax * P / x for x in ts])
         spread_rows(f"ring_K{K}", Bmax, "prefill_frac_of_bound", [bound / x for x in ts])
         del eng
     ring_prefill = {}
-    eng = engine("ring", Bmax)
+    eng = engine("ring", Bmax, trace=True)
     Kb = eng.plan.ring_slots
     row("ring", Bmax, "budget_K", Kb)
     for B in batches:
         idx = random_prompts(B, P, spec.vocab, seed=B).to(DEV)
         eng.forward(idx, all_logits=False)  # untimed warm-up
-        ts = repeated("prefill", "ring", B, a.ring_repeats, forward_s(eng, idx))
+        copies = []
+        ts = repeated("prefill", "ring", B, a.ring_repeats, forward_s(eng, idx, copies))
+        copy_rows("ring", B, "prefill", copies)
         ring_prefill[B] = statistics.median(ts)
         bound = ring_bound_s([comp[B]] * L, layer_bytes, bw * 1e9)
         spread_rows("ring", B, "prefill_tokens_per_s", [B * P / x for x in ts])
@@ -245,14 +271,17 @@ def suite_issue7(a, t_start: float) -> int:
     same = True
     for B in batches:
         prompts = random_prompts(B, P, spec.vocab, seed=B)
-        toks = []
+        toks, copies = [], []
 
         def ring_decode(i: int) -> float:
+            eng.timeline.spans.clear()
             r = eng.generate(prompts, G)
+            copies.append(pass_copies(eng, decode_only=True))  # after generate's timed region
             toks.append(r.tokens_BG)
             return r.decode_s
 
         ts = repeated("decode", "ring", B, a.ring_decode_repeats, ring_decode)
+        copy_rows("ring", B, "decode", copies)
         same &= all(torch.equal(t, res_dec[B]) for t in toks)
         spread_rows("ring", B, "decode_tokens_per_s", [decode_tps(B, G, x) for x in ts])
     row("ring", Bmax, "gpu_peak_GB", peak_GB())

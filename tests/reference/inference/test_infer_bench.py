@@ -108,6 +108,12 @@ def test_quick_validate_uses_the_adjacent_probe(quick_run):
     bw = (got[("ring", 2, "h2d_adj_decode_GBps_before")] + got[("ring", 2, "h2d_adj_decode_GBps_after")]) / 2
     assert f"PCIe: {bw:.2f} GB/s, the mean of this row's decode copy probes" in d.loc[("ring", 2, "decode_tokens_per_s"), "note"]
     assert "PCIe:" not in str(d.loc[("resident", 2, "prefill_tokens_per_s"), "note"])
+    # the in-pass copy rows are predicted by the rate their pass is simulated at (copy probes: median / mean)
+    pre = d.loc[("ring", 2, "prefill_copy_GBps_in_pass")]
+    assert pre["predicted"] == pytest.approx(got[("ring", 2, "h2d_adj_prefill_GBps_median")])
+    assert pre["kind"] == "bandwidth" and pre["status"] == "validated"
+    assert d.loc[("ring", 2, "decode_copy_GBps_in_pass"), "predicted"] == pytest.approx(bw)
+    assert d.loc[("ring_K1", 2, "prefill_copy_GBps_in_pass_min"), "kind"] == "spread"
 
 
 def test_quick_pool_replay_note(quick_run, tmp_path, monkeypatch):
@@ -332,3 +338,47 @@ def test_parse_count_passes_and_errors(tmp_path):
             bench.parse_count_passes(bad)
     with pytest.raises(SystemExit):
         bench.main(["--suite", "issue7", "--quick", "--out", str(tmp_path), "--count-passes", "expert:2=-1"])
+
+
+def test_quick_ring_rows_report_their_in_pass_copies(quick_run):
+    """Every timed ring pass (ring_K<k> and ring prefill, ring decode) logs its traced copies in repeats.csv:
+    copy_GB = the blocks it copied (every MoE block once per prefill pass at K < L; the decode steps' copies for
+    decode), copy_busy_s > 0, copy_GBps_in_pass = their ratio; the row <phase>_copy_GBps_in_pass is their median;
+    every timed repeat of every row logs the collector's seconds and collections."""
+    import statistics
+    out, _, got = quick_run
+    rep = pd.read_csv(out / "repeats.csv")
+    L = int(got[("-", 0, "host_probe_moe_blocks")])
+    layer_GB = got[("-", 0, "expert_GB_total")] / L
+    for mode, phase, n in (("ring_K1", "prefill", 2), ("ring", "prefill", 2), ("ring", "decode", 1)):
+        g = rep[(rep["mode"] == mode) & (rep["batch"] == 2) & (rep["phase"] == phase)]
+        per = {w: g.loc[g["what"] == w].sort_values("repeat")["value"].tolist()
+               for w in ("copy_GB", "copy_busy_s", "copy_GBps_in_pass", "gc_s", "gc_n")}
+        assert all(len(v) == n for v in per.values()), (mode, phase, per)
+        assert all(b > 0 for b in per["copy_busy_s"])
+        for gb, busy, rate in zip(per["copy_GB"], per["copy_busy_s"], per["copy_GBps_in_pass"]):
+            assert rate == pytest.approx(gb / busy, rel=1e-4)
+        if phase == "prefill":  # K < L: every block copied once per pass
+            assert per["copy_GB"] == pytest.approx([L * layer_GB] * n, rel=1e-3)
+        else:  # the decode steps copy every block once a step (G - 1 steps, --quick G = 3)
+            assert per["copy_GB"] == pytest.approx([2 * L * layer_GB] * n, rel=1e-3)
+        assert all(s >= 0 for s in per["gc_s"]) and all(c >= 0 for c in per["gc_n"])
+        assert got[(mode, 2, f"{phase}_copy_GBps_in_pass")] == pytest.approx(
+            statistics.median(per["copy_GBps_in_pass"]), rel=1e-5)
+    timed = rep[rep["what"] == "timed_s"]
+    gcs = rep[rep["what"] == "gc_s"]
+    assert len(gcs) == len(timed)  # every timed repeat, every row
+
+
+def test_gc_clock_counts_a_forced_collection():
+    import gc
+
+    from reference.inference.bench_device import GcClock
+
+    with GcClock() as c:
+        gc.collect()
+    assert c.n >= 1 and c.s > 0
+    n_after = len(gc.callbacks)
+    with GcClock():
+        pass
+    assert len(gc.callbacks) == n_after  # removed again
