@@ -204,6 +204,18 @@ ring pass. The rule, fixed before the first run that has them and not to be chan
   simulator assumes the copies inside a pass run at the probes' rate, unslowed by the compute beside them, and this
   row checks it; its ``_min`` / ``_max`` rows are spread rows.
 
+Result (run 747d0ad, 2026-11-24 22:02Z, weights seed 3): 117 of 119 validated rows within 10% (MAPE 3.2%); the
+misses are resident B = 8 decode +10.9% (11 repeats 245-471 tokens/s, host noise) and expert B = 8 decode +10.8%.
+The in-pass copies ran at 47.7-53.0 GB/s (row medians) against copy probes of 49.4-54.7, and each ring prefill
+row's throughput error is its in-pass copy row's error to within 0.7 points (K2 B16: +7.6% copy rate, +7.8%
+throughput): the schedule is right, its copy-rate input is 3-8% high. A slow pass is a pass with slow copies (the
+copy spans sum to the pass's time less 6-10 ms at K >= 2). The same run's full copy of one block read 49.8 GB/s
+while the probes, the first GiB of that block twice, read 53-54: the probe sampled a faster part of the pinned
+store than the passes copy. So, before the next run: the copy probe samples the whole store (`H2DProber`: a
+diagonal, block i's slice at offset i / L of its buffer, one block's bytes in all) and the bench writes
+``h2d_chunks.csv`` (every 256 MiB chunk of the store copied alone, twice) and every traced pass's per-block copy
+seconds; the rule above (the probes' median is the pass's bandwidth) is unchanged.
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 

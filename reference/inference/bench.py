@@ -89,8 +89,8 @@ of the machine, which repeats seconds apart would not have averaged out either. 
 once, so a slow machine stays near ~5.5 min.
 
 Adjacent copy probes (runs from 2026-11-24 ~16:00 on): the copy-bound rows (ring prefill and decode, ``ring_K<k>``,
-expert-aware decode: :func:`copy_bound`) get a pinned H2D probe (:class:`H2DProber`: 2 copies of 1 GiB of a block's
-pinned expert buffer on a side stream, CUDA events, ~40 ms) right after each of their host probes, so one before and
+expert-aware decode: :func:`copy_bound`) get a pinned H2D probe (:class:`H2DProber`: until 2026-11-24 ~22:40 2 copies
+of 1 GiB of a block's pinned expert buffer, since a diagonal slice of every block, on a side stream, CUDA events, ~40-55 ms) right after each of their host probes, so one before and
 after every timed repeat (rows ``h2d_adj_<phase>_GBps_before`` / ``_after``, with R > 1 ``_median`` / ``_min`` /
 ``_max``; every probe in ``repeats.csv`` as ``what`` = ``h2d_GBps``): the run-level ``h2d_pinned_GBps`` is one probe
 at the run's start, and 41ed3d6's slow ring rows (above) ran beside a normal one. With them the ring prefill rows are
@@ -130,7 +130,12 @@ pass run at the row's adjacent probe rate (no slow-down from the concurrent comp
 show whether a slow pass had slow copies (the machine) or idle copy time (the schedule). Every timed repeat also
 logs the cyclic garbage collector's seconds and collections inside it (``repeats.csv``: ``gc_s``, ``gc_n``;
 `GcClock`), to check the host-bound rows' slow repeats (037e537's resident B = 16 decode: 11 repeats 453-883
-tokens/s) against its pauses.
+tokens/s) against its pauses. The first run with them (747d0ad) found no collection inside any resident or ring
+repeat, and ring copies inside the passes 3-8% slower than the copy probe, which copied the first GiB of one block
+while a full copy of that block ran at 49.8 GB/s against the probe's 53-54; so from the next run the copy probe
+samples the whole store (`H2DProber`: a diagonal of every block's buffer, one block's bytes, ~55 ms), the run
+starts with a chunk map of the pinned store (``h2d_chunks.csv``, `h2d_chunk_map`: every 256 MiB chunk copied alone,
+twice, ~1 s) and every traced ring pass logs its per-block copy seconds (``repeats.csv``: ``copy_s_b<block>``).
 
 ``--suite issue7 --quick`` runs this suite on a tiny CPU model (CI smoke test, no accelerate).
 ``--suite issue11`` (issue 11, :func:`suite_issue11`): eager vs compiled resident and ring, and the
@@ -164,7 +169,6 @@ from reference.inference.bench_probes import (  # noqa: F401
     ADJ_METRICS,
     ADJ_WHEN,
     H2D_ADJ_METRICS,
-    H2D_PROBE_BYTES,
     H2D_PROBE_COPIES,
     PROBE_MODES,
     PROBE_WIDTHS,
@@ -251,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-host-probe", action="store_true", help="issue7: skip the engine host probe")
     p.add_argument("--skip-h2d-probe", action="store_true",
                    help="issue7: skip the adjacent pinned H2D copy probes of the copy-bound rows")
-    p.add_argument("--h2d-probe-mb", type=float, default=H2D_PROBE_BYTES / 2**20,
-                   help=f"issue7: MiB per adjacent copy probe copy (x {H2D_PROBE_COPIES} copies; ~20 ms each on the H100)")
+    p.add_argument("--h2d-probe-mb", type=float, default=None,
+                   help=f"issue7: MiB per adjacent copy probe, spread over every block (x {H2D_PROBE_COPIES}; default one "
+                        "block's expert bytes, ~55 ms on the H100)")
     p.add_argument("--compile-mode", default="reduce-overhead", help="issue11: resident decode compile mode")
     p.add_argument("--ring-slots", type=int, default=None, help="issue11: ring K (default: from --budget-gb)")
     p.add_argument("--skip-compile", action="store_true", help="issue11: skip the compiled section")
     p.add_argument("--skip-ring", action="store_true", help="issue11: skip the bf16/int8/fp8 ring section")
     a = p.parse_args(argv)
-    if a.h2d_probe_mb <= 0:
+    if a.h2d_probe_mb is not None and a.h2d_probe_mb <= 0:
         p.error(f"--h2d-probe-mb must be > 0, got {a.h2d_probe_mb}")
     t_start = time.perf_counter()  # issue 7's --repeat-until-s counts from here
     for k in ("repeats", "decode_repeats", "ring_repeats", "ring_decode_repeats", "expert_repeats", "reps",

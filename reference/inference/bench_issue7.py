@@ -16,8 +16,11 @@ import torch
 from reference.inference.bench_device import CUDA, DEV, GcClock, free_cuda, log, peak_GB, timed
 from reference.inference.bench_probes import (
     QUICK_PROBE_WIDTHS,
+    H2D_CHUNK_BYTES,
+    H2D_CHUNK_COLUMNS,
     H2DProber,
     copy_bound,
+    h2d_chunk_map,
     h2d_GBps,
     h2d_rows,
     host_op_s,
@@ -116,6 +119,15 @@ def suite_issue7(a, t_start: float) -> int:
     row("-", 0, "weights_seed", a.weights_seed)
     bw = h2d_GBps(store)
     row("-", 0, "h2d_pinned_GBps", bw)
+    chunks = h2d_chunk_map(store)  # where in the pinned store the copies are slower (h2d_chunks.csv; ~1 s)
+    with (a.out / "h2d_chunks.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, H2D_CHUNK_COLUMNS)
+        w.writeheader()
+        w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in c.items()} for c in chunks)
+    rates = sorted(c["GBps"] for c in chunks)
+    log(f"h2d chunk map: {len(chunks)} copies of {H2D_CHUNK_BYTES >> 20} MiB, GB/s min {rates[0]:.1f} median "
+        f"{statistics.median(rates):.1f} max {rates[-1]:.1f}; per block median "
+        + " ".join(f"{b}:{statistics.median(c['GBps'] for c in chunks if c['block'] == b):.1f}" for b in store.moe_blocks))
     row("-", 0, "host_op_us", 1e6 * host_op_s())
     prober = None
     if not a.skip_host_probe:  # the engine's own host time per pass, this run (< 30 s on the H100)
@@ -130,7 +142,7 @@ def suite_issue7(a, t_start: float) -> int:
         prober = host_probe(spec, probe_dir, batches, P, G, a.reps, plans, row, QUICK_PROBE_WIDTHS if a.quick else None)
         log(f"host probe: {time.perf_counter() - t0:.1f} s")
 
-    h2d = None if a.skip_h2d_probe else H2DProber(store, int(a.h2d_probe_mb * 2**20))
+    h2d = None if a.skip_h2d_probe else H2DProber(store, None if a.h2d_probe_mb is None else int(a.h2d_probe_mb * 2**20))
     rep_path = a.out / "repeats.csv"
     rep_path.write_text(",".join(REPEAT_COLUMNS) + "\n")
 
@@ -208,6 +220,8 @@ def suite_issue7(a, t_start: float) -> int:
         for i, c in enumerate(copies):
             for what in ("copy_GBps_in_pass", "copy_busy_s", "copy_GB"):
                 rep_row(row_mode, batch, phase, i, what, c[what])
+            for blk, sec in sorted(c["block_copy_s"].items()):  # where the copy time went, block by block
+                rep_row(row_mode, batch, phase, i, f"copy_s_b{blk}", sec)
         spread_rows(row_mode, batch, f"{phase}_copy_GBps_in_pass", [c["copy_GBps_in_pass"] for c in copies])
 
     # --- resident: compute time per block (all experts on the GPU; budget not applied)

@@ -48,8 +48,7 @@ def h2d_GBps(store: ModelStore, reps: int = 5) -> float:
 # (interleaved with) each copy-bound row's timed passes, as the host probe does for the host
 # rows <metric>_before / _after (/ _median / _min / _max with R > 1), per phase (a ring row (mode, batch) times both)
 H2D_ADJ_METRICS = {"prefill": "h2d_adj_prefill_GBps", "decode": "h2d_adj_decode_GBps"}
-H2D_PROBE_BYTES = 1 << 30  # bytes per probe copy (~20 ms on the H100's ~53 GB/s)
-H2D_PROBE_COPIES = 2  # timed copies per probe: bandwidth = their bytes / their summed seconds
+H2D_PROBE_COPIES = 1  # rounds over the store's diagonal per probe (`H2DProber`; 2 x 1 GiB of one block before ~22:40)
 
 
 def copy_bound(row_mode: str) -> bool:
@@ -59,28 +58,37 @@ def copy_bound(row_mode: str) -> bool:
 
 
 class H2DProber:
-    """The pinned H2D bandwidth at one moment of the run: ``copies`` copies of the first ``nbytes`` of one block's
-    pinned expert buffer (the engine's copy source) into a device buffer on a side stream, CUDA events around
-    them; GB/s = bytes / the copies' summed seconds. The device buffer is allocated per probe and dropped, its
-    memory kept out of the run's ``gpu_peak_GB`` (`peak_GB`). CPU: the same copy, wall-clock timed."""
+    """The pinned H2D bandwidth at one moment of the run, sampled over the whole store (runs from 2026-11-24 ~22:40
+    on): one slice of every block's pinned expert buffer, block i's (of L) at offset i / L of its buffer (a diagonal:
+    every block and every offset fraction once), ``nbytes`` in all (default: one block's expert bytes), copied
+    ``copies`` times into a device buffer on a side stream, CUDA events around them; GB/s = bytes / their seconds.
+    Runs before copied the first 1 GiB of one block twice: in 747d0ad that read 53-54 GB/s while a full copy of
+    the same block read 49.8 and the ring passes' own copies 47.7-54.5 (median ~50), so the probe had sampled a
+    faster part of the store than the passes copy. The device buffer is allocated per probe and dropped, its memory
+    kept out of the run's ``gpu_peak_GB`` (`peak_GB`). CPU: the same copies, wall-clock timed."""
 
-    def __init__(self, store: ModelStore, nbytes: int = H2D_PROBE_BYTES, copies: int = H2D_PROBE_COPIES) -> None:
-        if nbytes < 1 or copies < 1:
+    def __init__(self, store: ModelStore, nbytes: int | None = None, copies: int = H2D_PROBE_COPIES) -> None:
+        if (nbytes is not None and nbytes < 1) or copies < 1:
             raise ValueError(f"H2DProber: nbytes and copies must be >= 1, got {nbytes}, {copies}")
-        src = store.layer_buffers[store.moe_blocks[0]].view(-1)
-        self.src = src[: min(src.numel(), nbytes // src.element_size())]
+        bufs = [store.layer_buffers[b].view(-1).view(torch.uint8) for b in store.moe_blocks]
+        L = len(bufs)
+        stride = min(buf.numel() for buf in bufs) // L
+        size = stride if nbytes is None else max(1, min(stride, nbytes // L))
+        self.srcs = [buf[i * stride : i * stride + size] for i, buf in enumerate(bufs)]
+        self.nbytes = size * L
         self.copies = copies
         self.stream = torch.cuda.Stream() if CUDA else None
 
     def measure(self) -> float:
-        """GB/s of ``copies`` pinned -> device copies of ``src`` now."""
+        """GB/s of ``copies`` rounds of the pinned -> device copies of every slice, now."""
         _PEAK["saved"] = max(_PEAK["saved"], torch.cuda.max_memory_allocated() if CUDA else 0)
-        dst = torch.empty_like(self.src, device=DEV)
-        nbytes = self.src.numel() * self.src.element_size() * self.copies
+        dst = torch.empty(self.srcs[0].numel(), dtype=torch.uint8, device=DEV)
+        nbytes = self.nbytes * self.copies
         if not CUDA:
             t = time.perf_counter()
             for _ in range(self.copies):
-                dst.copy_(self.src)
+                for src in self.srcs:
+                    dst.copy_(src)
             sec = time.perf_counter() - t
         else:
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -88,7 +96,8 @@ class H2DProber:
             with torch.cuda.stream(self.stream):
                 a.record(self.stream)
                 for _ in range(self.copies):
-                    dst.copy_(self.src, non_blocking=True)
+                    for src in self.srcs:
+                        dst.copy_(src, non_blocking=True)
                 b.record(self.stream)
             b.synchronize()
             sec = a.elapsed_time(b) / 1e3
@@ -97,6 +106,49 @@ class H2DProber:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()  # the run's peak so far is in _PEAK["saved"]
         return nbytes / max(sec, 1e-12) / 1e9
+
+
+H2D_CHUNK_BYTES = 256 << 20  # the chunk map's copy size (~5 ms on the H100)
+H2D_CHUNK_COLUMNS = ("round", "block", "chunk", "offset_GB", "GB", "GBps")
+
+
+def h2d_chunk_map(store: ModelStore, chunk_bytes: int = H2D_CHUNK_BYTES, rounds: int = 2) -> list[dict]:
+    """The pinned H2D rate of every ``chunk_bytes`` chunk of every block's pinned expert buffer, ``rounds`` times
+    over the whole store (one copy per chunk on a side stream, CUDA events around each; CPU: wall clock): whether
+    the copy rate depends on where the bytes live (the pinned pages' memory node), which a probe of one region
+    cannot show. Rows ``H2D_CHUNK_COLUMNS`` (``offset_GB``: the chunk's offset in its block's buffer)."""
+    if chunk_bytes < 1 or rounds < 1:
+        raise ValueError(f"h2d_chunk_map: chunk_bytes and rounds must be >= 1, got {chunk_bytes}, {rounds}")
+    dst = torch.empty(chunk_bytes, dtype=torch.uint8, device=DEV)
+    stream = torch.cuda.Stream() if CUDA else None
+    if CUDA:
+        stream.wait_stream(torch.cuda.current_stream())
+    out = []
+    for r in range(rounds):
+        pending = []
+        for b in store.moe_blocks:
+            buf = store.layer_buffers[b].view(-1).view(torch.uint8)
+            for c, off in enumerate(range(0, buf.numel(), chunk_bytes)):
+                src = buf[off : off + chunk_bytes]
+                if CUDA:
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    with torch.cuda.stream(stream):
+                        e0.record(stream)
+                        dst[: src.numel()].copy_(src, non_blocking=True)
+                        e1.record(stream)
+                    pending.append((b, c, off, src.numel(), e0, e1))
+                else:
+                    t = time.perf_counter()
+                    dst[: src.numel()].copy_(src)
+                    pending.append((b, c, off, src.numel(), t, time.perf_counter()))
+        if CUDA:
+            stream.synchronize()
+        for b, c, off, n, e0, e1 in pending:
+            sec = e0.elapsed_time(e1) / 1e3 if CUDA else e1 - e0
+            out.append({"round": r, "block": b, "chunk": c, "offset_GB": off / 1e9, "GB": n / 1e9,
+                        "GBps": n / max(sec, 1e-12) / 1e9})
+    del dst
+    return out
 
 
 def h2d_rows(row, row_mode: str, B: int, phase: str, gbps: list) -> None:

@@ -22,14 +22,18 @@ def pass_copies(eng: Engine, decode_only: bool = False) -> dict:
     """The expert copies of a traced engine's spans since they were last cleared (its ``Timeline``: CUDA events
     around every block's copy on the copy stream, taken after the copy stream's wait for the slot's release, so a
     span is the copy itself), the spans then cleared: ``copy_GB`` (bytes), ``copy_busy_s`` (summed copy spans),
-    ``copy_GBps_in_pass`` (their ratio: the copy engine's rate inside the pass, beside the compute), ``copies``.
+    ``copy_GBps_in_pass`` (their ratio: the copy engine's rate inside the pass, beside the compute), ``copies``,
+    ``block_copy_s`` (block -> its copies' summed spans).
     ``decode_only``: only spans of a generate's decode steps (step >= 1; its prefill is step 0, a bare forward -1)."""
     rows = [r for r in eng.timeline.rows() if r.resource == "pcie_h2d" and (not decode_only or r.micro_batch >= 1)]
     eng.timeline.spans.clear()
     busy = sum(r.end_s - r.start_s for r in rows)
     nbytes = sum(r.bytes for r in rows)
+    per_block: dict = {}
+    for r in rows:
+        per_block[r.layer] = per_block.get(r.layer, 0.0) + r.end_s - r.start_s
     return {"copy_GB": nbytes / 1e9, "copy_busy_s": busy, "copies": len(rows),
-            "copy_GBps_in_pass": nbytes / busy / 1e9 if busy > 0 else float("nan")}
+            "copy_GBps_in_pass": nbytes / busy / 1e9 if busy > 0 else float("nan"), "block_copy_s": per_block}
 
 
 # repeats.csv (issue 7): every timed repeat's seconds (what = timed_s: the prefill forward, the generate's decode)

@@ -266,15 +266,23 @@ def test_quick_adjacent_copy_probes_of_the_copy_bound_rows(quick_run):
 
 
 def test_h2d_prober_measures_a_positive_bandwidth_and_rejects_bad_sizes():
+    """The copy probe samples a diagonal of the store: block i's slice at offset i / L of its buffer, equal
+    slices, one block's bytes in all by default (capped at that)."""
     from types import SimpleNamespace
 
     import torch
 
-    store = SimpleNamespace(moe_blocks=[3], layer_buffers={3: torch.zeros(1 << 16, dtype=torch.uint8)})
-    p = bench.H2DProber(store, nbytes=1 << 12, copies=2)
-    assert p.src.numel() == 1 << 12  # a slice of the block's buffer, not all of it
+    bufs = {b: torch.arange(1 << 16, dtype=torch.int32).to(torch.uint8) + b for b in (3, 5, 9, 11)}
+    store = SimpleNamespace(moe_blocks=[3, 5, 9, 11], layer_buffers=bufs)
+    p = bench.H2DProber(store)
+    stride = (1 << 16) // 4
+    assert [s.numel() for s in p.srcs] == [stride] * 4 and p.nbytes == 1 << 16
+    for i, (b, s) in enumerate(zip((3, 5, 9, 11), p.srcs)):
+        assert torch.equal(s, bufs[b][i * stride : (i + 1) * stride])  # block i's slice i
     assert p.measure() > 0
-    assert bench.H2DProber(store, nbytes=1 << 20).src.numel() == 1 << 16  # capped at the buffer
+    small = bench.H2DProber(store, nbytes=1 << 12, copies=2)
+    assert [s.numel() for s in small.srcs] == [1 << 10] * 4 and small.measure() > 0
+    assert bench.H2DProber(store, nbytes=1 << 30).nbytes == 1 << 16  # capped at one block's bytes
     with pytest.raises(ValueError, match="nbytes and copies must be >= 1"):
         bench.H2DProber(store, nbytes=0)
     with pytest.raises(SystemExit):
@@ -382,3 +390,31 @@ def test_gc_clock_counts_a_forced_collection():
     with GcClock():
         pass
     assert len(gc.callbacks) == n_after  # removed again
+
+
+def test_quick_chunk_map_covers_every_block(quick_run):
+    """h2d_chunks.csv: two rounds over every block's pinned buffer, chunks tiling it, positive rates; and every
+    traced ring repeat's per-block copy seconds add up to its copy_busy_s."""
+    out, _, got = quick_run
+    ch = pd.read_csv(out / "h2d_chunks.csv")
+    L = int(got[("-", 0, "host_probe_moe_blocks")])
+    layer_GB = got[("-", 0, "expert_GB_total")] / L
+    assert sorted(ch["round"].unique()) == [0, 1] and ch["block"].nunique() == L
+    for (_, _), g in ch.groupby(["round", "block"]):
+        assert g["GB"].sum() == pytest.approx(layer_GB, rel=1e-3)
+        assert (g["GBps"] > 0).all()
+    rep = pd.read_csv(out / "repeats.csv")
+    g = rep[(rep["mode"] == "ring") & (rep["phase"] == "prefill")]
+    for i, gi in g.groupby("repeat"):
+        blocks = gi[gi["what"].str.startswith("copy_s_b")]
+        if len(blocks):
+            assert len(blocks) == L
+            assert blocks["value"].sum() == pytest.approx(float(gi.loc[gi["what"] == "copy_busy_s", "value"].iloc[0]),
+                                                          rel=1e-3)
+
+
+def test_chunk_map_rejects_bad_sizes():
+    from reference.inference.bench_probes import h2d_chunk_map
+
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        h2d_chunk_map(None, chunk_bytes=0)
