@@ -28,16 +28,26 @@ the :class:`reference.moe.experts.ExpertWeights` parameter names.
 Every file is written to a temp name, fsynced and renamed; the manifest goes last. Loading checks
 every file's size and sha256 before use and raises :class:`StoreError` naming the file.
 :meth:`ModelStore.load` reads each expert file once into (pinned, when CUDA is available) host memory.
+
+Files are independent, so both directions run one file per thread (:func:`run_pool`,
+:func:`default_workers` threads: sha256, file reads and writes release the GIL on large buffers, and
+one file's sha256 is inherently serial): :meth:`StoreWriter.write_layers` draws and writes several
+blocks at once, :meth:`ModelStore.load` reads, checks and pins several files at once. ``workers=1`` /
+``threads=1`` is the sequential path; the files and the manifest are byte-identical either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 import tempfile
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +70,59 @@ _CHUNK = 64 << 20
 
 class StoreError(ValueError):
     """A missing, truncated or corrupt store file (the message names the file)."""
+
+
+def default_workers() -> int:
+    """Threads for writing / reading store files: one per file, at most 8 and at most the CPUs."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def run_pool(
+    fn: Callable[[Hashable], object],
+    items: Sequence[Hashable],
+    workers: int,
+    done: Callable[[Hashable, object], None] | None = None,
+) -> dict:
+    """``{item: fn(item)}`` with at most ``workers`` calls running at once (threads).
+
+    ``workers == 1`` calls ``fn`` in order on the caller's thread (the sequential path). ``done(item,
+    result)`` runs on the caller's thread as each call returns (progress lines). Calls start in item
+    order, so when one raises, the calls not yet started are cancelled, the running ones are waited for,
+    and the exception of the earliest failed item is raised in the caller: the same error as the
+    sequential path (nothing in a worker is lost or silently dropped).
+    """
+    if workers < 1:
+        raise ValueError(f"store: workers must be >= 1, got {workers}")
+    out: dict = {}
+    order = {it: i for i, it in enumerate(items)}
+    if len(order) != len(items):
+        raise ValueError(f"store: run_pool items repeat: {list(items)}")
+    if workers == 1 or len(items) <= 1:
+        for it in items:
+            out[it] = fn(it)
+            if done:
+                done(it, out[it])
+        return out
+    ex = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="store")
+    futs: dict[Future, Hashable] = {}
+    try:
+        futs = {ex.submit(fn, it): it for it in items}
+        pending = set(futs)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in sorted(finished, key=lambda f: order[futs[f]]):
+                if f.exception() is None:
+                    out[futs[f]] = f.result()
+                    if done:
+                        done(futs[f], out[futs[f]])
+            if any(f.exception() is not None for f in finished):
+                break
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)  # running calls return; queued ones never start
+    failed = [f for f in futs if f.done() and not f.cancelled() and f.exception() is not None]
+    if failed:
+        raise min(failed, key=lambda f: order[futs[f]]).exception()
+    return out
 
 
 def layer_file(block: int) -> str:
@@ -147,9 +210,10 @@ def _tensor_chunks(tensors: dict[str, Tensor], table: dict[str, dict], total: in
 class StoreWriter:
     """Writes a store layer by layer (so a model never needs to fit in memory at once).
 
-    ``write_dense(state_dict)`` and ``write_layer(block, tensors)`` for each MoE block in any order,
-    then ``finish()`` writes the manifest. Layer files are written atomically; the store is usable
-    only once the manifest exists.
+    ``write_dense(state_dict)`` and ``write_layer(block, tensors)`` for each MoE block in any order
+    (or ``write_layers(blocks, make)`` for several blocks at once, from threads), then ``finish()``
+    writes the manifest, its layers in block order. Layer files are written atomically; the store is
+    usable only once the manifest exists. ``write_dense`` and ``write_layer`` may run concurrently.
     """
 
     def __init__(self, root: str | Path, spec: ModelSpec, dtype: torch.dtype, origin: dict | None = None) -> None:
@@ -158,6 +222,7 @@ class StoreWriter:
         self.expert_table, self.layer_bytes = tensor_table(expert_tensor_shapes(spec), dtype)
         self.dense: dict | None = None
         self.layers: dict[str, dict] = {}
+        self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / MANIFEST).unlink(missing_ok=True)  # incomplete until finish()
 
@@ -177,7 +242,47 @@ class StoreWriter:
         tensors = {k: tensors[k].to(self.dtype) for k in self.expert_table}
         name = layer_file(block)
         n, sha = _write_file(self.root / name, _tensor_chunks(tensors, self.expert_table, self.layer_bytes))
-        self.layers[str(block)] = {"file": name, "bytes": n, "sha256": sha}
+        with self._lock:
+            self.layers[str(block)] = {"file": name, "bytes": n, "sha256": sha}
+
+    def write_layers(
+        self,
+        blocks: Iterable[int],
+        make: Callable[[int], dict[str, Tensor]],
+        *,
+        dense: Callable[[], dict[str, Tensor]] | None = None,
+        workers: int | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        """``write_layer(block, make(block))`` for every block (and ``write_dense(dense())`` first when
+        ``dense`` is given), ``workers`` files at a time (threads; :func:`default_workers` when None,
+        1 = in order on this thread).
+
+        The tensors of a file exist only inside its task (``make`` / ``dense`` run there), so at most
+        ``workers`` files' tensors are in memory at once; tensors on a GPU are copied to the host one
+        tensor at a time while their file is written. Progress lines come from this thread. The first
+        exception (in file order) is raised here once the running tasks are done; files not yet started
+        are not written.
+        """
+        items: list = (["dense"] if dense is not None else []) + list(blocks)
+
+        def task(item) -> float:
+            t0 = time.perf_counter()
+            if item == "dense":
+                self.write_dense(dense())
+            else:
+                self.write_layer(item, make(item))
+            return time.perf_counter() - t0
+
+        def done(item, sec: float) -> None:
+            if not progress:
+                return
+            if item == "dense":
+                progress(f"dense weights written ({self.dense['bytes'] / 1e9:.2f} GB in {sec:.1f} s)")
+            else:
+                progress(f"block {item}: experts written ({self.layer_bytes / 1e9:.2f} GB in {sec:.1f} s)")
+
+        run_pool(task, items, default_workers() if workers is None else workers, done)
 
     def finish(self) -> Path:
         if self.dense is None:
@@ -194,35 +299,95 @@ class StoreWriter:
             "spec": self.spec.to_dict(),
             "origin": self.origin,
             "dense": self.dense,
-            "experts": {"tensors": self.expert_table, "layer_bytes": self.layer_bytes, "layers": self.layers},
+            "experts": {"tensors": self.expert_table, "layer_bytes": self.layer_bytes,
+                        "layers": {b: self.layers[b] for b in want}},  # block order, however written
         }
         path = self.root / MANIFEST
         atomic_write_text(path, json.dumps(manifest, indent=1))
         return path
 
 
-def save_model(model, root: str | Path, dtype: torch.dtype | None = None, origin: dict | None = None) -> Path:
-    """Save a :class:`reference.model.MoEDecoder` as a store (experts per MoE block, rest dense)."""
+def save_model(
+    model, root: str | Path, dtype: torch.dtype | None = None, origin: dict | None = None, workers: int | None = None
+) -> Path:
+    """Save a :class:`reference.model.MoEDecoder` as a store (experts per MoE block, rest dense),
+    ``workers`` files at a time (see :meth:`StoreWriter.write_layers`)."""
     spec: ModelSpec = model.spec
     sd = model.state_dict()
     dtype = dtype or next(iter(sd.values())).dtype
     w = StoreWriter(root, spec, dtype, origin or {"init": "model"})
     prefix = {i: f"blocks.{i}.ffn.experts." for i in range(spec.layers) if spec.is_moe_layer(i)}
-    w.write_dense({k: v for k, v in sd.items() if not any(k.startswith(p) for p in prefix.values())})
-    for i, p in prefix.items():
-        w.write_layer(i, {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)})
+    w.write_layers(
+        list(prefix),
+        lambda i: {k[len(prefix[i]) :]: v for k, v in sd.items() if k.startswith(prefix[i])},
+        dense=lambda: {k: v for k, v in sd.items() if not any(k.startswith(p) for p in prefix.values())},
+        workers=workers,
+    )
     return w.finish()
 
 
 # ------------------------------------------------------------------------------------------ load
-def _read_file(path: Path, nbytes: int, sha256: str | None, pin: bool) -> Tensor:
-    """Read ``path`` into a (pinned) uint8 tensor, checking size and sha256; StoreError names the file."""
+PIN_WITH = ("alloc", "register")
+
+
+class _HostPages(mmap.mmap):
+    """Anonymous page-aligned host memory page-locked in place with ``cudaHostRegister`` once filled
+    (``pin_with="register"``). Unlike torch's pinned allocator: the exact size (it rounds up to a power of
+    two: 4 GiB for a 2.82 GB Mixtral block), the pages faulted in by the thread that reads the file (in
+    parallel, not inside one serialised ``cudaHostAlloc``), and locked after the checksum. Unregistered
+    before it is unmapped (``__del__``: when the last tensor on it is gone)."""
+
+    _ptr: int | None = None
+
+    def register(self, ptr: int) -> None:
+        """Page-lock the mapping (``ptr``: its address) for every CUDA context (cudaHostRegisterPortable)."""
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, len(self), 1))
+        if err != 0:
+            raise RuntimeError(f"cudaHostRegister failed with cudaError {err}")
+        self._ptr = ptr
+
+    def __del__(self) -> None:
+        if self._ptr is not None:
+            with contextlib.suppress(RuntimeError, AttributeError, TypeError):  # at interpreter shutdown
+                torch.cuda.cudart().cudaHostUnregister(self._ptr)
+            self._ptr = None
+
+
+def _host_buffer(nbytes: int, pin: bool, pin_with: str) -> tuple[Tensor, _HostPages | None]:
+    """An empty uint8 host tensor of ``nbytes``: pageable, or pinned by torch's allocator (``alloc``),
+    or on anonymous pages to be registered once filled (``register``: the pages are returned too; the
+    tensor keeps them alive, ``torch.frombuffer`` holds a reference)."""
+    if pin and pin_with == "register" and nbytes:
+        pages = _HostPages(-1, nbytes)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            with contextlib.suppress(OSError):
+                pages.madvise(mmap.MADV_HUGEPAGE)  # fewer faults and fewer pages to lock
+        return torch.frombuffer(pages, dtype=torch.uint8), pages
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and pin_with == "alloc"), None
+
+
+def _read_file(
+    path: Path,
+    nbytes: int,
+    sha256: str | None,
+    pin: bool,
+    pin_with: str = "alloc",
+    times: dict[str, float] | None = None,
+) -> Tensor:
+    """Read ``path`` into a (pinned) uint8 tensor, checking size and sha256; StoreError names the file.
+
+    ``times`` (when given) gets ``alloc_s`` (buffer allocation, the pinning with ``alloc``),
+    ``read_s`` (read + sha256) and ``pin_s`` (``cudaHostRegister`` with ``register``)."""
+    if pin_with not in PIN_WITH:
+        raise ValueError(f"store: pin_with must be one of {PIN_WITH}, got {pin_with!r}")
     if not path.is_file():
         raise StoreError(f"store file missing: {path}")
     size = path.stat().st_size
     if size != nbytes:
         raise StoreError(f"store file {path} has {size} bytes, the manifest says {nbytes} (truncated or corrupt)")
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    t0 = time.perf_counter()
+    buf, pages = _host_buffer(nbytes, pin, pin_with)
+    t1 = time.perf_counter()
     mv = memoryview(buf.numpy())
     h = hashlib.sha256() if sha256 else None
     with path.open("rb", buffering=0) as f:
@@ -234,8 +399,17 @@ def _read_file(path: Path, nbytes: int, sha256: str | None, pin: bool) -> Tensor
             if h is not None:
                 h.update(mv[off : off + got])
             off += got
+    del mv
     if h is not None and h.hexdigest() != sha256:
         raise StoreError(f"store file {path} is corrupt: sha256 {h.hexdigest()[:16]}... != manifest {sha256[:16]}...")
+    t2 = time.perf_counter()
+    if pages is not None:
+        try:
+            pages.register(buf.data_ptr())
+        except RuntimeError as e:
+            raise StoreError(f"cannot page-lock store file {path} ({nbytes} bytes) with cudaHostRegister: {e}") from e
+    if times is not None:
+        times.update(alloc_s=t1 - t0, read_s=t2 - t1, pin_s=time.perf_counter() - t2)
     return buf
 
 
@@ -244,7 +418,8 @@ class ModelStore:
     """A loaded store: manifest, the dense state dict (CPU) and every MoE block's experts in host memory.
 
     ``layer_buffers[block]`` is one flat uint8 tensor (pinned when ``pinned``); ``layer_views(block)``
-    gives its typed tensors (``w1_EDF`` ...) as views.
+    gives its typed tensors (``w1_EDF`` ...) as views. ``read_times[file]``: the load's seconds per file
+    (``alloc_s``, ``read_s``, ``pin_s``, see :func:`_read_file`).
     """
 
     root: Path
@@ -254,6 +429,7 @@ class ModelStore:
     dense_state: dict[str, Tensor]
     layer_buffers: dict[int, Tensor]
     pinned: bool
+    read_times: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
     _quantized: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -318,29 +494,52 @@ class ModelStore:
         *,
         pin: bool | None = None,
         verify: bool = True,
-        threads: int = 8,
+        threads: int | None = None,
+        pin_with: str = "alloc",
         progress: Callable[[str], None] | None = None,
     ) -> ModelStore:
-        """Read the whole store once (experts into pinned memory when CUDA is available)."""
+        """Read the whole store once (experts into pinned memory when CUDA is available).
+
+        ``threads`` files at once (:func:`default_workers` when None; 1 = one file after the other on
+        this thread): each reads its file, checks its size and sha256 and, for the experts, pins it.
+        ``pin_with``: ``"alloc"`` pins through torch's pinned allocator (``cudaHostAlloc`` of the size
+        rounded up to a power of two, before the read); ``"register"`` reads into ordinary pages and
+        page-locks them in place (``cudaHostRegister``, exact size) after the check. A bad file raises
+        :class:`StoreError` naming it (the first one in file order when several are bad)."""
         root = Path(root)
+        if pin_with not in PIN_WITH:
+            raise ValueError(f"store: pin_with must be one of {PIN_WITH}, got {pin_with!r}")
         m = cls.read_manifest(root)
         spec = ModelSpec.from_dict(m["spec"])
         pin = torch.cuda.is_available() if pin is None else pin
-        d = m["dense"]
-        dense_buf = _read_file(root / d["file"], d["bytes"], d["sha256"] if verify else None, pin=False)
-        dense_state = views(dense_buf, d["tensors"])
         layers = m["experts"]["layers"]
         want = [i for i in range(spec.layers) if spec.is_moe_layer(i)]
         if sorted(int(b) for b in layers) != want:
             raise StoreError(f"{root / MANIFEST}: expert files for blocks {sorted(layers)} but MoE blocks are {want}")
+        recs = {"dense": m["dense"], **{b: layers[str(b)] for b in want}}
+        workers = default_workers() if threads is None else threads
+        t0 = time.perf_counter()
 
-        def read(block: int) -> tuple[int, Tensor]:
-            rec = layers[str(block)]
-            buf = _read_file(root / rec["file"], rec["bytes"], rec["sha256"] if verify else None, pin=pin)
+        def read(key) -> tuple[Tensor, dict[str, float]]:
+            rec, times = recs[key], {}
+            buf = _read_file(root / rec["file"], rec["bytes"], rec["sha256"] if verify else None,
+                             pin=pin and key != "dense", pin_with=pin_with, times=times)
+            return buf, times
+
+        def done(key, res: tuple[Tensor, dict[str, float]]) -> None:
             if progress:
-                progress(f"loaded {rec['file']} ({rec['bytes'] / 1e9:.2f} GB)")
-            return block, buf
+                rec, t = recs[key], res[1]
+                pin_s = f"pin {t['pin_s']:.1f} s, " if t["pin_s"] >= 0.05 else ""
+                progress(f"loaded {rec['file']} ({rec['bytes'] / 1e9:.2f} GB: alloc {t['alloc_s']:.1f} s, "
+                         f"{pin_s}read{' + sha256' if verify else ''} {t['read_s']:.1f} s)")
 
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(want)))) as ex:
-            bufs = dict(ex.map(read, want))
-        return cls(root, spec, TORCH_DTYPES[m["dtype"]], m, dense_state, bufs, pin)
+        got = run_pool(read, list(recs), workers, done)
+        if progress:
+            total = sum(r["bytes"] for r in recs.values())
+            progress(f"store read: {len(recs)} files, {total / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s "
+                     f"({min(workers, len(recs))} threads, pinned={pin}{f' with {pin_with}' if pin else ''})")
+        dense_state = views(got["dense"][0], m["dense"]["tensors"])
+        bufs = {b: got[b][0] for b in want}
+        store = cls(root, spec, TORCH_DTYPES[m["dtype"]], m, dense_state, bufs, pin)
+        store.read_times = {recs[k]["file"]: got[k][1] for k in recs}
+        return store
