@@ -118,20 +118,37 @@ WEIGHTS_SEED_METRIC = "weights_seed"
 
 @cache
 def pooled_prediction(config: str, batch: int, predict: bool, quant: str | None = None,
-                      seeds: int = POOL_SEEDS, persist: float = 0.0) -> dict:
+                      seeds: int = POOL_SEEDS, persist: float = 0.0, des: bool = False) -> dict:
     """metric -> (pooled value, sd of one pass's value) of the expert-aware count rows: the simulator's pool over
     ``seeds`` generates with routing seeds 0 .. seeds - 1 (the row's configuration; counts do not depend on the
     host's speed, so the default host), pooled as the bench pools its repeats (ratios of sums:
     `POOLED_METRICS`); the sd over the seeds of the single-pass values gives the sampling noise of a pooled row
-    of R passes, ~ sd / sqrt(R)."""
+    of R passes, ~ sd / sqrt(R). Each generate's counters come from its bookkeeping alone
+    (`inference_poolcounts.count_pool`, the same counters as the timed simulation's, bit for bit); ``des``: from the
+    timed simulation (`_sim`, the check)."""
     import numpy as np
+
+    from semoe import Workload
+    from simulator.workload.inference import InferConfig
+    from simulator.workload.inference_poolcounts import count_pool
 
     c = parse_config(config)
     G = c["G"]
+    # `_sim`'s configuration of the row's expert-aware run, its fields that the pool's counters read
+    cfg = InferConfig(mode="expert", batch=batch, prompt_len=c["P"], gen_len=G, gpu_budget_bytes=c["budget"],
+                      slots=c["slots"], plan_batch=batch, predict=predict, quant=quant,
+                      predict_accuracy=predict_accuracy() if predict else 1.0, route_persist=persist)
+    model, cluster = _model(c), _cluster(None)
+
+    def one(s: int):
+        if des:
+            return _sim(config, "expert", batch, None, batch, predict, quant=quant, seed=s, persist=persist)[1]
+        return count_pool(model, cluster, cfg, Workload(kind="infer", seq_len=c["P"], gen_len=G, seed=s))
+
     tot = {"hits": 0, "misses": 0, "prefetched": 0, "used": 0, "fetch": 0.0}
     per: dict = {m: [] for m in POOLED_METRICS}
     for s in range(seeds):
-        _, res = _sim(config, "expert", batch, None, batch, predict, quant=quant, seed=s, persist=persist)
+        res = one(s)
         pre = res.prefetched if predict else 0
         used = res.prefetch_used if predict else 0
         for k, v in (("hits", res.hits), ("misses", res.misses), ("prefetched", pre), ("used", used),

@@ -227,11 +227,9 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
     def forward(self, batch: int, q_len: int, start: int):
         cfg, m, costs = self.cfg, self.m, self.costs
         T = batch * q_len
-        mode = self._mode_of(T)
-        if cfg.mode == "expert" and mode != self.pass_mode and mode == "ring":
+        mode, reset = self._begin_pass(T)
+        if reset:
             self._ring_reset()
-        self.pass_mode = mode
-        self.passes[mode] += 1
         phase_name = "prefill" if q_len > 1 else "decode"
         self.host_op_s = self._host_rate(phase_name, batch)
         prog = self._program(mode, phase_name)
@@ -301,10 +299,8 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
                     if not resident:
                         yield from self._ring_issue(prog)
                 elif seg.marker == "fetch" and mode == "expert":  # ids on the host: copy the misses
-                    ids = predicted.pop(b) if b in predicted else self._route(b, T, q_len)
-                    needed = sorted({int(e) for e in np.unique(ids)})
+                    needed, miss, used = self._fetch_block(b, T, q_len, predicted)
                     groups = len(needed)
-                    miss, used = self.cache.fetch(b, needed)
                     if used:
                         # ExpertPool.fetch: a prefetched expert is used, the compute stream waits for the
                         # prefetch copies (one event covers every earlier copy on the copy stream)
@@ -324,10 +320,7 @@ class InferenceRun(InferencePassMixin, InferenceStreamsMixin):
                 gev = yield from self._phase(prog.unit("predict"), costs.gate(T), "gate_predict", nxt)
                 if not gev.processed:
                     yield gev
-                ids_n = self._route(nxt, T, q_len)
-                predicted[nxt] = ids_n  # the routing block nxt will use
-                guess = mispredict(ids_n, self.popularity, cfg.predict_accuracy, self.rng)
-                miss_n = self.cache.prefetch(nxt, sorted({int(e) for e in np.unique(guess)}))
+                miss_n = self._prefetch_block(nxt, T, q_len, predicted)  # the routing block nxt will use
                 if miss_n:
                     self.inflight_event = yield from self._copy_misses(prog, nxt, miss_n, "h2d_prefetch")
                     if after_copy:

@@ -91,13 +91,9 @@ class InferenceStreamsMixin:
         """Issue loads up to K blocks ahead of the block being computed (Ring._issue)."""
         eb = self.plan.expert_bytes
         calls = max(1, prog.unit("copy_block"))
-        while self.g_load < self.g_compute + self.K:
-            k, b = self.g_load % self.K, self.blocks[self.g_load % self.L]
-            if not self.cache.group_holds(k, b):
-                self.cache.load_block(b, k)
-                self.load_done[k] = self._copy(self.E * eb, calls, b, "h2d_experts", waits=(self.compute_done[k],))
-                yield from self._issue(prog.unit("copy_block"))
-            self.g_load += 1
+        for k, b in self._ring_loads():  # the pool's bookkeeping first (no time passes), then the copies
+            self.load_done[k] = self._copy(self.E * eb, calls, b, "h2d_experts", waits=(self.compute_done[k],))
+            yield from self._issue(prog.unit("copy_block"))
 
     def _ring_reset(self):
         self.g_load = self.g_compute
