@@ -1,0 +1,131 @@
+"""GPU probe of the decode-shape expert FFN (issue 7): the device seconds of the reference's own ``grouped_ffn``
+call at decode batches, against the simulator's price of it.
+
+At B = 8 / 16 the resident decode sits near the host / device balance: in the simulator, 1.5x the attention and
+expert device costs turns 2550f63's resident B = 16 decode from +11.6% to -11.6% (B = 8: +5.5% to -8.8%), while
+B = 1-4 move by < 3%. The simulator prices a decode block's grouped GEMMs at the cost model's memory-bound rate
+(~2.63 TB/s of expert weights: ``BlockCosts.gemms``; the profile's routed rows start at 64 rows per expert), never
+measured at 1-4 rows per expert; the one measured decode table (``results/bench/infer_diag``, expert-aware B = 1,
+under torch.profiler) has 107 us per ``_grouped_mm`` where the simulator charges 89 us. This probe measures it.
+
+``python -m simulator.workload.inference_decodegemm --out DIR`` (the GPU machine, repository root; ~1 min on the
+H100, no store: random weights on the device) writes ``DIR/decode_gemm.csv`` (`COLUMNS`), flushed after every
+row: for the bench model's block (Mixtral geometry, bf16) and each decode batch B (``--batches``) and routing seed,
+the call form ``ring`` (``grouped_ffn`` over the E experts, as resident and ring decode call it) and ``pool``
+(over ``--pool-slots`` slots with the routed experts in the first ones, as the expert-aware decode calls it):
+the routed rows per group as the engine makes them (each token's top-k distinct experts, uniform), and the device
+seconds per call (CUDA events around ``--calls`` back-to-back calls after a warm-up: each call's few kernels are
+queued far faster than the device runs them), with the simulator's ``BlockCosts.gemms`` + activation for the same
+(tokens, groups) beside it (``sim_s``). ``--quick``: the tiny preset on the CPU (a CI test of the plumbing; wall
+clock, meaningless times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+COLUMNS = ("batch", "seed", "call", "groups", "rows", "slots", "device_s", "sim_s", "weights_GB", "TBps")
+
+
+def routed_counts(tokens: int, experts: int, top_k: int, seed: int):
+    """Rows per expert of ``tokens`` tokens each picking ``top_k`` distinct experts uniformly (seeded)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(tokens, experts, generator=g).topk(top_k, dim=-1).indices
+    return torch.bincount(ids.flatten(), minlength=experts)
+
+
+def sim_ffn_s(spec, tokens: int, groups: int) -> float:
+    """The simulator's device seconds of what ``grouped_ffn`` runs for ``tokens`` decode tokens over ``groups``
+    experts with rows: ``BlockCosts.gemms`` plus the SwiGLU / GELU activation pass (as ``BlockCosts.experts``)."""
+    from semoe import cluster_preset
+    from simulator.cost import CostModel
+    from simulator.workload.inference_costs import BlockCosts
+
+    cm = CostModel.auto(cluster_preset("h100-single").gpu, impl=("torch", "triton"), loglog=True)
+    c = BlockCosts(spec, cm)
+    rows = tokens * spec.top_k
+    act = cm.elementwise("add", (5 if spec.activation == "swiglu" else 2) * rows * spec.ffn * spec.dtype_bytes,
+                         spec.dtype)
+    return c.gemms(tokens, groups) + act
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from reference.inference.engine import grouped_ffn
+    from reference.inference.store import expert_tensor_shapes
+    from semoe.presets import model_preset
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", default="mixtral-8x7b")
+    p.add_argument("--batches", default="1,2,4,8,16")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--pool-slots", type=int, default=24, help="the expert-aware pool's slots (2550f63: 19-24)")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.seeds < 1 or a.calls < 1 or a.pool_slots < 1:
+        p.error("--seeds, --calls and --pool-slots must be >= 1")
+    cuda = torch.cuda.is_available() and not a.quick
+    dev = "cuda" if cuda else "cpu"
+    spec = model_preset("tiny" if a.quick else a.preset).replace(dtype="bf16")
+    dt = torch.bfloat16 if cuda else torch.float32
+    E, k = spec.experts, spec.top_k
+    C = max(a.pool_slots, E)
+    shapes = expert_tensor_shapes(spec)
+    w_pool = {n: torch.randn((C, *s[1:]), device=dev, dtype=dt) * 0.02 for n, s in shapes.items() if n.startswith("w")}
+    w_ring = {n: t[:E] for n, t in w_pool.items()}
+    per_expert_GB = sum(t[0].numel() * t.element_size() for t in w_pool.values()) / 1e9
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / "decode_gemm.csv"
+    rows: list[dict] = []
+
+    def timed(fn) -> float:
+        fn()
+        if not cuda:
+            t = time.perf_counter()
+            for _ in range(a.calls):
+                fn()
+            return (time.perf_counter() - t) / a.calls
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(a.calls):
+            fn()
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3 / a.calls
+
+    for B in (int(b) for b in a.batches.split(",")):
+        for s in range(a.seeds):
+            counts_E = routed_counts(B, E, k, seed=1000 * B + s)
+            groups = int((counts_E > 0).sum())
+            x = torch.randn(int(counts_E.sum()), spec.hidden, device=dev, dtype=dt)
+            counts_C = torch.zeros(C, dtype=counts_E.dtype)
+            counts_C[:groups] = counts_E[counts_E > 0]
+            sim = sim_ffn_s(spec, B, groups)
+            for call, w, cnt in (("ring", w_ring, counts_E), ("pool", w_pool, counts_C)):
+                cnt = cnt.to(dev)
+                sec = timed(lambda: grouped_ffn(x, cnt, w))
+                rows.append({"batch": B, "seed": s, "call": call, "groups": groups, "rows": int(counts_E.sum()),
+                             "slots": cnt.numel(), "device_s": f"{sec:.6g}", "sim_s": f"{sim:.6g}",
+                             "weights_GB": f"{groups * per_expert_GB:.6g}",
+                             "TBps": f"{groups * per_expert_GB / sec / 1e3:.4g}"})
+                with path.open("w", newline="") as f:
+                    wr = csv.DictWriter(f, COLUMNS)
+                    wr.writeheader()
+                    wr.writerows(rows)
+                print(f"[{time.strftime('%H:%M:%S')}] B={B} seed={s} {call}: {groups} groups, {1e3 * sec:.3f} ms "
+                      f"(sim {1e3 * sim:.3f} ms)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
