@@ -147,7 +147,8 @@ those four routings against 10.9 expected, while the mean over every block and s
 seeing its errors:
 
 * such a run's pooled count rows pool the row's timed repeats AND its untimed count passes (``pool_passes`` = all
-  of them; expert_nopred B1 17, B2 48, B4 11, B8 5 unless ``--count-until-s`` cut them), each a fresh engine on
+  of them; expert_nopred B1 17, B2 48, B4 11, B8 5, from ~23:00 B1 29, B4 19, B8 8, unless ``--count-until-s`` cut
+  them), each a fresh engine on
   other prompts of the run's new model;
 * they are predicted as the rule for pooled rows above, over `POOL_SEEDS_SAMPLED` (1024) routing seeds instead of
   32 (the prediction's own Monte-Carlo sd <= 1% of every row); the note gives the sampling sd of the row's R passes;

@@ -114,7 +114,9 @@ run, so a slow machine pools fewer (``pool_passes`` gives R). Expected cost on t
 all. The pooled rows are now written at the end of the run (after the count passes), the expert-aware rows'
 ``pool_slots`` and ``gpu_peak_GB`` with their first pass; a count pass's decode seconds go to ``repeats.csv``
 (``what`` = ``count_decode_s``: not a timed row, no probes beside it). The first run with them (4a49973) took 523 s
-of wall time on the H100 (the 69 count passes 171 s).
+of wall time on the H100 (the 69 count passes 171 s). From 2026-11-24 ~23:00 (2550f63 took 423 s with the store
+built in parallel; its expert_nopred B = 8 row, 5 passes, sat 3.0 sd from its prediction) the default asks sd <= 10%
+/ 4: expert_nopred B1 29, B2 48 (capped), B4 19, B8 8 passes (~ + 23 passes, ~ + 60 s).
 
 In-pass copies, five ring prefill repeats and the collector's pauses (runs from 2026-11-24 ~22:40 on). In the
 two noisy runs 4a49973 and 037e537, 6 of the 20 ring prefill passes at K >= 2 and B = 8 / 16 took 0.46-0.54 s

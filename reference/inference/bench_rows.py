@@ -52,8 +52,10 @@ POOL_PASSES_METRIC = "pool_passes"
 # expert-aware passes the count rows pool, per (mode, batch): the row's timed repeats, then untimed count passes
 # (fresh engines on other prompts, `suite_issue7`'s last section) up to this many. Pre-registered before the first
 # run with them (2026-11-24 ~20:00) from the simulator's sd of one pass over 1024 routing seeds (bench.py module
-# doc): the pooled row's sampling sd <= 10% / 3 of its value; expert_nopred B = 2 (31% a pass) capped at 48 (4.5%)
-COUNT_PASSES_DEFAULT = "expert_nopred:1=17,2=48,4=11,8=5"
+# doc): the pooled row's sampling sd <= 10% / 3 of its value; expert_nopred B = 2 (31% a pass) capped at 48 (4.5%).
+# From 2026-11-24 ~23:00 (the store built in parallel: the bench took 423 s in 2550f63, whose expert_nopred B = 8
+# hit_rate_pooled, 5 passes, sat 3.0 sd from its prediction): sd <= 10% / 4, so B1 29, B4 19, B8 8 (B2 still 48)
+COUNT_PASSES_DEFAULT = "expert_nopred:1=29,2=48,4=19,8=8"
 COUNT_PASSES_QUICK = "expert_nopred:2=3"
 
 
