@@ -217,6 +217,12 @@ diagonal, block i's slice at offset i / L of its buffer, one block's bytes in al
 ``h2d_chunks.csv`` (every 256 MiB chunk of the store copied alone, twice) and every traced pass's per-block copy
 seconds; the rule above (the probes' median is the pass's bandwidth) is unchanged.
 
+Runs with it (2026-11-24, H100): 2550f63 (22:20Z, seed 4) 117 of 119 validated rows within 10% (MAPE 1.9%; ring
+prefill rows within 1.2%, probe and in-pass copies within 0.3% of each other on a quiet machine; misses: resident
+B = 16 decode +11.6%, expert_nopred B = 8 hit_rate_pooled +10.5%, 3.0 sd of its 5 passes); 4f9b208 (22:40Z, seed
+5, count passes for sd <= 10% / 4) 119 of 119 (MAPE 1.9%, max 9.9%). The chunk maps of both were flat (block
+medians 54.7-55.1 GB/s), so the placement of the pinned pages was not seen to matter on those machines.
+
 An adjacent probe row's ``predicted`` is what the once-per-run probe gives for that pass (its rate of the code
 path x the pass's counted kernels), so its error shows how far the host drifted from the run-level probe.
 
