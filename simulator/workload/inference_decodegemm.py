@@ -18,6 +18,14 @@ seconds per call (CUDA events around ``--calls`` back-to-back calls after a warm
 queued far faster than the device runs them), with the simulator's ``BlockCosts.gemms`` + activation for the same
 (tokens, groups) beside it (``sim_s``). ``--quick``: the tiny preset on the CPU (a CI test of the plumbing; wall
 clock, meaningless times).
+
+``--engine-steps``: also the whole resident decode step of the reference engine (a random store of
+``--engine-layers`` blocks in ``--store``, `Engine` in resident mode, a prefill of ``--prompt-len`` then decode
+steps): ``DIR/decode_steps.csv`` (`STEP_COLUMNS`): per batch, the device seconds per block of a decode step (the sum
+of every kernel's device time under ``torch.profiler`` over ``--steps`` steps, over the steps and blocks), its
+kernels per block, the share of the ``_grouped_mm`` kernels, and the step's wall seconds unprofiled
+(``wall_s_per_step``): is the step's device work what the simulator prices (the FFN above plus attention, router,
+dispatch and the small kernels)?
 """
 
 from __future__ import annotations
@@ -29,6 +37,77 @@ import time
 from pathlib import Path
 
 COLUMNS = ("batch", "seed", "call", "groups", "rows", "slots", "device_s", "sim_s", "weights_GB", "TBps")
+STEP_COLUMNS = ("batch", "steps", "blocks", "device_s_per_block", "kernels_per_block", "grouped_mm_share",
+                "wall_s_per_step")
+
+
+def engine_steps(out: Path, spec, batches: list[int], store_dir: Path, prompt_len: int, steps: int, cuda: bool) -> None:
+    """``decode_steps.csv`` (module doc): the resident engine's decode step, device seconds per block."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from reference.inference.build import build_random_store
+    from reference.inference.engine import Engine, InferConfig, random_prompts
+    from reference.inference.store import ModelStore
+
+    dt = torch.bfloat16 if cuda else torch.float32
+    build_random_store(store_dir, spec, dt, seed=0, gen_device="cuda" if cuda else "cpu")
+    store = ModelStore.load(store_dir)
+    L = len(store.moe_blocks)
+    rows = []
+    for B in batches:
+        eng = Engine(store, InferConfig(mode="resident", gpu_budget_gb=None, device="cuda" if cuda else "cpu",
+                                        trace=False), batch=B, max_len=prompt_len + 2 * steps + 4,
+                     prefill_tokens=B * prompt_len)
+        prompts = random_prompts(B, prompt_len, spec.vocab, seed=B)
+        eng.generate(prompts, 2)  # warm-up
+        cache = eng.new_cache(B)
+        nxt = eng.forward(prompts, cache, 0, all_logits=False)[:, -1].argmax(-1)
+        pos = prompt_len
+
+        def step():
+            nonlocal nxt, pos
+            nxt = eng.forward(nxt.unsqueeze(1), cache, pos, all_logits=False)[:, -1].argmax(-1)
+            pos += 1
+
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        def dev_us(e) -> float:  # a kernel's device microseconds (the attribute's name moved across releases)
+            for name in ("self_device_time_total", "self_cuda_time_total", "device_time_total", "cuda_time_total"):
+                v = getattr(e, name, None)
+                if v:
+                    return float(v)
+            return 0.0
+
+        avgs = [k for k in prof.key_averages() if cuda and dev_us(k) > 0]
+        kern = [k for k in avgs if getattr(k, "device_type", None) == torch.autograd.DeviceType.CUDA] or avgs
+        dev = sum(dev_us(k) for k in kern) / 1e6 if cuda else wall
+        gmm = sum(dev_us(k) for k in kern if "cutlass" in k.key.lower() or "grouped" in k.key.lower()) / 1e6
+        n_kern = sum(k.count for k in kern)
+        rows.append({"batch": B, "steps": steps, "blocks": L, "device_s_per_block": f"{dev / steps / L:.6g}",
+                     "kernels_per_block": f"{n_kern / steps / L:.4g}",
+                     "grouped_mm_share": f"{gmm / dev if dev else 0:.4g}", "wall_s_per_step": f"{wall:.6g}"})
+        with (out / "decode_steps.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, STEP_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        print(f"[{time.strftime('%H:%M:%S')}] engine B={B}: device {1e3 * dev / steps / L:.3f} ms per block, "
+              f"{n_kern / steps / L:.1f} kernels per block, wall {1e3 * wall:.2f} ms per step", flush=True)
+        if cuda:  # the next batch's engine replaces this one (the closure keeps it until then)
+            torch.cuda.empty_cache()
 
 
 def routed_counts(tokens: int, experts: int, top_k: int, seed: int):
@@ -70,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--pool-slots", type=int, default=24, help="the expert-aware pool's slots (2550f63: 19-24)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--engine-steps", action="store_true", help="also the resident engine's decode step (module doc)")
+    p.add_argument("--engine-layers", type=int, default=2)
+    p.add_argument("--store", type=Path, default=Path("/dev/shm/semoe_decodegemm_store"))
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
     a = p.parse_args(argv)
     if a.seeds < 1 or a.calls < 1 or a.pool_slots < 1:
         p.error("--seeds, --calls and --pool-slots must be >= 1")
@@ -124,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                     wr.writerows(rows)
                 print(f"[{time.strftime('%H:%M:%S')}] B={B} seed={s} {call}: {groups} groups, {1e3 * sec:.3f} ms "
                       f"(sim {1e3 * sim:.3f} ms)", flush=True)
+    if a.engine_steps:
+        del w_pool, w_ring
+        espec = spec.replace(layers=a.engine_layers) if not a.quick else spec
+        engine_steps(a.out, espec, [int(b) for b in a.batches.split(",")], a.store, 8 if a.quick else a.prompt_len,
+                     a.steps, cuda)
     return 0
 
 

@@ -29,3 +29,10 @@ def test_quick_run_rows(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         D.main(["--out", str(tmp_path), "--quick", "--calls", "0"])
+
+
+def test_quick_engine_steps(tmp_path):
+    assert D.main(["--out", str(tmp_path), "--quick", "--batches", "1,2", "--seeds", "1", "--calls", "1",
+                   "--engine-steps", "--store", str(tmp_path / "store"), "--steps", "2"]) == 0
+    d = pd.read_csv(tmp_path / "decode_steps.csv")
+    assert list(d["batch"]) == [1, 2] and (d["device_s_per_block"] > 0).all() and (d["wall_s_per_step"] > 0).all()
