@@ -210,7 +210,7 @@ misses are resident B = 8 decode +10.9% (11 repeats 245-471 tokens/s, host noise
 The in-pass copies ran at 47.7-53.0 GB/s (row medians) against copy probes of 49.4-54.7, and each ring prefill
 row's throughput error is its in-pass copy row's error to within 0.7 points (K2 B16: +7.6% copy rate, +7.8%
 throughput): the schedule is right, its copy-rate input is 3-8% high. A slow pass is a pass with slow copies (the
-copy spans sum to the pass's time less 6-10 ms at K >= 2). The same run's full copy of one block read 49.8 GB/s
+copy spans sum to the pass's time less 5-11 ms at K >= 2). The same run's full copy of one block read 49.8 GB/s
 while the probes, the first GiB of that block twice, read 53-54: the probe sampled a faster part of the pinned
 store than the passes copy. So, before the next run: the copy probe samples the whole store (`H2DProber`: a
 diagonal, block i's slice at offset i / L of its buffer, one block's bytes in all) and the bench writes

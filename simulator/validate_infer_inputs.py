@@ -223,13 +223,18 @@ def run_h2d(measured: pd.DataFrame) -> dict:
 
 def _h2d_used(r, h2d: dict | None) -> float | None:
     """The PCIe GB/s a row's own simulation takes from its copy probes (`run_h2d`; None: the preset's)."""
-    if not h2d or r["metric"] not in H2D_THROUGHPUT:
+    if r["metric"] not in H2D_THROUGHPUT:
         return None
-    base, _, quant, _ = parse_mode(r["mode"])
-    if quant is not None or base not in ("ring", "expert", "expert_nopred"):
+    return h2d_for(r["mode"], "decode" if r["metric"].startswith("decode") else "prefill", int(r["batch"]), h2d)
+
+
+def h2d_for(mode: str, phase: str, batch: int, h2d: dict | None) -> float | None:
+    """The copy probes' GB/s of a (row mode, phase, batch) pass (`run_h2d`), for bf16 ring and expert-aware modes;
+    None: the preset's."""
+    base, _, quant, _ = parse_mode(mode)
+    if not h2d or quant is not None or base not in ("ring", "expert", "expert_nopred"):
         return None
-    phase = "decode" if r["metric"].startswith("decode") else "prefill"
-    return h2d.get((r["mode"], phase, int(r["batch"])))
+    return h2d.get((mode, phase, batch))
 
 
 COPY_IN_PASS = "_copy_GBps_in_pass"  # the bench's traced ring passes: the copy engine's rate inside the pass
@@ -237,10 +242,10 @@ COPY_IN_PASS = "_copy_GBps_in_pass"  # the bench's traced ring passes: the copy 
 
 def copy_rate_assumed(r, h2d: dict | None) -> tuple[float, str]:
     """(GB/s, source) the simulation of a ring row's ``<phase>`` pass copies at: the row's adjacent copy probes
-    (`_h2d_used` of the phase's throughput metric), else the ``h100-single`` preset's; a row
+    (`h2d_for`: the ones `_h2d_used` gives its throughput rows), else the ``h100-single`` preset's; a row
     ``<phase>_copy_GBps_in_pass`` is predicted by it (the module doc's rule for in-pass copies)."""
     phase = r["metric"].split("_", 1)[0]
-    probe = _h2d_used({"mode": r["mode"], "batch": r["batch"], "metric": f"{phase}_tokens_per_s"}, h2d)
+    probe = h2d_for(r["mode"], phase, int(r["batch"]), h2d)
     if probe is not None:
         return probe, f"the {phase} copy probes interleaved with the row's repeats (the rate its pass is simulated at)"
     return cluster_preset("h100-single").pcie.bandwidth_GBps, "the h100-single preset's pinned H2D bandwidth"

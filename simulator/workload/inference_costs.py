@@ -267,6 +267,13 @@ class BlockCosts:
         t += cm.matmul(r2, m.hidden, m.ffn, dt, groups=groups)  # w2
         return t * (self.gemm_factor if fused else 1.0)  # fused quantised GEMMs, no profile row (assumed rate)
 
+    def activation(self, tokens: int) -> float:
+        """The expert FFN's activation over ``tokens * top_k`` routed rows: SwiGLU ``F.silu(h1) * h3`` (silu: read +
+        write; mul: 2 reads + write), GELU read + write."""
+        m = self.m
+        rows = tokens * m.top_k
+        return self.cm.elementwise("add", (5 if m.activation == "swiglu" else 2) * rows * m.ffn * m.dtype_bytes, m.dtype)
+
     def experts(self, tokens: int, groups: int, fused: bool = True) -> float:
         """Grouped SwiGLU/GELU FFN of ``tokens * top_k`` routed rows over ``groups`` experts with rows
         (the grouped GEMM's empty groups cost nothing), the activation and the combine."""
@@ -274,9 +281,7 @@ class BlockCosts:
         rows = tokens * m.top_k
         if rows <= 0 or groups <= 0:
             return 0.0
-        t = self.gemms(tokens, groups, fused)
-        # activation: SwiGLU F.silu(h1) * h3 (silu: read + write; mul: 2 reads + write), GELU read + write
-        t += cm.elementwise("add", (5 if m.activation == "swiglu" else 2) * rows * m.ffn * m.dtype_bytes, dt)
+        t = self.gemms(tokens, groups, fused) + self.activation(tokens)
         t += self.dispatch_combine(tokens) / 2  # combine
         t += cm.elementwise("add", 3 * tokens * m.hidden * m.dtype_bytes, dt)  # residual
         return t

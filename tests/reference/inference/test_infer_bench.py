@@ -405,12 +405,14 @@ def test_quick_chunk_map_covers_every_block(quick_run):
         assert (g["GBps"] > 0).all()
     rep = pd.read_csv(out / "repeats.csv")
     g = rep[(rep["mode"] == "ring") & (rep["phase"] == "prefill")]
-    for i, gi in g.groupby("repeat"):
+    timed = g.loc[g["what"] == "timed_s", "repeat"]
+    assert len(timed) == 2  # --ring-repeats 2: every timed repeat traced
+    for i in timed:
+        gi = g[g["repeat"] == i]
         blocks = gi[gi["what"].str.startswith("copy_s_b")]
-        if len(blocks):
-            assert len(blocks) == L
-            assert blocks["value"].sum() == pytest.approx(float(gi.loc[gi["what"] == "copy_busy_s", "value"].iloc[0]),
-                                                          rel=1e-3)
+        assert len(blocks) == L
+        assert blocks["value"].sum() == pytest.approx(float(gi.loc[gi["what"] == "copy_busy_s", "value"].iloc[0]),
+                                                      rel=1e-3)
 
 
 def test_chunk_map_rejects_bad_sizes():
